@@ -1,0 +1,18 @@
+"""TwinFlow: a ComfyUI custom-node pack and a headless runner for Wan2.1-class video workflows.
+
+As a ComfyUI pack this file is the entry point: ComfyUI imports the folder by path and reads
+`NODE_CLASS_MAPPINGS`. As the `twinflow` package it also offers `run_workflow`. Importing it is cheap:
+no cupy, torch_tensorrt, diffusers or transformers are imported here.
+"""
+__version__ = "0.1.0"
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "run_workflow", "__version__"]
+
+
+def run_workflow(workflow, overrides=None, output_dir=None, models_dir=None, **kwargs):
+    """Run a workflow (path, API dict or UI dict) headless; return the outputs per output node."""
+    from .runner.api import run_workflow as _run
+
+    return _run(workflow, overrides=overrides, output_dir=output_dir, models_dir=models_dir, **kwargs)

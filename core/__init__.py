@@ -1,0 +1,1 @@
+"""Small shared pieces every part of TwinFlow uses: errors, progress/interrupt, model paths, logging."""

@@ -1,0 +1,45 @@
+"""The error types TwinFlow raises at its boundaries.
+
+Every error a user can cause (a bad workflow, a bad file, a refused capability) is a subclass of
+`TwinFlowError`, so hosts can tell our clear messages from genuine bugs. The classes also derive from
+the builtin type a caller would expect (`ValueError`, `RuntimeError`), so `except ValueError` works.
+"""
+
+
+class TwinFlowError(Exception):
+    """Base class of every error TwinFlow raises on purpose."""
+
+
+class WorkflowError(TwinFlowError, ValueError):
+    """A workflow that cannot be loaded, validated or executed.
+
+    `node_errors` follows ComfyUI's `/prompt` error JSON: `{node_id: {"errors": [...], "class_type": ...}}`.
+    """
+
+    def __init__(self, message, *, type="invalid_prompt", details="", node_errors=None, extra_info=None):
+        super().__init__(message)
+        self.message = message
+        self.type = type
+        self.details = details
+        self.node_errors = node_errors or {}
+        self.extra_info = extra_info or {}
+
+    def to_json(self):
+        """ComfyUI's error JSON: `{"error": {...}, "node_errors": {...}}`."""
+        return {
+            "error": {"type": self.type, "message": self.message, "details": self.details,
+                      "extra_info": self.extra_info},
+            "node_errors": self.node_errors,
+        }
+
+
+class CheckpointError(TwinFlowError, ValueError):
+    """A model file that is missing, corrupt, truncated, unsafe or not what it claims to be."""
+
+
+class UnsupportedError(TwinFlowError, RuntimeError):
+    """A requested capability (kernel, backend, quant mode) cannot run here; the message says why."""
+
+
+class Interrupted(TwinFlowError):
+    """The user interrupted the run (Ctrl-C in the CLI, the Cancel button in ComfyUI)."""

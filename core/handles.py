@@ -1,0 +1,55 @@
+"""The objects that travel between nodes for denoisers (type `TWINFLOW_MODEL`).
+
+Conventions every denoiser follows (Wan's flow matching, same as ComfyUI's `CONST` model sampling):
+  x_sigma = (1 - sigma) * x0 + sigma * noise,   velocity v = noise - x0,
+  module(x [B,C,T,H,W], timestep [B] = sigma * 1000, context [B,L,D] or None) -> v  [B,C,T,H,W]
+  denoised x0 = x_sigma - sigma * v.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class Denoiser:
+    """A velocity-predicting denoiser plus what samplers, quantize and compile need to know about it."""
+
+    module: torch.nn.Module
+    family: str  # "wan_dit" | "dit" | "refiner" | "comfy" (a wrapped ComfyUI MODEL)
+    in_channels: int
+    text_dim: Optional[int] = None  # width of the context it expects; None = ignores text
+    name: str = ""
+    config: Any = None
+    timestep_scale: float = 1000.0  # timestep fed to the module = sigma * timestep_scale
+    info: dict = field(default_factory=dict)  # free-form: quant recipe, compile status, source file
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        """Predict the flow velocity at noise level `sigma` ([B] or scalar) for latent `x`."""
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        t = (sigma * self.timestep_scale).to(torch.float32)
+        return self.module(x, t, context)
+
+    def clone(self, **changes) -> "Denoiser":
+        """A new handle sharing the module (modules are never mutated in place by nodes)."""
+        new = copy.copy(self)
+        new.info = dict(self.info)
+        for k, v in changes.items():
+            setattr(new, k, v)
+        return new

@@ -1,0 +1,110 @@
+"""Where model files are found and where outputs go.
+
+Headless: a models directory with ComfyUI's layout (`vae/`, `diffusion_models/`, `text_encoders/`,
+`checkpoints/`, ...): `--models-dir`, else `$TWINFLOW_MODELS_DIR`, else `./models`. Inside ComfyUI the
+adapter installs a resolver backed by `folder_paths`, so the same loader nodes list ComfyUI's files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+# Our folder kinds -> the sub-folders searched (first is canonical; ComfyUI aliases follow).
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae",),
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "checkpoints": ("checkpoints",),
+    "text_embeddings": ("text_embeddings",),
+    "twinflow": ("twinflow",),  # refiners, gate nets, quantized files, compile cache
+    "latents": ("latents",),
+}
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".json")
+
+_models_dir: Optional[Path] = None
+_output_dir: Optional[Path] = None
+_input_dir: Optional[Path] = None
+# Host hooks (ComfyUI): kind -> list of names / kind, name -> path or None
+_list_hook: Optional[Callable[[str], list[str]]] = None
+_find_hook: Optional[Callable[[str, str], Optional[str]]] = None
+
+
+def set_models_dir(path) -> None:
+    global _models_dir
+    _models_dir = Path(path) if path is not None else None
+
+
+def models_dir() -> Path:
+    if _models_dir is not None:
+        return _models_dir
+    return Path(os.environ.get("TWINFLOW_MODELS_DIR", "models"))
+
+
+def set_output_dir(path) -> None:
+    global _output_dir
+    _output_dir = Path(path) if path is not None else None
+
+
+def output_dir() -> Path:
+    return _output_dir if _output_dir is not None else Path(os.environ.get("TWINFLOW_OUTPUT_DIR", "output"))
+
+
+def set_input_dir(path) -> None:
+    global _input_dir
+    _input_dir = Path(path) if path is not None else None
+
+
+def input_dir() -> Path:
+    return _input_dir if _input_dir is not None else Path(os.environ.get("TWINFLOW_INPUT_DIR", "input"))
+
+
+def set_host_hooks(list_hook=None, find_hook=None) -> None:
+    """ComfyUI adapter: route listing/finding through `folder_paths`."""
+    global _list_hook, _find_hook
+    _list_hook, _find_hook = list_hook, find_hook
+
+
+def _folders(kind: str) -> list[Path]:
+    if kind not in MODEL_FOLDERS:
+        raise ValueError(f"unknown model folder kind {kind!r}; expected one of {sorted(MODEL_FOLDERS)}")
+    root = models_dir()
+    return [root / sub for sub in MODEL_FOLDERS[kind]]
+
+
+def list_models(kind: str) -> list[str]:
+    """Names (relative paths, `/`-separated) of the model files of `kind`, sorted."""
+    if _list_hook is not None:
+        return sorted(_list_hook(kind))
+    names = set()
+    for folder in _folders(kind):
+        if not folder.is_dir():
+            continue
+        for p in folder.rglob("*"):
+            if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS:
+                names.add(p.relative_to(folder).as_posix())
+    return sorted(names)
+
+
+def find_model(kind: str, name: str) -> Path:
+    """Resolve a model file name; raise FileNotFoundError that lists every place searched."""
+    if _find_hook is not None:
+        found = _find_hook(kind, name)
+        if found:
+            return Path(found)
+    searched = []
+    for folder in _folders(kind):
+        candidate = (folder / name)
+        searched.append(str(candidate))
+        try:
+            candidate.resolve().relative_to(folder.resolve())
+        except ValueError:
+            raise ValueError(f"model name {name!r} escapes the {kind} folder {folder}") from None
+        if candidate.is_file():
+            return candidate
+    available = list_models(kind)
+    hint = f"; available: {', '.join(available[:20])}" if available else f"; the {kind} folder is empty or missing"
+    raise FileNotFoundError(
+        f"{kind} file {name!r} not found. Searched: {', '.join(searched)}{hint}. "
+        f"Put the file there or point --models-dir / TWINFLOW_MODELS_DIR at your models folder."
+    )
