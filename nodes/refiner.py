@@ -1,0 +1,4 @@
+"""TwinFlow nodes: refiner."""
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
