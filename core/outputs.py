@@ -1,0 +1,286 @@
+"""Safe output writing for every saver node: confined paths, ComfyUI counters, atomic never-overwrite files.
+
+Guarantees (see docs/io.md):
+- A `filename_prefix` may name sub-folders of the output folder but never leave it: absolute paths,
+  `..` parts and sub-folders that resolve (through symlinks) outside the output folder are refused.
+- Names follow ComfyUI: `<prefix>_<counter:05>_.<ext>`, next counter = largest existing + 1.
+- Atomic: the encoder writes a hidden temp file in the destination folder; it is fsynced and then
+  hard-linked to its final name (`os.link` fails if the name exists, so nothing is ever overwritten,
+  even by a concurrent writer: we then take the next counter). On any exception, KeyboardInterrupt or
+  `Interrupted` the temp file is removed, so no partial file is ever left under a final name.
+
+Usage by a saver:
+
+    target = resolve_prefix(filename_prefix, paths.output_dir())
+    with atomic_numbered(target, ".png") as out:
+        image.save(out.tmp_path, format="PNG")      # the encoder writes the temp file
+    out.filename, out.path                          # the published name
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .log import log_once
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".twinflow-tmp-"  # hidden, never matches a `<prefix>_<counter>_` name
+MAX_FILENAME = 200  # leaves room for `_00001_.ext` under the usual 255-byte limit
+_MAX_TRIES = 100_000
+
+
+@dataclass
+class OutputTarget:
+    """Where a saver writes: the real folder, the file name stem, the next counter, the sub-folder for the UI."""
+
+    folder: Path  # resolved, inside the output folder, created
+    filename: str  # file name stem (no counter, no extension)
+    counter: int  # next counter to try
+    subfolder: str  # `/`-separated, relative to the output folder ("" for the root), as ComfyUI reports it
+    prefix: str  # the prefix after %var% substitution
+
+    def name(self, counter: int, ext: str, batch_num: Optional[int] = None) -> str:
+        stem = self.filename
+        if batch_num is not None:
+            stem = stem.replace("%batch_num%", str(batch_num))
+        return f"{stem}_{counter:05}_{ext}"
+
+
+@dataclass
+class PendingOutput:
+    """One file being written: the encoder writes `tmp_path`; after the `with` block `path`/`filename` are set."""
+
+    tmp_path: Path
+    path: Optional[Path] = None
+    filename: Optional[str] = None
+    counter: Optional[int] = None
+
+
+def _substitute_vars(prefix: str, width: int, height: int) -> str:
+    """ComfyUI's backend placeholders (`%width%`, `%height%`, `%year%` ... `%second%`)."""
+    now = time.localtime()
+    values = {
+        "width": str(width), "height": str(height), "year": str(now.tm_year),
+        "month": f"{now.tm_mon:02}", "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}",
+        "minute": f"{now.tm_min:02}", "second": f"{now.tm_sec:02}",
+    }
+    for key, value in values.items():
+        prefix = prefix.replace(f"%{key}%", value)
+    return prefix
+
+
+def _split_prefix(filename_prefix: str) -> tuple[list[str], str]:
+    """Validate a prefix and split it into (sub-folder parts, file stem); both `/` and `\\` separate."""
+    if not isinstance(filename_prefix, str):
+        raise TypeError(f"filename_prefix must be a string, got {type(filename_prefix).__name__}")
+    bad = f"filename_prefix {filename_prefix!r}"
+    if "\x00" in filename_prefix:
+        raise ValueError(f"{bad} contains a NUL character; use a plain name such as 'video/TwinFlow'")
+    p = filename_prefix
+    # Absolute in any OS's sense: `/x`, `\x`, `C:...`, `\\server\share`.
+    if p.startswith(("/", "\\")) or (len(p) >= 2 and p[1] == ":"):
+        raise ValueError(f"{bad} is an absolute path; outputs must stay inside the output folder. "
+                         f"Use a relative prefix such as 'video/TwinFlow' (or change --output-dir).")
+    parts = [q for q in p.replace("\\", "/").split("/") if q not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{bad} contains '..'; outputs must stay inside the output folder. "
+                         f"Use a relative prefix such as 'video/TwinFlow' (or change --output-dir).")
+    if not parts:
+        raise ValueError(f"{bad} is empty; give a file name prefix such as 'TwinFlow'")
+    stem = parts[-1]
+    if len(stem.encode("utf-8")) > MAX_FILENAME:
+        raise ValueError(f"{bad}: the file name part is longer than {MAX_FILENAME} bytes; shorten it")
+    return parts[:-1], stem
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _counter_of(name: str, stem: str) -> Optional[int]:
+    """ComfyUI's rule: `<stem>_<digits>...` (the text up to the next `_`) counts; unparsable digits count as 0."""
+    n = len(stem)
+    if os.path.normcase(name[:n]) != os.path.normcase(stem) or name[n:n + 1] != "_":
+        return None
+    try:
+        return int(name[n + 1:].split("_")[0])
+    except ValueError:
+        return 0
+
+
+def next_counter(folder: Path, stem: str) -> int:
+    """Largest counter among `folder`'s files named `<stem>_<n>_...`, plus one (1 when none)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 1
+    counters = [c for c in (_counter_of(name, stem) for name in names) if c is not None]
+    return max(counters, default=0) + 1
+
+
+def resolve_prefix(filename_prefix: str, output_dir, image_width: int = 0, image_height: int = 0) -> OutputTarget:
+    """Resolve a ComfyUI-style `filename_prefix` (may hold sub-folders) inside `output_dir`.
+
+    Creates the folder. Raises ValueError naming the prefix when it is absolute, contains `..`, or
+    resolves (through symlinks) outside `output_dir`.
+    """
+    prefix = _substitute_vars(filename_prefix, image_width, image_height) if "%" in str(filename_prefix) else filename_prefix
+    sub_parts, stem = _split_prefix(prefix)
+    root = Path(output_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    folder = root.joinpath(*sub_parts)
+
+    def check(f: Path) -> Path:
+        real = f.resolve()
+        if not _inside(real, root):
+            raise ValueError(
+                f"filename_prefix {filename_prefix!r} resolves to {real}, outside the output folder {root} "
+                f"(a symlink leads out of it). Use a prefix whose folders stay inside the output folder.")
+        return real
+
+    check(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    real = check(folder)  # re-check after creation: a symlink may have appeared meanwhile
+    subfolder = "/".join(sub_parts)
+    return OutputTarget(folder=real, filename=stem, counter=next_counter(real, stem), subfolder=subfolder, prefix=prefix)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the new directory entry durable; not possible on every OS (Windows), where it is skipped.
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the file itself is already synced
+    finally:
+        os.close(fd)
+
+
+def _make_temp(folder: Path, ext: str) -> Path:
+    # Same folder as the destination so the final link/rename never crosses filesystems; keeps the
+    # extension last because some encoders pick the format from it.
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=ext, dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+_LINK_UNSUPPORTED = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give the finished temp file its final name; FileExistsError if the name exists (never overwrites)."""
+    try:
+        os.link(tmp, final)  # atomic, and fails with EEXIST if `final` exists (even as a dangling symlink)
+        return
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError) as e:
+        if isinstance(e, OSError) and e.errno not in _LINK_UNSUPPORTED:
+            raise
+        log_once(logger, ("twinflow.outputs.nolink", str(final.parent)),
+                 "hard links unsupported in %s (%s); publishing outputs with exclusive-create + rename",
+                 final.parent, e, level=logging.WARNING)
+    # Fallback: reserve the name exclusively, then atomically replace our own empty placeholder.
+    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(final)  # the placeholder is ours and empty; never leave it behind
+        raise
+
+
+def _remove(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("could not remove temporary file %s: %s", path, e)
+
+
+@contextmanager
+def atomic_output(path) -> Iterator[Path]:
+    """Write one file atomically at the fixed `path`; yields the temp path the encoder must write.
+
+    On a clean exit the temp file is fsynced and linked to `path`; FileExistsError (the temp file
+    removed) if `path` exists. On any exception the temp file is removed and nothing appears at `path`.
+    """
+    final = Path(path)
+    tmp = _make_temp(final.parent, final.suffix)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        try:
+            _publish(tmp, final)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {final}", str(final)) from None
+        _fsync_dir(final.parent)
+    finally:
+        _remove(tmp)
+
+
+@contextmanager
+def atomic_numbered(target: OutputTarget, ext: str, batch_num: Optional[int] = None) -> Iterator[PendingOutput]:
+    """Write one numbered file (`<prefix>_<counter:05>_<ext>`) atomically, never overwriting.
+
+    Yields a PendingOutput; the encoder writes `out.tmp_path`. On a clean exit the file is published
+    under the first free counter from `target.counter` on (a name taken meanwhile by another writer is
+    skipped), `out.path`/`out.filename`/`out.counter` are set and `target.counter` moves past it.
+    On any exception (KeyboardInterrupt included) the temp file is removed.
+    """
+    if not ext.startswith("."):
+        raise ValueError(f"extension {ext!r} must start with '.'")
+    tmp = _make_temp(target.folder, ext)
+    out = PendingOutput(tmp_path=tmp)
+    try:
+        yield out
+        _fsync_file(tmp)
+        counter = target.counter
+        for _ in range(_MAX_TRIES):
+            name = target.name(counter, ext, batch_num)
+            final = target.folder / name
+            try:
+                _publish(tmp, final)
+            except FileExistsError:
+                counter += 1  # taken, by an earlier run or a concurrent writer: try the next number
+                continue
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, f"no free file name for prefix {target.prefix!r} in {target.folder} "
+                                  f"after {_MAX_TRIES} tries; use another filename_prefix")
+        _fsync_dir(target.folder)
+        out.path, out.filename, out.counter = final, name, counter
+        target.counter = counter + 1
+    finally:
+        _remove(tmp)
+
+
+def ui_entry(target: OutputTarget, filename: str) -> dict:
+    """ComfyUI's file locator for the `ui` part of a saver's result."""
+    return {"filename": filename, "subfolder": target.subfolder, "type": "output"}

@@ -1,0 +1,223 @@
+"""Output safety: confined prefixes, ComfyUI counters, atomic never-overwrite writes, no partial files."""
+import errno
+import os
+import threading
+
+import pytest
+
+from twinflow.core import outputs
+from twinflow.core.outputs import atomic_numbered, atomic_output, resolve_prefix
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _comfy_counter(names, prefix):
+    """ComfyUI's folder_paths.get_save_image_path counter rule, re-derived independently."""
+    best = None
+    for name in names:
+        if name[:len(prefix) + 1] != prefix + "_":
+            continue
+        try:
+            digits = int(name[len(prefix) + 1:].split("_")[0])
+        except ValueError:
+            digits = 0
+        best = digits if best is None else max(best, digits)
+    return 1 if best is None else best + 1
+
+
+# --- resolve_prefix ---------------------------------------------------------------------------
+
+def test_prefix_with_subfolders_is_created(tmp_path):
+    t = resolve_prefix("video/run1/clip", tmp_path)
+    assert t.folder == (tmp_path / "video" / "run1").resolve() and t.folder.is_dir()
+    assert (t.filename, t.subfolder, t.counter) == ("clip", "video/run1", 1)
+    assert t.name(1, ".png") == "clip_00001_.png"
+
+
+def test_backslash_and_dot_parts(tmp_path):
+    t = resolve_prefix("a\\b/./c", tmp_path)
+    assert t.subfolder == "a/b" and t.filename == "c"
+
+
+@pytest.mark.parametrize("names", [
+    [],
+    ["x_00001_.png", "x_00007_.png", "x_00003_.webp"],
+    ["x_00002_.png", "xy_00009_.png", "X_00011_.png", "x_abc_.png", "other.txt"],
+    ["x_00004", "x_00005.png", "x__.png", "x_12_extra_.mp4"],
+])
+def test_counter_matches_comfyui(tmp_path, names):
+    for n in names:
+        (tmp_path / n).write_bytes(b"1")
+    t = resolve_prefix("x", tmp_path)
+    assert t.counter == _comfy_counter(names, "x")
+
+
+def test_counter_ignores_temp_files(tmp_path):
+    (tmp_path / (outputs.TEMP_PREFIX + "abc.png")).write_bytes(b"")
+    assert resolve_prefix("x", tmp_path).counter == 1
+
+
+def test_percent_vars(tmp_path):
+    t = resolve_prefix("img_%width%x%height%", tmp_path, image_width=64, image_height=32)
+    assert t.filename == "img_64x32"
+
+
+@pytest.mark.parametrize("prefix", [
+    "../x", "a/../../x", "a/..", "..\\x", "/etc/x", "\\x", "C:\\x", "C:x", "//server/share/x", "", "/", "a\x00b",
+])
+def test_traversal_and_bad_prefixes_rejected(tmp_path, prefix):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError) as e:
+        resolve_prefix(prefix, out)
+    assert repr(prefix) in str(e.value)
+    assert list(tmp_path.iterdir()) == [out] and list(out.iterdir()) == []
+
+
+def test_symlink_escape_rejected(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    os.symlink(outside, out / "link")
+    with pytest.raises(ValueError, match="outside the output folder"):
+        resolve_prefix("link/x", out)
+    with pytest.raises(ValueError, match="outside the output folder"):
+        resolve_prefix("link/deeper/x", out)
+    assert list(outside.iterdir()) == []
+    # a symlink that stays inside the output folder is fine
+    (out / "real").mkdir()
+    os.symlink(out / "real", out / "inner")
+    assert resolve_prefix("inner/x", out).folder == (out / "real").resolve()
+
+
+def test_non_string_prefix(tmp_path):
+    with pytest.raises(TypeError):
+        resolve_prefix(5, tmp_path)
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+def test_atomic_numbered_writes_and_advances(tmp_path):
+    t = resolve_prefix("x", tmp_path)
+    names = []
+    for i in range(3):
+        with atomic_numbered(t, ".bin") as out:
+            out.tmp_path.write_bytes(bytes([i]) * 10)
+        names.append(out.filename)
+        assert out.path.read_bytes() == bytes([i]) * 10
+    assert names == ["x_00001_.bin", "x_00002_.bin", "x_00003_.bin"]
+    assert _files(tmp_path) == names
+
+
+def test_never_overwrites_a_file_that_appears_concurrently(tmp_path):
+    t = resolve_prefix("x", tmp_path)
+    with atomic_numbered(t, ".png") as out:
+        out.tmp_path.write_bytes(b"ours")
+        # another process takes the name we were about to use, and the one after
+        (tmp_path / "x_00001_.png").write_bytes(b"theirs1")
+        (tmp_path / "x_00002_.png").write_bytes(b"theirs2")
+    assert out.filename == "x_00003_.png" and out.path.read_bytes() == b"ours"
+    assert (tmp_path / "x_00001_.png").read_bytes() == b"theirs1"
+    assert (tmp_path / "x_00002_.png").read_bytes() == b"theirs2"
+    assert t.counter == 4
+    assert _files(tmp_path) == ["x_00001_.png", "x_00002_.png", "x_00003_.png"]
+
+
+def test_dangling_symlink_at_target_is_not_followed(tmp_path):
+    out_dir, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out_dir.mkdir()
+    t = resolve_prefix("x", out_dir)
+    os.symlink(victim, out_dir / "x_00001_.png")  # dangling: writing through it would create victim
+    with atomic_numbered(t, ".png") as out:
+        out.tmp_path.write_bytes(b"data")
+    assert out.filename == "x_00002_.png" and not victim.exists()
+
+
+def test_concurrent_writers_get_distinct_files(tmp_path):
+    errors = []
+
+    def worker(tag):
+        try:
+            for i in range(12):
+                t = resolve_prefix("race", tmp_path)  # both threads see the same next counter
+                with atomic_numbered(t, ".txt") as out:
+                    out.tmp_path.write_text(f"{tag}-{i}")
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in "ab"]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    files = _files(tmp_path)
+    assert len(files) == 24
+    contents = sorted((tmp_path / f).read_text() for f in files)
+    assert contents == sorted(f"{k}-{i}" for k in "ab" for i in range(12))
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("encoder failed"), KeyboardInterrupt()])
+def test_failure_mid_write_leaves_nothing(tmp_path, exc):
+    (tmp_path / "keep.txt").write_text("k")
+    t = resolve_prefix("x", tmp_path)
+    with pytest.raises(type(exc)):
+        with atomic_numbered(t, ".png") as out:
+            out.tmp_path.write_bytes(b"partial data")
+            raise exc
+    assert _files(tmp_path) == ["keep.txt"]
+    assert t.counter == 1
+    with pytest.raises(type(exc)):
+        with atomic_output(tmp_path / "fixed.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise exc
+    assert _files(tmp_path) == ["keep.txt"]
+
+
+def test_interrupted_error_leaves_nothing(tmp_path):
+    from twinflow.core.errors import Interrupted
+    from twinflow.core.progress import check_interrupt, clear_interrupt, request_interrupt
+
+    t = resolve_prefix("x", tmp_path)
+    request_interrupt()
+    try:
+        with pytest.raises(Interrupted):
+            with atomic_numbered(t, ".png") as out:
+                out.tmp_path.write_bytes(b"half")
+                check_interrupt()
+    finally:
+        clear_interrupt()
+    assert _files(tmp_path) == []
+
+
+def test_atomic_output_refuses_existing(tmp_path):
+    target = tmp_path / "a.bin"
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(b"one")
+    assert target.read_bytes() == b"one"
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"two")
+    assert target.read_bytes() == b"one" and _files(tmp_path) == ["a.bin"]
+
+
+def test_fallback_without_hard_links(tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported here")
+
+    monkeypatch.setattr(outputs.os, "link", no_link)
+    t = resolve_prefix("x", tmp_path)
+    (tmp_path / "x_00001_.png").write_bytes(b"theirs")
+    with atomic_numbered(t, ".png") as out:
+        out.tmp_path.write_bytes(b"ours")
+    assert out.filename == "x_00002_.png" and out.path.read_bytes() == b"ours"
+    assert (tmp_path / "x_00001_.png").read_bytes() == b"theirs"
+    assert _files(tmp_path) == ["x_00001_.png", "x_00002_.png"]
+
+
+def test_bad_extension(tmp_path):
+    with pytest.raises(ValueError, match="must start with"):
+        with atomic_numbered(resolve_prefix("x", tmp_path), "png"):
+            pass
