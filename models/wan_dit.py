@@ -1,0 +1,646 @@
+"""Wan2.1 text-to-video diffusion transformer, with the official `WanModel` layout and state-dict keys.
+
+Read top to bottom: config and presets, helpers (time embedding, RoPE tables), blocks, the model,
+then checkpoint handling (family sniffing, config detection, loading, random weights).
+
+Semantics follow the official `wan/modules/model.py` (T2V) as run by `text2video.py`:
+  patch_embedding Conv3d (1,2,2) -> tokens (B, L, dim), L = F*(H/2)*(W/2)
+  sinusoid(t) -> time_embedding -> e (B, dim) -> time_projection -> e0 (B, 6, dim)          [fp32]
+  context (B, Lc, 4096) zero-padded to text_len=512 -> text_embedding -> (B, 512, dim)
+  per block: m = modulation + e0 -> shift/scale/gate for self-attention and FFN
+     x += self_attn(LN(x)*(1+m1)+m0) * m2      (qk RMSNorm over the full dim, 3D RoPE 44/42/42)
+     x += cross_attn(LN_affine(x), context)    (qk RMSNorm, no RoPE, no mask)
+     x += ffn(LN(x)*(1+m4)+m3) * m5            (GELU-tanh)
+  head: (shift, scale) = head.modulation + e (not e0); linear; unpatchify with channels fastest.
+
+Numerics (fp32 islands): the official code runs under `autocast(bf16)` but forces the time embedding,
+the modulation sums, the gated residual adds and the head into fp32. Because `x + y * e[2]` is done
+under fp32 autocast, the residual stream itself becomes fp32 after the first block. We reproduce
+that without autocast: the residual stream `x` is kept in float32, every norm/modulation/residual op
+computes in float32 (`kernels.ops`), and only the inputs of the large linears and attention are cast
+to the compute dtype (the dtype of `patch_embedding.weight`). The time embedding, time projection,
+modulation tables and head are kept in float32 when loading in a lower precision.
+
+Two deliberate differences from the official code, both exact up to float rounding:
+- RoPE angles are computed once per (F, H, W) grid in float64 on the host and cached as float32
+  cos/sin tables; the hot path never builds complex float64 tensors.
+- Text padding folding: the official code zero-pads the text context to 512 tokens, so every padded
+  token carries the same vector `text_embedding(0)` and hence the same key/value in every
+  cross-attention. N identical keys are equivalent to one key whose logit is raised by log(N), so we
+  embed only the real tokens plus one padding token and add a log(N) bias to it (computed in fp32).
+  This removes up to ~512/L of the text-side work. `WanDiT.fold_text_padding = False` runs the
+  literal padded computation instead (the parity tests check both against diffusers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.errors import CheckpointError, UnsupportedError
+from ..core.log import log_once
+from ..kernels import ops
+from . import loading
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    """Hyper-parameters of a Wan2.1 T2V `WanModel` (names follow the official constructor)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    text_len: int = 512  # the official code zero-pads every prompt embedding to this many tokens
+    patch_size: tuple = (1, 2, 2)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"WanDiTConfig: dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        d = self.head_dim
+        if d % 2 or min(self.rope_dims) <= 0 or any(r % 2 for r in self.rope_dims):
+            raise ValueError(f"WanDiTConfig: head_dim {d} cannot be split into even RoPE parts {self.rope_dims} "
+                             f"(t gets d - 4*(d//6), h and w get 2*(d//6)); use a head_dim that is a multiple of 6*2")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"WanDiTConfig: patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Head-dim split of the 3D RoPE over (frame, height, width), as the official `rope_params` calls."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+PRESETS: dict[str, WanDiTConfig] = {
+    "wan2.1-1.3b": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # head_dim 128 like the real models, so config detection (heads = dim // 128) round-trips.
+    "tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+}
+
+
+def get_config(preset: str) -> WanDiTConfig:
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown Wan DiT preset {preset!r}; expected one of {sorted(PRESETS)}") from None
+
+
+def preset_name(cfg: WanDiTConfig) -> str:
+    """The preset a config equals, else 'custom'."""
+    for name, p in PRESETS.items():
+        if p == cfg:
+            return name
+    return "custom"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: time embedding, RoPE tables
+# ----------------------------------------------------------------------------------------------
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """cat[cos, sin] of t * 10000^(-i/half), i < half, as float32 (B, dim).
+
+    The official code computes this in float64; it is a (B, 256) table, so we do the same where the
+    device supports float64 (MPS does not: float32 there, an error of ~1e-5 rad at t=1000)."""
+    half = dim // 2
+    wide = torch.float64 if t.device.type in ("cpu", "cuda") else torch.float32
+    freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=wide) / half)
+    angles = t.to(wide)[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_tables(grid: tuple[int, int, int], rope_dims: tuple[int, int, int], theta: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin tables (L, head_dim/2) for a (F, H, W) token grid, row-major like the tokens.
+
+    Angles are position * theta^(-2j/d_axis) for each axis part, built in float64 on the host (as the
+    official float64 `rope_params`), then rounded once to float32."""
+    parts = []
+    for n, d in zip(grid, rope_dims):
+        inv = 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float64),
+                              torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+        parts.append(torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :])  # (n, d/2)
+    f, h, w = grid
+    angles = torch.cat([
+        parts[0][:, None, None, :].expand(f, h, w, -1),
+        parts[1][None, :, None, :].expand(f, h, w, -1),
+        parts[2][None, None, :, :].expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, -1)  # (L, head_dim/2)
+    return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Wan's q/k RMSNorm over the full width (before the head split); key `<name>.weight`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention with qk RMSNorm and 3D RoPE; keys `q, k, v, o, norm_q, norm_k`."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin):
+        b, n, dim = x.shape  # (B, L, D) in the compute dtype
+        heads = self.num_heads
+        q = ops.rope_apply(self.norm_q(self.q(x)).view(b, n, heads, -1), cos, sin)  # (B, L, H, Dh)
+        k = ops.rope_apply(self.norm_k(self.k(x)).view(b, n, heads, -1), cos, sin)
+        v = self.v(x).view(b, n, heads, -1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(y.transpose(1, 2).reshape(b, n, dim))
+
+
+class WanCrossAttention(nn.Module):
+    """T2V cross-attention on the text tokens (no RoPE); same keys as the self-attention."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, context, bias: Optional[torch.Tensor]):
+        b, n, dim = x.shape
+        heads = self.num_heads
+        q = self.norm_q(self.q(x)).view(b, n, heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+        lc, dh = context.shape[1], dim // heads
+        k = self.norm_k(self.k(context)).view(b, lc, heads, dh).transpose(1, 2)  # (B, H, Lc, Dh)
+        v = self.v(context).view(b, lc, heads, dh).transpose(1, 2)
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # Folded padding: the log(N) logit bias must not be rounded to bf16/fp16 (6.2 has a bf16
+            # step of 0.03), so this small attention (Lc = real tokens + 1) runs in fp32.
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(x.dtype)
+        return self.o(y.transpose(1, 2).reshape(b, n, dim))
+
+
+class WanAttentionBlock(nn.Module):
+    """One DiT block; keys `modulation, self_attn.*, norm3.*, cross_attn.*, ffn.{0,2}.*`."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = WanSelfAttention(cfg)
+        # norm3 is the cross-attention pre-norm (affine LayerNorm); norm1/norm2 have no parameters.
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
+
+    def forward(self, x, e0, cos, sin, context, bias):
+        # x: (B, L, D) float32 residual stream; e0: (B, 6, D) float32; context: (B, Lc, D) compute dtype
+        cdt = context.dtype
+        m = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x (B, 1, D) fp32
+        h = ops.ln_modulate(x, m[0], m[1], self.eps).to(cdt)
+        x = ops.gated_residual(x, m[2], self.self_attn(h, cos, sin))
+        if isinstance(self.norm3, nn.LayerNorm):
+            h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+        else:
+            h = x
+        x = x + self.cross_attn(h.to(cdt), context, bias).float()
+        h = ops.ln_modulate(x, m[3], m[4], self.eps).to(cdt)
+        return ops.gated_residual(x, m[5], self.ffn(h))
+
+
+class Head(nn.Module):
+    """Output head; keys `head.modulation`, `head.head.*`. Runs in fp32 like the official one."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
+
+    def forward(self, x, e):
+        # x: (B, L, D) fp32; e: (B, D) fp32 -- the time embedding itself, not the 6-way projection
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
+        h = ops.ln_modulate(x, shift, scale, self.eps)
+        return self.head(h.to(self.head.weight.dtype)).float()  # (B, L, prod(patch)*out_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+# Parameters kept in float32 whatever the load dtype: the official code computes these in fp32.
+_FP32_KEYS = re.compile(r"^(time_embedding\.|time_projection\.|head\.|blocks\.\d+\.modulation$)")
+
+
+def keep_fp32(key: str) -> bool:
+    """Whether a state-dict key belongs to an fp32 island (time embedding/projection, modulation, head)."""
+    return bool(_FP32_KEYS.match(key))
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 T2V `WanModel`: forward(x (B,16,T,H,W), timestep (B,), context (B,L,4096)) -> velocity."""
+
+    _ROPE_CACHE_SIZE = 8
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.fold_text_padding = True
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        # RoPE tables per (grid, device): plain attribute, not a buffer (never in the state dict, never on meta).
+        self._rope_cache: dict = {}
+
+    def _rope(self, grid, device):
+        key = (grid, str(device))
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            if len(self._rope_cache) >= self._ROPE_CACHE_SIZE:
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            tables = rope_tables(grid, self.config.rope_dims, self.config.rope_theta, device)
+            self._rope_cache[key] = tables
+        return tables
+
+    def _embed_text(self, context: Optional[torch.Tensor], batch: int, cdt, device):
+        """Text tokens (B, Lc, D) in the compute dtype and the cross-attention bias (None if unfolded)."""
+        cfg = self.config
+        if context is None:
+            log_once(logger, ("wan_dit.no_context",), "Wan DiT called without text context: using an empty "
+                     "(all-padding) prompt, as the official code does for a zero-length embedding")
+            context = torch.zeros(batch, 0, cfg.text_dim, device=device, dtype=cdt)
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"Wan DiT context must be (B, L, {cfg.text_dim}) text embeddings (umT5-xxl), got "
+                             f"{tuple(context.shape)}; connect conditioning from a {cfg.text_dim}-wide text encoder")
+        if context.shape[0] not in (1, batch):
+            raise ValueError(f"Wan DiT context batch {context.shape[0]} does not match the latent batch {batch}")
+        n_real = context.shape[1]
+        if n_real > cfg.text_len:
+            raise ValueError(f"Wan DiT context has {n_real} tokens; the model was trained with at most "
+                             f"{cfg.text_len} (text_len). Truncate the prompt embedding.")
+        context = context.to(device=device, dtype=cdt).expand(batch, -1, -1)
+        n_pad = cfg.text_len - n_real
+        if n_pad == 0:
+            return self.text_embedding(context), None
+        if not self.fold_text_padding:
+            # The official padding: zeros up to text_len, every query attends to all of them.
+            context = torch.cat([context, context.new_zeros(batch, n_pad, cfg.text_dim)], dim=1)
+            return self.text_embedding(context), None
+        # Folded padding (see module docstring): real tokens + one padding token with logit bias log(n_pad).
+        tokens = self.text_embedding(torch.cat([context, context.new_zeros(batch, 1, cfg.text_dim)], dim=1))
+        bias = torch.zeros(1, 1, 1, n_real + 1, device=device, dtype=torch.float32)
+        bias[..., -1] = math.log(n_pad)
+        return tokens, bias
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity (B, out_dim, T, H, W) in x's dtype for latents x, timesteps (B,) in [0, 1000], text (B, L, D)."""
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"Wan DiT input must be latents (B, {cfg.in_dim}, T, H, W), got {tuple(x.shape)}")
+        b, _, t, hh, ww = x.shape
+        pt, ph, pw = cfg.patch_size
+        if t % pt or hh % ph or ww % pw:
+            raise ValueError(f"Wan DiT latent size (T={t}, H={hh}, W={ww}) must be divisible by the patch size "
+                             f"{cfg.patch_size}; use an image size that is a multiple of {8 * ph} pixels")
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(b)
+        if timestep.shape != (b,):
+            raise ValueError(f"Wan DiT timestep must be a scalar or shape ({b},), got {tuple(timestep.shape)}")
+        cdt = self.patch_embedding.weight.dtype
+        grid = (t // pt, hh // ph, ww // pw)
+
+        # Time: fp32 island (the time layers are kept in fp32 by the loaders; cast in case someone .to()'d them).
+        te_dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(te_dtype)).float()  # (B, D)
+        e0 = self.time_projection(e.to(te_dtype)).float().unflatten(1, (6, cfg.dim))  # (B, 6, D)
+
+        context, bias = self._embed_text(context, b, cdt, x.device)  # (B, Lc, D)
+        cos, sin = self._rope(grid, x.device)  # (L, Dh/2) fp32
+
+        h = self.patch_embedding(x.to(cdt)).flatten(2).transpose(1, 2).float()  # (B, L, D) fp32 stream
+        for block in self.blocks:
+            h = block(h, e0, cos, sin, context, bias)
+        out = self.head(h, e)  # (B, L, pt*ph*pw*C), channels fastest
+        out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, cfg.out_dim, t, hh, ww).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: family sniffing, diffusers keys, config detection, loading, random weights
+# ----------------------------------------------------------------------------------------------
+
+# Keys that tell checkpoint families apart (with any prefix in front).
+_FAMILY_MARKERS = (
+    ("wan_dit", "head.modulation"),
+    ("wan_dit_diffusers", "condition_embedder.time_embedder.linear_1.weight"),
+    ("dit", "x_embedder.proj.weight"),
+    ("dit", "t_embedder.mlp.0.weight"),
+    ("wan_vae", "decoder.middle.0.residual.0.gamma"),
+    ("wan_vae_diffusers", "decoder.mid_block.resnets.0.norm1.gamma"),
+)
+
+
+def checkpoint_keys(path) -> Optional[list[str]]:
+    """The tensor names of a checkpoint without reading its tensors (safetensors and shard indexes);
+    None for pickle checkpoints, which can only be inspected by loading them."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".json"):
+        try:
+            return list(json.loads(path.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map' object): {e}") from None
+    if name.endswith(loading.SAFETENSORS_EXT):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types on corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}). "
+                                  f"The file may be truncated or corrupt; copy it again.") from None
+    return None
+
+
+def checkpoint_family(keys) -> Optional[str]:
+    """'wan_dit' | 'wan_dit_diffusers' | 'dit' | 'wan_vae' | 'wan_vae_diffusers' | None, from key names."""
+    keys = list(keys)
+    for family, marker in _FAMILY_MARKERS:
+        if any(k == marker or k.endswith("." + marker) for k in keys):
+            return family
+    return None
+
+
+# diffusers `WanTransformer3DModel` names -> official names (inverse of diffusers'
+# `convert_wan_transformer_to_diffusers`; note the norm2/norm3 swap of the cross-attention pre-norm).
+_FROM_DIFFUSERS = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    (".attn1.to_out.0.", ".self_attn.o."), (".attn2.to_out.0.", ".cross_attn.o."),
+    (".attn1.to_", ".self_attn."), (".attn2.to_", ".cross_attn."),
+    (".attn1.norm_", ".self_attn.norm_"), (".attn2.norm_", ".cross_attn.norm_"),
+    (".norm2.", ".norm3."),
+    (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+    (".scale_shift_table", ".modulation"),
+    ("proj_out.", "head.head."),
+)
+
+
+def from_diffusers_keys(sd: dict) -> dict:
+    """Rename a diffusers-layout Wan transformer state dict to the official keys."""
+    out = {}
+    for k, v in sd.items():
+        if k == "scale_shift_table":
+            out["head.modulation"] = v
+            continue
+        for old, new in _FROM_DIFFUSERS:
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def _wrong_family_error(source: str, family: Optional[str], keys) -> CheckpointError:
+    if family in ("wan_vae", "wan_vae_diffusers"):
+        return CheckpointError(f"{source}: this is a Wan VAE checkpoint (it has VAE keys such as "
+                               f"'decoder.middle.0.residual.0.gamma'), not a diffusion model. Load it with "
+                               f"TwinFlow Load VAE, and pick a Wan2.1 T2V diffusion model file here.")
+    if family == "dit":
+        return CheckpointError(f"{source}: this is an adaLN-Zero DiT checkpoint (DiT-XL/2 / Open-Sora keys such as "
+                               f"'x_embedder.proj.weight'), not a Wan2.1 DiT; load it with the DiT loader "
+                               f"(models.dit), or through TwinFlow Load DiT which dispatches on the keys.")
+    shown = ", ".join(sorted(keys)[:5])
+    return CheckpointError(f"{source}: not a Wan2.1 diffusion model: the key 'head.modulation' (official layout, "
+                           f"with or without a 'model.diffusion_model.' prefix) is missing. First keys: {shown}. "
+                           f"Expected a Wan2.1 T2V checkpoint such as wan2.1_t2v_1.3B_fp16.safetensors.")
+
+
+def normalize_state_dict(sd: dict, source: str) -> dict:
+    """Strip prefixes and map diffusers names so the keys are the official ones; clear errors otherwise."""
+    family = checkpoint_family(sd)
+    if family == "wan_dit_diffusers":
+        anchor = "condition_embedder.time_embedder.linear_1.weight"
+        sd, prefix = loading.strip_prefix(sd, anchor, ("model.diffusion_model.", "transformer."))
+        log_once(logger, ("wan_dit.diffusers", source), "%s: diffusers-layout Wan transformer; renaming keys to the "
+                 "official layout", source)
+        return from_diffusers_keys(sd)
+    if family != "wan_dit":
+        raise _wrong_family_error(source, family, sd.keys())
+    sd, prefix = loading.strip_prefix(sd, "head.modulation", ("model.diffusion_model.", "diffusion_model.", "model."))
+    if prefix:
+        logger.info("%s: stripped key prefix %r", source, prefix)
+    return sd
+
+
+def _shape(sd, key, source):
+    if key not in sd:
+        raise CheckpointError(f"{source}: cannot detect the Wan DiT config: key {key!r} is missing. The file is "
+                              f"incomplete or not a Wan2.1 T2V model.")
+    return tuple(sd[key].shape)
+
+
+def detect_config(sd: dict, source: str = "state dict") -> WanDiTConfig:
+    """Derive the config from tensor shapes (official keys), as ComfyUI's model detection does."""
+    if any(k.startswith("img_emb.") or ".cross_attn.k_img." in k for k in sd):
+        raise UnsupportedError(f"{source}: this is a Wan2.1 image-to-video (I2V/FLF2V) model (it has 'img_emb' / "
+                               f"'cross_attn.k_img' keys); only text-to-video checkpoints are supported.")
+    pe = _shape(sd, "patch_embedding.weight", source)  # (dim, in_dim, pt, ph, pw)
+    if len(pe) != 5:
+        raise CheckpointError(f"{source}: patch_embedding.weight has shape {pe}; expected a Conv3d weight (5 dims)")
+    dim, in_dim, patch = pe[0], pe[1], tuple(pe[2:])
+    layers = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    if not layers:
+        raise CheckpointError(f"{source}: no 'blocks.N.' keys: the file has no transformer blocks")
+    num_layers = max(layers) + 1
+    if dim % 128:
+        raise CheckpointError(f"{source}: model width {dim} is not a multiple of 128, the Wan head size; "
+                              f"pass an explicit preset/config for a custom model")
+    head_out = _shape(sd, "head.head.weight", source)[0]
+    cfg = WanDiTConfig(
+        dim=dim, in_dim=in_dim, patch_size=patch,
+        ffn_dim=_shape(sd, "blocks.0.ffn.0.weight", source)[0],
+        num_heads=dim // 128,  # every Wan model uses head_dim 128 (ComfyUI detects heads the same way)
+        num_layers=num_layers,
+        out_dim=head_out // math.prod(patch),
+        text_dim=_shape(sd, "text_embedding.0.weight", source)[1],
+        freq_dim=_shape(sd, "time_embedding.0.weight", source)[1],
+        qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+    )
+    if in_dim != 16:
+        raise UnsupportedError(f"{source}: patch_embedding takes {in_dim} channels; Wan2.1 T2V takes 16 "
+                               f"(36/48 channels are I2V or Wan2.2 models, which are not supported)")
+    return cfg
+
+
+def _island_dtypes(sd: dict, dtype: torch.dtype) -> dict:
+    """Cast to `dtype`, keeping the fp32 islands (time embedding/projection, modulation, head) in float32."""
+    return loading.convert_dtype(sd, dtype, keep_fp32=keep_fp32)
+
+
+def _file_dtype(sd: dict, source: str) -> torch.dtype:
+    dt = sd["patch_embedding.weight"].dtype
+    if dt in (torch.float32, torch.float16, torch.bfloat16):
+        return dt
+    log_once(logger, ("wan_dit.dtype", source), "%s: weights stored as %s; computing in bfloat16", source, dt)
+    return torch.bfloat16
+
+
+def wan_dit_from_state_dict(sd: dict, source: str = "state dict", dtype: Optional[torch.dtype] = None,
+                            config: Optional[WanDiTConfig] = None, meta: Optional[dict] = None) -> WanDiT:
+    """Build a WanDiT from an (official, diffusers or prefixed) state dict; strict key/shape check."""
+    meta = meta or {}
+    if "twinflow_quant" in meta:
+        return _load_quantized(sd, source, config, meta)
+    sd = normalize_state_dict(sd, source)
+    detected = detect_config(sd, source) if config is None else config
+    dtype = dtype if dtype is not None else _file_dtype(sd, source)
+    sd = _island_dtypes(sd, dtype)
+    module = loading.build_and_load(lambda: WanDiT(detected), sd, source)
+    logger.info("%s: Wan2.1 DiT %s (dim %d, %d layers, %d heads), %s", source, preset_name(detected),
+                detected.dim, detected.num_layers, detected.num_heads, dtype)
+    return module
+
+
+def _load_quantized(sd: dict, source: str, config, meta: dict) -> WanDiT:
+    """A file written by TwinFlow's quantizer: hand it to quant.checkpoint without re-quantizing."""
+    try:
+        from ..quant import checkpoint as qckpt
+    except ImportError:
+        qckpt = None
+    if qckpt is None or not hasattr(qckpt, "load_quantized_into"):
+        raise UnsupportedError(f"{source}: a TwinFlow-quantized checkpoint (metadata 'twinflow_quant'), but the "
+                               f"quantized loader (quant.checkpoint.load_quantized_into) is not available here")
+    sd = normalize_state_dict(sd, source)
+    cfg = config or _config_from_meta(meta, source)
+    with torch.device("meta"):
+        module = WanDiT(cfg)
+    return qckpt.load_quantized_into(module, sd, meta).eval()
+
+
+def _config_from_meta(meta: dict, source: str) -> WanDiTConfig:
+    raw = meta.get("twinflow_config")
+    if not raw:
+        raise CheckpointError(f"{source}: quantized file without 'twinflow_config' metadata; pass a preset")
+    data = json.loads(raw)
+    data["patch_size"] = tuple(data.get("patch_size", (1, 2, 2)))
+    return WanDiTConfig(**data)
+
+
+def load_wan_dit(path_or_index, dtype: Optional[torch.dtype] = None, preset: Optional[str] = None) -> WanDiT:
+    """Load a Wan2.1 T2V DiT from a file.
+
+    Args:
+        path_or_index: `.safetensors`/`.sft`, a weights-only `.pth`/`.pt`/`.ckpt`/`.bin`, or a shard index
+            `*.index.json` (official, ComfyUI `model.diffusion_model.`-prefixed, or diffusers key layout).
+        dtype: compute dtype (None keeps the file's; fp8 files compute in bf16). The time embedding,
+            time projection, modulation tables and head stay float32 (the official fp32 islands).
+        preset: force a preset ("wan2.1-1.3b", "wan2.1-14b", "tiny") instead of detecting from shapes;
+            the file is still checked strictly against it.
+    Returns:
+        the `WanDiT` module in eval mode, with `.config`.
+    Raises:
+        CheckpointError (missing/corrupt/wrong-family file, key or shape mismatch), UnsupportedError (I2V).
+    """
+    path = Path(path_or_index)
+    keys = checkpoint_keys(path) if path.is_file() else None
+    if keys is not None:
+        family = checkpoint_family(keys)
+        if family not in ("wan_dit", "wan_dit_diffusers"):
+            raise _wrong_family_error(str(path), family, keys)
+    sd, meta = loading.load_file(path)
+    config = get_config(preset) if preset else None
+    return wan_dit_from_state_dict(sd, str(path), dtype=dtype, config=config, meta=meta)
+
+
+def random_wan_dit(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device="cpu", config: Optional[WanDiTConfig] = None) -> WanDiT:
+    """Seeded random weights with a non-degenerate init for demos and tests (no zero-init head/gates).
+
+    Linear/conv weights are Xavier-uniform, biases small normals, RMSNorm/LayerNorm weights near 1,
+    modulation tables randn/sqrt(dim) (as the official init). Parameters are filled one at a time in
+    `dtype` (fp32 islands stay fp32), so peak memory is about the model's size."""
+    cfg = config or get_config(preset)
+    with torch.device("meta"):
+        module = WanDiT(cfg)
+    gen = torch.Generator().manual_seed(int(seed) % (2 ** 64))
+    sd = {}
+    for name, p in module.named_parameters():
+        shape = tuple(p.shape)
+        if name.endswith("modulation"):
+            v = torch.randn(shape, generator=gen) / cfg.dim ** 0.5
+        elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or ".norm3.weight" in name:
+            v = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith(".bias"):
+            v = 0.02 * torch.randn(shape, generator=gen)
+        else:
+            fan_out, fan_in = shape[0], math.prod(shape[1:])
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            v = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        sd[name] = v.to(torch.float32 if keep_fp32(name) else dtype).to(device)
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.eval()
+
+
+def save_wan_dit(module: WanDiT, path, metadata: Optional[dict] = None) -> None:
+    """Write the official-key state dict as safetensors, with the config in the metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"twinflow_family": "wan_dit", "twinflow_config": module.config.to_json(), **(metadata or {})}
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path), metadata=meta)
+
+
+def with_config(cfg: WanDiTConfig, **changes) -> WanDiTConfig:
+    """A copy of a config with some fields changed (validated)."""
+    return replace(cfg, **changes)
