@@ -98,6 +98,9 @@ def _split_prefix(filename_prefix: str) -> tuple[list[str], str]:
     stem = parts[-1]
     if len(stem.encode("utf-8")) > MAX_FILENAME:
         raise ValueError(f"{bad}: the file name part is longer than {MAX_FILENAME} bytes; shorten it")
+    long_dirs = [q for q in parts[:-1] if len(q.encode("utf-8")) > 255]
+    if long_dirs:
+        raise ValueError(f"{bad}: folder name {long_dirs[0][:40]!r}... is longer than 255 bytes; shorten it")
     return parts[:-1], stem
 
 
@@ -152,7 +155,11 @@ def resolve_prefix(filename_prefix: str, output_dir, image_width: int = 0, image
         return real
 
     check(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file where a folder is needed, or no permission
+        raise ValueError(f"filename_prefix {filename_prefix!r}: cannot create the folder {folder} ({e}). "
+                         f"Use another prefix or fix the output folder.") from None
     real = check(folder)  # re-check after creation: a symlink may have appeared meanwhile
     subfolder = "/".join(sub_parts)
     return OutputTarget(folder=real, filename=stem, counter=next_counter(real, stem), subfolder=subfolder, prefix=prefix)

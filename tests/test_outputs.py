@@ -221,3 +221,42 @@ def test_bad_extension(tmp_path):
     with pytest.raises(ValueError, match="must start with"):
         with atomic_numbered(resolve_prefix("x", tmp_path), "png"):
             pass
+
+
+# --- fuzz: any prefix either is refused with ValueError or lands inside the output folder ---------
+
+def test_fuzz_prefix_never_escapes():
+    import tempfile
+    from pathlib import Path
+
+    from hypothesis import given, strategies as st
+
+    parts = st.sampled_from(["..", ".", "", "a", "b", "C:", "~", "%width%", " ", "x\\..", "..\\..", "é"])
+    prefixes = st.one_of(st.text(max_size=30), st.lists(parts, max_size=6).map("/".join),
+                         st.lists(parts, max_size=6).map("\\".join))
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "out"
+        root.mkdir()
+        outside_before = sorted(p.name for p in Path(d).iterdir())
+
+        @given(prefixes)
+        def check(prefix):
+            try:
+                t = resolve_prefix(prefix, root)
+            except ValueError as e:
+                assert repr(prefix) in str(e) or "filename_prefix" in str(e)
+                return
+            assert t.folder.resolve().is_relative_to(root.resolve())
+            assert "/" not in t.filename and "\\" not in t.filename and t.filename not in ("", ".", "..")
+
+        check()
+        assert sorted(p.name for p in Path(d).iterdir()) == outside_before
+
+
+def test_prefix_folder_blocked_by_a_file(tmp_path):
+    (tmp_path / "a").write_text("i am a file")
+    with pytest.raises(ValueError, match="cannot create the folder"):
+        resolve_prefix("a/x", tmp_path)
+    with pytest.raises(ValueError, match="longer than 255"):
+        resolve_prefix("d" * 300 + "/x", tmp_path)
