@@ -1,4 +1,107 @@
-"""TwinFlow nodes: dit."""
+"""TwinFlow nodes: dit — load a diffusion transformer as a `TWINFLOW_MODEL` (core.handles.Denoiser).
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Wan2.1 T2V checkpoints load through `models.wan_dit`; files with the adaLN-Zero DiT layout (DiT-XL/2,
+Open-Sora v1) are recognised by their keys and handed to `models.dit`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..core import paths
+from ..core.errors import CheckpointError
+from ..core.handles import Denoiser
+
+logger = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+RANDOM_PRESETS = ("tiny", "wan2.1-1.3b")  # random 14B weights (56 GB in fp32) are not offered
+PRESET_CHOICES = ("auto", "tiny", "wan2.1-1.3b", "wan2.1-14b")
+DTYPE_CHOICES = ("default", "fp32", "fp16", "bf16")
+
+
+def wan_denoiser(module, name: str, source: str) -> Denoiser:
+    """Wrap a `models.wan_dit.WanDiT` as the TWINFLOW_MODEL handle."""
+    from ..models.wan_dit import preset_name
+
+    cfg = module.config
+    return Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim, name=name,
+                    config=cfg, timestep_scale=1000.0,
+                    info={"source": source, "preset": preset_name(cfg)})
+
+
+class TwinFlowLoadDiT:
+    """Load a Wan2.1 T2V diffusion model (or an adaLN-Zero DiT) from the diffusion_models folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = [RANDOM_PREFIX + p for p in RANDOM_PRESETS] + paths.list_models("diffusion_models")
+        return {
+            "required": {
+                "ckpt_name": (names, {"tooltip": "A Wan2.1 T2V checkpoint from models/diffusion_models (official, "
+                                                 "ComfyUI-repackaged or diffusers layout; a shard index .json works "
+                                                 "too), or 'random:<preset>' for seeded random weights (demos, CI)."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "default",
+                                                "tooltip": "Compute dtype. 'default' keeps the file's dtype (fp32 for "
+                                                           "random presets). Time embedding, modulation and head "
+                                                           "always stay fp32, as in the official code."}),
+                "preset": (list(PRESET_CHOICES), {"default": "auto",
+                                                  "tooltip": "Force a Wan config instead of detecting it from tensor "
+                                                             "shapes; the file is still checked strictly."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1,
+                                 "tooltip": "Seed of the random weights (random:<preset> only)."}),
+            }
+        }
+
+    RETURN_TYPES = ("TWINFLOW_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = "TwinFlow/dit"
+    DESCRIPTION = ("Loads a Wan2.1 text-to-video diffusion transformer (1.3B / 14B, detected from the file) as a "
+                   "velocity-predicting TWINFLOW_MODEL. adaLN-Zero DiT files (DiT-XL/2, Open-Sora v1) load too.")
+
+    def load(self, ckpt_name, dtype="default", preset="auto", seed=0):
+        from ..models import loading, wan_dit
+
+        torch_dtype = loading.parse_dtype(dtype)
+        forced = None if preset == "auto" else preset
+        if ckpt_name.startswith(RANDOM_PREFIX):
+            name = ckpt_name[len(RANDOM_PREFIX):]
+            if name not in wan_dit.PRESETS:
+                raise ValueError(f"unknown random preset {ckpt_name!r}; expected one of "
+                                 f"{[RANDOM_PREFIX + p for p in RANDOM_PRESETS]}")
+            if forced is not None and forced != name:
+                raise ValueError(f"preset override {forced!r} conflicts with {ckpt_name!r}; set preset to 'auto' or "
+                                 f"pick random:{forced}")
+            module = wan_dit.random_wan_dit(name, seed=seed, dtype=torch_dtype or torch.float32)
+            return (wan_denoiser(module, ckpt_name, f"random seed {seed}"),)
+
+        path = paths.find_model("diffusion_models", ckpt_name)
+        keys = wan_dit.checkpoint_keys(path)
+        if keys is not None and wan_dit.checkpoint_family(keys) == "dit":
+            return (self._load_adaln(path, ckpt_name, torch_dtype, forced),)
+        module = wan_dit.load_wan_dit(path, dtype=torch_dtype, preset=forced)
+        return (wan_denoiser(module, ckpt_name, str(path)),)
+
+    @staticmethod
+    def _load_adaln(path, name, torch_dtype, forced):
+        """Hand an adaLN-Zero DiT file to models.dit (imported lazily: it is another family's module)."""
+        if forced is not None:
+            raise ValueError(f"{path}: an adaLN-Zero DiT file; the preset override {forced!r} only applies to Wan "
+                             f"models. Set preset to 'auto'.")
+        try:
+            from ..models import dit
+        except ImportError as e:
+            raise CheckpointError(f"{path}: an adaLN-Zero DiT checkpoint (keys like 'x_embedder.proj.weight'), "
+                                  f"but the DiT loader (models.dit) cannot be imported: {e}") from None
+        if not (hasattr(dit, "load_adaln_dit") and hasattr(dit, "make_denoiser")):
+            raise CheckpointError(f"{path}: an adaLN-Zero DiT checkpoint, but models.dit has no "
+                                  f"load_adaln_dit/make_denoiser to load it with")
+        logger.info("%s: adaLN-Zero DiT layout; loading with models.dit", path)
+        model, cfg = dit.load_adaln_dit(path, dtype=torch_dtype)
+        return dit.make_denoiser(model, cfg, name=name, source=str(path))
+
+
+NODE_CLASS_MAPPINGS: dict = {"TwinFlowLoadDiT": TwinFlowLoadDiT}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {"TwinFlowLoadDiT": "TwinFlow Load DiT"}
