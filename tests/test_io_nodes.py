@@ -311,6 +311,22 @@ def test_load_image_rgb_and_alpha(tf_dirs):
     assert torch.allclose(mask[0], torch.from_numpy(1.0 - rgba[..., 3].astype(np.float32) / 255.0))
 
 
+def test_load_image_16bit_and_palette_transparency(tf_dirs):
+    grey = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    Image.fromarray(grey).save(tf_dirs["input"] / "g16.png")
+    img, _ = TwinFlowLoadImage().load("g16.png")
+    expected = torch.from_numpy(grey.astype(np.float32) / 65535.0)
+    assert img.shape == (1, 3, 4, 3) and torch.allclose(img[0, ..., 1], expected, atol=1e-6)
+    pal = Image.new("P", (4, 2), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 0  # palette index 0 is transparent
+    pal.save(tf_dirs["input"] / "p.png", transparency=0)
+    img, mask = TwinFlowLoadImage().load("p.png")
+    assert mask[0, 0, 1] == 0.0 and mask[0, 0, 0] == 1.0 and mask[0].sum() == 7
+    assert img[0, 0, 1].tolist() == [1.0, 0.0, 0.0]
+
+
 def test_load_image_save_image_roundtrip(tf_dirs):
     imgs = _frames(1, 9, 7)
     res = TwinFlowSaveImage().save(imgs, "rt")
