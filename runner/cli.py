@@ -1,0 +1,297 @@
+"""The `twinflow` command line: run / validate / convert / nodes / doctor (+ commands other parts add).
+
+Exit codes: 0 success; 1 a workflow, validation, model-file or node error (one clear paragraph, no
+traceback; a node that crashed with an unexpected exception also shows its traceback); 2 bad command
+line; 130 interrupted by Ctrl-C (no partial output files: output nodes write atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from ..core import paths, progress
+from ..core.errors import Interrupted, TwinFlowError, WorkflowError
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_MODULES = ("sampling.cli", "compiled.cli")  # each may define add_commands(subparsers)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _root_package() -> str:
+    return __package__.rsplit(".", 1)[0]
+
+
+def _add_plugin_commands(sub) -> None:
+    for name in PLUGIN_MODULES:
+        full = f"{_root_package()}.{name}"
+        try:
+            if importlib.util.find_spec(full) is None:
+                continue
+            mod = importlib.import_module(full)
+        except ImportError as e:
+            logger.warning("CLI commands of %s are unavailable: %s", full, e)
+            continue
+        add = getattr(mod, "add_commands", None)
+        if add is not None:
+            add(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="twinflow", description="Run ComfyUI-format workflows of TwinFlow nodes "
+                                "headless, and inspect this environment.")
+    p.add_argument("--version", action="version", version=f"twinflow {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("--kernels", dest="kernels_global", choices=("auto", "cupy", "torch"),
+                   help="kernel path for fused ops (default auto)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a workflow (UI or API JSON, or a ComfyUI PNG)")
+    r.add_argument("workflow", help="workflow file")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE",
+                   help="change an input, e.g. --set 3.seed=42 --set '6.text=a red fox' (VALUE is JSON or text)")
+    r.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
+    r.add_argument("--models-dir", help="models folder in ComfyUI layout (default ./models or $TWINFLOW_MODELS_DIR)")
+    r.add_argument("--json", action="store_true", help="print results / errors as JSON (ComfyUI error format)")
+    r.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
+    r.add_argument("--output", dest="targets", action="append", metavar="NODE_ID",
+                   help="run only this output node (repeatable)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-timings", action="store_true", help="no per-node timing report")
+
+    v = sub.add_parser("validate", help="check a workflow without running it")
+    v.add_argument("workflow")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE")
+    v.add_argument("--models-dir")
+    v.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("convert", help="convert a UI workflow to the API prompt ComfyUI's /prompt takes")
+    c.add_argument("workflow")
+    c.add_argument("-o", "--output", help="write here instead of stdout")
+    c.add_argument("--models-dir", help="models folder (file widgets list its contents)")
+    c.add_argument("--json", action="store_true", help="errors as JSON")
+
+    n = sub.add_parser("nodes", help="list TwinFlow nodes")
+    n.add_argument("--json", action="store_true", help="ComfyUI /object_info format")
+
+    sub.add_parser("doctor", help="what this environment can do, and why not")
+    _add_plugin_commands(sub)
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger(_root_package())
+    if not any(getattr(h, "_twinflow_cli", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        h._twinflow_cli = True
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def _set_kernels(mode) -> None:
+    if not mode:
+        return
+    try:
+        kernels = importlib.import_module(f"{_root_package()}.kernels")
+    except ImportError as e:
+        raise TwinFlowError(f"--kernels {mode}: the kernels package cannot be imported ({e})") from None
+    set_mode = getattr(kernels, "set_mode", None)
+    if set_mode is None:
+        logger.warning("--kernels %s ignored: this build has no kernel dispatcher (kernels.set_mode)", mode)
+        return
+    set_mode(mode)
+
+
+def _tqdm_backend():
+    from tqdm import tqdm
+
+    def factory(total, desc, node_id):
+        label = f"#{node_id} {desc}".strip() if node_id is not None else desc
+        return tqdm(total=total, desc=label, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    return factory
+
+
+class _SigintHandler:
+    """First Ctrl-C asks the run to stop at the next check; a second one aborts immediately."""
+
+    def __init__(self):
+        self.count = 0
+        self.previous = None
+
+    def __call__(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            progress.request_interrupt()
+            print("\ninterrupt requested: stopping at the next step (Ctrl-C again to abort now)", file=sys.stderr)
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread (e.g. called from a worker): keep the default behaviour
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _print_error(err: BaseException, as_json: bool, prompt=None) -> None:
+    from .executor import NodeExecutionError
+    from .validate import format_error
+
+    if isinstance(err, WorkflowError):
+        if as_json:
+            print(json.dumps(err.to_json(), indent=2, default=str))
+            return
+        print(f"error: {format_error(err, prompt)}", file=sys.stderr)
+        if isinstance(err, NodeExecutionError) and err.is_bug:
+            print("".join(traceback.format_exception(type(err.original), err.original, err.original.__traceback__)),
+                  file=sys.stderr, end="")
+        return
+    kind = {FileNotFoundError: "file_not_found"}.get(type(err), type(err).__name__)
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": str(err), "details": "", "extra_info": {}},
+                          "node_errors": {}}, indent=2))
+    else:
+        print(f"error: {err}", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    from .api import Runner
+
+    _set_kernels(args.kernels or args.kernels_global)
+    if not args.no_progress:
+        progress.set_backend(_tqdm_backend())
+    runner = Runner()
+    with _SigintHandler():
+        result = runner.run(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
+                            models_dir=args.models_dir, targets=args.targets)
+    files = [str(f) for f in result.files()]
+    if args.json:
+        print(json.dumps({"outputs": dict(result), "files": files,
+                          "timings": [t.__dict__ for t in result.timings]}, indent=2, default=str))
+    else:
+        if not args.no_timings:
+            print(result.timing_report(), file=sys.stderr)
+        if files:
+            print("outputs written:")
+            for f in files:
+                print(f"  {f}")
+        else:
+            print(f"done; the output nodes ({', '.join('#' + k for k in result) or 'none'}) wrote no files")
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from .api import Runner
+
+    runner = Runner()
+    v = runner.validate(args.workflow, overrides=args.overrides)
+    if args.json:
+        print(json.dumps({"error": None, "node_errors": {}, "outputs": v.outputs, "nodes": v.order}, indent=2))
+    else:
+        print(f"ok: {len(v.order)} node(s) to run for output node(s) {', '.join('#' + o for o in v.outputs)}")
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from .api import default_registry
+    from .formats import load_workflow
+
+    wf = load_workflow(args.workflow, default_registry())
+    text = json.dumps(wf.prompt, indent=2)
+    if wf.format != "ui":
+        print(f"note: {args.workflow} is already in API format; writing it unchanged", file=sys.stderr)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_nodes(args) -> int:
+    from .. import NODE_DISPLAY_NAME_MAPPINGS
+    from .api import default_registry
+    from .spec import object_info
+
+    reg = default_registry()
+    info = {name: object_info(name, cls, NODE_DISPLAY_NAME_MAPPINGS.get(name)) for name, cls in sorted(reg.items())}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return EXIT_OK
+    if not info:
+        print("no TwinFlow nodes are registered")
+        return EXIT_OK
+    width = max(len(k) for k in info)
+    for name, i in info.items():
+        print(f"{name:<{width}}  {i['category']:<24}  {i['display_name']}{'  [output]' if i['output_node'] else ''}")
+    return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import doctor_lines
+
+    for line in doctor_lines():
+        print(line)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "nodes": cmd_nodes,
+            "doctor": cmd_doctor}
+
+
+def main(argv=None) -> int:
+    """Entry point of the `twinflow` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage / --version
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    _setup_logging(args.verbose)
+    if getattr(args, "models_dir", None):
+        paths.set_models_dir(args.models_dir)
+    func = getattr(args, "func", None) or COMMANDS.get(args.command)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    as_json = bool(getattr(args, "json", False))
+    try:
+        return int(func(args) or 0)
+    except (Interrupted, KeyboardInterrupt):
+        progress.clear_interrupt()
+        msg = "interrupted: stopped before finishing; no partial outputs were kept"
+        if as_json:
+            print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
+                                        "extra_info": {}}, "node_errors": {}}))
+        else:
+            print(msg, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (TwinFlowError, FileNotFoundError) as e:
+        _print_error(e, as_json)
+        return EXIT_ERROR
+    finally:
+        progress.set_backend(None)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
