@@ -1,0 +1,740 @@
+"""Wan2.1 causal 3D video VAE: official checkpoint layout, frame-streaming encode/decode, tiled decode.
+
+Reads top to bottom: config + presets, the per-frame causal conv engine, blocks (residual, attention,
+resample) with the official parameter names, encoder/decoder, `WanVAE` (encode / decode / streaming /
+tiled decode / memory estimate), latent normalisation, loading and random init.
+
+How it matches the official chunked algorithm (`wan/modules/vae.py`, mirrored by diffusers):
+the official code runs the encoder on frame 0 then on chunks of 4 frames, and the decoder on one
+latent frame at a time, keeping for every causal 3-tap conv the last 2 input frames (the "feature
+cache"; front padding is zeros). A causal conv with such a cache is exactly a 1-D causal filter over
+time, so it can equally be run **one frame at a time** with the same 2-frame state. We do that, depth
+first through the whole network, which gives the same numbers (up to float summation order) with:
+  * no `cat(cache, chunk)` + `F.pad` copies: the three time taps are three 2-D convs summed, and the
+    state holds references to the previous inputs (no clones);
+  * a zero state is skipped instead of multiplied (the first frame costs 1/3 of a full frame);
+  * a working set of one frame per layer instead of a whole chunk, and frames written straight into a
+    preallocated output (or handed to a callback) instead of a growing `torch.cat`.
+The two temporal resamplers keep their official chunk semantics in per-frame form (see `Resample`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.errors import CheckpointError
+from ..core.log import log_once
+from ..core.progress import Progress
+from ..kernels.ops import rms_norm_cf
+from .loading import build_and_load, convert_dtype, load_file, strip_prefix
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WanVAEConfig:
+    """Structure of the Wan2.1 VAE (names follow the official `WanVAE_`)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple = (False, True, True)  # encoder; the decoder uses the reverse
+    in_channels: int = 3
+
+    @property
+    def spatial_ratio(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_ratio(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temporal_downsample)
+
+
+PRESETS: dict[str, WanVAEConfig] = {
+    "wan2.1": WanVAEConfig(),
+    # 16 latent channels like the real model so LATENTs interoperate with the Wan tiny DiT and the
+    # Wan21 latent normalisation; dim 8 keeps it at ~0.2 M parameters.
+    "tiny": WanVAEConfig(dim=8, z_dim=16),
+}
+
+# Anchors used to recognise files (ComfyUI detects the Wan2.1 VAE by the first one).
+ANCHOR = "decoder.middle.0.residual.0.gamma"
+WAN22_KEY = "decoder.upsamples.0.upsamples.0.residual.2.weight"
+DIT_HINT_KEYS = ("head.modulation", "blocks.0.self_attn.q.weight", "patch_embedding.weight")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-frame causal conv engine
+# ----------------------------------------------------------------------------------------------------
+class _State:
+    """Streaming state of one decode/encode (one per spatial tile): per-layer caches keyed by module."""
+
+    def __init__(self):
+        self.slots: dict[int, list] = {}
+
+    def slot(self, module: nn.Module) -> list:
+        return self.slots.setdefault(id(module), [None, None])
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d, causal in time (zeros in front), run one frame at a time with a 2-frame state."""
+
+    def __init__(self, in_dim, out_dim, kernel_size, stride=1, padding=0):
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=0)
+        self.pad_s = (padding if isinstance(padding, int) else padding[1])  # spatial zero padding
+
+    def pointwise(self, x: torch.Tensor) -> torch.Tensor:
+        """A kernel-1 conv on one frame x [B, C, H, W] (shortcuts, quant convs)."""
+        return F.conv2d(x, self.weight[:, :, 0], self.bias)
+
+    def taps(self, frames: list, bias: bool = True) -> torch.Tensor:
+        """sum_k W[:, :, k] * frames[k] (+ bias); None frames are zero and skipped. frames: 3 x [B,C,H,W]."""
+        w, p = self.weight, self.pad_s
+        cur = frames[-1]
+        if cur.dtype != torch.float32 and sum(f is not None for f in frames) > 1:
+            # Low precision: one conv over the channel-stacked taps keeps the sum inside the conv's
+            # fp32 accumulator instead of rounding each partial sum to bf16/fp16.
+            ks = [k for k, f in enumerate(frames) if f is not None]
+            wk = torch.cat([w[:, :, k] for k in ks], dim=1)
+            return F.conv2d(torch.cat([frames[k] for k in ks], dim=1), wk, self.bias if bias else None, padding=p)
+        out = F.conv2d(cur, w[:, :, 2], self.bias if bias else None, padding=p)  # (B, O, H, W)
+        for k in (1, 0):
+            if frames[k] is not None:
+                out += F.conv2d(frames[k], w[:, :, k], None, padding=p)
+        return out
+
+    def step(self, x: torch.Tensor, st: _State, keep: bool = True) -> torch.Tensor:
+        """One frame through the causal conv; the state keeps the last two inputs (by reference).
+
+        `keep=False` on a layer's final frame releases its cache at once."""
+        s = st.slot(self)
+        out = self.taps([s[0], s[1], x])
+        if keep:
+            s[0], s[1] = s[1], x
+        else:
+            s[0] = s[1] = None
+        return out
+
+
+def _norm(norm: "RMSNorm", x: torch.Tensor, silu: bool) -> torch.Tensor:
+    # RMS_norm of the official code: F.normalize over channels (eps clamps the L2 norm at 1e-12) *
+    # sqrt(C) * gamma, optionally followed by SiLU; the fused-kernel slot lives in kernels.ops.
+    return rms_norm_cf(x, norm.gamma.view(-1, 1, 1), None, silu=silu)
+
+
+class RMSNorm(nn.Module):
+    """Channel-first RMS norm holding `gamma` with the official shape ((C,1,1,1) video, (C,1,1) image)."""
+
+    def __init__(self, dim: int, images: bool = False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks (official names: residual.{0,2,3,6}, shortcut, norm/to_qkv/proj, resample.1, time_conv)
+# ----------------------------------------------------------------------------------------------------
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        # 0 RMS_norm, 1 SiLU, 2 conv, 3 RMS_norm, 4 SiLU, 5 Dropout, 6 conv (only 0/2/3/6 have weights)
+        self.residual = nn.ModuleList([RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+                                       RMSNorm(out_dim), nn.SiLU(), nn.Identity(),
+                                       CausalConv3d(out_dim, out_dim, 3, padding=1)])
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def step(self, x: torch.Tensor, st: _State, keep: bool) -> torch.Tensor:
+        r = self.residual
+        h = r[2].step(_norm(r[0], x, True), st, keep)
+        h = r[6].step(_norm(r[3], h, True), st, keep)
+        h += self.shortcut.pointwise(x) if isinstance(self.shortcut, CausalConv3d) else x
+        return h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head spatial self-attention, per frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def step(self, x: torch.Tensor, st: _State = None, keep: bool = True) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.to_qkv(rms_norm_cf(x, self.norm.gamma, None))  # (B, 3C, H, W)
+        q, k, v = qkv.reshape(b, 1, 3 * c, h * w).transpose(-1, -2).chunk(3, dim=-1)  # 3 x (B, 1, HW, C)
+        del qkv
+        o = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())  # (B, 1, HW, C)
+        o = o.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        out = self.proj(o)
+        out += x
+        return out
+
+
+class Resample(nn.Module):
+    """Spatial x2 up/down sampling per frame, plus the temporal x2 of the `*3d` modes.
+
+    Per-frame forms of the official chunk rules:
+      * upsample3d: on the very first latent frame the time conv is skipped (1 frame stays 1 frame, its
+        state stays zero: the official 'Rep' marker). Afterwards every input frame goes through a causal
+        3-tap time conv with 2*C outputs; channels [0:C] are output frame 2i, [C:2C] frame 2i+1.
+      * downsample3d: the first frame passes through unchanged; afterwards one output frame is made
+        from every second input frame as time_conv(previous kept frame, a, b) with stride 2.
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.ModuleList([nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1)])
+        else:
+            self.resample = nn.ModuleList([nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2)])
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.resample[1]
+        if self.mode.startswith("upsample"):
+            # nearest-exact x2 computed in fp32 like the official Upsample, then the 3x3 conv.
+            up = F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+            return conv(up)
+        return conv(F.pad(x, (0, 1, 0, 1)))  # ZeroPad2d((0,1,0,1)): right/bottom only
+
+    def up_time(self, x: torch.Tensor, st: _State, first: bool, keep: bool) -> list:
+        """upsample3d's temporal part: 1 frame -> [frame] (first latent) or [frame 2i, frame 2i+1]."""
+        if first:
+            return [x]
+        y = self.time_conv.step(x, st, keep)  # (B, 2C, H, W)
+        c = x.shape[1]
+        return [y[:, :c], y[:, c:]]
+
+    def down_time(self, x: torch.Tensor, st: _State) -> Optional[torch.Tensor]:
+        """downsample3d's temporal part: returns a frame, or None while waiting for the second input."""
+        s = st.slot(self)  # [last kept frame, pending frame]
+        if s[0] is None:
+            s[0] = x
+            return x
+        if s[1] is None:
+            s[1] = x
+            return None
+        out = self.time_conv.taps([s[0], s[1], x])
+        s[0], s[1] = x, None
+        return out
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.dim * u for u in (1,) + tuple(cfg.dim_mult)]
+        self.conv1 = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        layers = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
+                                    ResidualBlock(dims[-1], dims[-1]))
+        self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], cfg.z_dim * 2, 3, padding=1)])
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.dim * u for u in (cfg.dim_mult[-1],) + tuple(cfg.dim_mult[::-1])]
+        tup = tuple(cfg.temporal_downsample[::-1])
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        layers = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i in (1, 2, 3):
+                in_dim = in_dim // 2  # the previous Resample halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if tup[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+FrameCallback = Callable[[int, torch.Tensor], None]
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE (`TWINFLOW_VAE`). Video in [-1, 1] as [B, 3, T, H, W]; raw latents [B, z, T', H/8, W/8]."""
+
+    def __init__(self, cfg: WanVAEConfig = PRESETS["wan2.1"]):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)  # quant conv: mu | log_var
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # post-quant conv
+        self.decoder = Decoder3d(cfg)
+        self.source = ""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv1.weight.device
+
+    # ---- frame counts --------------------------------------------------------------------------
+    def latent_frames(self, frames: int) -> int:
+        """1+4k video frames -> 1+k latent frames (surplus frames are dropped, as ComfyUI/official)."""
+        return 1 + (frames - 1) // self.cfg.temporal_ratio
+
+    def video_frames(self, latent_frames: int) -> int:
+        return 1 + self.cfg.temporal_ratio * (latent_frames - 1)
+
+    # ---- encode -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Encode video [B, 3, T, H, W] in [-1, 1] to the raw latent mean [B, z, 1+(T-1)//4, H/8, W/8].
+
+        No sampling and no normalisation (ComfyUI's LATENT convention). Frames beyond the last 1+4k
+        are dropped, with a log line."""
+        if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"encode expects video [B, {self.cfg.in_channels}, T, H, W], got {tuple(video.shape)}")
+        b, _, t, h, w = video.shape
+        r = self.cfg.spatial_ratio
+        if h % r or w % r:
+            raise ValueError(f"encode needs height and width divisible by {r}, got {h}x{w}; crop or resize the frames")
+        keep = self.video_frames(self.latent_frames(t))
+        if keep != t:
+            logger.info("Wan VAE encode: %d frames is not 1+%dk; using the first %d (the last %d are dropped, "
+                        "as ComfyUI and the official code do)", t, self.cfg.temporal_ratio, keep, t - keep)
+        x = video.to(device=self.device, dtype=self.dtype)
+        z = self.cfg.z_dim
+        out = torch.empty(b, z, self.latent_frames(t), h // r, w // r, device=self.device, dtype=self.dtype)
+        st, n = _State(), 0
+        with Progress(total=keep, desc="Wan VAE encode") as bar:
+            for i in range(keep):
+                for y in self._encode_frame(x[:, :, i], st, keep=i < keep - 1):
+                    # only the mu half of the quant conv (log_var is never used at inference)
+                    out[:, :, n] = F.conv2d(y, self.conv1.weight[:z, :, 0], self.conv1.bias[:z])
+                    n += 1
+                bar.update(1)
+        assert n == out.shape[2], (n, out.shape)
+        return out
+
+    def _encode_frame(self, x: torch.Tensor, st: _State, keep: bool) -> Iterator[torch.Tensor]:
+        """Push one video frame [B, 3, H, W] through the encoder; yields 0 or 1 head outputs."""
+        enc = self.encoder
+        x = enc.conv1.step(x, st, keep)
+        for layer in enc.downsamples:
+            if isinstance(layer, ResidualBlock):
+                x = layer.step(x, st, keep)
+            else:
+                x = layer.spatial(x)
+                if layer.mode == "downsample3d":
+                    x = layer.down_time(x, st)
+                    if x is None:
+                        return
+        for layer in enc.middle:
+            x = layer.step(x, st, keep)
+        yield enc.head[2].step(_norm(enc.head[0], x, True), st, keep)
+
+    # ---- decode -----------------------------------------------------------------------------------
+    def _decode_latent(self, z: torch.Tensor, st: _State, first: bool, last: bool) -> Iterator[torch.Tensor]:
+        """Push one post-quant latent frame [B, z, h, w] through the decoder; yields its output frames."""
+        dec = self.decoder
+        x = dec.conv1.step(z, st, not last)
+        for layer in dec.middle:
+            x = layer.step(x, st, not last)
+        yield from self._decode_from(0, x, st, first, last)
+
+    def _decode_from(self, i: int, x: torch.Tensor, st: _State, first: bool, last: bool):
+        """Run upsample layers i.. on frame x, depth first (one frame per layer alive), then the head."""
+        dec = self.decoder
+        layers = dec.upsamples
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, ResidualBlock):
+                x = layer.step(x, st, not last)
+                i += 1
+                continue
+            if layer.mode == "upsample3d":
+                frames = layer.up_time(x, st, first, not last)
+                del x
+                for j, f in enumerate(frames):
+                    yield from self._decode_from(i + 1, layer.spatial(f), st, first,
+                                                 last and j == len(frames) - 1)
+                return
+            x = layer.spatial(x)
+            i += 1
+        h = dec.head[2].step(_norm(dec.head[0], x, True), st, not last)  # (B, 3, H, W)
+        yield h.clamp_(-1.0, 1.0)
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"decode expects latents [B, {self.cfg.z_dim}, T, H, W], got {tuple(z.shape)}")
+
+    @torch.inference_mode()
+    def iter_decode(self, z: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Stream the decode: yields `(frame_index, frame [B, 3, H*8, W*8])` in [-1, 1] as soon as each
+        output frame is ready (untiled). Frames are views the caller may keep; nothing else is retained."""
+        self._check_latent(z)
+        z = z.to(device=self.device, dtype=self.dtype)
+        t = z.shape[2]
+        st, n = _State(), 0
+        with Progress(total=t, desc="Wan VAE decode") as bar:
+            for i in range(t):
+                zi = self.conv2.pointwise(z[:, :, i])
+                for frame in self._decode_latent(zi, st, first=i == 0, last=i == t - 1):
+                    yield n, frame
+                    n += 1
+                bar.update(1)
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor, *, tile: Optional[tuple[int, int]] = None, tiling: str = "off",
+               callback: Optional[FrameCallback] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decode raw latents [B, z, T, h, w] to video [B, 3, 1+4(T-1), 8h, 8w] in [-1, 1].
+
+        Args:
+            tile: `(tile, overlap)` in latent pixels for spatial tiling; None = untiled unless `tiling`
+                is "auto" and the memory estimate says the untiled decode would not fit.
+            tiling: "off" (refuse up front if it cannot fit), "auto" (tile when needed), "on" (use `tile`).
+            callback: called as `callback(frame_index, frame)` for each finished frame (untiled only).
+            out: optional preallocated output tensor of the right shape.
+        """
+        self._check_latent(z)
+        if tiling not in ("off", "auto", "on"):
+            raise ValueError(f"tiling must be 'off', 'auto' or 'on', got {tiling!r}")
+        b, _, t, h, w = z.shape
+        r = self.cfg.spatial_ratio
+        shape = (b, 3, self.video_frames(t), h * r, w * r)
+        if tiling == "on" and tile is None:
+            raise ValueError("tiling='on' needs tile=(tile, overlap) in latent pixels")
+        if tiling == "on":
+            tile = _check_tile(tile, h, w)
+        else:
+            tile = self._plan_tiling(z.shape, tiling)
+        if out is None:
+            out = torch.empty(shape, device=self.device, dtype=self.dtype)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, decode produces {shape}")
+        if tile is not None and (tile[0] < h or tile[0] < w):
+            if callback is not None:
+                raise ValueError("a per-frame callback needs an untiled decode (tiles finish one at a time)")
+            return self._decode_tiled(z, tile, out)
+        for n, frame in self.iter_decode(z):
+            out[:, :, n] = frame
+            if callback is not None:
+                callback(n, out[:, :, n])
+        return out
+
+    def _decode_tiled(self, z: torch.Tensor, tile: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+        """Spatial tiles with overlap, linear blending. Each tile is decoded through all latent frames
+        with its own causal state (tile-major, so only one tile's caches are alive), into `out`."""
+        z = z.to(device=self.device, dtype=self.dtype)
+        b, _, t, h, w = z.shape
+        r = self.cfg.spatial_ratio
+        size, overlap = tile
+        ys, xs = _tile_starts(h, size, overlap), _tile_starts(w, size, overlap)
+        log_once(logger, ("wan_vae_tiled", h, w, size, overlap),
+                 "Wan VAE decode: tiled, %d x %d tiles of %d latent px with overlap %d (latent %dx%d)",
+                 len(ys), len(xs), size, overlap, h, w)
+        out.zero_()
+        wsum = torch.zeros(1, 1, 1, h * r, w * r, device=out.device, dtype=torch.float32)
+        with Progress(total=len(ys) * len(xs) * t, desc="Wan VAE tiled decode") as bar:
+            for y0 in ys:
+                for x0 in xs:
+                    th, tw = min(size, h - y0), min(size, w - x0)
+                    wy = _ramp(th * r, overlap * r, y0 > 0, y0 + th < h, out.device)
+                    wx = _ramp(tw * r, overlap * r, x0 > 0, x0 + tw < w, out.device)
+                    wt = wy[:, None] * wx[None, :]  # (th*r, tw*r)
+                    wsum[..., y0 * r:(y0 + th) * r, x0 * r:(x0 + tw) * r] += wt
+                    wt = wt.to(out.dtype)
+                    st, n = _State(), 0
+                    for i in range(t):
+                        zi = self.conv2.pointwise(z[:, :, i, y0:y0 + th, x0:x0 + tw])
+                        for frame in self._decode_latent(zi, st, first=i == 0, last=i == t - 1):
+                            out[:, :, n, y0 * r:(y0 + th) * r, x0 * r:(x0 + tw) * r] += frame * wt
+                            n += 1
+                        bar.update(1)
+        out /= wsum.to(out.dtype)
+        return out
+
+    # ---- memory planning ------------------------------------------------------------------------------
+    def estimate_decode_bytes(self, latent_shape, tile: Optional[int] = None, dtype=None) -> int:
+        """Peak bytes a decode of `latent_shape` [B, z, T, h, w] needs beyond the weights (see docs/vae.md)."""
+        return estimate_decode_bytes(self.cfg, latent_shape, dtype or self.dtype, tile)
+
+    def _plan_tiling(self, latent_shape, tiling: str) -> Optional[tuple[int, int]]:
+        """Decide before any work whether the decode fits; tile (auto) or refuse (off) if it does not."""
+        avail = available_memory(self.device)
+        need = self.estimate_decode_bytes(latent_shape)
+        if avail is None or need <= avail:
+            return None
+        h, w = latent_shape[-2:]
+        fit = pick_tile(self.cfg, latent_shape, self.dtype, avail)
+        gib = 2 ** 30
+        if fit is None:
+            raise MemoryError(
+                f"Wan VAE decode of latents {tuple(latent_shape)} needs about {need / gib:.2f} GiB beyond the "
+                f"weights and only {avail / gib:.2f} GiB is available on {self.device}; even the smallest tile "
+                f"would not fit. Free memory or decode fewer/smaller frames.")
+        if tiling == "off":
+            raise MemoryError(
+                f"Wan VAE decode of latents {tuple(latent_shape)} needs about {need / gib:.2f} GiB beyond the "
+                f"weights and only {avail / gib:.2f} GiB is available on {self.device}. Enable tiling: a tile of "
+                f"{fit[0] * self.cfg.spatial_ratio} px (overlap {fit[1] * self.cfg.spatial_ratio} px) would fit.")
+        logger.info("Wan VAE decode: untiled needs ~%.2f GiB, %.2f GiB available on %s -> tiling with %d px tiles",
+                    need / gib, avail / gib, self.device, fit[0] * self.cfg.spatial_ratio)
+        return fit
+
+
+def _check_tile(tile, h: int, w: int) -> tuple[int, int]:
+    size, overlap = int(tile[0]), int(tile[1])
+    if size < 2 or overlap < 0 or overlap * 2 > size:
+        raise ValueError(f"tile (size {size}, overlap {overlap}) in latent pixels: need size >= 2 and "
+                         f"0 <= overlap <= size/2")
+    return size, overlap
+
+
+def _tile_starts(n: int, size: int, overlap: int) -> list[int]:
+    """Tile start offsets covering [0, n): stride size-overlap, the last tile aligned to the end."""
+    if size >= n:
+        return [0]
+    stride = size - overlap
+    starts = list(range(0, n - size, stride)) + [n - size]
+    return sorted(set(starts))
+
+
+def _ramp(n: int, overlap: int, ramp_start: bool, ramp_end: bool, device) -> torch.Tensor:
+    """Blend weights over n pixels: linear 0->1 over `overlap` pixels at each interior edge."""
+    wgt = torch.ones(n, device=device, dtype=torch.float32)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, device=device, dtype=torch.float32) + 0.5) / overlap
+        if ramp_start:
+            wgt[:overlap] = ramp
+        if ramp_end:
+            wgt[n - overlap:] = ramp.flip(0)
+    return wgt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory estimate
+# ----------------------------------------------------------------------------------------------------
+def estimate_decode_bytes(cfg: WanVAEConfig, latent_shape, dtype: torch.dtype, tile: Optional[int] = None) -> int:
+    """Peak bytes for a decode beyond the weights: causal caches + per-frame working set + output.
+
+    Caches: every causal 3-tap conv keeps its last 2 input frames at its resolution (one tile's worth when
+    tiled, tile-major). Working set: ~6 frame-sized activations at the widest/biggest layer (norm
+    temporaries, conv output, residual, upsampled input). Output: the whole video in the model dtype
+    (+ an fp32 weight map when tiled)."""
+    b, _, t, h, w = (int(s) for s in latent_shape)
+    es = torch.empty((), dtype=dtype).element_size()
+    r = cfg.spatial_ratio
+    th, tw = (min(tile, h), min(tile, w)) if tile else (h, w)
+    dims = [cfg.dim * u for u in (cfg.dim_mult[-1],) + tuple(cfg.dim_mult[::-1])]
+    tup = tuple(cfg.temporal_downsample[::-1])
+    px = th * tw  # pixels per frame at the current decoder level
+    cache = 2 * cfg.z_dim * px  # decoder.conv1
+    cache += 4 * 2 * dims[0] * px  # middle: 2 res blocks x 2 convs
+    work = 0
+    for i in range(len(dims) - 1):
+        in_dim = dims[i] if i == 0 else dims[i] // 2
+        for k in range(cfg.num_res_blocks + 1):
+            cache += 2 * px * ((in_dim if k == 0 else dims[i + 1]) + dims[i + 1])
+        work = max(work, 6 * max(in_dim, dims[i + 1]) * px)
+        if i != len(dims) - 2:
+            if tup[i]:
+                cache += 2 * dims[i + 1] * px  # time_conv state
+            work = max(work, 4 * dims[i + 1] * px + 2 * dims[i + 1] * px * 4)  # conv out + upsampled input
+            px *= 4
+    cache += 2 * dims[-1] * px  # head conv
+    out_bytes = b * 3 * (1 + cfg.temporal_ratio * (t - 1)) * h * r * w * r * (es + (4 if tile else 0))
+    return int(b * (cache + work) * es + out_bytes)
+
+
+def available_memory(device) -> Optional[int]:
+    """Bytes that can still be allocated on `device`: CUDA free memory, or MemAvailable on CPU (None if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def pick_tile(cfg: WanVAEConfig, latent_shape, dtype, avail: int) -> Optional[tuple[int, int]]:
+    """The largest square tile (latent px, overlap = tile/4) whose decode fits in `avail` bytes."""
+    h, w = latent_shape[-2:]
+    size = max(h, w)
+    while size >= 8:
+        if estimate_decode_bytes(cfg, latent_shape, dtype, tile=size) <= avail:
+            return size, max(1, size // 4)
+        size = size * 3 // 4
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latent normalisation (ComfyUI latent_formats.Wan21; official WanVAE scale)
+# ----------------------------------------------------------------------------------------------------
+WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+def _stats(z: torch.Tensor):
+    if z.ndim < 2 or z.shape[1] != 16:
+        raise ValueError(f"Wan2.1 latent normalisation needs 16 channels on dim 1, got shape {tuple(z.shape)}")
+    shape = (1, 16) + (1,) * (z.ndim - 2)
+    mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=z.device).view(shape)
+    std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=z.device).view(shape)
+    return mean, std
+
+
+def normalize_latent(z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latent -> the model's space: (z - mean) / std (ComfyUI Wan21.process_in)."""
+    mean, std = _stats(z)
+    return ((z.float() - mean) / std).to(z.dtype)
+
+
+def denormalize_latent(z: torch.Tensor) -> torch.Tensor:
+    """Model space -> raw VAE latent: z * std + mean (ComfyUI Wan21.process_out)."""
+    mean, std = _stats(z)
+    return (z.float() * std + mean).to(z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config detection, loading, random init
+# ----------------------------------------------------------------------------------------------------
+def _need(sd: dict, key: str, source: str) -> torch.Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{source}: not a Wan2.1 VAE: key {key!r} is missing")
+    return sd[key]
+
+
+def detect_config(sd: dict, source: str = "state dict") -> WanVAEConfig:
+    """Derive the config from tensor shapes (prefix already stripped)."""
+    if WAN22_KEY in sd:
+        raise CheckpointError(f"{source}: this is a Wan2.2 VAE (key {WAN22_KEY!r}); only the Wan2.1 VAE "
+                              f"(16 latent channels) is supported")
+    w = _need(sd, "encoder.conv1.weight", source)
+    if w.ndim != 5:
+        raise CheckpointError(f"{source}: encoder.conv1.weight has shape {tuple(w.shape)}, expected a 5-D conv3d weight")
+    dim, in_ch = int(w.shape[0]), int(w.shape[1])
+    z_dim = int(_need(sd, "conv2.weight", source).shape[0])
+    idx = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")})
+    levels, cur, tds = [], [], []
+    for i in idx:
+        p = f"encoder.downsamples.{i}."
+        if p + "resample.1.weight" in sd:
+            levels.append(cur)
+            cur = []
+            tds.append(p + "time_conv.weight" in sd)
+        elif p + "residual.2.weight" in sd:
+            cur.append(int(sd[p + "residual.2.weight"].shape[0]))
+        else:
+            raise CheckpointError(f"{source}: encoder.downsamples.{i} is neither a residual block nor a resample "
+                                  f"(no {p}residual.2.weight / {p}resample.1.weight); not a Wan2.1 VAE layout")
+    levels.append(cur)
+    if not levels[0] or any(len(lv) != len(levels[0]) for lv in levels):
+        raise CheckpointError(f"{source}: uneven residual blocks per level {[len(lv) for lv in levels]}")
+    if any(c % dim for lv in levels for c in lv):
+        raise CheckpointError(f"{source}: channel counts {levels} are not multiples of dim {dim}")
+    return WanVAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(lv[-1] // dim for lv in levels),
+                        num_res_blocks=len(levels[0]), temporal_downsample=tuple(tds), in_channels=in_ch)
+
+
+def _strip(sd: dict, source: str) -> dict:
+    try:
+        sd, prefix = strip_prefix(sd, ANCHOR, ("first_stage_model.", "vae."))
+    except KeyError:
+        keys = list(sd)
+        if any(k.endswith(h) for k in keys for h in DIT_HINT_KEYS):
+            hint = ("it looks like a Wan DiT (diffusion model) checkpoint (has e.g. 'head.modulation' / "
+                    "'blocks.0.self_attn.q.weight'); load it with the diffusion model loader, and pick the VAE file "
+                    "(Wan2.1_VAE.pth or wan_2.1_vae.safetensors) here")
+        elif any(k.startswith("decoder.mid_block.") or ".mid_block." in k for k in keys):
+            hint = "it looks like a diffusers-format AutoencoderKLWan; use the official/ComfyUI single-file VAE"
+        else:
+            hint = f"first keys: {', '.join(keys[:5]) or '(none)'}"
+        raise CheckpointError(f"{source}: not a Wan2.1 VAE: key {ANCHOR!r} not found under any prefix; {hint}") from None
+    if prefix:
+        logger.info("Wan VAE %s: stripped key prefix %r", source, prefix)
+    return sd
+
+
+def load_wan_vae(path, dtype: Optional[torch.dtype] = None, device="cpu") -> WanVAE:
+    """Load an official `.pth` or ComfyUI `.safetensors` Wan2.1 VAE (optionally prefixed).
+
+    `dtype` None keeps the file's dtype (a file with mixed float dtypes is unified to its most common one)."""
+    path = Path(path)
+    source = str(path)
+    sd, _meta = load_file(path)
+    sd = _strip(sd, source)
+    cfg = detect_config(sd, source)
+    if dtype is None:
+        counts: dict = {}
+        for v in sd.values():
+            if v.is_floating_point():
+                counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+        if len(counts) > 1:
+            dtype = max(counts, key=counts.get)
+            logger.info("Wan VAE %s: mixed dtypes %s; using %s for all", source, sorted(map(str, counts)), dtype)
+    sd = convert_dtype(sd, dtype)
+    model = build_and_load(lambda: WanVAE(cfg), sd, source)
+    model.source = source
+    logger.info("Wan VAE loaded from %s: dim %d, z %d, dtype %s", source, cfg.dim, cfg.z_dim, model.dtype)
+    return model.to(device)
+
+
+def random_wan_vae(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device="cpu") -> WanVAE:
+    """A VAE with seeded random weights (every tensor randomised, incl. gammas and the attention proj)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown Wan VAE preset {preset!r}; expected one of {sorted(PRESETS)}")
+    with torch.device("meta"):
+        model = WanVAE(PRESETS[preset])
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("gamma"):
+            t = 1.0 + 0.2 * torch.randn(v.shape, generator=g)
+        elif k.endswith("bias"):
+            t = 0.05 * torch.randn(v.shape, generator=g)
+        else:
+            fan_in = math.prod(v.shape[1:])
+            t = torch.randn(v.shape, generator=g) / math.sqrt(fan_in)
+        sd[k] = t.to(dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.source = f"random:{preset}"
+    return model.eval().to(device)
