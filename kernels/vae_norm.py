@@ -1,0 +1,75 @@
+"""The Wan VAE's channel-first RMS norm, optionally fused with SiLU (every VAE residual block runs
+norm -> SiLU -> conv). `rms_norm_cf_ref` is the spec and fallback; the kernel (`vae_norm.cu`)
+walks the channels of VEC adjacent positions per thread, accumulating the sum of squares in fp32,
+and rounds once at the end (the reference rounds after every op when x is bf16/fp16).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _plan as P
+from . import _runtime
+
+MODULE = "vae_norm"
+INSTANCES = tuple(f"rms_norm_cf_kernel<{ct}, {v}>" for dt, ct in P.CTYPES.items()
+                  for v in (P.vec_width(dt), 1))
+
+
+def rms_norm_cf_ref(x: torch.Tensor, gamma: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    silu: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """The Wan VAE's channel-first RMS norm: F.normalize(x, dim=1) * sqrt(C) * gamma (+ bias), then
+    optionally SiLU. x: [B, C, T, H, W] (or [B, C, H, W]); gamma: [C, 1, 1(, 1)]."""
+    y = F.normalize(x, dim=1, eps=eps) * (x.shape[1] ** 0.5) * gamma
+    if bias is not None:
+        y = y + bias
+    return F.silu(y) if silu else y
+
+
+def rms_norm_cf_unsupported(x, gamma, bias=None, silu=False, eps=1e-12) -> Optional[str]:
+    r = P.device_reason((x, gamma, bias), ("x", "gamma", "bias")) or P.grad_reason(x, gamma, bias) \
+        or P.dtype_reason("x", x) or P.contiguous_reason("x", x)
+    if r:
+        return r
+    if x.ndim not in (4, 5) or x.numel() == 0:
+        return f"x has shape {tuple(x.shape)}; expected a non-empty [B, C, T, H, W] or [B, C, H, W]"
+    c = x.shape[1]
+    for name, t in (("gamma", gamma), ("bias", bias)):
+        if t is None:
+            continue
+        if t.numel() != c or t.shape[0] != c or any(s != 1 for s in t.shape[1:]):
+            return f"{name} has shape {tuple(t.shape)}, expected ({c}, 1, ...) with one value per channel"
+        if t.dtype != x.dtype:
+            return (f"{name} has dtype {t.dtype} but x has {x.dtype}; the reference would promote "
+                    "the output, the kernel keeps x's dtype (cast the VAE to one dtype)")
+    if c > P.INT32_MAX:
+        return f"C={c} too large"
+    return None
+
+
+def plan(x: torch.Tensor, *ptrs) -> tuple:
+    """(name expression, grid, block, S, n_vec) for x [B, C, *spatial]."""
+    s = math.prod(x.shape[2:])
+    vec = P.pick_vec(x.dtype, s, x, *ptrs)
+    n_vec = x.shape[0] * s // vec
+    return (f"rms_norm_cf_kernel<{P.CTYPES[x.dtype]}, {vec}>", P.elementwise_grid(n_vec),
+            (P.ELEMWISE_BLOCK,), s, n_vec)
+
+
+def rms_norm_cf_launch(x, gamma, bias=None, silu=False, eps=1e-12) -> torch.Tensor:
+    reason = rms_norm_cf_unsupported(x, gamma, bias, silu, eps)
+    if reason:
+        raise ValueError(f"rms_norm_cf kernel: {reason}")
+    g = gamma.reshape(-1).contiguous()
+    b = None if bias is None else bias.reshape(-1).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    name, grid, block, s, n_vec = plan(x, out)
+    c = x.shape[1]
+    _runtime.launch(MODULE, INSTANCES, name, grid, block,
+                    (x, g, b, out, np.int32(c), np.int64(s), np.int64(n_vec), np.float32(eps),
+                     np.float32(math.sqrt(c)), np.int32(bool(silu))), x.device)
+    return out
