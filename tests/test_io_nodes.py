@@ -433,3 +433,23 @@ def test_load_video_missing_and_bad_file(tf_dirs):
         TwinFlowLoadVideo().load("junk.mp4")
     assert TwinFlowLoadVideo.VALIDATE_INPUTS(video="junk.mp4") is True
     assert "none.mp4" in TwinFlowLoadVideo.VALIDATE_INPUTS(video="none.mp4")
+
+
+# --- through the headless runner (UI workflow: upload widget value, embedded workflow) -----------
+
+def test_ui_workflow_through_runner(tf_dirs):
+    api = pytest.importorskip("twinflow.runner.api")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tf_dirs["input"] / "a.png")
+    ui = {"last_node_id": 2, "last_link_id": 1, "version": 0.4, "groups": [], "links": [[1, 1, 0, 2, 0, "IMAGE"]],
+          "nodes": [
+              {"id": 1, "type": "TwinFlowLoadImage", "mode": 0, "inputs": [],
+               "outputs": [{"name": "image", "type": "IMAGE", "links": [1]}, {"name": "mask", "type": "MASK", "links": None}],
+               "widgets_values": ["a.png", "image"]},
+              {"id": 2, "type": "TwinFlowSaveImage", "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+               "outputs": [], "widgets_values": ["ui/img"]}]}
+    out = api.run_workflow(ui, output_dir=tf_dirs["output"])
+    assert out["2"]["images"] == [{"filename": "img_00001_.png", "subfolder": "ui", "type": "output"}]
+    with Image.open(tf_dirs["output"] / "ui" / "img_00001_.png") as im:
+        assert json.loads(im.text["workflow"]) == ui
+        assert json.loads(im.text["prompt"])["1"]["inputs"]["image"] == "a.png"
+        assert im.getpixel((0, 0)) == (10, 20, 30)
