@@ -1,0 +1,146 @@
+"""One branch of a sampler: a denoiser, its conditioning and its classifier-free guidance.
+
+CFG in velocity space, v = v_u + cfg * (v_c - v_u), is the same as ComfyUI's CFG on the x0 prediction
+(x0 = x - sigma*v is affine in v). cfg == 1 runs the positive prompt only. With cfg != 1 the positive and
+negative contexts go through the model as one batch of 2B when their shapes match ("auto"); a CUDA
+out-of-memory error in that batch switches this branch to two separate forwards (logged once).
+Several CONDITIONING entries are averaged, as ComfyUI does for conditionings without areas.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..core.handles import Denoiser
+from ..core.log import log_once
+
+logger = logging.getLogger(__name__)
+
+
+def _contexts(cond, branch: str, which: str, text_dim: int, batch: int) -> list[torch.Tensor]:
+    """Context tensors [B, L, D] from a CONDITIONING list, checked against the model's text width."""
+    if not isinstance(cond, (list, tuple)) or not cond:
+        raise TypeError(f"{branch} branch {which}: expected a CONDITIONING (a list of [tensor, dict] pairs), "
+                        f"got {type(cond).__name__}")
+    out = []
+    for k, entry in enumerate(cond):
+        t = entry[0] if isinstance(entry, (list, tuple)) else None
+        if not isinstance(t, torch.Tensor) or t.ndim != 3:
+            raise TypeError(f"{branch} branch {which}[{k}]: expected a context tensor [B, L, D], got "
+                            f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.shape[-1] != text_dim:
+            raise ValueError(f"{branch} branch {which}: the text encoder gives width {t.shape[-1]} but the model "
+                             f"expects {text_dim}; connect the matching text encoder for this model")
+        if t.shape[0] not in (1, batch):
+            raise ValueError(f"{branch} branch {which}: conditioning batch {t.shape[0]} does not match the latent "
+                             f"batch {batch}; use a batch-1 prompt or one per latent")
+        out.append(t)
+    return out
+
+
+@dataclass
+class BranchStats:
+    forwards: int = 0  # module calls
+    items: int = 0  # latents pushed through the module (a batched CFG call counts 2B)
+    seconds: float = 0.0
+
+
+@dataclass
+class Branch:
+    """A denoiser with its prompts and guidance scale; `velocity(x, sigma)` applies CFG."""
+
+    denoiser: Denoiser
+    positive: Optional[list] = None
+    negative: Optional[list] = None
+    cfg: float = 1.0
+    name: str = "semantic"
+    batch_cfg: str = "auto"  # "auto" | "never"
+    stats: BranchStats = field(default_factory=BranchStats)
+
+    def __post_init__(self):
+        if not isinstance(self.denoiser, Denoiser):
+            raise TypeError(f"{self.name} branch: expected a TWINFLOW_MODEL (core.handles.Denoiser), got "
+                            f"{type(self.denoiser).__name__}")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise ValueError(f"{self.name} branch: cfg must be a finite number >= 0, got {self.cfg}")
+        if self.batch_cfg not in ("auto", "never"):
+            raise ValueError(f"batch_cfg must be 'auto' or 'never', got {self.batch_cfg!r}")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.info.get("latent_channels", self.denoiser.in_channels))
+
+    def prepare(self, batch: int) -> None:
+        """Resolve contexts once per run (checked against the model and the latent batch)."""
+        d = self.denoiser
+        self.stats = BranchStats()
+        self._guided = not math.isclose(self.cfg, 1.0)
+        if d.text_dim is None:
+            self._pos, self._neg = [None], [None]
+            if self._guided:
+                log_once(logger, ("cfg_no_text", d.name, self.name), "%s branch (%s) ignores text: cfg %.3g has "
+                         "no effect, running one forward per step", self.name, d.name or d.family, self.cfg)
+            self._guided = False
+            return
+        if self.positive is None:
+            raise ValueError(f"{self.name} branch: the model {d.name or d.family!r} needs text; connect a positive "
+                             f"conditioning")
+        self._pos = _contexts(self.positive, self.name, "positive", d.text_dim, batch)
+        self._neg = None
+        if self._guided:
+            if self.negative is None:
+                raise ValueError(f"{self.name} branch: cfg {self.cfg:g} needs a negative conditioning; connect one "
+                                 f"or set cfg to 1")
+            self._neg = _contexts(self.negative, self.name, "negative", d.text_dim, batch)
+        self._batched = self.batch_cfg == "auto"
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, ctx: Optional[torch.Tensor]) -> torch.Tensor:
+        d = self.denoiser
+        if ctx is not None:
+            ctx = ctx.to(device=d.device, dtype=d.dtype)
+            if ctx.shape[0] != x.shape[0]:
+                ctx = ctx.expand(x.shape[0], -1, -1)
+        self.stats.forwards += 1
+        self.stats.items += x.shape[0]
+        v = d.velocity(x.to(device=d.device, dtype=d.dtype), sigma.to(d.device), ctx)
+        return v.to(device=x.device, dtype=torch.float32)
+
+    def _mean(self, x, sigma, ctxs) -> torch.Tensor:
+        out = self._forward(x, sigma, ctxs[0])
+        for c in ctxs[1:]:
+            out = out + self._forward(x, sigma, c)
+        return out / len(ctxs) if len(ctxs) > 1 else out
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """CFG-guided velocity at `sigma` for latent x [B, C, T, H, W] (float32 out)."""
+        t0 = time.perf_counter()
+        s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
+        if not self._guided:
+            v = self._mean(x, s, self._pos)
+        else:
+            v_c = v_u = None
+            if (self._batched and len(self._pos) == 1 and len(self._neg) == 1
+                    and self._pos[0].shape == self._neg[0].shape):
+                b = x.shape[0]
+                try:
+                    pos, neg = (c.expand(b, -1, -1) for c in (self._pos[0], self._neg[0]))
+                    both = self._forward(torch.cat([x, x]), torch.cat([s, s]), torch.cat([pos, neg]))
+                    v_c, v_u = both[:b], both[b:]
+                except torch.cuda.OutOfMemoryError:
+                    self._batched = False
+                    log_once(logger, ("cfg_unbatched", self.name), "%s branch: out of memory with cond+uncond "
+                             "batched; running them as two forwards from now on", self.name, level=logging.WARNING)
+            if v_c is None:
+                v_c = self._mean(x, s, self._pos)
+                v_u = self._mean(x, s, self._neg)
+            v = v_u + self.cfg * (v_c - v_u)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # honest per-branch times
+        self.stats.seconds += time.perf_counter() - t0
+        return v
