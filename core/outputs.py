@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
+import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -189,9 +189,17 @@ def _fsync_dir(folder: Path) -> None:
 def _make_temp(folder: Path, ext: str) -> Path:
     # Same folder as the destination so the final link/rename never crosses filesystems; keeps the
     # extension last because some encoders pick the format from it.
-    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=ext, dir=folder)
-    os.close(fd)
-    return Path(name)
+    # Created like an ordinary file (mode 0o666 minus the umask, as ComfyUI's outputs), unlike mkstemp's
+    # 0o600, because the temp file becomes the output; O_EXCL so it never reuses an existing name.
+    for _ in range(100):
+        path = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}{ext}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(errno.EEXIST, f"could not create a temporary file in {folder}")
 
 
 _LINK_UNSUPPORTED = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}

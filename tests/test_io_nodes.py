@@ -327,6 +327,18 @@ def test_load_image_16bit_and_palette_transparency(tf_dirs):
     assert img[0, 0, 1].tolist() == [1.0, 0.0, 0.0]
 
 
+def test_load_image_applies_exif_orientation(tf_dirs):
+    arr = np.zeros((2, 3, 3), np.uint8)
+    arr[0, 0] = (255, 0, 0)  # top-left red
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tf_dirs["input"] / "o.png", exif=exif)
+    img, _ = TwinFlowLoadImage().load("o.png")
+    assert img.shape == (1, 3, 2, 3)  # displayed upright: width and height swapped
+    assert img[0, 0, 1].tolist() == [1.0, 0.0, 0.0]  # the red pixel moved to the top-right
+
+
 def test_load_image_save_image_roundtrip(tf_dirs):
     imgs = _frames(1, 9, 7)
     res = TwinFlowSaveImage().save(imgs, "rt")

@@ -260,3 +260,12 @@ def test_prefix_folder_blocked_by_a_file(tmp_path):
         resolve_prefix("a/x", tmp_path)
     with pytest.raises(ValueError, match="longer than 255"):
         resolve_prefix("d" * 300 + "/x", tmp_path)
+
+
+def test_published_file_has_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    t = resolve_prefix("x", tmp_path)
+    with atomic_numbered(t, ".bin") as out:
+        out.tmp_path.write_bytes(b"1")
+    assert (out.path.stat().st_mode & 0o777) == (0o666 & ~umask)
