@@ -242,8 +242,13 @@ def read_video_file(path, frame_load_cap: int = 0, skip_first_frames: int = 0,
     if skip_first_frames < 0 or select_every_nth < 1 or frame_load_cap < 0:
         raise ValueError("frame_load_cap >= 0, skip_first_frames >= 0 and select_every_nth >= 1 are required")
     frames: list[torch.Tensor] = []
-    wanted = lambda i: _select(i, skip_first_frames, select_every_nth)  # noqa: E731
-    full = lambda: frame_load_cap and len(frames) >= frame_load_cap  # noqa: E731
+
+    def wanted(i: int) -> bool:
+        return _select(i, skip_first_frames, select_every_nth)
+
+    def full() -> bool:
+        return bool(frame_load_cap) and len(frames) >= frame_load_cap
+
     if path.suffix.lower() in PILLOW_VIDEO_EXTENSIONS:
         from PIL import Image, ImageSequence
 
