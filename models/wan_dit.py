@@ -265,7 +265,7 @@ class Head(nn.Module):
         # x: (B, L, D) fp32; e: (B, D) fp32 -- the time embedding itself, not the 6-way projection
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
         h = ops.ln_modulate(x, shift, scale, self.eps)
-        return self.head(h.to(self.head.weight.dtype)).float()  # (B, L, prod(patch)*out_dim)
+        return self.head(h.to(_float_dtype(self.head))).float()  # (B, L, prod(patch)*out_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,9 +359,10 @@ class WanDiT(nn.Module):
         grid = (t // pt, hh // ph, ww // pw)
 
         # Time: fp32 island (the time layers are kept in fp32 by the loaders; cast in case someone .to()'d them).
-        te_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(te_dtype)).float()  # (B, D)
-        e0 = self.time_projection(e.to(te_dtype)).float().unflatten(1, (6, cfg.dim))  # (B, 6, D)
+        sin_t = sinusoidal_embedding(timestep, cfg.freq_dim)  # (B, freq_dim) fp32
+        e = self.time_embedding(sin_t.to(_float_dtype(self.time_embedding[0]))).float()  # (B, D)
+        e0 = self.time_projection(e.to(_float_dtype(self.time_projection[1]))).float()
+        e0 = e0.unflatten(1, (6, cfg.dim))  # (B, 6, D)
 
         context, bias = self._embed_text(context, b, cdt, x.device)  # (B, Lc, D)
         cos, sin = self._rope(grid, x.device)  # (L, Dh/2) fp32
@@ -541,32 +542,67 @@ def wan_dit_from_state_dict(sd: dict, source: str = "state dict", dtype: Optiona
                             config: Optional[WanDiTConfig] = None, meta: Optional[dict] = None) -> WanDiT:
     """Build a WanDiT from an (official, diffusers or prefixed) state dict; strict key/shape check."""
     meta = meta or {}
-    if "twinflow_quant" in meta:
+    if _is_quantized(meta, sd):
         return _load_quantized(sd, source, config, meta)
     sd = normalize_state_dict(sd, source)
     detected = detect_config(sd, source) if config is None else config
     dtype = dtype if dtype is not None else _file_dtype(sd, source)
     sd = _island_dtypes(sd, dtype)
-    module = loading.build_and_load(lambda: WanDiT(detected), sd, source)
+    module = loading.build_and_load(lambda: WanDiT(detected), sd, source).requires_grad_(False)
     logger.info("%s: Wan2.1 DiT %s (dim %d, %d layers, %d heads), %s", source, preset_name(detected),
                 detected.dim, detected.num_layers, detected.num_heads, dtype)
     return module
 
 
 def _load_quantized(sd: dict, source: str, config, meta: dict) -> WanDiT:
-    """A file written by TwinFlow's quantizer: hand it to quant.checkpoint without re-quantizing."""
+    """A quantized file (TwinFlow record or ComfyUI scaled fp8): quant.checkpoint swaps the listed linears
+    for QuantLinear and loads the stored codes and scales as they are (no re-quantization)."""
+    from ..quant import checkpoint as qckpt
+
+    if checkpoint_family(sd) != "wan_dit":
+        raise _wrong_family_error(source, checkpoint_family(sd), sd.keys())
+    sd, prefix = loading.strip_prefix(sd, "head.modulation", ("model.diffusion_model.", "diffusion_model."))
+    if prefix:
+        meta = {k: _strip_layer_names(v, prefix) if k in (qckpt.TWINFLOW_KEY, qckpt.COMFY_META_KEY) else v
+                for k, v in meta.items()}
+    if config is None:
+        config = _config_from_meta(meta, source) if "twinflow_config" in meta else detect_config(sd, source)
+    with torch.device("meta"):
+        module = WanDiT(config)
+    qckpt.load_quantized_into(module, sd, meta, source=source)
+    logger.info("%s: quantized Wan2.1 DiT %s loaded without re-quantizing", source, preset_name(config))
+    return module.eval().requires_grad_(False)
+
+
+def _strip_layer_names(raw: str, prefix: str) -> str:
+    """Remove a key prefix from the layer names of a quantization record (JSON text)."""
+    try:
+        record = json.loads(raw)
+    except (TypeError, ValueError):
+        return raw  # the quant loader reports invalid JSON with the file name
+    layers = record.get("layers") if isinstance(record, dict) else None
+    if isinstance(layers, dict):
+        record["layers"] = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in layers.items()}
+    return json.dumps(record)
+
+
+def _is_quantized(meta: dict, sd: dict) -> bool:
     try:
         from ..quant import checkpoint as qckpt
-    except ImportError:
-        qckpt = None
-    if qckpt is None or not hasattr(qckpt, "load_quantized_into"):
-        raise UnsupportedError(f"{source}: a TwinFlow-quantized checkpoint (metadata 'twinflow_quant'), but the "
-                               f"quantized loader (quant.checkpoint.load_quantized_into) is not available here")
-    sd = normalize_state_dict(sd, source)
-    cfg = config or _config_from_meta(meta, source)
-    with torch.device("meta"):
-        module = WanDiT(cfg)
-    return qckpt.load_quantized_into(module, sd, meta).eval()
+    except ImportError:  # the quant part is optional; without it, only the TwinFlow record is recognised
+        if "twinflow_quant" in meta:
+            raise UnsupportedError("a TwinFlow-quantized checkpoint (metadata 'twinflow_quant'), but the quant "
+                                   "package cannot be imported here") from None
+        return False
+    return qckpt.is_quantized(meta, sd)
+
+
+def _float_dtype(layer: nn.Module, fallback: torch.dtype = torch.float32) -> torch.dtype:
+    """Input dtype for a layer: its weight's float dtype, or `fallback` for quantized (int8/fp8) layers."""
+    w = getattr(layer, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.element_size() >= 2:
+        return w.dtype
+    return fallback
 
 
 def _config_from_meta(meta: dict, source: str) -> WanDiTConfig:
@@ -630,7 +666,7 @@ def random_wan_dit(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = tor
             v = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         sd[name] = v.to(torch.float32 if keep_fp32(name) else dtype).to(device)
     module.load_state_dict(sd, strict=True, assign=True)
-    return module.eval()
+    return module.eval().requires_grad_(False)
 
 
 def save_wan_dit(module: WanDiT, path, metadata: Optional[dict] = None) -> None:
