@@ -1,4 +1,196 @@
-"""TwinFlow nodes: sampling."""
+"""TwinFlow nodes: sampling — gate schedule, gate-net loader, single- and dual-branch samplers.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Thin classes: widgets -> one library call in `sampling/`. Both samplers run `sampling.dual.sample`.
+"""
+from __future__ import annotations
+
+from ..core import paths
+from ..sampling.dual import sample
+from ..sampling.gates import GATE_KINDS, GATE_NET_PRESETS, GateNet, GateSchedule, load_gate_net, parse_floats, \
+    parse_steps, plot_schedule
+from ..sampling.guidance import Branch
+from ..sampling.noise import SEED_MAX
+from ..sampling.schedules import SCHEDULERS, sampler_sigmas
+from ..sampling.solvers import SAMPLER_NAMES
+
+CATEGORY = "TwinFlow/sampling"
+
+_SAMPLER = (list(SAMPLER_NAMES), {"default": "uni_pc", "tooltip": "ODE solver (ComfyUI's formulas)."})
+_SCHEDULER = (list(SCHEDULERS), {"default": "simple", "tooltip": "Sigma schedule; simple/normal/sgm_uniform/beta "
+                                 "as ComfyUI, wan_unipc = the official Wan2.1 UniPC grid."})
+_STEPS = ("INT", {"default": 20, "min": 1, "max": 1000, "step": 1})
+_SHIFT = ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                    "tooltip": "Flow shift sigma' = shift*sigma/(1+(shift-1)*sigma) (ComfyUI ModelSamplingSD3; "
+                               "Wan2.1 T2V uses 8 at 1.3B, 5 at 14B)."})
+_DENOISE = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                      "tooltip": "< 1 starts from the input latent (noised to the matching sigma)."})
+_SEED = ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "step": 1, "control_after_generate": True,
+                 "tooltip": "Noise seed; the same seed gives the same noise as ComfyUI's KSampler."})
+
+
+def _cfg(tip: str):
+    return ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": tip})
+
+
+class TwinFlowGateSchedule:
+    DESCRIPTION = "How much of the detail branch enters each step: alpha (1 = semantic only) and FFT cutoff."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (list(GATE_KINDS), {"default": "steps", "tooltip": "constant | linear | cosine ramp | fuse "
+                         "only at listed steps | boundary (hard switch at sigma) | learned (gate net) | list"}),
+                "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "constant alpha; also alpha at the listed steps of kind 'steps'"}),
+                "alpha_start": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "alpha_end": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "fuse_steps": ("STRING", {"default": "3,6,9", "tooltip": "kind 'steps': steps (from 1) that fuse"}),
+                "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.001,
+                                       "tooltip": "kind 'boundary': semantic while sigma >= boundary (Wan2.2: 0.875 "
+                                                  "T2V, 0.9 I2V)"}),
+                "values": ("STRING", {"default": "", "tooltip": "kind 'list': one alpha per step, comma-separated"}),
+                "cutoff": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.5, "step": 0.01,
+                                     "tooltip": "FFT radius (fraction of Nyquist) below which the semantic branch is "
+                                                "kept whole; 0 = plain blend"}),
+                "preview_steps": ("INT", {"default": 20, "min": 1, "max": 1000, "step": 1,
+                                          "tooltip": "steps for the plot only"}),
+                "preview_shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                            "tooltip": "shift for the plot only"}),
+            },
+            "optional": {"gate_net": ("TWINFLOW_GATE_NET", {"tooltip": "for kinds 'learned' and 'steps'"})},
+        }
+
+    RETURN_TYPES = ("GATE_SCHEDULE", "IMAGE")
+    RETURN_NAMES = ("gate", "plot")
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, kind, alpha, alpha_start, alpha_end, fuse_steps, boundary, values, cutoff, preview_steps,
+              preview_shift, gate_net=None):
+        gate = GateSchedule(kind=kind, alpha=alpha, alpha_start=alpha_start, alpha_end=alpha_end,
+                            fuse_steps=parse_steps(fuse_steps) if kind == "steps" else (3, 6, 9),
+                            boundary=boundary, values=parse_floats(values, "values") if kind == "list" else (),
+                            cutoff=cutoff, gate_net=gate_net)
+        steps = len(gate.values) if kind == "list" else preview_steps
+        plot = plot_schedule(gate, sampler_sigmas("simple", steps, preview_shift))
+        return (gate, plot)
+
+
+class TwinFlowLoadGateNet:
+    DESCRIPTION = "Load a gate MLP made by `twinflow fit-gate` (random:<preset> = seeded random weights for demos)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = [f"random:{p}" for p in GATE_NET_PRESETS] + paths.list_models("twinflow")
+        return {"required": {"gate_net_name": (files, {"tooltip": "file in models/twinflow/"})}}
+
+    RETURN_TYPES = ("TWINFLOW_GATE_NET",)
+    RETURN_NAMES = ("gate_net",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, gate_net_name):
+        if gate_net_name.startswith("random:"):
+            import torch
+
+            preset = gate_net_name.split(":", 1)[1]
+            if preset not in GATE_NET_PRESETS:
+                raise ValueError(f"unknown gate net preset {preset!r}; expected one of {sorted(GATE_NET_PRESETS)}")
+            with torch.random.fork_rng(devices=[]):  # seeded weights without touching the global RNG
+                torch.manual_seed(0)
+                net = GateNet(GATE_NET_PRESETS[preset]).eval()
+            return (net,)
+        return (load_gate_net(paths.find_model("twinflow", gate_net_name)),)
+
+
+class TwinFlowSampler:
+    DESCRIPTION = "Sample a video latent with one TwinFlow model (same loop as the dual-branch sampler)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("TWINFLOW_MODEL",),
+                "latent": ("LATENT",),
+                "seed": _SEED,
+                "steps": _STEPS,
+                "cfg": _cfg("classifier-free guidance scale (1 = positive only, one forward per step)"),
+                "sampler": _SAMPLER,
+                "scheduler": _SCHEDULER,
+                "shift": _SHIFT,
+                "denoise": _DENOISE,
+            },
+            "optional": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",)},
+        }
+
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "report")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, model, latent, seed, steps, cfg, sampler, scheduler, shift, denoise, positive=None, negative=None):
+        branch = Branch(model, positive, negative, cfg, name="semantic")
+        out, report = sample(branch, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler,
+                             shift=shift, denoise=denoise)
+        return (out, report.text())
+
+
+class TwinFlowDualBranchSampler:
+    DESCRIPTION = ("Two models on one latent: a large semantic model and a light detail model, fused per step "
+                   "under a gate schedule. alpha = 1 steps run only the semantic model.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "semantic": ("TWINFLOW_MODEL", {"tooltip": "the large model (global structure)"}),
+                "detail": ("TWINFLOW_MODEL", {"tooltip": "the light model (textures); must share the latent space"}),
+                "gate": ("GATE_SCHEDULE",),
+                "latent": ("LATENT",),
+                "seed": _SEED,
+                "steps": _STEPS,
+                "cfg_semantic": _cfg("CFG scale of the semantic branch"),
+                "cfg_detail": _cfg("CFG scale of the detail branch"),
+                "sampler": _SAMPLER,
+                "scheduler": _SCHEDULER,
+                "shift": _SHIFT,
+                "denoise": _DENOISE,
+                "split": (["HW", "THW"], {"default": "HW", "tooltip": "FFT split over (H, W) per frame or over "
+                                          "(T, H, W)"}),
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {"tooltip": "prompt for both branches (unless a per-branch one is set)"}),
+                "negative": ("CONDITIONING",),
+                "positive_detail": ("CONDITIONING", {"tooltip": "prompt for the detail branch only"}),
+                "negative_detail": ("CONDITIONING",),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "report")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, semantic, detail, gate, latent, seed, steps, cfg_semantic, cfg_detail, sampler, scheduler, shift,
+            denoise, split, positive=None, negative=None, positive_detail=None, negative_detail=None):
+        s = Branch(semantic, positive, negative, cfg_semantic, name="semantic")
+        d = Branch(detail, positive_detail if positive_detail is not None else positive,
+                   negative_detail if negative_detail is not None else negative, cfg_detail, name="detail")
+        out, report = sample(s, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler, shift=shift,
+                             denoise=denoise, detail=d, gate=gate, over_time=(split == "THW"))
+        return (out, report.text())
+
+
+NODE_CLASS_MAPPINGS = {
+    "TwinFlowGateSchedule": TwinFlowGateSchedule,
+    "TwinFlowLoadGateNet": TwinFlowLoadGateNet,
+    "TwinFlowSampler": TwinFlowSampler,
+    "TwinFlowDualBranchSampler": TwinFlowDualBranchSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TwinFlowGateSchedule": "TwinFlow Gate Schedule",
+    "TwinFlowLoadGateNet": "TwinFlow Load Gate Net",
+    "TwinFlowSampler": "TwinFlow Sampler",
+    "TwinFlowDualBranchSampler": "TwinFlow Dual-Branch Sampler",
+}

@@ -35,7 +35,8 @@ def _contexts(cond, branch: str, which: str, text_dim: int, batch: int) -> list[
                             f"{getattr(t, 'shape', type(t).__name__)}")
         if t.shape[-1] != text_dim:
             raise ValueError(f"{branch} branch {which}: the text encoder gives width {t.shape[-1]} but the model "
-                             f"expects {text_dim}; connect the matching text encoder for this model")
+                             f"expects {text_dim}; connect the matching text encoder for this model (dual-branch sampler: "
+                             f"positive_detail / negative_detail feed the detail branch its own prompt)")
         if t.shape[0] not in (1, batch):
             raise ValueError(f"{branch} branch {which}: conditioning batch {t.shape[0]} does not match the latent "
                              f"batch {batch}; use a batch-1 prompt or one per latent")

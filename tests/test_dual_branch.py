@@ -1,0 +1,215 @@
+"""Dual-branch sampler: exact reductions to one branch, no wasted forwards, FFT split, CFG, refusals, nodes."""
+import pytest
+import torch
+from torch import nn
+
+from twinflow.core.errors import Interrupted
+from twinflow.core.handles import Denoiser
+from twinflow.core.progress import clear_interrupt, request_interrupt
+from twinflow.sampling import fusion
+from twinflow.sampling.dual import sample
+from twinflow.sampling.gates import GateSchedule
+from twinflow.sampling.guidance import Branch
+
+SHAPE = (1, 4, 2, 6, 5)  # B, C, T, H, W (odd W on purpose: irfft sizes)
+
+
+class PosteriorMean(nn.Module):
+    """Closed-form velocity for data uniform over `points` under x = (1-s) x0 + s n; ignores text."""
+
+    def __init__(self, points):
+        super().__init__()
+        self.register_buffer("points", points.reshape(points.shape[0], -1))
+        self.calls = 0
+
+    def forward(self, x, t, context):
+        self.calls += 1
+        s = (t / 1000.0).reshape(-1, 1)  # (B, 1)
+        d2 = ((x.reshape(x.shape[0], 1, -1) - (1 - s)[:, :, None] * self.points[None]) ** 2).sum(-1)
+        w = torch.softmax(-d2 / (2 * s * s), dim=1)
+        x0 = (w @ self.points).reshape(x.shape)
+        return (x - x0) / s.reshape(-1, 1, 1, 1, 1)
+
+
+class TextVelocity(nn.Module):
+    """v = a*x + mean of the context over tokens/width (per batch item): CFG is easy to compute by hand."""
+
+    def __init__(self, a=0.3):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.batches = []
+
+    def forward(self, x, t, context):
+        self.batches.append(x.shape[0])
+        return self.a * x + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1) + 0.001 * t.reshape(-1, 1, 1, 1, 1)
+
+
+def denoiser(module, channels=4, text_dim=None, name="m", fmt="none"):
+    return Denoiser(module=module, family="dit", in_channels=channels, text_dim=text_dim, name=name,
+                    info={"latent_format": fmt})
+
+
+def points(seed, k=3):
+    return torch.randn(k, *SHAPE[1:], generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+def latent():
+    return {"samples": torch.zeros(SHAPE)}
+
+
+def run(sem, det=None, gate=None, **kw):
+    args = dict(seed=5, steps=8, sampler="euler", scheduler="simple", shift=3.0)
+    args.update(kw)
+    return sample(Branch(sem, name="semantic"), latent(), detail=Branch(det, name="detail") if det else None,
+                  gate=gate, **args)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc", "dpmpp_2m"])
+def test_alpha_one_is_exactly_semantic_only(sampler):
+    S, D = PosteriorMean(points(1)), PosteriorMean(points(2))
+    single, _ = run(denoiser(S), sampler=sampler)
+    S.calls = 0
+    dual, rep = run(denoiser(S), denoiser(D), GateSchedule("constant", alpha=1.0, cutoff=0.3), sampler=sampler)
+    assert torch.equal(single["samples"], dual["samples"])
+    assert D.calls == 0 and rep.branches["detail"]["forwards"] == 0
+    assert rep.branches["semantic"]["forwards"] == S.calls == 8
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc_bh2"])
+def test_alpha_zero_no_cutoff_is_exactly_detail_only(sampler):
+    S, D = PosteriorMean(points(1)), PosteriorMean(points(2))
+    single, _ = run(denoiser(D), sampler=sampler)
+    D.calls = 0
+    dual, rep = run(denoiser(S), denoiser(D), GateSchedule("constant", alpha=0.0, cutoff=0.0), sampler=sampler)
+    assert torch.equal(single["samples"], dual["samples"])
+    assert S.calls == 0 and rep.branches["detail"]["forwards"] == 8
+
+
+def test_steps_gate_runs_detail_only_at_listed_steps():
+    S, D = PosteriorMean(points(1)), PosteriorMean(points(2))
+    _, rep = run(denoiser(S), denoiser(D), GateSchedule("steps", alpha=0.5, fuse_steps=(3, 6, 9)), steps=10)
+    assert S.calls == 10 and D.calls == 3
+    assert [r for _, _, r in rep.alphas] == ["S+D" if i in (2, 5, 8) else "S" for i in range(10)]
+    assert "detail" in rep.text() and "3 forwards" in rep.text()
+
+
+def test_fused_prediction_feeds_the_solver():
+    # with alpha = 0.5 and c = 0, one Euler step must move along the average of both velocities
+    S, D = PosteriorMean(points(1)), PosteriorMean(points(2))
+    out, _ = run(denoiser(S), denoiser(D), GateSchedule("constant", alpha=0.5), steps=1)
+    noise = torch.randn(SHAPE, generator=torch.manual_seed(5))
+    t = torch.full((1,), 1000.0)
+    v = 0.5 * S(noise, t, None) + 0.5 * D(noise, t, None)
+    assert torch.allclose(out["samples"], noise - v, atol=1e-5)  # sigma 1 -> 0
+
+
+def test_euler_many_steps_lands_on_a_training_point():
+    pts = points(3, k=4)
+    out, _ = run(denoiser(PosteriorMean(pts)), steps=150)
+    d = torch.cdist(out["samples"].reshape(1, -1), pts.reshape(4, -1))
+    assert float(d.min()) < 0.05
+
+
+def test_lp_plus_hp_is_identity():
+    g = torch.Generator().manual_seed(0)
+    for shape, over_time in [((2, 3, 5, 7, 9), False), ((1, 2, 3, 8, 6), True), ((1, 1, 1, 5, 5), False)]:
+        x = torch.randn(shape, generator=g)
+        for c in (0.05, 0.3, 0.9, 1.6):
+            lo, hi = fusion.split(x, c, over_time=over_time)
+            assert (lo + hi - x).abs().max() <= 1e-6
+        assert lo.shape == x.shape
+
+
+def test_fusion_keeps_semantic_low_band_and_blends_high_band():
+    # DC (radius 0) is below any cutoff; the (H, W) checkerboard sits at radius sqrt(2), above cutoff 0.5
+    H, W = 6, 8
+    checker = ((torch.arange(H)[:, None] + torch.arange(W)[None]) % 2 * 2 - 1).float()
+    v_s = 2.0 + 0.5 * checker.expand(1, 2, 3, H, W)
+    v_d = -1.0 + 3.0 * checker.expand(1, 2, 3, H, W)
+    a = 0.3
+    got = fusion.fuse(v_s, v_d, a, cutoff=0.5)
+    exp = 2.0 + (a * 0.5 + (1 - a) * 3.0) * checker
+    assert torch.allclose(got, exp.expand_as(got), atol=1e-5)
+    assert torch.equal(fusion.fuse(v_s, v_d, a, cutoff=0.0), a * v_s + (1 - a) * v_d)
+
+
+def test_channel_mismatch_is_refused():
+    S = denoiser(PosteriorMean(points(1)), channels=4)
+    D = denoiser(PosteriorMean(points(2)), channels=16, name="wide")
+    with pytest.raises(ValueError, match="do not share a latent space"):
+        run(S, D, GateSchedule("constant", alpha=0.5))
+    with pytest.raises(ValueError, match="latent has 4 channels"):
+        sample(Branch(D), latent(), seed=0, steps=2)
+
+
+def test_cfg_batched_equals_two_forwards_and_closed_form():
+    ctx_p = torch.full((1, 3, 8), 0.5)
+    ctx_n = torch.full((1, 3, 8), -0.25)
+    pos, neg = [[ctx_p, {}]], [[ctx_n, {}]]
+    outs = {}
+    for mode in ("auto", "never"):
+        m = TextVelocity()
+        b = Branch(denoiser(m, text_dim=8), pos, neg, cfg=4.0, batch_cfg=mode)
+        outs[mode], rep = sample(b, latent(), seed=1, steps=3, sampler="euler", scheduler="simple", shift=1.0)
+        assert m.batches == ([2, 2, 2] if mode == "auto" else [1, 1, 1, 1, 1, 1])
+    assert torch.allclose(outs["auto"]["samples"], outs["never"]["samples"], atol=1e-6)
+    # v = a x + 0.001 t + (u + cfg (c - u)); one Euler step from sigma 1 to 0: x1 = noise - v
+    b = Branch(denoiser(TextVelocity(), text_dim=8), pos, neg, cfg=4.0)
+    one, _ = sample(b, latent(), seed=1, steps=1, sampler="euler", scheduler="simple", shift=1.0)
+    noise = torch.randn(SHAPE, generator=torch.manual_seed(1))
+    v = 0.3 * noise + 1.0 + (-0.25 + 4.0 * (0.5 + 0.25))
+    assert torch.allclose(one["samples"], noise - v, atol=1e-5)
+
+
+def test_cfg_needs_negative_and_matching_width():
+    b = Branch(denoiser(TextVelocity(), text_dim=8), [[torch.zeros(1, 3, 8), {}]], None, cfg=3.0)
+    with pytest.raises(ValueError, match="negative"):
+        sample(b, latent(), seed=1, steps=2)
+    b = Branch(denoiser(TextVelocity(), text_dim=8), [[torch.zeros(1, 3, 6), {}]], None, cfg=1.0)
+    with pytest.raises(ValueError, match="width 6"):
+        sample(b, latent(), seed=1, steps=2)
+
+
+def test_denoise_starts_from_the_normalised_latent():
+    # v = 0 keeps x: output = process_out(s0*noise + (1-s0)*process_in(latent)), ComfyUI's noise_scaling
+    zero = Denoiser(module=nn.Identity(), family="dit", in_channels=16, info={"latent_format": "wan21"})
+    zero.module.forward = lambda x, t, c: torch.zeros_like(x)
+    lat = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+    out, rep = sample(Branch(zero), {"samples": lat}, seed=9, steps=4, denoise=0.5, scheduler="simple", shift=1.0)
+    s0 = rep.sigmas[0]
+    from twinflow.sampling.noise import WAN21_MEAN, WAN21_STD
+    mean = torch.tensor(WAN21_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
+    noise = torch.randn(lat.shape, generator=torch.manual_seed(9))
+    exp = (s0 * noise + (1 - s0) * (lat - mean) / std) * std + mean
+    assert abs(s0 - 0.5) < 0.01 and torch.allclose(out["samples"], exp, atol=1e-5)
+
+
+def test_interrupt_between_steps():
+    request_interrupt()
+    try:
+        with pytest.raises(Interrupted):
+            run(denoiser(PosteriorMean(points(1))))
+    finally:
+        clear_interrupt()
+
+
+def test_nodes_run_and_match_library():
+    from twinflow.nodes.sampling import NODE_CLASS_MAPPINGS as N
+
+    gate, plot = N["TwinFlowGateSchedule"]().build("steps", 0.5, 1.0, 0.0, "3,6,9", 0.875, "", 0.25, 10, 8.0)
+    assert plot.shape == (1, 256, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
+    S, D = denoiser(PosteriorMean(points(1))), denoiser(PosteriorMean(points(2)))
+    lat = latent()
+    out, report = N["TwinFlowDualBranchSampler"]().run(S, D, gate, lat, 5, 10, 1.0, 1.0, "euler", "simple", 3.0,
+                                                         1.0, "HW")
+    ref, _ = run(S, D, gate, steps=10)
+    assert torch.equal(out["samples"], ref["samples"]) and out is not lat and lat["samples"].abs().sum() == 0
+    assert "semantic" in report and "detail" in report
+    single, _ = N["TwinFlowSampler"]().run(S, lat, 5, 10, 1.0, "euler", "simple", 3.0, 1.0)
+    assert torch.equal(single["samples"], run(S, steps=10)[0]["samples"])
+    for cls in N.values():  # every number widget has min/max/step
+        for section in cls.INPUT_TYPES().values():
+            for spec in section.values():
+                if spec[0] in ("INT", "FLOAT"):
+                    assert {"min", "max", "step"} <= set(spec[1])
