@@ -30,9 +30,14 @@ def vec_width(dtype: torch.dtype) -> int:
     return 16 // torch.empty((), dtype=dtype).element_size()
 
 
+def ptr(t: torch.Tensor) -> int:
+    """The device address of t's first element (one place, so tests can stand in for it)."""
+    return t.data_ptr()
+
+
 def aligned16(*tensors: Optional[torch.Tensor]) -> bool:
     """All given device pointers are 16-byte aligned (None entries are ignored)."""
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+    return all(t is None or ptr(t) % 16 == 0 for t in tensors)
 
 
 def pick_vec(dtype: torch.dtype, inner: int, *tensors: Optional[torch.Tensor]) -> int:
