@@ -1,0 +1,142 @@
+"""Write the UI-format workflows in `workflows/` from compact descriptions.
+
+The ComfyUI frontend stores a node's widget values positionally (`widgets_values`), including the
+values of widgets it never sends (`control_after_generate`), so hand-editing them is error-prone.
+This tool lays each workflow out from our node classes' `INPUT_TYPES`, exactly as the frontend saves
+it (format version 0.4). Run: `python tools/build_workflows.py` (rewrites workflows/*.json).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _registry():
+    import twinflow
+
+    return twinflow.NODE_CLASS_MAPPINGS, twinflow.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def build(spec: dict) -> dict:
+    """spec: {"nodes": [{"id", "class", "widgets": {name: value}, "links": {input: (src_id, out_idx)},
+    "pos": (col, row), "title"?}], "groups": [...]?, "note"?: str}."""
+    from twinflow.runner.formats import widget_default, widget_slots
+    from twinflow.runner.spec import iter_inputs, return_types
+
+    registry, display = _registry()
+    links, nodes = [], []
+    out_links: dict = {}
+    link_id = 0
+    by_id = {n["id"]: n for n in spec["nodes"]}
+    for n in spec["nodes"]:
+        for inp, (src, idx) in n.get("links", {}).items():
+            link_id += 1
+            src_cls = registry[by_id[src]["class"]]
+            ltype = return_types(src_cls)[idx]
+            links.append([link_id, src, idx, n["id"], inp, ltype])
+            out_links.setdefault((src, idx), []).append(link_id)
+    for order, n in enumerate(spec["nodes"]):
+        cls = registry[n["class"]]
+        inputs, values = [], []
+        widgets = n.get("widgets", {})
+        unknown = set(widgets) - {s.name for s in iter_inputs(cls, n["class"])} - {"__control__"}
+        if unknown:
+            raise SystemExit(f"{n['class']}: unknown widgets {sorted(unknown)}")
+        for s in iter_inputs(cls, n["class"]):
+            link = next((l for l in links if l[3] == n["id"] and l[4] == s.name), None)
+            if s.is_widget:
+                if link is not None:
+                    inputs.append({"name": s.name, "type": s.kind if s.kind != "COMBO" else "COMBO",
+                                   "widget": {"name": s.name}, "link": link[0]})
+            else:
+                inputs.append({"name": s.name, "type": s.type, "link": link[0] if link else None,
+                               **({"shape": 7} if s.category == "optional" else {})})
+        for name, s in widget_slots(cls, n["class"]):
+            if name is None:
+                values.append(widgets.get("__control__", "fixed"))
+            else:
+                values.append(widgets.get(name, widget_default(s)))
+        outputs = []
+        for i, t in enumerate(return_types(cls)):
+            names = getattr(cls, "RETURN_NAMES", None) or return_types(cls)
+            outputs.append({"name": names[i], "type": t, "slot_index": i,
+                            "links": out_links.get((n["id"], i), [])})
+        col, row = n.get("pos", (order, 0))
+        nodes.append({
+            "id": n["id"], "type": n["class"], "pos": [40 + 360 * col, 40 + 300 * row], "size": [320, 240],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "title": n.get("title", display.get(n["class"], n["class"])),
+            "properties": {"Node name for S&R": n["class"], "cnr_id": "comfyui-twinflow"},
+            "widgets_values": values,
+        })
+    for l in links:  # UI links store the target *slot index*, not the input name
+        target = next(x for x in nodes if x["id"] == l[3])
+        l[4] = next(i for i, inp in enumerate(target["inputs"]) if inp["link"] == l[0])
+    extra_nodes = []
+    if spec.get("note"):
+        extra_nodes.append({"id": 1000, "type": "Note", "pos": [40, -200], "size": [700, 160], "flags": {},
+                            "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                            "properties": {}, "widgets_values": [spec["note"]]})
+    return {
+        "id": spec["uuid"], "revision": 0,
+        "last_node_id": max(n["id"] for n in nodes + extra_nodes), "last_link_id": link_id,
+        "nodes": nodes + extra_nodes, "links": links, "groups": spec.get("groups", []),
+        "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+    }
+
+
+TINY_NOTE = ("TwinFlow quickstart. The 'random:tiny' models have seeded RANDOM weights: the video is "
+             "noise-like by design; the workflow shows the pipeline end to end on a laptop CPU. Replace "
+             "them with your own Wan2.1 files (models/diffusion_models, models/vae) for real output.")
+
+WORKFLOWS = {
+    "dual_branch_t2v.json": {
+        "uuid": "5f0b7a52-2d7e-4a55-9d43-0a1f3c0c1a01",
+        "note": TINY_NOTE,
+        "nodes": [
+            {"id": 1, "class": "TwinFlowLoadDiT", "pos": (0, 0), "title": "Semantic DiT (tiny, random)",
+             "widgets": {"ckpt_name": "random:tiny", "dtype": "default", "preset": "auto", "seed": 0}},
+            {"id": 2, "class": "TwinFlowLoadRefiner", "pos": (0, 1), "title": "Detail refiner (tiny, random)",
+             "widgets": {"refiner_name": "random:tiny", "dtype": "default", "seed": 0}},
+            {"id": 3, "class": "TwinFlowTinyTextEncode", "pos": (0, 2), "title": "Positive",
+             "widgets": {"text": "a red fox running through fresh snow, cinematic", "width": 4096}},
+            {"id": 4, "class": "TwinFlowTinyTextEncode", "pos": (0, 3), "title": "Negative",
+             "widgets": {"text": "blurry, low quality", "width": 4096}},
+            {"id": 5, "class": "TwinFlowGateSchedule", "pos": (1, 0),
+             "widgets": {"kind": "steps", "alpha": 0.5, "fuse_steps": "3,6,9", "cutoff": 0.25, "preview_steps": 12}},
+            {"id": 6, "class": "TwinFlowEmptyLatentVideo", "pos": (1, 1),
+             "widgets": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+            {"id": 7, "class": "TwinFlowDualBranchSampler", "pos": (2, 0),
+             "widgets": {"seed": 42, "__control__": "fixed", "steps": 12, "cfg_semantic": 5.0, "cfg_detail": 1.0,
+                         "sampler": "uni_pc", "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "split": "HW"},
+             "links": {"semantic": (1, 0), "detail": (2, 0), "gate": (5, 0), "latent": (6, 0),
+                       "positive": (3, 0), "negative": (4, 0)}},
+            {"id": 8, "class": "TwinFlowLoadVAE", "pos": (2, 1), "title": "VAE (tiny, random)",
+             "widgets": {"vae_name": "random:tiny", "dtype": "default", "seed": 0}},
+            {"id": 9, "class": "TwinFlowVAEDecode", "pos": (3, 0),
+             "widgets": {"tiling": "auto"}, "links": {"vae": (8, 0), "samples": (7, 0)}},
+            {"id": 10, "class": "TwinFlowSaveVideo", "pos": (4, 0),
+             "widgets": {"filename_prefix": "twinflow/dual_branch", "fps": 16.0},
+             "links": {"images": (9, 0)}},
+            {"id": 11, "class": "TwinFlowSaveImage", "pos": (4, 1), "title": "Gate schedule plot",
+             "widgets": {"filename_prefix": "twinflow/gate"}, "links": {"images": (5, 1)}},
+        ],
+    },
+}
+
+
+def main(argv=None) -> int:
+    out_dir = ROOT / "workflows"
+    out_dir.mkdir(exist_ok=True)
+    for name, spec in WORKFLOWS.items():
+        text = json.dumps(build(spec), indent=1) + "\n"
+        (out_dir / name).write_text(text)
+        print(f"wrote workflows/{name}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
