@@ -12,9 +12,9 @@ Calling convention (`core.handles.Denoiser`): `module(x, timestep, context)`.
   learned null caption `y_embedder.y_embedding`) or a pooled caption embedding [B, Cc] / [B, 1, Cc].
 - With learned sigma (the released DiT-XL/2 has 2C output channels: prediction + variance) only the
   first C channels are returned.
-What the output *means* is the checkpoint's business: the released DiT-XL/2 predicts DDPM epsilon on a
-discrete linear-beta schedule, not flow velocity; samplers that assume velocity need a wrapper (see
-docs/models_extra.md). The `tiny` presets are random and meaningless either way.
+The module returns the checkpoint's raw prediction. The released DiT-XL/2 and Open-Sora v1 weights predict
+DDPM epsilon on a 1000-step linear-beta schedule, not flow velocity: `make_denoiser` therefore wraps the module
+in `EpsToVelocity` by default (prediction="raw" skips it). The `tiny` presets are random either way.
 """
 from __future__ import annotations
 
@@ -581,15 +581,88 @@ def save_adaln_dit(model: AdaLNDiT, path) -> None:
                                        "num_heads": str(cfg.num_heads)})
 
 
-def make_denoiser(model: AdaLNDiT, config: AdaLNDiTConfig, name: str = "", source: str = ""):
-    """Wrap as the `TWINFLOW_MODEL` handle (family "dit")."""
+# ---------------------------------------------------------------------------------------------
+# Epsilon (DDPM) -> flow velocity
+# ---------------------------------------------------------------------------------------------
+
+
+def ddpm_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """abar_k = prod_{i<=k} (1 - beta_i), linear betas: the schedule DiT-XL/2 and Open-Sora v1 trained with."""
+    betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class EpsToVelocity(nn.Module):
+    """Run an epsilon-predicting DDPM model under the flow-matching contract of `core.handles.Denoiser`.
+
+    The flow state x = (1-s) x0 + s n equals the VP state x_t = a x0 + b n scaled by 1/c, with
+    c = 1/sqrt((1-s)^2 + s^2), a = c (1-s), b = c s. The model sees c*x at the fractional DDPM step tau with
+    abar(tau) = a^2 (log abar interpolated between integer steps); then x0 = (c x - b eps)/a and v = eps - x0.
+    Beyond the table's ends (s near 0 or 1) tau is clamped to 0 / steps-1 and a, b taken from there.
+    """
+
+    def __init__(self, inner: nn.Module, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.inner = inner
+        self.steps = steps
+        self.register_buffer("log_abar", ddpm_linear_alphas_cumprod(steps, beta_start, beta_end).log(),
+                             persistent=False)
+
+    @property
+    def config(self):
+        return getattr(self.inner, "config", None)
+
+    def vp_step(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flow sigma [B] -> (tau, c, a, b) [B] in float64 (schedule math is cheap; keep it exact)."""
+        s = sigma.to(torch.float64).clamp(0.0, 1.0)
+        c = 1.0 / torch.sqrt((1 - s) ** 2 + s ** 2)
+        target = torch.log(((1 - s) * c) ** 2).clamp(max=0.0)  # log abar wanted
+        table = self.log_abar.to(s.device)  # decreasing in k
+        k = torch.searchsorted(-table, -target).clamp(1, self.steps - 1)  # first k with table[k] <= target
+        lo, hi = table[k - 1], table[k]
+        frac = ((lo - target) / (lo - hi)).clamp(0.0, 1.0)
+        tau = (k - 1).to(torch.float64) + frac
+        tau = torch.where(target >= table[0], torch.zeros_like(tau), tau)
+        log_abar = torch.lerp(lo, hi, frac)
+        log_abar = torch.where(target >= table[0], table[0].expand_as(lo), log_abar)
+        a = torch.exp(0.5 * log_abar)
+        b = torch.sqrt(1 - a ** 2)
+        return tau, c, a, b
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        sigma = _per_sample(timestep, x.shape[0]).to(x.device).to(torch.float64) / 1000.0
+        tau, c, a, b = self.vp_step(sigma)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        xf = x.float()
+        eps = self.inner((xf * c.float().view(shape)).to(x.dtype), tau.float(), context).float()
+        x0 = (xf * c.float().view(shape) - b.float().view(shape) * eps) / a.float().view(shape)
+        return (eps - x0).to(x.dtype)
+
+
+def make_denoiser(model: AdaLNDiT, config: AdaLNDiTConfig, name: str = "", source: str = "",
+                  prediction: str = "eps-ddpm-linear"):
+    """Wrap as the `TWINFLOW_MODEL` handle (family "dit").
+
+    prediction: "eps-ddpm-linear" (default: the released DiT-XL/2 and Open-Sora v1 weights predict DDPM epsilon
+    on a 1000-step linear-beta schedule; the wrapper turns that into flow velocity) or "raw" (the module's own
+    output, for checkpoints trained with flow matching).
+    """
     from ..core.handles import Denoiser
 
-    return Denoiser(module=model, family="dit", in_channels=config.in_channels,
+    if prediction == "eps-ddpm-linear":
+        module = EpsToVelocity(model)
+    elif prediction == "raw":
+        module = model
+    else:
+        raise ValueError(f"unknown prediction {prediction!r}; expected 'eps-ddpm-linear' or 'raw'")
+    log_once(logger, ("dit-prediction", prediction), "adaLN DiT denoiser: prediction=%s", prediction)
+    return Denoiser(module=module, family="dit", in_channels=config.in_channels,
                     text_dim=config.caption_channels if config.is_3d else None, name=name or config.layout,
-                    config=config, info={"source": source, "layout": config.layout, "config": asdict(config)})
+                    config=config, info={"source": source, "layout": config.layout, "config": asdict(config),
+                                         "prediction": prediction})
 
 
 __all__ = ["AdaLNDiT", "AdaLNDiTConfig", "PRESETS", "LAYOUT_2D", "LAYOUT_3D", "detect_adaln_layout",
-           "config_from_state_dict", "load_adaln_dit", "save_adaln_dit", "random_adaln_dit", "init_weights", "make_denoiser",
+           "config_from_state_dict", "load_adaln_dit", "save_adaln_dit", "random_adaln_dit", "init_weights", "make_denoiser", "EpsToVelocity",
+           "ddpm_linear_alphas_cumprod",
            "sincos_1d", "sincos_2d", "timestep_embedding", "get_config"]

@@ -3,6 +3,8 @@
 Oracle: diffusers (test-only extra) with our random weights mapped by the key map of diffusers' own
 `scripts/convert_dit_to_diffusers.py` (re-implemented below, it is the oracle side).
 """
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,14 @@ from twinflow.core.errors import CheckpointError
 from twinflow.models import dit as D
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_off_sys_path(monkeypatch):
+    """`python -m pytest` in the repo root puts it on sys.path; diffusers/transformers then probe for a top-level
+    `kernels` package and import TwinFlow's kernels/ instead (which fails: it uses relative imports)."""
+    root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root])
 
 
 def _tsv(name):
@@ -292,3 +302,58 @@ def test_make_denoiser_velocity_call():
     with torch.no_grad():
         v = den.velocity(torch.randn(1, 4, 2, 8, 8), torch.tensor(0.5), torch.randn(1, 1, 32))
     assert v.shape == (1, 4, 2, 8, 8) and torch.isfinite(v).all()
+
+
+# ---------------------------------------------------------------------------------------------- eps -> velocity
+
+
+def test_ddpm_schedule_matches_diffusers_and_vp_step_inverts_it():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod.double()
+    abar = D.ddpm_linear_alphas_cumprod()
+    torch.testing.assert_close(abar, ref, rtol=1e-6, atol=0)
+    wrap = D.EpsToVelocity(torch.nn.Identity())
+    k = torch.tensor([0, 1, 17, 500, 998, 999])
+    a, b = abar[k].sqrt(), (1 - abar[k]).sqrt()  # (float64; diffusers' table is float32)
+    sigma = b / (a + b)  # the flow sigma whose scaled state is the VP state of step k
+    tau, c, a2, b2 = wrap.vp_step(sigma)
+    torch.testing.assert_close(tau, k.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a2, a, rtol=1e-9, atol=0)
+
+
+def test_eps_to_velocity_closed_form():
+    """An oracle epsilon model that returns the true noise gives the true velocity n - x0 exactly."""
+    x0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    sigma = torch.tensor([0.05, 0.5, 0.93], dtype=torch.float64)
+    xs = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+    seen = {}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_in, tau, context):
+            seen["x_in"], seen["tau"] = x_in, tau
+            return noise.float()
+
+    wrap = D.EpsToVelocity(Oracle())
+    v = wrap(xs.float(), (sigma * 1000).float(), None)
+    torch.testing.assert_close(v.double(), noise - x0, rtol=1e-4, atol=1e-4)
+    abar = D.ddpm_linear_alphas_cumprod()
+    a = torch.sqrt(torch.exp(torch.lerp(abar.log()[seen["tau"].floor().long()],
+                                        abar.log()[seen["tau"].floor().long() + 1], seen["tau"].double().frac())))
+    b = torch.sqrt(1 - a ** 2)
+    # the inner model saw the VP state a*x0 + b*n at its fractional step
+    torch.testing.assert_close(seen["x_in"].double(), a.view(-1, 1, 1, 1) * x0 + b.view(-1, 1, 1, 1) * noise,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_make_denoiser_prediction_modes():
+    model, cfg = D.random_adaln_dit("tiny", seed=7)
+    raw = D.make_denoiser(model, cfg, prediction="raw")
+    eps = D.make_denoiser(model, cfg)
+    assert raw.module is model and isinstance(eps.module, D.EpsToVelocity) and eps.info["prediction"] == "eps-ddpm-linear"
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        v = eps.velocity(x, torch.tensor(1.0), None)  # sigma = 1 lies beyond the schedule: clamped, finite
+    assert torch.isfinite(v).all()
+    with pytest.raises(ValueError, match="unknown prediction"):
+        D.make_denoiser(model, cfg, prediction="v")
