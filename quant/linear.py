@@ -30,6 +30,8 @@ class QuantLinear(nn.Module):
         spec = self.format.storage(self.out_features, self.in_features, self.layer_opts)
         for name, (shape, dtype) in spec.items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+        if "pre_quant_scale" not in spec:
+            self.register_buffer("pre_quant_scale", None)  # SmoothQuant layers only; None is not saved
         if bias:
             self.register_buffer("bias", torch.empty(self.out_features, dtype=bias_dtype, device=device))
         else:
