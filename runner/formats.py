@@ -61,8 +61,9 @@ def read_json(path, *, what: str = "workflow") -> Any:
         size = p.stat().st_size
     except FileNotFoundError:
         raise WorkflowError(f"{what} file not found: {p}", type="no_prompt", details=str(p)) from None
-    except OSError as e:
-        raise WorkflowError(f"cannot read {what} file {p}: {e.strerror or e}", type="no_prompt", details=str(p)) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise WorkflowError(f"cannot read {what} file {str(p)!r}: {getattr(e, 'strerror', None) or e}",
+                            type="no_prompt", details=str(p)) from None
     if p.is_dir():
         raise WorkflowError(f"{what} path {p} is a folder; pass a .json file", type="no_prompt", details=str(p))
     if size > MAX_FILE_BYTES:
@@ -86,12 +87,33 @@ def parse_json_text(text: str, source: str = "<text>") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        hint = " (the file looks truncated)" if e.pos >= len(text.rstrip()) else ""
-        raise WorkflowError(f"{source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{hint}",
+        hint = "; the file looks truncated (unclosed brackets or string) - save or download it again" \
+            if _unclosed(text) else ""
+        raise WorkflowError(f"{source} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}){hint}",
                             type="no_prompt", details=source) from None
     except RecursionError:
         raise WorkflowError(f"{source} is nested too deeply to be a workflow", type="no_prompt",
                             details=source) from None
+
+
+def _unclosed(text: str) -> bool:
+    """Whether JSON text ends inside a string or with brackets still open (a cut-off download/save)."""
+    depth, in_str, esc = 0, False, False
+    for c in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+    return in_str or depth > 0
 
 
 def _read_png(p: Path):

@@ -1,0 +1,104 @@
+"""Hypothesis fuzzing of the loader, converter and validator: they either succeed or raise WorkflowError."""
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twinflow.core.errors import WorkflowError
+from twinflow.runner.formats import load_workflow, parse_json_text
+from twinflow.runner.validate import validate_prompt
+
+FIX = Path(__file__).parent / "fixtures" / "runner"
+_spec = importlib.util.spec_from_file_location("runner_testnodes", FIX / "testnodes.py")
+tn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tn)
+REG = tn.REGISTRY
+UI = json.loads((FIX / "ui_sampler.json").read_text())
+API = json.loads((FIX / "ui_sampler.api.json").read_text())
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**80, max_value=2**80),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                    st.sampled_from(["1", "2", "4", "TestConst", "TestShow", "*", "INT", "LATENT", "__value__"]))
+json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                           max_leaves=12)
+
+
+def check(data):
+    try:
+        wf = load_workflow(data, REG)
+        validate_prompt(wf.prompt, REG)
+    except WorkflowError:
+        pass
+
+
+@FUZZ
+@given(json_values)
+def test_arbitrary_json(data):
+    check(data)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+UI_PATHS = [p for p in _paths(UI) if p]
+API_PATHS = [p for p in _paths(API) if p]
+
+
+def _mutate(doc, path, value, delete):
+    doc = copy.deepcopy(doc)
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return doc
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(UI_PATHS), json_values, st.booleans()), min_size=1, max_size=3))
+def test_mutated_ui_workflow(mutations):
+    doc = UI
+    for path, value, delete in mutations:
+        try:
+            doc = _mutate(doc, path, value, delete)
+        except (KeyError, IndexError, TypeError):  # an earlier mutation removed this path
+            continue
+    check(doc)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(API_PATHS), json_values, st.booleans()), min_size=1, max_size=3))
+def test_mutated_api_prompt(mutations):
+    doc = API
+    for path, value, delete in mutations:
+        try:
+            doc = _mutate(doc, path, value, delete)
+        except (KeyError, IndexError, TypeError):
+            continue
+    check(doc)
+
+
+@FUZZ
+@given(st.text(max_size=60), st.integers(min_value=0, max_value=len(json.dumps(UI))))
+def test_truncated_or_garbled_text(noise, cut):
+    text = json.dumps(UI)[:cut] + noise
+    try:
+        data = parse_json_text(text)
+    except WorkflowError:
+        return
+    check(data)
