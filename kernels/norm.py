@@ -67,7 +67,10 @@ def _row_reason(x: torch.Tensor) -> Optional[str]:
 
 
 def _first(*reasons):
-    return next((r for r in reasons if r), None)
+    for r in reasons:  # a plain loop: traced by dynamo without a graph break
+        if r:
+            return r
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
