@@ -462,6 +462,9 @@ def random_adaln_dit(preset="tiny", seed: int = 0, dtype: Optional[torch.dtype] 
         torch.random.set_rng_state(gen_state)
     if dtype is not None:
         model = model.to(dtype)
+        for name, buf in list(model.named_buffers()):  # position tables stay fp32, as when loading a file
+            if name.startswith("pos_embed"):
+                setattr(model, name, buf.float())
     return model.eval(), cfg
 
 
