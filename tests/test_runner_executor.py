@@ -223,3 +223,22 @@ def test_output_dir_is_per_run_and_restored(tmp_path, tf_dirs):
     from twinflow.core import paths
 
     assert paths.output_dir() == tf_dirs["output"]
+
+
+def test_real_io_nodes_end_to_end(tf_dirs):
+    """A small UI workflow of TwinFlow's own io nodes (Empty Latent Video -> Save Latent) through run_workflow."""
+    from twinflow.nodes import NODE_CLASS_MAPPINGS
+
+    if not {"TwinFlowEmptyLatentVideo", "TwinFlowSaveLatent"} <= set(NODE_CLASS_MAPPINGS):
+        pytest.skip("the io nodes are not available in this build")
+    from safetensors import safe_open
+
+    r = run_workflow(FIX / "ui_real_latent.json", cache=False)
+    files = r.files()
+    assert len(files) == 1 and files[0].is_file() and files[0].parent == tf_dirs["output"] / "latents"
+    with safe_open(str(files[0]), "pt") as f:
+        key = "latent_tensor" if "latent_tensor" in f.keys() else next(iter(f.keys()))
+        shape = tuple(f.get_tensor(key).shape)
+    assert shape == (1, 16, 1 + (9 - 1) // 4, 48 // 8, 64 // 8)  # ComfyUI's Wan latent convention
+    again = run_workflow(FIX / "ui_real_latent.json", cache=False).files()
+    assert again[0] != files[0] and files[0].is_file()  # a second run never overwrites
