@@ -25,9 +25,9 @@ MAX_GRID = 8192
 INT32_MAX = 2**31 - 1
 
 
-def vec_width(dtype: torch.dtype) -> int:
-    """Elements per 128-bit access."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
+def vec_width(*dtypes: torch.dtype) -> int:
+    """Elements per 128-bit access of the widest of `dtypes`."""
+    return 16 // max(torch.empty((), dtype=d).element_size() for d in dtypes)
 
 
 def ptr(t: torch.Tensor) -> int:
@@ -40,9 +40,10 @@ def aligned16(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or ptr(t) % 16 == 0 for t in tensors)
 
 
-def pick_vec(dtype: torch.dtype, inner: int, *tensors: Optional[torch.Tensor]) -> int:
-    """VEC for a kernel over rows of `inner` elements: 16 bytes when `inner` and every pointer allow."""
-    v = vec_width(dtype)
+def pick_vec(dtype, inner: int, *tensors: Optional[torch.Tensor]) -> int:
+    """VEC for a kernel over rows of `inner` elements: 16 bytes of the widest of `dtype` (one
+    dtype or a tuple) when `inner` and every pointer allow, else 1."""
+    v = vec_width(*dtype) if isinstance(dtype, tuple) else vec_width(dtype)
     return v if inner % v == 0 and aligned16(*tensors) else 1
 
 
@@ -59,8 +60,9 @@ def row_block(n: int, vec: int) -> Optional[int]:
     return max(32, 32 * math.ceil(math.ceil(nvec / per) / 32))
 
 
-def max_row_len(dtype: torch.dtype, vec: bool = True) -> int:
-    return MAX_BLOCK * (NV_VEC * vec_width(dtype) if vec else NV_SCALAR)
+# Longest row the row kernels take: what the scalar variant holds (the vector variants hold at
+# least as much: 1024 threads x 4 vectors x 4..8 elements).
+MAX_ROW = MAX_BLOCK * NV_SCALAR
 
 
 def elementwise_grid(n_vec: int, block: int = ELEMWISE_BLOCK) -> tuple:

@@ -78,10 +78,11 @@ ln_modulate_kernel(const T* __restrict__ x, const float* __restrict__ shift,
 }
 
 // x2 = x + gate * y (rounded to T, as the reference's .to(x.dtype)); out_y = LN(x2) modulated.
-template <typename T, int VEC, int NV>
+// y may have another dtype than x (Wan: fp32 residual stream, bf16 branch output).
+template <typename T, typename TY, int VEC, int NV>
 __global__ void __launch_bounds__(1024, 1)
 gated_residual_ln_modulate_kernel(const T* __restrict__ x, const float* __restrict__ gate,
-                                  const T* __restrict__ y, const float* __restrict__ shift,
+                                  const TY* __restrict__ y, const float* __restrict__ shift,
                                   const float* __restrict__ scale, T* __restrict__ out_x,
                                   float* __restrict__ out_y, int D, int gate_rows_per_mod,
                                   int rows_per_mod, float eps) {
@@ -97,7 +98,7 @@ gated_residual_ln_modulate_kernel(const T* __restrict__ x, const float* __restri
             const long long c = (long long)j * VEC;
             float xv[VEC], yv[VEC], gv[VEC];
             tf::load_f<T, VEC>(x + row * D + c, xv);
-            tf::load_f<T, VEC>(y + row * D + c, yv);
+            tf::load_f<TY, VEC>(y + row * D + c, yv);
             tf::load_f<float, VEC>(gate + g + c, gv);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) v[k][e] = tf::to_f<T>(tf::from_f<T>(xv[e] + yv[e] * gv[e]));
@@ -161,10 +162,10 @@ rms_norm_kernel(const T* __restrict__ x, const float* __restrict__ weight, T* __
 }
 
 // Elementwise, grid-stride over vectors of VEC elements (VEC divides D, so a vector never
-// crosses a row): out = x + gate[m, c] * y, rounded to T.
-template <typename T, int VEC>
+// crosses a row): out = x + gate[m, c] * y, rounded to T; y may have another dtype than x.
+template <typename T, typename TY, int VEC>
 __global__ void gated_residual_kernel(const T* __restrict__ x, const float* __restrict__ gate,
-                                      const T* __restrict__ y, T* __restrict__ out,
+                                      const TY* __restrict__ y, T* __restrict__ out,
                                       long long n_vec, int D, int rows_per_mod) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
@@ -173,7 +174,7 @@ __global__ void gated_residual_kernel(const T* __restrict__ x, const float* __re
         const long long c = e0 - row * D;
         float xv[VEC], yv[VEC], gv[VEC], o[VEC];
         tf::load_f<T, VEC>(x + e0, xv);
-        tf::load_f<T, VEC>(y + e0, yv);
+        tf::load_f<TY, VEC>(y + e0, yv);
         tf::load_f<float, VEC>(gate + (row / rows_per_mod) * D + c, gv);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) o[e] = xv[e] + yv[e] * gv[e];

@@ -20,36 +20,39 @@ from . import _runtime
 MODULE = "norm"
 
 
-def _row_instances(kernel: str) -> list:
+def _row_instances(kernel: str, mixed: bool = False) -> list:
     out = []
     for dt, ct in P.CTYPES.items():
-        out.append(f"{kernel}<{ct}, {P.vec_width(dt)}, {P.NV_VEC}>")
-        out.append(f"{kernel}<{ct}, 1, {P.NV_SCALAR}>")
+        for dty, cty in (P.CTYPES.items() if mixed else [(dt, None)]):
+            t = f"{ct}, {cty}" if mixed else ct
+            out.append(f"{kernel}<{t}, {P.vec_width(dt, dty)}, {P.NV_VEC}>")
+            out.append(f"{kernel}<{t}, 1, {P.NV_SCALAR}>")
     return out
 
 
 INSTANCES = tuple(
     _row_instances("ln_modulate_kernel")
-    + _row_instances("gated_residual_ln_modulate_kernel")
+    + _row_instances("gated_residual_ln_modulate_kernel", mixed=True)
     + _row_instances("rms_norm_kernel")
-    + [f"gated_residual_kernel<{ct}, {v}>" for dt, ct in P.CTYPES.items() for v in (P.vec_width(dt), 1)]
+    + [f"gated_residual_kernel<{ct}, {cty}, {v}>" for dt, ct in P.CTYPES.items()
+       for dty, cty in P.CTYPES.items() for v in (P.vec_width(dt, dty), 1)]
 )
 
 
-def _row_kernel(kernel: str, dtype: torch.dtype, vec: int) -> str:
-    return f"{kernel}<{P.CTYPES[dtype]}, {vec}, {P.NV_VEC if vec > 1 else P.NV_SCALAR}>"
+def row_plan(kernel: str, x: torch.Tensor, *ptrs: Optional[torch.Tensor], y_dtype=None) -> tuple:
+    """(name expression, grid, block) for a row kernel over x [..., D] (and y of `y_dtype`, if mixed).
 
-
-def row_plan(kernel: str, x: torch.Tensor, *ptrs: Optional[torch.Tensor]) -> tuple:
-    """(name expression, grid, block) for a row kernel over x [..., D]."""
+    VEC is 16 bytes of the widest element type when D and every pointer allow it, else 1. D is
+    within the row limit (`_row_reason`), so the block always covers the row.
+    """
     d = x.shape[-1]
     rows = x.numel() // d
-    vec = P.pick_vec(x.dtype, d, x, *ptrs)
+    dts = (x.dtype,) if y_dtype is None else (x.dtype, y_dtype)
+    vec = P.pick_vec(dts, d, x, *ptrs)
     block = P.row_block(d, vec)
-    if block is None:  # the aligned variant fits more; an unaligned huge row falls to here
-        raise ValueError(f"{kernel}: D={d} too long for the {'vector' if vec > 1 else 'scalar'} "
-                         f"variant (max {P.max_row_len(x.dtype, vec > 1)})")
-    return _row_kernel(kernel, x.dtype, vec), (rows,), (block,)
+    assert block is not None, "D beyond the row limit passed validation"
+    t = ", ".join(P.CTYPES[dt] for dt in dts)
+    return f"{kernel}<{t}, {vec}, {P.NV_VEC if vec > 1 else P.NV_SCALAR}>", (rows,), (block,)
 
 
 def _row_reason(x: torch.Tensor) -> Optional[str]:
@@ -60,9 +63,8 @@ def _row_reason(x: torch.Tensor) -> Optional[str]:
     rows = x.numel() // d
     if rows > P.INT32_MAX:
         return f"x has {rows} rows, more than one launch grid holds ({P.INT32_MAX})"
-    limit = P.max_row_len(x.dtype, vec=d % P.vec_width(x.dtype) == 0)
-    if d > limit:
-        return f"D={d} is longer than the row kernel holds in registers ({limit} for {x.dtype})"
+    if d > P.MAX_ROW:
+        return f"D={d} is longer than the row kernels hold in registers ({P.MAX_ROW})"
     return None
 
 
@@ -146,7 +148,7 @@ def gated_residual_unsupported(x, gate, y) -> Optional[str]:
         P.grad_reason(x, gate, y),
         P.dtype_reason("x", x), P.contiguous_reason("x", x), P.contiguous_reason("y", y),
         None if y.shape == x.shape else f"y has shape {tuple(y.shape)}, x has {tuple(x.shape)}",
-        None if y.dtype == x.dtype else f"y has dtype {y.dtype}, x has {x.dtype} (the kernel needs one dtype)",
+        P.dtype_reason("y", y),
         _row_reason(x), _mods_reason(x, (("gate", gate),)),
     )
 
@@ -157,18 +159,18 @@ def gated_residual_launch(x, gate, y) -> torch.Tensor:
         raise ValueError(f"gated_residual kernel: {reason}")
     g, rpm = _mod_rows(x, gate, "gate")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    name, grid, block, n_vec = elementwise_plan(x, g, y, out)
+    name, grid, block, n_vec = elementwise_plan(x, y, g, out)
     _runtime.launch(MODULE, INSTANCES, name, grid, block,
                     (x, g, y, out, np.int64(n_vec), np.int32(x.shape[-1]), np.int32(rpm)), x.device)
     return out
 
 
-def elementwise_plan(x: torch.Tensor, *ptrs) -> tuple:
+def elementwise_plan(x: torch.Tensor, y: torch.Tensor, *ptrs) -> tuple:
     """(name expression, grid, block, n_vec) for gated_residual_kernel over x [..., D]."""
-    vec = P.pick_vec(x.dtype, x.shape[-1], x, *ptrs)
+    vec = P.pick_vec((x.dtype, y.dtype), x.shape[-1], x, y, *ptrs)
     n_vec = x.numel() // vec
-    return (f"gated_residual_kernel<{P.CTYPES[x.dtype]}, {vec}>", P.elementwise_grid(n_vec),
-            (P.ELEMWISE_BLOCK,), n_vec)
+    return (f"gated_residual_kernel<{P.CTYPES[x.dtype]}, {P.CTYPES[y.dtype]}, {vec}>",
+            P.elementwise_grid(n_vec), (P.ELEMWISE_BLOCK,), n_vec)
 
 
 def gated_residual_ln_modulate_ref(x, gate, y, shift, scale, eps: float = 1e-6):
@@ -194,7 +196,8 @@ def gated_residual_ln_modulate_launch(x, gate, y, shift, scale, eps=1e-6):
     sc, _ = _mod_rows(x, scale, "scale")
     out_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     out_y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    name, grid, block = row_plan("gated_residual_ln_modulate_kernel", x, y, g, sh, sc, out_x, out_y)
+    name, grid, block = row_plan("gated_residual_ln_modulate_kernel", x, y, g, sh, sc, out_x, out_y,
+                                 y_dtype=y.dtype)
     _runtime.launch(MODULE, INSTANCES, name, grid, block,
                     (x, g, y, sh, sc, out_x, out_y, np.int32(x.shape[-1]), np.int32(grpm),
                      np.int32(rpm), np.float32(eps)), x.device)

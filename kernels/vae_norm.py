@@ -41,8 +41,12 @@ def rms_norm_cf_unsupported(x, gamma, bias=None, silu=False, eps=1e-12) -> Optio
     for name, t in (("gamma", gamma), ("bias", bias)):
         if t is None:
             continue
-        if t.numel() != c or t.shape[0] != c or any(s != 1 for s in t.shape[1:]):
-            return f"{name} has shape {tuple(t.shape)}, expected ({c}, 1, ...) with one value per channel"
+        # One value per channel *aligned with dim 1 of x* under broadcasting: (C, 1, 1, 1) for a
+        # 5-D x. A (C, 1, 1) gamma against [B, C, T, H, W] would broadcast over T instead.
+        padded = [1] * (x.ndim - t.ndim) + list(t.shape)
+        if t.ndim > x.ndim or padded != [1, c] + [1] * (x.ndim - 2):
+            return (f"{name} has shape {tuple(t.shape)}; for x of {x.ndim} dims expected "
+                    f"{(c,) + (1,) * (x.ndim - 2)} (one value per channel)")
         if t.dtype != x.dtype:
             return (f"{name} has dtype {t.dtype} but x has {x.dtype}; the reference would promote "
                     "the output, the kernel keeps x's dtype (cast the VAE to one dtype)")

@@ -211,3 +211,18 @@ def test_compiled_graph_calls_the_kernel():
 
     got = torch.compile(f, fullgraph=True)(x, m)
     torch.testing.assert_close(got, f(x, m), rtol=0, atol=0)
+
+
+def test_wan_mixed_dtype_residual():
+    # Wan's block: fp32 residual stream x, bf16 branch output y, fp32 (B, 1, D) views of e0.
+    e = _rand(2, 6, 1536)
+    m = e.unsqueeze(2).unbind(1)  # non-contiguous (B, 1, D) views, as models/wan_dit.py makes them
+    x, y = _rand(2, 777, 1536, scale=4.0), _rand(2, 777, 1536, dtype=torch.bfloat16)
+    got = ops.gated_residual(x, m[2], y)
+    assert ops.op_status()["gated_residual"] == ("cupy", None)
+    want = ops.gated_residual_ref(x, m[2], y)
+    assert_parity(got, want, want, _atol(want))
+    gx, gy = ops.gated_residual_ln_modulate(x, m[2], y, m[3], m[4])
+    assert torch.equal(gx, got)
+    wy = ops.ln_modulate_ref(gx, m[3], m[4])
+    assert_parity(gy, wy, wy, _atol(wy))

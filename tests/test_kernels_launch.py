@@ -128,7 +128,9 @@ def test_fused_and_rms_norm_geometry(fake, boundary):
     m = cuda((1, 1, 5120), torch.float32)
     ox, oy = norm.gated_residual_ln_modulate_launch(x, m, y, m, m)
     assert (ox.dtype, oy.dtype) == (torch.bfloat16, torch.float32)
-    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<__nv_bfloat16, 8, 4>"
+    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<__nv_bfloat16, __nv_bfloat16, 8, 4>"
+    norm.gated_residual_ln_modulate_launch(x.float(), m, y, m, m)
+    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<float, __nv_bfloat16, 4, 4>"
     assert boundary.last["grid"] == (32760,) and boundary.last["block"] == (640,)
     q = cuda((1, 32760, 40, 128))
     out = norm.rms_norm_launch(q.flatten(2), cuda((5120,)))
@@ -142,11 +144,15 @@ def test_elementwise_geometry(fake, boundary):
     norm.gated_residual_launch(x, cuda((2, 1, 5120), torch.float32), cuda((2, 32760, 5120)))
     call = boundary.last
     n_vec = 2 * 32760 * 5120 // 8
-    assert call["kernel"] == "gated_residual_kernel<__nv_bfloat16, 8>"
+    assert call["kernel"] == "gated_residual_kernel<__nv_bfloat16, __nv_bfloat16, 8>"
     assert call["args"][4] == n_vec and call["grid"] == (_plan.MAX_GRID,) and call["block"] == (256,)
     small = cuda((1, 3, 7), torch.float32)
     norm.gated_residual_launch(small, cuda((1, 1, 7), torch.float32), cuda((1, 3, 7), torch.float32))
-    assert boundary.last["kernel"] == "gated_residual_kernel<float, 1>" and boundary.last["grid"] == (1,)
+    assert boundary.last["kernel"] == "gated_residual_kernel<float, float, 1>" and boundary.last["grid"] == (1,)
+    # Wan's residual stream is fp32 while the branch output is bf16: 16 bytes of fp32 per access.
+    norm.gated_residual_launch(cuda((2, 9, 1536), torch.float32), cuda((2, 1, 1536), torch.float32),
+                               cuda((2, 9, 1536)))
+    assert boundary.last["kernel"] == "gated_residual_kernel<float, __nv_bfloat16, 4>"
 
 
 def test_vae_norm_rope_int8_geometry(fake, boundary):
@@ -192,7 +198,8 @@ def test_launchers_validate(fake, boundary):
         (lambda: norm.ln_modulate_launch(cuda((1, 2, 40000)), cuda((1, 1, 40000)), cuda((1, 1, 40000))), "longer than"),
         (lambda: norm.ln_modulate_launch(x, cuda((1, 3, 64)), m), "does not group"),
         (lambda: norm.ln_modulate_launch(x, cuda((2, 1, 32)), m), "last dim 32"),
-        (lambda: norm.gated_residual_launch(x, m, cuda((2, 3, 64), torch.float32)), "one dtype"),
+        (lambda: norm.gated_residual_launch(x, m, cuda((2, 3, 64), torch.float64)), "y has dtype float64"),
+        (lambda: vae_norm.rms_norm_cf_launch(cuda((1, 4, 2, 3, 3)), cuda((4, 1, 1))), "expected (4, 1, 1, 1)"),
         (lambda: norm.rms_norm_launch(x, cuda((63,))), "expected (64,)"),
         (lambda: vae_norm.rms_norm_cf_launch(cuda((1, 4, 2, 3, 3)), cuda((4, 1, 1, 1), torch.float32)), "dtype"),
         (lambda: vae_norm.rms_norm_cf_launch(cuda((4, 3)), cuda((4, 1))), "[B, C, T, H, W]"),
