@@ -117,6 +117,26 @@ class Branch:
             out = out + self._forward(x, sigma, c)
         return out / len(ctxs) if len(ctxs) > 1 else out
 
+    def _batch_pair(self):
+        """(pos, neg) contexts of one shape for a 2B batch, or None (then two forwards, logged once)."""
+        if len(self._pos) != 1 or len(self._neg) != 1:
+            return None
+        p, n = self._pos[0], self._neg[0]
+        if p.shape[0] != n.shape[0]:
+            p, n = p.expand(max(p.shape[0], n.shape[0]), -1, -1), n.expand(max(p.shape[0], n.shape[0]), -1, -1)
+        if p.shape == n.shape:
+            return p, n
+        if self.denoiser.family == "wan_dit":
+            # Wan zero-pads every prompt to text_len (512) itself, so padding the shorter one with zeros to the
+            # longer length changes nothing and lets cond+uncond share one forward.
+            L = max(p.shape[1], n.shape[1])
+            pad = lambda c: torch.cat([c, c.new_zeros(c.shape[0], L - c.shape[1], c.shape[2])], 1)
+            return pad(p), pad(n)
+        log_once(logger, ("cfg_lengths", self.name), "%s branch: positive and negative prompts have different "
+                 "lengths (%d, %d) and the model does not pad text; running them as two forwards", self.name,
+                 p.shape[1], n.shape[1])
+        return None
+
     @torch.no_grad()
     def velocity(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """CFG-guided velocity at `sigma` for latent x [B, C, T, H, W] (float32 out)."""
@@ -126,11 +146,11 @@ class Branch:
             v = self._mean(x, s, self._pos)
         else:
             v_c = v_u = None
-            if (self._batched and len(self._pos) == 1 and len(self._neg) == 1
-                    and self._pos[0].shape == self._neg[0].shape):
+            pair = self._batch_pair() if self._batched else None
+            if pair is not None:
                 b = x.shape[0]
                 try:
-                    pos, neg = (c.expand(b, -1, -1) for c in (self._pos[0], self._neg[0]))
+                    pos, neg = (c.expand(b, -1, -1) for c in pair)
                     both = self._forward(torch.cat([x, x]), torch.cat([s, s]), torch.cat([pos, neg]))
                     v_c, v_u = both[:b], both[b:]
                 except torch.cuda.OutOfMemoryError:

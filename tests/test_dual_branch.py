@@ -213,3 +213,28 @@ def test_nodes_run_and_match_library():
             for spec in section.values():
                 if spec[0] in ("INT", "FLOAT"):
                     assert {"min", "max", "step"} <= set(spec[1])
+
+
+def test_real_tiny_wan_dit_with_tiny_refiner():
+    from twinflow.models import refiner, wan_dit, text
+    from twinflow.nodes.dit import wan_denoiser
+
+    S = wan_denoiser(wan_dit.random_wan_dit("tiny"), "wan tiny", "random:tiny")
+    R = refiner.make_denoiser(*refiner.random_refiner("tiny"), name="refiner tiny")
+    pos = text.conditioning(text.tiny_text_encode("a red fox", width=S.text_dim))
+    neg = text.conditioning(text.tiny_text_encode("", width=S.text_dim))
+    lat = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    gate = GateSchedule("steps", alpha=0.5, fuse_steps=(3, 6, 9), cutoff=0.3)
+    args = dict(seed=3, steps=10, sampler="uni_pc", scheduler="simple", shift=8.0)
+    out, rep = sample(Branch(S, pos, neg, 5.0), lat, detail=Branch(R, name="detail"), gate=gate, **args)
+    assert out["samples"].shape == (1, 16, 1, 8, 8) and torch.isfinite(out["samples"]).all()
+    assert rep.branches["semantic"]["forwards"] == 10 and rep.branches["semantic"]["items"] == 20  # CFG batched
+    assert rep.branches["detail"]["forwards"] == 3
+    one, _ = sample(Branch(S, pos, neg, 5.0), lat, detail=Branch(R, name="detail"),
+                    gate=GateSchedule("constant", alpha=1.0), **args)
+    single, _ = sample(Branch(S, pos, neg, 5.0), lat, **args)
+    assert torch.equal(one["samples"], single["samples"]) and not torch.equal(one["samples"], out["samples"])
+    # prompts of different lengths batched with Wan's zero padding == two separate forwards
+    two, rep2 = sample(Branch(S, pos, neg, 5.0, batch_cfg="never"), lat, **args)
+    assert rep2.branches["semantic"]["forwards"] == 20
+    assert torch.allclose(two["samples"], single["samples"], atol=1e-4)
