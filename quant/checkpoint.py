@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -132,8 +132,10 @@ def read_layers(metadata: Optional[dict], state_dict: dict, source: str = "check
         return sd, layers
 
     markers = [k for k in sd if _is_marker(k)]
-    if markers:
-        marker = sd.pop(markers[0])
+    # A loader that strips a `model.diffusion_model.` prefix may drop a top-level marker: `scale_weight`
+    # tensors alone still identify the legacy layout.
+    if markers or any(k.endswith(".scale_weight") for k in sd):
+        marker = sd.pop(markers[0]) if markers else torch.empty(0, dtype=torch.float8_e4m3fn)
         for extra in markers[1:]:
             sd.pop(extra)
         dtype = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
@@ -195,13 +197,23 @@ def _rename_keys(sd: dict, layers: dict, mapping: dict) -> dict:
 
 @torch.no_grad()
 def load_quantized_into(module: nn.Module, state_dict: dict, metadata: Optional[dict] = None,
-                        source: str = "checkpoint") -> nn.Module:
+                        source: str = "checkpoint", dtype: Optional[torch.dtype] = None,
+                        keep_fp32: Optional[Callable[[str], bool]] = None) -> nn.Module:
     """Swap the quantized layers of `module` (on meta or cpu, plain `nn.Linear`s) for `QuantLinear`s
     and load `state_dict` strictly with `assign=True`; no re-quantization. Returns the module (eval).
 
-    Tensors of layers that stay high precision keep the file's dtype, except float8 ones (plain fp8
-    files), which are widened to bfloat16. Raises CheckpointError listing missing, unexpected and
-    mismatched keys together.
+    Args:
+        module: the model, built with plain `nn.Linear`s (meta device is best: nothing is allocated twice).
+        state_dict: the file's tensors with the model's key names (prefixes already stripped); the layer
+            names in a ComfyUI `_quantization_metadata` record may keep theirs.
+        metadata: the safetensors metadata (`twinflow_quant` / `_quantization_metadata`), may be None for
+            legacy scaled-fp8 files (the `scaled_fp8` marker / `scale_weight` tensors identify them).
+        dtype: cast the high-precision tensors (not the quantized layers' codes/scales) to this dtype;
+            None keeps the file's, except float8 tensors outside quantized layers, widened to bfloat16.
+        keep_fp32: keys that stay float32 whatever `dtype` (a model's fp32 islands).
+    Raises:
+        CheckpointError: unknown/unsupported layout or format, a record naming a non-linear layer, wrong
+            code dtype, or missing / unexpected / shape-mismatched keys (all listed together).
     """
     sd, file_layers = read_layers(metadata, state_dict, source)
     mapping = _match_names(file_layers, module, source)
@@ -214,20 +226,29 @@ def load_quantized_into(module: nn.Module, state_dict: dict, metadata: Optional[
         q = QuantLinear(lin.in_features, lin.out_features, fmt, layer_opts, bias=lin.bias is not None,
                         bias_dtype=bias_dtype, device="meta")
         module.set_submodule(name, q)
-        for tname, (shape, dtype) in q.format.storage(q.out_features, q.in_features, q.layer_opts).items():
+        for tname, (shape, store_dtype) in q.format.storage(q.out_features, q.in_features, q.layer_opts).items():
             key = f"{name}.{tname}"
             if key not in sd:
                 continue  # reported by the strict check below
             t = sd[key]
-            if tname == "weight" and t.dtype != dtype:
-                raise CheckpointError(f"{source}: {key} is {t.dtype}, but format {fmt} stores {dtype}")
+            if tname == "weight" and t.dtype != store_dtype:
+                raise CheckpointError(f"{source}: {key} is {t.dtype}, but format {fmt} stores {store_dtype}")
             if tname != "weight":
                 sd[key] = t.float()  # scales are fp32; a bf16/fp16 scale widens exactly
                 if tuple(t.shape) == (1,) and shape == ():
                     sd[key] = sd[key].reshape(())
     quantized = set(by_module)
     for k, v in list(sd.items()):
-        if v.dtype in _FP8_TYPES and k.rpartition(".")[0] not in quantized:
+        owner, _, leaf = k.rpartition(".")
+        if owner in quantized and leaf != "bias":
+            continue  # codes and scales keep their storage dtypes
+        if not v.is_floating_point():
+            continue
+        if keep_fp32 is not None and keep_fp32(k):
+            sd[k] = v.float()
+        elif dtype is not None:
+            sd[k] = v.to(dtype)
+        elif v.dtype in _FP8_TYPES:
             log_once(logger, ("quant.fp8_plain", source), "%s: float8 tensors of high-precision layers "
                      "(e.g. %s) widened to bfloat16", source, k)
             sd[k] = v.to(torch.bfloat16)

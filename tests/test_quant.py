@@ -386,6 +386,24 @@ def test_comfy_scaled_fp8_files_load(tiny, tmp_path, layout):
     torch.testing.assert_close(_velocity(loaded), _velocity(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_legacy_without_marker_and_dtype_casts(tiny):
+    """A prefix-stripping loader may drop a top-level `scaled_fp8` marker; `scale_weight` alone suffices.
+    `dtype` casts only the high-precision tensors; `keep_fp32` keeps the fp32 islands."""
+    from twinflow.models.wan_dit import keep_fp32
+
+    sd = {k: v.clone() for k, v in tiny.state_dict().items()}
+    w8, s = _comfy_fp8(tiny.blocks[0].ffn[0].weight.detach())
+    sd["blocks.0.ffn.0.weight"], sd["blocks.0.ffn.0.scale_weight"] = w8, s
+    assert is_quantized({}, sd)
+    loaded = load_quantized_into(_meta_wan(tiny.config), sd, None, "legacy", dtype=torch.bfloat16,
+                                 keep_fp32=keep_fp32)
+    q = loaded.blocks[0].ffn[0]
+    assert isinstance(q, QuantLinear) and q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.dtype == torch.float32
+    assert q.bias.dtype == torch.bfloat16 and loaded.blocks[0].ffn[2].weight.dtype == torch.bfloat16
+    assert loaded.time_embedding[0].weight.dtype == torch.float32 and loaded.head.head.weight.dtype == torch.float32
+    torch.testing.assert_close(q.dequantized_weight(), w8.float() * s, rtol=0, atol=0)
+
+
 def test_writer_produces_comfy_layouts(tiny):
     qm, _ = quantize_module(tiny, Recipe("fp8_e4m3_weight_only"))
     sd, meta = quantized_state_dict(qm, layout="comfy_scaled_fp8", prefix="model.diffusion_model.")
@@ -421,6 +439,12 @@ def test_missing_scale_reported(tiny):
     del sd["blocks.1.ffn.0.weight_scale"]
     with pytest.raises(CheckpointError, match="missing.*blocks.1.ffn.0.weight_scale"):
         load_quantized_into(_meta_wan(tiny.config), sd, meta)
+    sd, meta = quantized_state_dict(qm)
+    sd["blocks.0.ffn.2.weight"] = sd["blocks.0.ffn.2.weight"].to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match="blocks.0.ffn.2.weight is torch.float8_e4m3fn.*stores torch.int8"):
+        load_quantized_into(_meta_wan(tiny.config), sd, meta)
+    with pytest.raises(CheckpointError, match="format_version"):
+        load_quantized_into(_meta_wan(tiny.config), sd, {"twinflow_quant": json.dumps({"format_version": 99})})
 
 
 # ---------------------------------------------------------------------------------------------- nodes

@@ -1,0 +1,184 @@
+"""Quantization numbers: exact weight bytes per format, CPU W8A8 timing, and a GPU fp8 GEMM script.
+
+    python -m twinflow.benchmarks.quant memory            # exact bytes, 1.3B- and 14B-shaped (meta tensors)
+    python -m twinflow.benchmarks.quant cpu [--tokens N]  # int8_dynamic / int8 weight-only vs fp32 linears
+    python -m twinflow.benchmarks.quant gpu [--json F]    # fp8 torch._scaled_mm vs bf16 at Wan shapes (CUDA)
+
+Timings are reported as ratios against a peer measured in the same run (median of repeats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+
+import torch
+
+from ..models.wan_dit import PRESETS, WanAttentionBlock, WanDiT, keep_fp32
+from ..quant.formats import FORMATS, QuantOptions, get_format
+from ..quant.linear import QuantLinear
+from ..quant.swap import select_layers
+
+logger = logging.getLogger(__name__)
+
+MEMORY_RECIPES = (
+    ("bf16 (baseline)", None, QuantOptions()),
+    ("int8_weight_only", "int8_weight_only", QuantOptions()),
+    ("int8_weight_only g128", "int8_weight_only", QuantOptions(group_size=128)),
+    ("fp8_e4m3_weight_only", "fp8_e4m3_weight_only", QuantOptions()),
+    ("fp8_e4m3_dynamic", "fp8_e4m3_dynamic", QuantOptions()),
+    ("int8_dynamic", "int8_dynamic", QuantOptions()),
+    ("int8_dynamic + SmoothQuant", "int8_dynamic", QuantOptions(smoothquant_alpha=0.5)),
+)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _meta_quantized(module: torch.nn.Module, fmt_name, opts: QuantOptions, root_names=None) -> torch.nn.Module:
+    """Swap the default-selected linears of a meta module for meta QuantLinears (storage only, no math)."""
+    if fmt_name is None:
+        return module
+    fmt = get_format(fmt_name)
+    layer_opts = fmt.layer_options(opts)
+    for name in select_layers(module) if root_names is None else root_names:
+        lin = module.get_submodule(name)
+        q = QuantLinear(lin.in_features, lin.out_features, fmt_name, layer_opts, bias=lin.bias is not None,
+                        bias_dtype=torch.bfloat16, device="meta")
+        module.set_submodule(name, q)
+    return module
+
+
+def memory_table() -> list[dict]:
+    """Exact bytes of one transformer block and of the whole DiT, bf16 weights (fp32 islands as loaded)."""
+    rows = []
+    for preset in ("wan2.1-1.3b", "wan2.1-14b"):
+        cfg = PRESETS[preset]
+        for label, fmt, opts in MEMORY_RECIPES:
+            with torch.device("meta"):
+                block = WanAttentionBlock(cfg).to(torch.bfloat16)
+                model = WanDiT(cfg)
+            for name, p in list(model.named_parameters()):
+                p.data = p.data.to(torch.float32 if keep_fp32(name) else torch.bfloat16)
+            names = [f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn.0", "ffn.2"]
+            block = _meta_quantized(block, fmt, opts, names)
+            model = _meta_quantized(model, fmt, opts)
+            rows.append({"preset": preset, "recipe": label, "block_bytes": _bytes(block),
+                         "model_bytes": _bytes(model)})
+    return rows
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm up (allocations, lazy init)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def cpu_table(tokens: int = 512, repeats: int = 5) -> list[dict]:
+    """fp32 F.linear vs int8_dynamic (torch._int_mm) vs int8 weight-only (dequantize + fp32 GEMM) on CPU."""
+    shapes = [("1.3B attn", 1536, 1536), ("1.3B ffn.0", 1536, 8960), ("1.3B ffn.2", 8960, 1536),
+              ("14B attn", 5120, 5120)]
+    rows = []
+    for label, k, n in shapes:
+        lin = torch.nn.Linear(k, n)
+        x = torch.randn(tokens, k)
+        w8a8 = QuantLinear.from_linear(lin, "int8_dynamic", {})
+        wo = QuantLinear.from_linear(lin, "int8_weight_only", {"group_size": 0})
+        t_fp32 = _median_time(lambda: lin(x), repeats)
+        t_w8a8 = _median_time(lambda: w8a8(x), repeats)
+        t_wo = _median_time(lambda: wo(x), repeats)
+        rows.append({"shape": label, "M": tokens, "K": k, "N": n, "fp32_ms": 1e3 * t_fp32,
+                     "int8_dynamic_ms": 1e3 * t_w8a8, "int8_weight_only_ms": 1e3 * t_wo,
+                     "speedup_int8_dynamic": t_fp32 / t_w8a8, "speedup_int8_weight_only": t_fp32 / t_wo})
+    return rows
+
+
+@torch.no_grad()
+def gpu_table(tokens: int = 32760, repeats: int = 20) -> list[dict]:
+    """fp8 row-wise `torch._scaled_mm` vs bf16 `torch.mm` at Wan shapes (CUDA, compute capability >= 8.9).
+
+    Also times the full fp8_e4m3_dynamic QuantLinear (activation quantization included) against a bf16
+    nn.Linear. Target from the issue: >= 1.6x on the GEMM alone on an H100.
+    """
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu benchmark: no CUDA device here; run it on a GPU host (compute capability >= 8.9)")
+    FORMATS["fp8_e4m3_dynamic"].check_device("cuda")
+    dev = torch.device("cuda")
+    shapes = [("1.3B attn", 1536, 1536), ("1.3B ffn.0", 1536, 8960), ("1.3B ffn.2", 8960, 1536),
+              ("14B attn", 5120, 5120), ("14B ffn.0", 5120, 13824), ("14B ffn.2", 13824, 5120)]
+
+    def cuda_time(fn):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats / 1e3
+
+    rows = []
+    for label, k, n in shapes:
+        x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+        lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
+        lin.weight.copy_(w)
+        q = QuantLinear.from_linear(lin, "fp8_e4m3_dynamic", {"per_channel": True})
+        a8 = x.to(torch.float8_e4m3fn)
+        sa = torch.ones(tokens, 1, device=dev)
+        sb = torch.ones(1, n, device=dev)
+        w8t = q.weight.t()
+        t_bf16 = cuda_time(lambda: torch.mm(x, w.t()))
+        t_fp8 = cuda_time(lambda: torch._scaled_mm(a8, w8t, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+        t_lin = cuda_time(lambda: lin(x))
+        t_q = cuda_time(lambda: q(x))
+        y, yq = lin(x).float(), q(x).float()
+        flops = 2 * tokens * k * n
+        rows.append({"shape": label, "M": tokens, "K": k, "N": n,
+                     "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
+                     "gemm_speedup": t_bf16 / t_fp8, "linear_speedup_incl_act_quant": t_lin / t_q,
+                     "cosine_vs_bf16": torch.nn.functional.cosine_similarity(y.flatten(), yq.flatten(), dim=0).item()})
+    return rows
+
+
+def machine() -> str:
+    s = f"{platform.machine()} {platform.processor() or ''}".strip()
+    s += f", {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        s += f", {torch.cuda.get_device_name(0)}"
+    return s
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("memory", "cpu", "gpu", "all"))
+    ap.add_argument("--tokens", type=int, default=None, help="GEMM M (default: 512 on CPU, 32760 on GPU)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    out = {"machine": machine()}
+    if args.what in ("memory", "all"):
+        out["memory"] = memory_table()
+    if args.what in ("cpu", "all"):
+        out["cpu"] = cpu_table(args.tokens or 512, args.repeats or 5)
+    if args.what == "gpu":
+        out["gpu"] = gpu_table(args.tokens or 32760, args.repeats or 20)
+    text = json.dumps(out, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    print(text)  # a command-line tool: its output is the report
+
+
+if __name__ == "__main__":
+    main()
