@@ -165,6 +165,7 @@ def _print_error(err: BaseException, as_json: bool, prompt=None) -> None:
                   file=sys.stderr, end="")
         return
     kind = {FileNotFoundError: "file_not_found"}.get(type(err), type(err).__name__)
+    # errors from other parts' subcommands or folder setup carry no node context: print them as they are
     if as_json:
         print(json.dumps({"error": {"type": kind, "message": str(err), "details": "", "extra_info": {}},
                           "node_errors": {}}, indent=2))
@@ -286,8 +287,11 @@ def main(argv=None) -> int:
         else:
             print(msg, file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (TwinFlowError, FileNotFoundError) as e:
+    except (TwinFlowError, ValueError, TypeError, OSError) as e:
+        # Our boundaries raise these with a message that says what to fix (STYLE.md); -v adds the traceback.
         _print_error(e, as_json)
+        if args.verbose and not isinstance(e, WorkflowError):
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
         return EXIT_ERROR
     finally:
         progress.set_backend(None)

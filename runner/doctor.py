@@ -75,7 +75,7 @@ def hook_lines() -> list[str]:
         if fn is None:
             continue
         try:
-            lines += [f"{pkg}: {line}" for line in fn()]
+            lines += [line if str(line).lower().startswith(pkg) else f"{pkg}: {line}" for line in fn()]
         except Exception as e:  # a hook must never break the report; show what went wrong instead
             logger.debug("doctor_lines of %s raised", pkg, exc_info=True)
             lines.append(f"{pkg}: doctor check failed: {type(e).__name__}: {e}")

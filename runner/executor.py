@@ -163,6 +163,7 @@ class Executor:
         new_cache: dict = {}
         executed, cached, timings = [], [], []
         uis: dict[str, dict] = {}
+        ok = False
         try:
             with torch.inference_mode():
                 for nid in validated.order:
@@ -191,11 +192,16 @@ class Executor:
                         uis[nid] = entry.ui
                     logger.info("node #%s %s: %s in %.3f s", nid, ctype, "cached" if calls == 0 else "ran",
                                 timings[-1].seconds)
+            ok = True
         finally:
-            # Keep what this run produced (ComfyUI drops entries of nodes absent from the new prompt).
-            self._cache = {**{k: v for k, v in self._cache.items() if k in new_cache}, **new_cache}
-            live = {(nid, prompt[nid]["class_type"]) for nid in validated.order}
-            self._objects = {k: v for k, v in self._objects.items() if k in live}
+            if ok:
+                # Keep what this run used (ComfyUI drops entries of nodes absent from the new prompt) ...
+                self._cache = new_cache
+                live = {(nid, prompt[nid]["class_type"]) for nid in validated.order}
+                self._objects = {k: v for k, v in self._objects.items() if k in live}
+            else:
+                # ... but a failed or interrupted run only adds what it finished, so a retry resumes there.
+                self._cache.update(new_cache)
         outputs = {nid: uis.get(nid, {}) for nid in validated.outputs}
         for nid, ui in uis.items():
             outputs.setdefault(nid, ui)

@@ -106,6 +106,17 @@ def test_interrupt_exit_130(test_nodes, capsys, tmp_path):
     assert code == 130 and "interrupted" in err and tn.CALLS["TestShow"] == 0
 
 
+def test_real_sigint_stops_cleanly_with_130(test_nodes, capsys, tmp_path):
+    f = tmp_path / "wf.json"
+    f.write_text(json.dumps({"1": {"class_type": "TestSigint", "inputs": {"steps": 50}},
+                             "2": {"class_type": "TestShow", "inputs": {"value": ["1", 0]}}}))
+    before = signal.getsignal(signal.SIGINT)
+    code, _, err = run(["run", f, "--no-progress"], capsys)
+    assert code == 130 and "interrupt requested" in err
+    assert tn.CALLS["TestSigint.steps"] < 50 and tn.CALLS["TestShow"] == 0
+    assert signal.getsignal(signal.SIGINT) is before  # the CLI put the previous handler back
+
+
 def test_sigint_handler_first_requests_then_aborts():
     h = cli._SigintHandler()
     try:

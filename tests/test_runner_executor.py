@@ -242,3 +242,16 @@ def test_real_io_nodes_end_to_end(tf_dirs):
     assert shape == (1, 16, 1 + (9 - 1) // 4, 48 // 8, 64 // 8)  # ComfyUI's Wan latent convention
     again = run_workflow(FIX / "ui_real_latent.json", cache=False).files()
     assert again[0] != files[0] and files[0].is_file()  # a second run never overwrites
+
+
+def test_failed_run_keeps_finished_nodes_cached(tf_dirs):
+    runner = Runner(REG)
+    p = api()
+    runner.run(p)
+    # the failing branch comes first, so the run stops before it reaches the cached nodes
+    bad = {"10": {"class_type": "TestShow", "inputs": {"value": ["9", 0]}},
+           "9": {"class_type": "TestFail", "inputs": {"value": 1}}, **api()}
+    with pytest.raises(NodeExecutionError):
+        runner.run(bad)
+    r = runner.run(p)  # the earlier results survived the failed run
+    assert r.executed == [] and sorted(r.cached) == ["1", "2", "4", "6"]
