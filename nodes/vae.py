@@ -1,4 +1,174 @@
-"""TwinFlow nodes: vae."""
+"""TwinFlow nodes: vae — load the Wan2.1 VAE (`TWINFLOW_VAE`), encode IMAGE frames to LATENT, decode back.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Formats are ComfyUI's: IMAGE is float32 [N, H, W, 3] in 0..1 with video frames stacked on N; LATENT is
+`{"samples": Tensor[B, 16, T, H/8, W/8]}` raw (un-normalised) VAE space. All math is in `models.wan_vae`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..core import paths
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "TwinFlow/vae"
+RANDOM_PREFIX = "random:"
+RANDOM_PRESETS = ("tiny", "wan2.1")
+DTYPE_CHOICES = ("default", "fp32", "fp16", "bf16")
+TILING_CHOICES = ("auto", "off", "custom")
+MAX_RESOLUTION = 16384
+
+
+def _check_vae(vae):
+    from ..models.wan_vae import WanVAE
+
+    if not isinstance(vae, WanVAE):
+        raise TypeError(f"input 'vae' must be a TWINFLOW_VAE (from TwinFlow Load VAE), got {type(vae).__name__}")
+    return vae
+
+
+class TwinFlowLoadVAE:
+    """Load a Wan2.1 VAE file (official .pth or ComfyUI .safetensors) or seeded random weights."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = [RANDOM_PREFIX + p for p in RANDOM_PRESETS] + paths.list_models("vae")
+        return {
+            "required": {
+                "vae_name": (names, {"tooltip": "A Wan2.1 VAE from models/vae (Wan2.1_VAE.pth or "
+                                                "wan_2.1_vae.safetensors, prefixes such as 'first_stage_model.' are "
+                                                "stripped), or 'random:<preset>' for seeded random weights (demos, CI)."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "default",
+                                                "tooltip": "Weights/compute dtype. 'default' keeps the file's dtype "
+                                                           "(fp32 for random presets)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1,
+                                 "tooltip": "Seed of the random weights (random:<preset> only)."}),
+            }
+        }
+
+    RETURN_TYPES = ("TWINFLOW_VAE",)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the Wan2.1 causal video VAE (16 latent channels, 4x time and 8x space compression)."
+
+    def load(self, vae_name, dtype="default", seed=0):
+        from ..models import loading, wan_vae
+
+        torch_dtype = loading.parse_dtype(dtype)
+        if vae_name.startswith(RANDOM_PREFIX):
+            preset = vae_name[len(RANDOM_PREFIX):]
+            if preset not in wan_vae.PRESETS:
+                raise ValueError(f"unknown random VAE {vae_name!r}; expected one of "
+                                 f"{[RANDOM_PREFIX + p for p in RANDOM_PRESETS]}")
+            return (wan_vae.random_wan_vae(preset, seed=int(seed), dtype=torch_dtype or torch.float32),)
+        path = paths.find_model("vae", vae_name)
+        return (wan_vae.load_wan_vae(path, dtype=torch_dtype),)
+
+
+class TwinFlowVAEEncode:
+    """IMAGE frames -> LATENT (the raw latent mean, as ComfyUI's VAE Encode)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("TWINFLOW_VAE", {"tooltip": "The VAE from TwinFlow Load VAE."}),
+                "pixels": ("IMAGE", {"tooltip": "Video frames [N, H, W, 3] in 0..1. N should be 1+4k; extra frames "
+                                                "are dropped. H and W are cropped to multiples of 8."}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encodes video frames with the Wan2.1 VAE; 1+4k frames give 1+k latent frames."
+
+    def encode(self, vae, pixels):
+        vae = _check_vae(vae)
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[-1] < 3 or pixels.shape[0] < 1:
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"input 'pixels' must be an IMAGE tensor [N, H, W, 3] in 0..1, got {shape}")
+        r = vae.cfg.spatial_ratio
+        n, h, w, _ = pixels.shape
+        h8, w8 = (h // r) * r, (w // r) * r
+        if h8 == 0 or w8 == 0:
+            raise ValueError(f"input 'pixels' is {h}x{w}; the Wan VAE needs at least {r}x{r}")
+        if (h8, w8) != (h, w):
+            # centred crop to a multiple of 8, as ComfyUI's VAEEncode does
+            y0, x0 = (h % r) // 2, (w % r) // 2
+            logger.info("TwinFlow VAE Encode: cropping %dx%d to %dx%d (multiples of %d)", h, w, h8, w8, r)
+            pixels = pixels[:, y0:y0 + h8, x0:x0 + w8]
+        video = pixels[..., :3].movedim(-1, 0).unsqueeze(0)  # (1, 3, N, H, W)
+        video = video.to(torch.float32) * 2.0 - 1.0
+        samples = vae.encode(video)
+        return ({"samples": samples.to(torch.float32)},)
+
+
+class TwinFlowVAEDecode:
+    """LATENT -> IMAGE frames, streaming one latent frame at a time; spatial tiling when needed."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("TWINFLOW_VAE", {"tooltip": "The VAE from TwinFlow Load VAE."}),
+                "samples": ("LATENT", {"tooltip": "Raw Wan latents [B, 16, T, H/8, W/8]; T latent frames give "
+                                                  "1+4(T-1) frames."}),
+                "tiling": (list(TILING_CHOICES), {"default": "auto",
+                                                  "tooltip": "auto: decode whole frames if the memory estimate fits "
+                                                             "the device, else tile. off: never tile (refuses up front "
+                                                             "if it cannot fit). custom: tile with the sizes below. "
+                                                             "Time is always streamed one latent frame at a time."}),
+                "tile_size": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 32,
+                                      "tooltip": "Tile size in pixels (custom tiling)."}),
+                "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32,
+                                    "tooltip": "Tile overlap in pixels, blended linearly (custom tiling); at most "
+                                               "half the tile size."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Decodes Wan latents to video frames (IMAGE, 0..1) with streaming and optional tiling."
+
+    def decode(self, vae, samples, tiling="auto", tile_size=512, overlap=64):
+        vae = _check_vae(vae)
+        if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor):
+            raise TypeError("input 'samples' must be a LATENT dict with a 'samples' tensor")
+        z = samples["samples"]
+        if z.ndim == 4:  # an image latent [B, C, H, W]
+            z = z.unsqueeze(2)
+        if z.ndim != 5 or z.shape[1] != vae.cfg.z_dim:
+            raise ValueError(f"input 'samples' must be Wan latents [B, {vae.cfg.z_dim}, T, H, W], "
+                             f"got {tuple(samples['samples'].shape)}")
+        if tiling not in TILING_CHOICES:
+            raise ValueError(f"tiling must be one of {TILING_CHOICES}, got {tiling!r}")
+        r = vae.cfg.spatial_ratio
+        if tiling == "custom":
+            if overlap * 2 > tile_size:
+                raise ValueError(f"overlap {overlap} must be at most half of tile_size {tile_size}")
+            video = vae.decode(z, tiling="on", tile=(max(2, tile_size // r), overlap // r))
+        else:
+            video = vae.decode(z, tiling=tiling)
+        b, c, t, h, w = video.shape
+        images = ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0)  # (B, 3, T, H, W)
+        images = images.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).contiguous()
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "TwinFlowLoadVAE": TwinFlowLoadVAE,
+    "TwinFlowVAEEncode": TwinFlowVAEEncode,
+    "TwinFlowVAEDecode": TwinFlowVAEDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TwinFlowLoadVAE": "TwinFlow Load VAE",
+    "TwinFlowVAEEncode": "TwinFlow VAE Encode",
+    "TwinFlowVAEDecode": "TwinFlow VAE Decode",
+}
