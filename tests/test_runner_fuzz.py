@@ -102,3 +102,48 @@ def test_truncated_or_garbled_text(noise, cut):
     except WorkflowError:
         return
     check(data)
+
+
+TYPES = ["INT", "FLOAT", "STRING", "LATENT", "TESTMODEL", "*", "", "INT,FLOAT", None, 3]
+NODE_TYPES = sorted(REG) + ["Reroute", "PrimitiveNode", "Note", "MarkdownNote", "Unknown"]
+
+
+@st.composite
+def random_graphs(draw):
+    """UI graphs with random wiring between random slots, random modes and widgets: the converter must
+    either produce a prompt or refuse with WorkflowError, never crash or loop."""
+    n = draw(st.integers(min_value=1, max_value=7))
+    nodes = []
+    for i in range(1, n + 1):
+        slots_in = draw(st.integers(min_value=0, max_value=3))
+        slots_out = draw(st.integers(min_value=0, max_value=2))
+        nodes.append({
+            "id": i, "type": draw(st.sampled_from(NODE_TYPES)), "mode": draw(st.sampled_from([0, 0, 2, 4, 1])),
+            "inputs": [{"name": draw(st.sampled_from(["a", "b", "value", "model", "latent", "x"])),
+                        "type": draw(st.sampled_from(TYPES)), "link": None,
+                        **({"widget": {"name": "value"}} if draw(st.booleans()) else {})} for _ in range(slots_in)],
+            "outputs": [{"name": "o", "type": draw(st.sampled_from(TYPES)), "links": [],
+                         **({"widget": {"name": "value"}} if draw(st.booleans()) else {})} for _ in range(slots_out)],
+            "widgets_values": draw(st.lists(scalars, max_size=7)),
+        })
+    links = []
+    for lid in range(1, draw(st.integers(min_value=0, max_value=10)) + 1):
+        src = draw(st.integers(min_value=1, max_value=n + 1))  # n + 1: a node that does not exist
+        dst = draw(st.integers(min_value=1, max_value=n))
+        src_node = nodes[src - 1] if src <= n else None
+        dst_node = nodes[dst - 1]
+        if not dst_node["inputs"]:
+            continue
+        o_slot = draw(st.integers(min_value=0, max_value=max(0, len(src_node["outputs"]) - 1 if src_node else 0)))
+        t_slot = draw(st.integers(min_value=0, max_value=len(dst_node["inputs"]) - 1))
+        dst_node["inputs"][t_slot]["link"] = lid
+        if src_node and src_node["outputs"] and o_slot < len(src_node["outputs"]):
+            src_node["outputs"][o_slot]["links"].append(lid)
+        links.append([lid, src, o_slot, dst, t_slot, "*"])
+    return {"nodes": nodes, "links": links, "version": 0.4}
+
+
+@FUZZ
+@given(random_graphs())
+def test_random_ui_graphs(ui):
+    check(ui)
