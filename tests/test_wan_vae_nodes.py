@@ -86,3 +86,14 @@ def test_load_from_models_folder(tf_dirs, vae):
     assert as32.dtype == torch.float32
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         TwinFlowLoadVAE().load("missing.safetensors", "default", 0)
+
+
+def test_roundtrip_workflow_runs_headless(tf_dirs):
+    from pathlib import Path
+
+    api = pytest.importorskip("twinflow.runner.api")
+    wf = Path(__file__).resolve().parents[1] / "workflows" / "vae_roundtrip.json"
+    result = api.run_workflow(str(wf), output_dir=tf_dirs["output"], cache=False)
+    saved = result["6"]["images"]
+    assert len(saved) == 1 and result["6"]["animated"] == [True]
+    assert (tf_dirs["output"] / saved[0]["subfolder"] / saved[0]["filename"]).is_file()
