@@ -212,7 +212,8 @@ class Executor:
     # ------------------------------------------------------------------------------------------ internals
 
     def _signature(self, nid: str, node: dict, cls, sigs: dict):
-        inputs = node.get("inputs") or {}
+        declared = {s.name for s in iter_inputs(cls, node["class_type"])}
+        inputs = {k: v for k, v in (node.get("inputs") or {}).items() if k in declared}  # others are ignored
         parts = []
         for name in sorted(inputs):
             val = inputs[name]
@@ -222,13 +223,12 @@ class Executor:
                 parts.append((name, "const", _freeze(val)))
         hidden = set(hidden_inputs(cls, node["class_type"]).values())
         ident = nid if (getattr(cls, "NOT_IDEMPOTENT", False) or "UNIQUE_ID" in hidden) else None
-        return (node["class_type"], self._is_changed(nid, node, cls), tuple(parts), ident)
+        return (node["class_type"], self._is_changed(nid, node, cls, inputs), tuple(parts), ident)
 
-    def _is_changed(self, nid: str, node: dict, cls):
+    def _is_changed(self, nid: str, node: dict, cls, inputs: dict):
         fn = getattr(cls, "IS_CHANGED", None)
         if fn is None:
             return None
-        inputs = node.get("inputs") or {}
         args = {k: (None if is_link(v) else v) for k, v in inputs.items()}
         try:
             spec = inspect.getfullargspec(fn)

@@ -255,3 +255,11 @@ def test_failed_run_keeps_finished_nodes_cached(tf_dirs):
         runner.run(bad)
     r = runner.run(p)  # the earlier results survived the failed run
     assert r.executed == [] and sorted(r.cached) == ["1", "2", "4", "6"]
+
+
+def test_undeclared_inputs_are_ignored(tf_dirs, caplog):
+    p = api()
+    p["2"]["inputs"]["stale"] = ["404", 0]  # an input the class no longer has, linked to a missing node
+    r = run_workflow(p, registry=REG, cache=False)
+    assert sorted(r.executed) == ["1", "2", "4", "6"]
+    assert "'stale' is not declared" in caplog.text

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twinflow.core.errors import WorkflowError
+from twinflow.runner.executor import Executor
 from twinflow.runner.formats import load_workflow, parse_json_text
 from twinflow.runner.validate import validate_prompt
 
@@ -29,10 +30,15 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_
                            max_leaves=12)
 
 
-def check(data):
+SAFE = {k: v for k, v in REG.items() if k not in ("TestSlow", "TestSigint")}  # those interrupt on purpose
+
+
+def check(data, execute=False):
     try:
         wf = load_workflow(data, REG)
-        validate_prompt(wf.prompt, REG)
+        v = validate_prompt(wf.prompt, REG)
+        if execute and all(n["class_type"] in SAFE for n in v.prompt.values()):
+            Executor(SAFE).execute(v, extra_pnginfo=wf.extra_pnginfo)
     except WorkflowError:
         pass
 
@@ -90,7 +96,7 @@ def test_mutated_api_prompt(mutations):
             doc = _mutate(doc, path, value, delete)
         except (KeyError, IndexError, TypeError):
             continue
-    check(doc)
+    check(doc, execute=True)
 
 
 @FUZZ
@@ -146,4 +152,4 @@ def random_graphs(draw):
 @FUZZ
 @given(random_graphs())
 def test_random_ui_graphs(ui):
-    check(ui)
+    check(ui, execute=True)
