@@ -73,7 +73,7 @@ def reset_probe() -> None:
         _avail = None
 
 
-_modules: dict = {}
+_functions: dict = {}
 _modules_lock = threading.Lock()
 
 
@@ -81,20 +81,19 @@ def _function(module: str, name_expressions: tuple, kernel: str, device_index: i
     """The compiled kernel `kernel` (a name expression) of `module` on a device; compiled once.
 
     All instantiations of a module are compiled together (RawModule name_expressions), which is
-    also how the CI compile check compiles them (kernels/build.py).
+    also how the CI compile check compiles them (kernels/build.py). CuPy caches modules per
+    device, so the lookup runs with that device current.
     """
+    key = (module, device_index, kernel)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
     import cupy
 
-    key = (module, device_index)
-    with _modules_lock:
-        mod = _modules.get(key)
-        if mod is None:
-            with cupy.cuda.Device(device_index):
-                mod = cupy.RawModule(code=source(module), options=NVRTC_OPTIONS,
-                                     name_expressions=name_expressions)
-                mod.compile()
-            _modules[key] = mod
-    return mod.get_function(kernel)
+    with _modules_lock, cupy.cuda.Device(device_index):
+        mod = cupy.RawModule(code=source(module), options=NVRTC_OPTIONS, name_expressions=name_expressions)
+        fn = _functions[key] = mod.get_function(kernel)  # compiles on first use (disk-cached by CuPy)
+    return fn
 
 
 def _as_arg(a):

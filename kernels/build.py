@@ -167,14 +167,20 @@ class Nvrtc:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def cupy_nvrtc_options(arch: str = ARCH, cuda_include: Optional[str] = None) -> tuple:
-    """The exact NVRTC option tuple CuPy passes for our RawModules on a GPU of compute capability `arch`."""
-    try:
-        from cupy._core.core import assemble_cupy_compiler_options  # optional dependency
-    except ImportError:
-        assemble_cupy_compiler_options = None
-    if assemble_cupy_compiler_options is not None:
-        opts = tuple(assemble_cupy_compiler_options(tuple(_runtime.NVRTC_OPTIONS)))
+def cupy_nvrtc_options(arch: str = ARCH, cuda_include: Optional[str] = None, use_cupy: bool = True) -> tuple:
+    """The NVRTC option tuple CuPy passes for our RawModules on a GPU of compute capability `arch`.
+
+    With CuPy importable (and `use_cupy`), CuPy assembles the front part itself; otherwise it is
+    reproduced without CuPy's own include dirs, which our sources do not use.
+    """
+    assemble = None
+    if use_cupy:
+        try:
+            from cupy._core.core import assemble_cupy_compiler_options as assemble  # optional dependency
+        except ImportError:
+            assemble = None
+    if assemble is not None:
+        opts = tuple(assemble(tuple(_runtime.NVRTC_OPTIONS)))
     else:
         if cuda_include is None:
             home = cuda_home()
