@@ -284,3 +284,56 @@ def test_dispatch_falls_back_with_reason(cupy_usable, fake, boundary, caplog):
     ops.ln_modulate(cuda((2, 3, 64)), m, m)
     assert ops.op_status()["ln_modulate"] == ("torch", "kernel mode is 'torch'")
     assert boundary.calls == []
+
+
+def test_launch_boundary_glue_with_a_stand_in_cupy(monkeypatch):
+    """`_runtime.launch` itself, with a stand-in `cupy` module: the module is built from our source
+    with every instantiation, the launch goes to torch's current stream of the tensor's device,
+    tensors become device pointers and None a null pointer."""
+    import sys
+    import types
+
+    seen = {}
+
+    class Device:
+        def __init__(self, i):
+            self.i = i
+
+        def __enter__(self):
+            seen.setdefault("devices", []).append(self.i)
+
+        def __exit__(self, *exc):
+            return False
+
+    class ExternalStream:
+        def __init__(self, ptr, device_id):
+            self.ptr, self.device_id = ptr, device_id
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            seen["module"] = (code, options, name_expressions)
+
+        def get_function(self, name):
+            def fn(grid, block, args, stream=None):
+                seen["launch"] = (name, grid, block, args, stream)
+            return fn
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream),
+                                      RawModule=RawModule)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setattr(_runtime, "_functions", {})
+
+    class Stream:
+        cuda_stream = 0xABC0
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    x = torch.zeros(4, 8)
+    kernel = "rms_norm_kernel<float, 4, 4>"
+    _runtime.launch("norm", norm.INSTANCES, kernel, (4,), (32,), (x, None, x, np.int32(8), np.float32(1e-6)),
+                    torch.device("cuda", 1))
+    code, options, exprs = seen["module"]
+    assert code == _runtime.source("norm") and options == _runtime.NVRTC_OPTIONS and exprs == norm.INSTANCES
+    name, grid, block, args, stream = seen["launch"]
+    assert (name, grid, block) == (kernel, (4,), (32,))
+    assert (stream.ptr, stream.device_id) == (0xABC0, 1) and seen["devices"] == [1, 1]
+    assert args[0] == np.uint64(x.data_ptr()) and args[1] == np.uint64(0) and type(args[3]) is np.int32
