@@ -181,7 +181,20 @@ class Fp8Dynamic(Fp8WeightOnly):
         return None
 
     def linear(self, x, t, layer_opts, bias):
+        # Also checked here, not only at quantize time: a model moved to another device after quantizing
+        # must refuse rather than run a path nobody chose.
+        _check_device_cached(self, x.device)
         return P.fp8_dynamic_linear(x, t["weight"], t["weight_scale"], bias)
+
+
+_DEVICE_OK: set = set()
+
+
+def _check_device_cached(fmt: QuantFormat, device: torch.device) -> None:
+    key = (fmt.name, str(device))
+    if key not in _DEVICE_OK:
+        fmt.check_device(device)
+        _DEVICE_OK.add(key)
 
 
 class Int8Dynamic(QuantFormat):

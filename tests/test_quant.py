@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
@@ -87,6 +89,19 @@ def test_fp8_round_trip_bound(per_channel):
     bound = torch.maximum(w.abs() * 2 ** -4, ss * 2 ** -10 * torch.ones_like(w)) + 1e-7
     assert ((w - deq).abs() <= bound).all()
     torch.testing.assert_close(P.dequantize_fp8_weight(q, s), deq, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), k=st.integers(1, 33), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2 ** 16))
+def test_round_trip_property(n, k, scale, seed):
+    """Any shape and magnitude: int8 within half a step per row, fp8 within its half-ulp/subnormal bound."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * scale
+    q, s = P.quantize_int8_weight(w)
+    assert ((w - P.dequantize_int8_weight(q, s)).abs() <= s[:, None] / 2 * (1 + 1e-5) + 1e-30).all()
+    q8, s8 = P.quantize_fp8_weight(w, per_channel=True)
+    err = (w - P.dequantize_fp8_weight(q8, s8)).abs()
+    bound = torch.maximum(w.abs() * 2 ** -4, s8[:, None].expand_as(w) * 2 ** -10) * (1 + 1e-5)
+    assert (err <= bound).all()
 
 
 def test_bad_weight_inputs():
@@ -223,6 +238,10 @@ def test_fp8_dynamic_refused_on_cpu_naming_device(den):
         quantize_denoiser(den, Recipe("fp8_e4m3_dynamic"), sigmas=SIGMAS, seeds=SEEDS)
     with pytest.raises(UnsupportedError, match="cpu"):
         FORMATS["fp8_e4m3_dynamic"].check_device("cpu")
+    # a layer that reached the CPU anyway (built directly, or moved after quantizing) refuses in forward
+    q = QuantLinear.from_linear(_lin(k=64, n=32), "fp8_e4m3_dynamic", {"per_channel": True})
+    with pytest.raises(UnsupportedError, match="on cpu"):
+        q(torch.randn(2, 64))
 
 
 def test_threshold_refusal_names_worst_layers(den):
