@@ -1,4 +1,126 @@
-"""TwinFlow nodes: compile."""
+"""TwinFlow nodes: compile — wrap a TWINFLOW_MODEL / TWINFLOW_VAE with a compiled forward."""
+from __future__ import annotations
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+CATEGORY = "TwinFlow/compile"
+BACKENDS = ["auto", "tensorrt", "inductor", "eager"]
+DTYPES = ["default", "fp32", "fp16", "bf16"]
+MAX_RES = 16384
+
+
+def _range_inputs(defaults: dict) -> dict:
+    """min/opt/max INT widgets for the custom profile (pixels and video frames, as the latent nodes)."""
+    spec = {"frames": (1, 4097, 4, "video frames (1+4k)"), "height": (16, MAX_RES, 16, "pixels"),
+            "width": (16, MAX_RES, 16, "pixels"), "batch": (1, 64, 1, "batch (CFG doubles it)")}
+    out = {}
+    for name, (lo, hi, step, what) in spec.items():
+        for k in ("min", "opt", "max"):
+            out[f"{k}_{name}"] = ("INT", {"default": defaults[name][k], "min": lo, "max": hi, "step": step,
+                                          "tooltip": f"{k} {what} of the custom profile (profile = custom only)"})
+    return out
+
+
+_DEFAULTS = {"frames": {"min": 1, "opt": 33, "max": 81}, "height": {"min": 256, "opt": 480, "max": 720},
+             "width": {"min": 256, "opt": 832, "max": 1280}, "batch": {"min": 1, "opt": 2, "max": 2}}
+
+
+def _common_inputs(extra: dict) -> dict:
+    return {
+        "backend": (BACKENDS, {"default": "auto", "tooltip": "auto: tensorrt on CUDA when usable (experimental), "
+                               "else inductor, else eager"}),
+        "profile": (["from workflow", "custom"], {"default": "from workflow", "tooltip": "from workflow: "
+                    "the shapes of the latent reaching this graph (one call) widened to the custom ranges' "
+                    "batch; custom: the ranges below"}),
+        **extra,
+        **_range_inputs(_DEFAULTS),
+    }
+
+
+def _profile(kind: str, profile: str, kw: dict, fallback_latent=None):
+    from ..compiled.export import Profile, Range
+    from ..compiled.plan import DEFAULT_TEXT
+
+    if profile == "custom":
+        def r(name, div=1):
+            lo, opt, hi = (int(kw[f"{k}_{name}"]) for k in ("min", "opt", "max"))
+            if not lo <= opt <= hi:
+                raise ValueError(f"custom profile {name}: need min <= opt <= max, got {lo}, {opt}, {hi}")
+            return Range(max(1, lo // div), max(1, opt // div), max(1, hi // div))
+        frames = Range(*((int(kw[f"{k}_frames"]) - 1) // 4 + 1 for k in ("min", "opt", "max")))
+        h, w = r("height", 8), r("width", 8)
+        if kind == "dit":  # the DiT patchifies by 2: round latent sizes to even
+            h = Range(*(max(2, v - v % 2) for v in (h.min, h.opt, h.max)))
+            w = Range(*(max(2, v - v % 2) for v in (w.min, w.opt, w.max)))
+        return Profile(batch=r("batch"), frames=frames if kind == "dit" else Range(1, 1, 1), height=h, width=w,
+                       text=DEFAULT_TEXT if kind == "dit" else Range(1, 1, 1))
+    if fallback_latent is None:
+        raise ValueError("profile 'from workflow' needs the 'latent' input connected (the latent this model will "
+                         "sample), or choose profile 'custom'")
+    b, _, t, h, w = fallback_latent["samples"].shape
+    # CFG runs cond+uncond as one batch: cover B..2B
+    return Profile(batch=Range(b, b, 2 * b), frames=Range(t, t, t) if kind == "dit" else Range(1, 1, 1),
+                   height=Range(h, h, h), width=Range(w, w, w), text=DEFAULT_TEXT if kind == "dit" else Range(1, 1, 1))
+
+
+def _dtype(name):
+    import torch
+
+    return {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+class TwinFlowCompileModel:
+    DESCRIPTION = ("Compile a TWINFLOW_MODEL (Wan DiT) through torch.export -> tensorrt | inductor | eager, with an "
+                   "on-disk cache and a check against eager. Inputs outside the profile run eager for that call. "
+                   "TensorRT is experimental and unverified.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("TWINFLOW_MODEL",), **_common_inputs({
+                    "dtype": (DTYPES, {"default": "default", "tooltip": "cast (a copy of) the model before export; "
+                              "precision comes from this cast, fp32 islands stay fp32"})})},
+                "optional": {"latent": ("LATENT", {"tooltip": "the latent the sampler will see (profile = from "
+                                                              "workflow)"})}}
+
+    RETURN_TYPES = ("TWINFLOW_MODEL", "STRING")
+    RETURN_NAMES = ("model", "status")
+    FUNCTION = "compile"
+    CATEGORY = CATEGORY
+
+    def compile(self, model, backend, profile, dtype, latent=None, **kw):
+        from ..compiled.runtime import compile_denoiser
+
+        prof = _profile("dit", profile, kw, latent)
+        new, report = compile_denoiser(model, prof, backend, dtype=_dtype(dtype))
+        return (new, report.line())
+
+
+class TwinFlowCompileVAE:
+    DESCRIPTION = ("Compile the Wan VAE decode step (first-frame and next-frame graphs with the causal cache as "
+                   "explicit tensors). Untiled decodes inside the profile run compiled; others run eager.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("TWINFLOW_VAE",), **_common_inputs({})},
+                "optional": {"latent": ("LATENT", {"tooltip": "the latent that will be decoded (profile = from "
+                                                              "workflow)"})}}
+
+    RETURN_TYPES = ("TWINFLOW_VAE", "STRING")
+    RETURN_NAMES = ("vae", "status")
+    FUNCTION = "compile"
+    CATEGORY = CATEGORY
+
+    def compile(self, vae, backend, profile, latent=None, **kw):
+        from ..compiled.runtime import compile_vae
+
+        prof = _profile("vae", profile, kw, latent)
+        if latent is not None and profile != "custom":
+            from ..compiled.export import Range
+            b = prof.batch.min
+            prof = type(prof)(batch=Range(b, b, b), frames=prof.frames, height=prof.height, width=prof.width,
+                              text=prof.text)
+        new, reports = compile_vae(vae, prof, backend)
+        return (new, " | ".join(r.line() for r in reports))
+
+
+NODE_CLASS_MAPPINGS = {"TwinFlowCompileModel": TwinFlowCompileModel, "TwinFlowCompileVAE": TwinFlowCompileVAE}
+NODE_DISPLAY_NAME_MAPPINGS = {"TwinFlowCompileModel": "TwinFlow Compile Model",
+                              "TwinFlowCompileVAE": "TwinFlow Compile VAE"}
