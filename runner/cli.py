@@ -151,7 +151,7 @@ class _SigintHandler:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _print_error(err: BaseException, as_json: bool, prompt=None) -> None:
+def _print_error(err: BaseException, as_json: bool, verbose: int = 0) -> None:
     from .executor import NodeExecutionError
     from .validate import format_error
 
@@ -159,8 +159,8 @@ def _print_error(err: BaseException, as_json: bool, prompt=None) -> None:
         if as_json:
             print(json.dumps(err.to_json(), indent=2, default=str))
             return
-        print(f"error: {format_error(err, prompt)}", file=sys.stderr)
-        if isinstance(err, NodeExecutionError) and err.is_bug:
+        print(f"error: {format_error(err)}", file=sys.stderr)
+        if isinstance(err, NodeExecutionError) and (err.is_bug or verbose):
             print("".join(traceback.format_exception(type(err.original), err.original, err.original.__traceback__)),
                   file=sys.stderr, end="")
         return
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     except (TwinFlowError, ValueError, TypeError, OSError) as e:
         # Our boundaries raise these with a message that says what to fix (STYLE.md); -v adds the traceback.
-        _print_error(e, as_json)
+        _print_error(e, as_json, args.verbose)
         if args.verbose and not isinstance(e, WorkflowError):
             traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
         return EXIT_ERROR

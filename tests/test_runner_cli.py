@@ -171,3 +171,24 @@ def test_subprocess_module_entry(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "twinflow.runner", "--version"], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("twinflow ")
+
+
+def test_node_bug_shows_traceback_but_clear_errors_do_not(test_nodes, capsys, tmp_path, monkeypatch):
+    class Buggy:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        RETURN_TYPES = ("INT",)
+        FUNCTION = "f"
+
+        def f(self):
+            return ({}["missing"],)  # a genuine bug: KeyError
+
+    monkeypatch.setattr(api, "default_registry", lambda: {**tn.REGISTRY, "Buggy": Buggy})
+    f = tmp_path / "wf.json"
+    f.write_text(json.dumps({"1": {"class_type": "Buggy", "inputs": {}},
+                             "2": {"class_type": "TestShow", "inputs": {"value": ["1", 0]}}}))
+    code = cli.main(["run", str(f), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "node #1 (Buggy) failed" in err and "Traceback" in err and "KeyError" in err

@@ -280,3 +280,17 @@ def test_valid_connection_rules():
     vc = formats.valid_connection
     assert vc("*", "IMAGE") and vc("", "X") and vc("image", "IMAGE")
     assert vc("A,B", "b") and not vc("A,B", "C") and not vc("LATENT", "IMAGE")
+
+
+def test_shipped_workflows_convert_and_validate(tf_dirs):
+    """Every workflow in workflows/ loads, converts with TwinFlow's node definitions and validates."""
+    from twinflow.nodes import NODE_CLASS_MAPPINGS
+    from twinflow.runner.validate import validate_prompt
+
+    shipped = sorted((Path(__file__).parent.parent / "workflows").glob("*.json"))
+    if not shipped:
+        pytest.skip("no shipped workflows yet")
+    for path in shipped:
+        wf = load_workflow(path, NODE_CLASS_MAPPINGS)
+        v = validate_prompt(wf.prompt, NODE_CLASS_MAPPINGS)
+        assert v.outputs, path.name
