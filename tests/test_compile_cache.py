@@ -1,0 +1,206 @@
+"""Compile artifact cache: key parts, corruption, concurrent builders, LRU; probe messages; TensorRT
+contract through a recording stand-in for the torch_tensorrt module (no TensorRT here)."""
+import json
+import multiprocessing as mp
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from twinflow.compiled import backends, probe
+from twinflow.compiled.cache import ArtifactCache, cache_key
+from twinflow.compiled.export import Profile
+
+BASE = dict(graph="g1", dtypes=["torch.float32"], profile=Profile.make(batch=(1, 1, 2), frames=(1, 3, 5)),
+            backend="inductor", options={"mode": "default"}, quant=None, kernels="auto:ops",
+            env={"torch": "2.13.0", "cuda": None, "device": "cpu", "capability": None})
+
+
+def test_cache_key_changes_with_every_part_and_only_then():
+    k0, _ = cache_key(**BASE)
+    assert cache_key(**BASE)[0] == k0
+    assert cache_key(**{**BASE, "options": {"mode": "default"}})[0] == k0  # equal value, new dict
+    changes = {
+        "graph": "g2", "dtypes": ["torch.bfloat16"], "profile": Profile.make(batch=(1, 1, 3), frames=(1, 3, 5)),
+        "backend": "tensorrt", "options": {"mode": "max-autotune"}, "quant": "int8-w8a8",
+        "kernels": "torch:ops", "env": {**BASE["env"], "torch": "2.14.0"},
+    }
+    keys = {k0}
+    for part, value in changes.items():
+        k, _ = cache_key(**{**BASE, part: value})
+        assert k not in keys, part
+        keys.add(k)
+    for env_part, value in (("cuda", "13.0"), ("device", "NVIDIA H100"), ("capability", [9, 0])):
+        k, _ = cache_key(**{**BASE, "env": {**BASE["env"], env_part: value}})
+        assert k not in keys, env_part
+        keys.add(k)
+    # weights only when baked in
+    kw, parts = cache_key(**BASE, weights="abc")
+    assert kw not in keys and parts["weights"] == "abc"
+
+
+def _write(tmp: Path, text="artifact"):
+    (tmp / "a.bin").write_text(text)
+    return {"kind": "fake"}
+
+
+def test_build_once_then_hit_and_corruption_rebuilds(tmp_path, caplog):
+    cache = ArtifactCache(tmp_path)
+    calls = []
+
+    def build(tmp):
+        calls.append(1)
+        return _write(tmp)
+    e1 = cache.get_or_build("k1", build, {"backend": "fake"}, label="x")
+    assert not e1.hit and len(calls) == 1
+    e2 = cache.get_or_build("k1", build)
+    assert e2.hit and len(calls) == 1
+    (e2.path / "a.bin").write_text("artifacX")  # same size, different bytes
+    with caplog.at_level("WARNING"):
+        e3 = cache.get_or_build("k1", build)
+    assert not e3.hit and len(calls) == 2 and "corrupt" in caplog.text
+    assert (e3.path / "a.bin").read_text() == "artifact"
+    # a failed build leaves nothing behind
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("k2", lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert not cache.contains("k2") and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_lru_eviction_and_clear(tmp_path):
+    import time
+
+    cache = ArtifactCache(tmp_path, max_bytes=25)
+    for k in ("a", "b"):
+        cache.get_or_build(k, lambda tmp: _write(tmp, "x" * 10))
+        time.sleep(0.02)
+    cache.lookup("a")  # a is now more recently used than b
+    time.sleep(0.02)
+    cache.get_or_build("c", lambda tmp: _write(tmp, "x" * 10))
+    keys = {e["key"] for e in cache.entries()}
+    assert keys == {"a", "c"}
+    assert cache.clear() == 2 and cache.entries() == []
+
+
+def _racer(root, out_dir, i):
+    from twinflow.compiled.cache import ArtifactCache
+    import time
+
+    def build(tmp):
+        (Path(out_dir) / f"built-{i}").write_text("1")
+        time.sleep(0.5)  # hold the lock long enough for the other process to wait on it
+        (tmp / "a.bin").write_text("same")
+    e = ArtifactCache(root).get_or_build("race", build)
+    (Path(out_dir) / f"hit-{i}").write_text(str(e.hit))
+
+
+def test_two_processes_racing_build_once(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_racer, args=(str(tmp_path / "c"), str(out), i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert len(list(out.glob("built-*"))) == 1
+    assert sorted(p.read_text() for p in out.glob("hit-*")) == ["False", "True"]
+
+
+# ------------------------------------------------------------------------------------------------
+# probe messages
+# ------------------------------------------------------------------------------------------------
+
+def test_probe_messages(monkeypatch):
+    monkeypatch.setattr(probe, "package_version", lambda name: None)
+    assert "torch_tensorrt not installed" in probe.tensorrt_unavailable(force=True)
+    monkeypatch.setattr(probe, "package_version", lambda name: "2.11.0" if name == "torch-tensorrt" else None)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    assert "version mismatch" in probe.tensorrt_unavailable(force=True)
+    monkeypatch.setattr(probe, "package_version", lambda name: "2.13.0" if name == "torch-tensorrt" else None)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "no CUDA device" in probe.tensorrt_unavailable(force=True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(probe.ctypes.util, "find_library", lambda name: None)
+    assert "libnvinfer not found" in probe.tensorrt_unavailable(force=True)
+    monkeypatch.setattr(probe.ctypes.util, "find_library", lambda name: "libnvinfer.so.10")
+
+    def failing_import(name):
+        raise ImportError("libnvinfer.so.11: cannot open shared object file")
+    assert "libnvinfer not found" in probe.tensorrt_unavailable(importer=failing_import, force=True)
+    assert probe.tensorrt_unavailable(importer=lambda name: types.ModuleType(name), force=True) is None
+    probe.reset()
+
+
+def test_auto_backend_on_cpu_explains_tensorrt():
+    run, why = backends.resolve_backend("tensorrt", torch.device("cpu"))
+    assert run == "eager" and "tensorrt unavailable" in why
+    with pytest.raises(ValueError, match="not one of"):
+        backends.resolve_backend("xla", torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------
+# TensorRT contract: a recording stand-in for the torch_tensorrt module, injected at the import boundary
+# ------------------------------------------------------------------------------------------------
+
+def recording_torch_tensorrt_standin(version):
+    """A stand-in for `torch_tensorrt` (NOT the real library) that records every call it receives."""
+    calls = []
+    mod = types.ModuleType("torch_tensorrt")
+    mod.__version__ = version
+
+    class Input:
+        def __init__(self, **kw):
+            calls.append(("Input", kw))
+            self.kw = kw
+
+    def compile_(ep, **kw):
+        calls.append(("dynamo.compile", kw))
+        return "trt_gm"
+
+    def refit(gm, new_ep, **kw):
+        calls.append(("refit_module_weights", kw))
+        return "refitted"
+    mod.Input = Input
+    mod.dynamo = types.SimpleNamespace(compile=compile_, refit_module_weights=refit)
+    return mod, calls
+
+
+SHAPES = [((1, 16, 1, 4, 4), (1, 16, 3, 6, 8), (2, 16, 5, 8, 8)), ((1,), (1,), (2,))]
+
+
+@pytest.mark.parametrize("version", ["2.11.0", "2.14.0"])
+def test_tensorrt_kwargs_per_version(monkeypatch, version):
+    mod, calls = recording_torch_tensorrt_standin(version)
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", mod)
+    out = backends.compile_tensorrt("EP", SHAPES, [torch.bfloat16, torch.float32], torch.bfloat16)
+    assert out == "trt_gm"
+    inputs = [c[1] for c in calls if c[0] == "Input"]
+    assert inputs[0] == {"min_shape": (1, 16, 1, 4, 4), "opt_shape": (1, 16, 3, 6, 8), "max_shape": (2, 16, 5, 8, 8),
+                         "dtype": torch.bfloat16}
+    kw = [c[1] for c in calls if c[0] == "dynamo.compile"][0]
+    expected = {"arg_inputs", "truncate_double", "immutable_weights", "min_block_size", "require_full_compilation",
+                "cache_built_engines", "reuse_cached_engines", "offload_module_to_cpu"}
+    if version == "2.11.0":
+        expected.add("use_explicit_typing")
+        assert kw["use_explicit_typing"] is True
+    assert set(kw) == expected
+    assert "enabled_precisions" not in kw
+    assert kw["truncate_double"] is True and kw["immutable_weights"] is False
+    assert len(kw["arg_inputs"]) == 2
+    assert backends.refit_tensorrt("trt_gm", "EP2") == "refitted"
+    assert [c[1] for c in calls if c[0] == "refit_module_weights"] == [{"in_place": False}]
+
+
+def test_tensorrt_kwargs_refusals():
+    with pytest.raises(ValueError, match="removed in torch-tensorrt 2.14"):
+        backends.trt_compile_kwargs("2.14.0", [], torch.bfloat16, {"enabled_precisions": {torch.half}})
+    with pytest.raises(ValueError, match="unknown tensorrt options"):
+        backends.trt_compile_kwargs("2.11.0", [], torch.float32, {"bogus": 1})
+    kw = backends.trt_compile_kwargs("2.9.0", [], torch.float16)
+    assert kw["enabled_precisions"] == {torch.float16} and "use_explicit_typing" not in kw
+    with pytest.raises(Exception, match="too old"):
+        backends.trt_compile_kwargs("2.5.0", [], torch.float32)
