@@ -556,18 +556,17 @@ def ui_to_api(ui: dict, registry, *, rng: Optional[random.Random] = None) -> dic
         for i, (name, spec) in enumerate(slots):
             if name is None:
                 continue
-            if isinstance(values, dict):
-                value = values[name] if name in values else widget_default(spec)
-            elif values is not None and i < len(values):
-                value = values[i]
-            else:
+            saved = (name in values) if isinstance(values, dict) else (values is not None and i < len(values))
+            if not saved:
                 value = widget_default(spec)
+            else:
+                value = values[name] if isinstance(values, dict) else values[i]
             if name in forced.get(nid, {}):
                 value = forced[nid][name]
             if spec.kind == "STRING" and spec.opts.get("dynamicPrompts") and isinstance(value, str):
                 value = process_dynamic_prompt(value, rng)
-            if value is None and spec.kind == "COMBO" and not (spec.options or []):
-                continue  # the frontend serialises `undefined`, which JSON drops
+            if value is None and not saved and name not in forced.get(nid, {}):
+                continue  # a fresh widget without a default holds `undefined`, which JSON drops (a saved null is sent)
             inputs[name] = {"__value__": value} if isinstance(value, list) else value
         for slot, inp in enumerate(graph.inputs(nid)):
             resolved = resolver.resolve_input(nid, slot, set())

@@ -294,3 +294,14 @@ def test_shipped_workflows_convert_and_validate(tf_dirs):
         wf = load_workflow(path, NODE_CLASS_MAPPINGS)
         v = validate_prompt(wf.prompt, NODE_CLASS_MAPPINGS)
         assert v.outputs, path.name
+
+
+def test_saved_null_is_sent_and_undefined_is_dropped():
+    class N:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"k": ("INT", {"default": 2}), "c": ("COMBO", {"options": []})}}
+
+    # frontend executionUtil.test.ts: "sends a null widget value through to the prompt"
+    assert ui_to_api(_ui([_node(1, "N", [None])], []), {"N": N})["1"]["inputs"] == {"k": None}
+    assert ui_to_api(_ui([_node(1, "N", [None, None])], []), {"N": N})["1"]["inputs"] == {"k": None, "c": None}
