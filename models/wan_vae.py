@@ -95,6 +95,14 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=0)
         self.pad_s = (padding if isinstance(padding, int) else padding[1])  # spatial zero padding
 
+    def tap_major_(self) -> None:
+        """Re-lay the weight in memory as (kt, O, I, kh, kw) while keeping the official (O, I, kt, kh, kw)
+        shape and values, so each time tap `weight[:, :, k]` is contiguous and conv2d never copies it."""
+        w = self.weight
+        if w.shape[2] > 1 and not w.is_meta and not w[:, :, 0].is_contiguous():
+            tm = w.detach().permute(2, 0, 1, 3, 4).contiguous()  # (kt, O, I, kh, kw)
+            self.weight = nn.Parameter(tm.permute(1, 2, 0, 3, 4), requires_grad=w.requires_grad)
+
     def pointwise(self, x: torch.Tensor) -> torch.Tensor:
         """A kernel-1 conv on one frame x [B, C, H, W] (shortcuts, quant convs)."""
         return F.conv2d(x, self.weight[:, :, 0], self.bias)
@@ -300,6 +308,13 @@ class WanVAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.encoder.conv1.weight.device
+
+    def tap_major_(self) -> "WanVAE":
+        """Lay every causal conv weight out tap-major (same state dict; see CausalConv3d.tap_major_)."""
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.tap_major_()
+        return self
 
     # ---- frame counts --------------------------------------------------------------------------
     def latent_frames(self, frames: int) -> int:
@@ -711,7 +726,7 @@ def load_wan_vae(path, dtype: Optional[torch.dtype] = None, device="cpu") -> Wan
             dtype = max(counts, key=counts.get)
             logger.info("Wan VAE %s: mixed dtypes %s; using %s for all", source, sorted(map(str, counts)), dtype)
     sd = convert_dtype(sd, dtype)
-    model = build_and_load(lambda: WanVAE(cfg), sd, source)
+    model = build_and_load(lambda: WanVAE(cfg), sd, source).tap_major_()
     model.source = source
     logger.info("Wan VAE loaded from %s: dim %d, z %d, dtype %s", source, cfg.dim, cfg.z_dim, model.dtype)
     return model.to(device)
@@ -736,5 +751,6 @@ def random_wan_vae(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = tor
             t = torch.randn(v.shape, generator=g) / math.sqrt(fan_in)
         sd[k] = t.to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
+    model.tap_major_()
     model.source = f"random:{preset}"
     return model.eval().to(device)

@@ -1,0 +1,164 @@
+"""Wan2.1 VAE benchmark: TwinFlow vs diffusers `AutoencoderKLWan`, same random weights, real config (dim 96, z 16).
+
+    python -m twinflow.benchmarks.vae [--cases dec32,dec32bf16,enc256,dectiled48] [--repeats 2] [--json out.json]
+
+Every measurement runs in a fresh subprocess (one model, one op), so allocator state and caches of one
+run never leak into the next. Ours and diffusers' runs are interleaved (ours, diffusers, ours, ...)
+so a machine shared with other jobs slows both alike; the table reports medians and their ratio.
+
+Method:
+  * weights: `random_wan_vae("wan2.1", seed=0)`; diffusers gets the same state dict mapped by its own
+    `convert_wan_vae_to_diffusers`, loaded strictly into `AutoencoderKLWan()` (its defaults are Wan2.1).
+  * time: wall clock of the op (after a small warm-up op that creates oneDNN primitives).
+  * memory: peak resident set above the model: the kernel's high-water mark (VmHWM) is reset through
+    `/proc/self/clear_refs` right before the op; peak = VmHWM after - VmRSS before. This counts every
+    allocator (torch, oneDNN scratch, glibc), unlike torch's own allocator statistics.
+  * numerics: each child saves its output; the parent reports max|ours - diffusers|.
+Ops: decode = `decode(z).sample` (clamped, as ours); encode = `encode(x).latent_dist.mode()`; the tiled
+case uses diffusers' `enable_tiling()` (256 px tiles, stride 192) and ours with the same 256 px tile /
+64 px overlap (tiling differs in blending and order, so that numeric column is informative only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = {
+    # name: (op, shape, dtype, tiled)
+    "dec32": ("decode", (1, 16, 3, 32, 32), "float32", False),
+    "dec32bf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", False),
+    "enc256": ("encode", (1, 3, 9, 256, 256), "float32", False),
+    "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", False),
+    "dectiled48": ("decode", (1, 16, 2, 48, 48), "float32", True),
+    "smoke": ("decode", (1, 16, 2, 4, 4), "float32", False),  # seconds; checks the harness
+}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _child(impl: str, case: str, out_path: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    op, shape, dtype_name, tiled = CASES[case]
+    dtype = getattr(torch, dtype_name)
+    from twinflow.models.wan_vae import random_wan_vae
+
+    ours = random_wan_vae("wan2.1", seed=0, dtype=dtype)
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(shape, generator=g) if op == "decode" else torch.rand(shape, generator=g) * 2 - 1
+    x = x.to(dtype)
+    if impl == "ours":
+        model = ours
+        if op == "decode":
+            tile = dict(tiling="on", tile=(32, 8)) if tiled else {}
+            run = lambda inp: model.decode(inp, **tile)  # noqa: E731
+        else:
+            run = model.encode
+        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype))  # noqa: E731
+    else:
+        sys.modules.setdefault("kernels", None)  # the repo's kernels/ folder is not the HF `kernels` package
+        from diffusers import AutoencoderKLWan
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        sd = {k: v.contiguous() for k, v in ours.state_dict().items()}
+        del ours
+        model = AutoencoderKLWan().eval()
+        model.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
+        model = model.to(dtype)
+        del sd
+        if tiled:
+            model.enable_tiling()
+        if op == "decode":
+            run = lambda inp: model.decode(inp).sample  # noqa: E731
+        else:
+            run = lambda inp: model.encode(inp).latent_dist.mode()  # noqa: E731
+        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype))  # noqa: E731
+    import gc
+
+    with torch.inference_mode():
+        warm()
+        gc.collect()
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        t0 = time.perf_counter()
+        y = run(x)
+        dt = time.perf_counter() - t0
+        peak = _rss_kib("VmHWM")
+    torch.save(y.float().contiguous(), out_path)
+    print(json.dumps({"seconds": dt, "peak_above_model_mib": (peak - before) / 1024, "rss_before_mib": before / 1024}))
+
+
+def _run_child(impl, case, threads, tmp):
+    out = os.path.join(tmp, f"{impl}_{case}.pt")
+    cmd = [sys.executable, "-m", "twinflow.benchmarks.vae", "--child", impl, case, out, "--threads", str(threads)]
+    env = dict(os.environ)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+    if res.returncode != 0:
+        raise RuntimeError(f"{impl} {case} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1]), out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="dec32,dec32bf16,enc256,dectiled48")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", nargs=3, metavar=("IMPL", "CASE", "OUT"))
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(*args.child, threads=args.threads)
+        return 0
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases.split(","):
+            if case not in CASES:
+                ap.error(f"unknown case {case!r}; choose from {sorted(CASES)}")
+            res = {"ours": [], "diffusers": []}
+            outs = {}
+            for _ in range(args.repeats):
+                for impl in ("ours", "diffusers"):
+                    r, outs[impl] = _run_child(impl, case, args.threads, tmp)
+                    res[impl].append(r)
+                    print(f"  {case} {impl}: {r['seconds']:.1f} s, +{r['peak_above_model_mib']:.0f} MiB", flush=True)
+            diff = (torch.load(outs["ours"]) - torch.load(outs["diffusers"])).abs().max().item()
+            med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_above_model_mib")}
+                   for k, v in res.items()}
+            op, shape, dtype, tiled = CASES[case]
+            row = {"case": case, "op": op, "shape": shape, "dtype": dtype, "tiled": tiled, "median": med,
+                   "runs": res, "speedup": med["diffusers"]["seconds"] / med["ours"]["seconds"],
+                   "memory_ratio": med["ours"]["peak_above_model_mib"] / max(1e-9, med["diffusers"]["peak_above_model_mib"]),
+                   "max_abs_diff": diff}
+            rows.append(row)
+    print(f"\n| case | op | shape | dtype | ours s | diffusers s | speed-up | ours +MiB | diffusers +MiB | mem ratio | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["median"]
+        print(f"| {r['case']} | {r['op']}{' tiled' if r['tiled'] else ''} | {'x'.join(map(str, r['shape']))} | "
+              f"{r['dtype']} | {m['ours']['seconds']:.1f} | {m['diffusers']['seconds']:.1f} | {r['speedup']:.2f}x | "
+              f"{m['ours']['peak_above_model_mib']:.0f} | {m['diffusers']['peak_above_model_mib']:.0f} | "
+              f"{r['memory_ratio']:.2f} | {r['max_abs_diff']:.1e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
