@@ -133,8 +133,12 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def probe_inputs(denoiser: Denoiser, seed: int, latent_shape: Sequence[int],
-                 context_tokens: int = 16) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Seeded latent [B, C, T, H, W] (standard normal) and text context [B, L, D] (or None)."""
+                 context_tokens: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Seeded latent [B, C, (T,) H, W] (standard normal) and text context [B, L, D] (or None).
+
+    L = the model's fixed caption length if its config has one (`caption_tokens`), else 16."""
+    if context_tokens is None:
+        context_tokens = int(getattr(denoiser.config, "caption_tokens", 0) or 16)
     gen = torch.Generator().manual_seed(int(seed))
     x = torch.randn(tuple(latent_shape), generator=gen)
     ctx = None
@@ -144,7 +148,11 @@ def probe_inputs(denoiser: Denoiser, seed: int, latent_shape: Sequence[int],
 
 
 def default_latent_shape(denoiser: Denoiser) -> tuple[int, ...]:
-    """A small latent the model accepts: 2 latent frames of 16x16 (scaled up to the patch size)."""
+    """A small latent the model accepts: its native grid if fixed (`input_size`), else 2 latent frames of
+    16x16 (scaled with the patch size)."""
+    native = getattr(denoiser.config, "input_size", None)
+    if native:
+        return (1, denoiser.in_channels, *tuple(native))
     patch = tuple(getattr(denoiser.config, "patch_size", (1, 2, 2)) or (1, 2, 2))
     if len(patch) == 2:
         return (1, denoiser.in_channels, 8 * patch[0], 8 * patch[1])

@@ -23,10 +23,12 @@ from .primitives import smoothquant_scale
 
 logger = logging.getLogger(__name__)
 
-# Wan (`blocks.N.self_attn.q`, `blocks.N.ffn.0`) and DiT/OpenSora-style (`blocks.N.attn.qkv`, `blocks.N.mlp.fc1`).
-DEFAULT_INCLUDE = ("blocks.*.self_attn.*", "blocks.*.cross_attn.*", "blocks.*.attn.*",
-                   "blocks.*.ffn.*", "blocks.*.mlp.*")
-DEFAULT_EXCLUDE = ("*norm*", "*modulation*", "*adaLN*", "*embed*", "head", "head.*", "*.head", "*time_proj*")
+# Wan (`blocks.N.self_attn.q`, `blocks.N.ffn.0`) and DiT/OpenSora-style (`blocks.N.attn.qkv`, `blocks.N.mlp.fc1`),
+# also inside a wrapper module (`inner.blocks.N...`).
+DEFAULT_INCLUDE = ("*blocks.*.self_attn.*", "*blocks.*.cross_attn.*", "*blocks.*.attn.*",
+                   "*blocks.*.ffn.*", "*blocks.*.mlp.*")
+DEFAULT_EXCLUDE = ("*norm*", "*modulation*", "*adaLN*", "*embed*", "head", "head.*", "*.head", "*.head.*",
+                   "*time_proj*", "*final_layer*")
 
 
 def parse_patterns(text: Optional[str]) -> Optional[tuple[str, ...]]:

@@ -220,6 +220,19 @@ def test_include_exclude_patterns(tiny):
         select_layers(tiny, include="nothing.*")
 
 
+def test_default_selection_on_adaln_dit():
+    """The adaLN-Zero DiT (wrapped as a velocity denoiser): attention and MLP linears only."""
+    from twinflow.models.dit import make_denoiser, random_adaln_dit
+
+    model, cfg = random_adaln_dit("tiny", seed=0)
+    den = make_denoiser(model, cfg, name="random:tiny")
+    names = select_layers(den.module)
+    leaves = sorted({n.split("blocks.")[1].split(".", 1)[1] for n in names})
+    assert leaves == ["attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2"] and len(names) == 8
+    q, rep = quantize_denoiser(den, Recipe("int8_weight_only"), sigmas=SIGMAS, seeds=SEEDS)
+    assert rep.passed and len(rep.layers) == 8
+
+
 def test_swap_never_mutates_input(tiny):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     qm, records = quantize_module(tiny, Recipe("int8_weight_only"))
@@ -488,6 +501,17 @@ def test_nodes_quantize_and_save(den, tf_dirs):
         saver.save(den, "quant/plain")
     with pytest.raises(ValueError, match="fp8_scale applies to the fp8 formats"):
         TwinFlowQuantizeModel().quantize(den, format="int8_dynamic", fp8_scale="per_tensor")
+
+
+def test_node_widgets_follow_conventions():
+    from twinflow.nodes.quant import NODE_CLASS_MAPPINGS
+
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("TwinFlow") and cls.CATEGORY == "TwinFlow/quant" and cls.DESCRIPTION
+        for name, (kind, opts) in cls.INPUT_TYPES()["required"].items():
+            assert "tooltip" in opts, (node_id, name)
+            if kind in ("INT", "FLOAT"):
+                assert {"min", "max", "step", "default"} <= set(opts), (node_id, name)
 
 
 def test_doctor_lines():
