@@ -1,0 +1,226 @@
+"""Core ComfyUI objects -> TwinFlow objects: `as_denoiser` (MODEL -> TWINFLOW_MODEL), `as_wan_vae` (VAE -> TWINFLOW_VAE).
+
+Both pass our own objects through unchanged, so a node input widened to "TWINFLOW_MODEL,MODEL" just calls
+the converter on whatever arrives. ComfyUI is imported lazily, only when a core object is converted.
+
+Which way per case, and why:
+  * MODEL for sampling (TwinFlow Sampler, Dual-Branch Sampler): **wrap `apply_model`**. The core model keeps
+    everything the user set up with core nodes — LoRA weight patches, object patches and APPLY_MODEL
+    wrappers (e.g. core TorchCompileModel), fp8 / scaled-fp8 ops, ComfyUI's device placement and offloading
+    (`load_models_gpu` before the run) — and any Wan variant ComfyUI itself supports runs unchanged. Our loop
+    calls it with sigma; for a flow model (`CONST` sampling) ComfyUI returns x0 = x - sigma*v, so
+    v = (x - x0) / sigma (sigma > 0 at every model evaluation).
+  * MODEL for Quantize / Compile (`need_module=True`): **rebuild our `WanDiT` from the state dict**. Those
+    passes rewrite or export our module's layers; ComfyUI's `WanModel` is a different class with
+    ComfyUI-specific ops. The patcher is loaded first so LoRA weight patches are baked into the weights we
+    read; the keys are the official layout on both sides, and tensors are shared, not copied.
+  * VAE: **rebuild our `WanVAE` from the state dict**. Keys and math are the official ones on both sides,
+    the weights are shared (no copy), and our VAE streams one latent frame at a time with progress, tiling
+    and its own memory estimate, which `comfy.sd.VAE` does not offer. Conversions are cached per core object.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.errors import UnsupportedError
+from ..core.handles import Denoiser
+from ..core.log import log_once
+
+logger = logging.getLogger(__name__)
+
+_vae_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_dit_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def is_model_patcher(obj) -> bool:
+    """Duck-typed check for a core MODEL (`comfy.model_patcher.ModelPatcher`): .model.apply_model + .model_options."""
+    inner = getattr(obj, "model", None)
+    return (inner is not None and callable(getattr(inner, "apply_model", None))
+            and isinstance(getattr(obj, "model_options", None), dict))
+
+
+def is_core_vae(obj) -> bool:
+    """Duck-typed check for a core VAE (`comfy.sd.VAE`): a `first_stage_model` module."""
+    return isinstance(getattr(obj, "first_stage_model", None), nn.Module)
+
+
+def _diffusion_model(patcher) -> nn.Module:
+    dm = getattr(patcher.model, "diffusion_model", None)
+    if not isinstance(dm, nn.Module):
+        raise TypeError(f"the MODEL input ({type(patcher.model).__name__}) has no diffusion_model module; "
+                        f"connect a Wan2.1 model from Load Diffusion Model")
+    return dm
+
+
+def _check_flow(patcher) -> None:
+    ms = patcher.get_model_object("model_sampling") if hasattr(patcher, "get_model_object") else None
+    kinds = [c.__name__ for c in type(ms).__mro__] if ms is not None else []
+    if "CONST" not in kinds:
+        raise UnsupportedError(
+            f"the MODEL input uses {type(ms).__name__ if ms is not None else 'no'} model sampling; TwinFlow samplers "
+            f"need a flow-matching model (ComfyUI 'CONST' sampling, e.g. Wan2.1 from Load Diffusion Model). "
+            f"Remove a ModelSamplingDiscrete/EPS patch or use a core sampler")
+
+
+def _latent_format_name(patcher) -> Optional[str]:
+    lf = getattr(patcher.model, "latent_format", None)
+    name = type(lf).__name__ if lf is not None else ""
+    return {"Wan21": "wan21"}.get(name)
+
+
+class ComfyApplyModel(nn.Module):
+    """Velocity predictor over a core ModelPatcher: forward(x, sigma, context) -> v, via `apply_model`.
+
+    Holds the patcher outside the module tree (its weights stay ComfyUI's); a 0-element parameter on the
+    load device tells our samplers where to put the latent and that inputs stay float32 (ComfyUI casts them)."""
+
+    def __init__(self, patcher, load_models=None):
+        super().__init__()
+        self.__dict__["patcher"] = patcher  # not a submodule: never moved/cast/state-dict'ed by us
+        device = getattr(patcher, "load_device", None) or torch.device("cpu")
+        self.anchor = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        self._load_models = load_models
+
+    def _ensure_loaded(self) -> None:
+        if self._load_models is not None:
+            self._load_models([self.patcher])
+            return
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.patcher])
+
+    def transformer_options(self) -> dict:
+        """The patcher's transformer options with its wrappers merged in, as ComfyUI's sampling passes them."""
+        opts = dict(self.patcher.model_options.get("transformer_options", {}))
+        wrappers = getattr(self.patcher, "wrappers", None)
+        if wrappers:
+            merged = {k: dict(v) for k, v in opts.get("wrappers", {}).items()}
+            for wtype, by_key in wrappers.items():
+                slot = merged.setdefault(wtype, {})
+                for key, fns in by_key.items():
+                    slot[key] = list(slot.get(key, [])) + list(fns)
+            opts["wrappers"] = merged
+        return opts
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._ensure_loaded()
+        model = self.patcher.model
+        dev = self.anchor.device
+        xd = x.to(device=dev, dtype=torch.float32)
+        s = sigma.to(device=dev, dtype=torch.float32).reshape(-1)
+        if s.numel() == 1 and xd.shape[0] != 1:
+            s = s.expand(xd.shape[0])
+        ctx = context.to(dev) if context is not None else None
+        x0 = model.apply_model(xd, s, c_crossattn=ctx, transformer_options=self.transformer_options())
+        # CONST: x0 = x - sigma * v  ->  v = (x - x0) / sigma; sigma > 0 at every evaluation of a sampler.
+        v = (xd - x0.float()) / s.view(-1, *([1] * (xd.ndim - 1)))
+        return v.to(x.dtype)
+
+
+def wrap_model(patcher, name: str = "", load_models=None) -> Denoiser:
+    """A TWINFLOW_MODEL that runs a core MODEL through `apply_model` (patches, wrappers, fp8 ops kept)."""
+    _check_flow(patcher)
+    dm = _diffusion_model(patcher)
+    pe = getattr(dm, "patch_embedding", None)
+    te = getattr(dm, "text_embedding", None)
+    if pe is None or te is None:
+        raise UnsupportedError(f"the MODEL input is a {type(dm).__name__}, not a Wan2.1 WanModel (no patch_embedding/"
+                               f"text_embedding); TwinFlow samplers take Wan2.1 models")
+    in_ch = int(pe.weight.shape[1])
+    text_dim = int(te[0].weight.shape[1])
+    out_ch = int(getattr(dm, "out_dim", in_ch))
+    if in_ch != out_ch:
+        raise UnsupportedError(f"the MODEL input takes {in_ch} channels and predicts {out_ch} (an image-to-video or "
+                               f"control model needing extra inputs); TwinFlow samplers run Wan2.1 text-to-video")
+    info = {"source": "ComfyUI MODEL (apply_model)", "latent_channels": out_ch}
+    fmt = _latent_format_name(patcher)
+    if fmt is not None:
+        info["latent_format"] = fmt
+    log_once(logger, ("comfy_adapter.wrap", id(patcher)), "TwinFlow: running core MODEL %s through ComfyUI's "
+             "apply_model (keeps LoRA/object patches, wrappers, fp8 ops and ComfyUI memory management)",
+             type(dm).__name__)
+    return Denoiser(module=ComfyApplyModel(patcher, load_models), family="comfy", in_channels=in_ch,
+                    text_dim=text_dim, name=name or f"comfy:{type(dm).__name__}", timestep_scale=1.0, info=info)
+
+
+def rebuild_wan_dit(patcher, load_models=None) -> Denoiser:
+    """Our `WanDiT` (TWINFLOW_MODEL family wan_dit) built from a core MODEL's weights (patches baked in)."""
+    from ..models.wan_dit import wan_dit_from_state_dict
+    from ..nodes.dit import wan_denoiser
+
+    cached = _dit_cache.get(patcher)
+    if cached is not None:
+        return cached
+    if load_models is not None:
+        load_models([patcher])
+    else:
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    sd = _diffusion_model(patcher).state_dict()
+    fp8 = {k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+    if fp8:
+        raise UnsupportedError(f"the MODEL input keeps {len(fp8)} weights in fp8 (e.g. {sorted(fp8)[0]!r}); TwinFlow "
+                               f"Quantize/Compile need float weights. Load it with weight_dtype 'default' in Load "
+                               f"Diffusion Model, or load the file with TwinFlow Load DiT")
+    module = wan_dit_from_state_dict(dict(sd), "ComfyUI MODEL state dict")
+    den = wan_denoiser(module, f"comfy:{type(_diffusion_model(patcher)).__name__}", "ComfyUI MODEL (rebuilt)")
+    log_once(logger, ("comfy_adapter.rebuild", id(patcher)), "TwinFlow: rebuilt core MODEL as a TwinFlow WanDiT from "
+             "its state dict (quantize/compile rewrite our module's layers)")
+    _dit_cache[patcher] = den
+    return den
+
+
+def as_denoiser(obj, *, need_module: bool = False, name: str = "") -> Denoiser:
+    """TWINFLOW_MODEL from a TWINFLOW_MODEL (unchanged) or a core MODEL.
+
+    need_module=False (samplers): wrap apply_model. need_module=True (quantize, compile): a TwinFlow WanDiT
+    rebuilt from the weights. A wrapped core model arriving where a module is needed is rebuilt from its patcher."""
+    if isinstance(obj, Denoiser):
+        if need_module and isinstance(obj.module, ComfyApplyModel):
+            return rebuild_wan_dit(obj.module.patcher)
+        return obj
+    if is_model_patcher(obj):
+        return rebuild_wan_dit(obj) if need_module else wrap_model(obj, name=name)
+    raise TypeError(f"expected a TWINFLOW_MODEL (TwinFlow Load DiT) or a core MODEL (Load Diffusion Model), got "
+                    f"{type(obj).__name__}")
+
+
+def as_wan_vae(obj):
+    """TWINFLOW_VAE from a TWINFLOW_VAE (unchanged) or a core VAE holding a Wan2.1 VAE (weights shared)."""
+    from ..models import wan_vae
+
+    if isinstance(obj, wan_vae.WanVAE):
+        return obj
+    if not is_core_vae(obj):
+        raise TypeError(f"expected a TWINFLOW_VAE (TwinFlow Load VAE) or a core VAE (Load VAE), got "
+                        f"{type(obj).__name__}")
+    cached = _vae_cache.get(obj)
+    if cached is not None:
+        return cached
+    fsm = obj.first_stage_model
+    sd = fsm.state_dict()
+    if wan_vae.ANCHOR not in sd:
+        raise UnsupportedError(f"the VAE input is a {type(fsm).__name__} without {wan_vae.ANCHOR!r}: not a Wan2.1 "
+                               f"VAE. Load wan_2.1_vae.safetensors with Load VAE (Wan2.2's 48-channel VAE is not "
+                               f"supported)")
+    source = f"ComfyUI VAE ({type(fsm).__name__})"
+    cfg = wan_vae.detect_config(sd, source)
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    if len(dtypes) > 1:
+        dt = max(dtypes, key=lambda d: sum(v.numel() for v in sd.values() if v.dtype == d))
+        sd = {k: v.to(dt) if v.is_floating_point() else v for k, v in sd.items()}
+    from ..models.loading import build_and_load
+
+    vae = build_and_load(lambda: wan_vae.WanVAE(cfg), dict(sd), source).eval()
+    vae.source = source
+    log_once(logger, ("comfy_adapter.vae", id(obj)), "TwinFlow: using core VAE %s as a TwinFlow WanVAE (same weights, "
+             "official key layout; streamed per-frame decode)", type(fsm).__name__)
+    _vae_cache[obj] = vae
+    return vae

@@ -1,0 +1,363 @@
+"""TwinFlow inside a real ComfyUI (skipped unless COMFYUI_PATH points at a ComfyUI checkout).
+
+Starts `python main.py --cpu --listen 127.0.0.1` from COMFYUI_PATH (interpreter: $COMFYUI_PYTHON, else this
+one) with a fresh `--base-directory` whose custom_nodes/twinflow links to this repository, then talks to it
+over HTTP on loopback only:
+  * the startup log has no import failure naming TwinFlow, and /object_info lists every TwinFlow node with
+    its category, display name, description and tooltips;
+  * every workflow in workflows/ (converted to the API form by twinflow.runner.formats) is accepted by
+    /prompt and finishes with success and output files;
+  * mixed graphs with core nodes: UNETLoader (a tiny random Wan DiT saved in ComfyUI's layout) -> TwinFlow
+    Sampler, core EmptyHunyuanLatentVideo, core VAELoader (a random Wan2.1 VAE in ComfyUI's layout) ->
+    core VAEDecode -> core SaveImage; and the Dual-Branch Guider through core SamplerCustomAdvanced.
+Oracles are ComfyUI's own code paths in the same server: core KSampler on the same model and seed for
+TwinFlow Sampler, core CFGGuider for the guider at alpha = 1 / alpha = 0, core VAEDecode for our decode.
+See docs/comfyui.md for how to get a ComfyUI to run these against.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout (see docs/comfyui.md)")]
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = Path(os.environ.get("TWINFLOW_PACK_DIR", str(REPO)))  # a patched copy can be linked instead (dev only)
+DIT_FILES = ("tiny_wan_dit_a.safetensors", "tiny_wan_dit_b.safetensors")
+VAE_FILE = "random_wan21_vae.safetensors"
+START_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ComfyUI process on loopback with its own base directory."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "comfyui.log"
+        self.proc = None
+
+    def start(self):
+        py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
+               str(self.base), "--disable-api-nodes", "--disable-auto-launch"]
+        self._log = open(self.log_path, "w")
+        env = {k: v for k, v in os.environ.items() if k not in ("TWINFLOW_MODELS_DIR", "TWINFLOW_OUTPUT_DIR")}
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1.0)
+        raise RuntimeError(f"ComfyUI did not answer within {START_TIMEOUT_S} s:\n{self.log()[-4000:]}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, extra_data=None) -> dict:
+        """POST a prompt, poll /history until it completes; return the history entry."""
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "twinflow-tests",
+                                             "extra_data": extra_data or {}})
+        assert status == 200 and not body.get("node_errors"), f"/prompt refused the graph: {status} {body}"
+        pid = body["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                entry = hist[pid]
+                if entry["status"].get("status_str") == "success":
+                    return entry
+                msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+                detail = msgs[0][1] if msgs else entry["status"]
+                if isinstance(detail, dict):
+                    detail = {k: detail.get(k) for k in ("node_type", "exception_message", "traceback")}
+                raise AssertionError(f"prompt failed: {json.dumps(detail, indent=1)[:4000]}")
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {pid} did not finish in {RUN_TIMEOUT_S} s")
+
+
+def _save_models(models: Path) -> None:
+    """A tiny random Wan DiT (x2) and a random full-size Wan2.1 VAE, official/ComfyUI key layout, no prefix.
+
+    The VAE must be full size: ComfyUI builds the Wan2.1 VAE with fixed widths (dim 96) from its anchor key."""
+    from safetensors.torch import save_file
+
+    from twinflow.models.wan_dit import random_wan_dit
+    from twinflow.models.wan_vae import random_wan_vae
+
+    (models / "diffusion_models").mkdir(parents=True)
+    (models / "vae").mkdir(parents=True)
+    for seed, name in enumerate(DIT_FILES):
+        m = random_wan_dit("tiny", seed=seed)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(models / "diffusion_models" / name))
+    vae = random_wan_vae("wan2.1", seed=0, dtype=torch.float16)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae" / VAE_FILE))
+    del vae
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    os.symlink(PACK, base / "custom_nodes" / "twinflow", target_is_directory=True)
+    _save_models(base / "models")
+    srv = Server(base)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def _pack_nodes() -> dict:
+    from twinflow import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from twinflow.comfy_adapter import nodes as adapter
+
+    return ({**NODE_CLASS_MAPPINGS, **adapter.NODE_CLASS_MAPPINGS},
+            {**NODE_DISPLAY_NAME_MAPPINGS, **adapter.NODE_DISPLAY_NAME_MAPPINGS})
+
+
+def _outputs(server, entry: dict) -> list[Path]:
+    files = []
+    for out in entry["outputs"].values():
+        for items in out.values():
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and "filename" in item:
+                    folder = server.base / item.get("type", "output")
+                    files.append(folder / item.get("subfolder", "") / item["filename"])
+    return files
+
+
+def _latent(server, entry: dict, node: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    item = entry["outputs"][node]["latents"][0]
+    return load_file(str(server.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def test_startup_log_has_no_twinflow_import_failure(server):
+    log = server.log()
+    bad = [ln for ln in log.splitlines()
+           if ("IMPORT FAILED" in ln or "Cannot import" in ln) and "twinflow" in ln.lower()]
+    assert not bad, "\n".join(bad)
+    assert "custom_nodes/twinflow" in log or "custom_nodes\\twinflow" in log, "TwinFlow was not loaded at all"
+
+
+def test_object_info_lists_every_node_with_metadata(object_info):
+    classes, names = _pack_nodes()
+    missing = sorted(set(classes) - set(object_info))
+    assert not missing, f"not in /object_info: {missing}"
+    for nid, cls in classes.items():
+        info = object_info[nid]
+        assert info["category"].startswith("TwinFlow/"), (nid, info["category"])
+        assert info["display_name"] == names[nid]
+        assert info["description"], f"{nid} has no DESCRIPTION"
+        spec = cls.INPUT_TYPES()
+        served = {sec: set(info["input"].get(sec, {})) for sec in ("required", "optional")}
+        for sec in ("required", "optional"):
+            assert served[sec] == set(spec.get(sec, {})), (nid, sec)
+        tips = [opts.get("tooltip") for sec in ("required", "optional") for v in info["input"].get(sec, {}).values()
+                for opts in [v[1] if len(v) > 1 and isinstance(v[1], dict) else {}]]
+        if tips:
+            assert any(tips), f"{nid}: no input has a tooltip"
+
+
+# ---------------------------------------------------------------------------------------------- workflows
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)
+def test_repo_workflow_runs_through_prompt(server, path):
+    from twinflow.runner.formats import load_workflow
+
+    classes, _ = _pack_nodes()
+    wf = load_workflow(path, classes)
+    assert wf.format == "ui", f"{path.name}: workflows/ holds UI-format files"
+    entry = server.run(wf.prompt, {"extra_pnginfo": {"workflow": wf.ui}})
+    files = _outputs(server, entry)
+    assert files, f"{path.name}: no output files in history {entry['outputs']}"
+    for f in files:
+        assert f.is_file() and f.stat().st_size > 0, f
+
+
+# ------------------------------------------------------------------------------------------- mixed graphs
+def _common(model_node: dict, length: int = 5) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILES[0], "weight_dtype": "default"}},
+        "2": model_node,
+        "3": {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "a fox in the snow", "width": 4096,
+                                                                   "pad_to": 512}},
+        "4": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": length,
+                                                                  "batch_size": 1}},
+    }
+
+
+def _ksampler(seed: int, steps: int, node_model="1") -> dict:
+    return {"class_type": "KSampler", "inputs": {"model": [node_model, 0], "seed": seed, "steps": steps, "cfg": 1.0,
+                                                 "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                                                 "positive": ["3", 0], "negative": ["3", 0],
+                                                 "latent_image": ["4", 0]}}
+
+
+@pytest.mark.parametrize("mode", ["wrap", "rebuild"])
+def test_core_model_in_twinflow_sampler_matches_core_ksampler(server, mode):
+    """UNETLoader -> TwinFlow From Core Model -> TwinFlow Sampler == core KSampler (euler, simple, shift 8)."""
+    p = _common({"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["1", 0], "mode": mode}})
+    p["5"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["2", 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 1.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}}
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"tf_{mode}"}}
+    p["7"] = _ksampler(7, 3)
+    p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"core_{mode}"}}
+    entry = server.run(p)
+    ours, core = _latent(server, entry, "6"), _latent(server, entry, "8")
+    assert ours.shape == core.shape == (1, 16, 2, 4, 4)
+    assert torch.isfinite(ours).all() and ours.abs().max() > 0.1
+    # wrap: the same ComfyUI forward; rebuild: our WanDiT vs ComfyUI's WanModel on the same weights.
+    tol = 1e-4 if mode == "wrap" else 2e-3
+    torch.testing.assert_close(ours, core, rtol=tol, atol=tol)
+
+
+def test_core_model_direct_into_twinflow_sampler(server, object_info):
+    accepted = object_info["TwinFlowSampler"]["input"]["required"]["model"][0]
+    if "MODEL" not in accepted.split(","):
+        pytest.skip(f"TwinFlow Sampler's model input is {accepted!r}; not widened to accept core MODEL yet")
+    p = _common({"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["1", 0], "latent": ["4", 0], "seed": 7, "steps": 2, "cfg": 1.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}})
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "tf_direct"}}
+    p["7"] = _ksampler(7, 2)
+    p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "core_direct"}}
+    entry = server.run(p)
+    torch.testing.assert_close(_latent(server, entry, "6"), _latent(server, entry, "8"), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_graph_core_latent_twinflow_sampler_core_vae_decode_save_image(server):
+    """EmptyHunyuanLatentVideo -> TwinFlow Sampler -> core VAEDecode (core VAELoader) -> core SaveImage; the same
+    latent through TwinFlow From Core VAE -> TwinFlow VAE Decode must give the same frames."""
+    p = _common({"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["1", 0], "mode": "wrap"}})
+    p["5"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["2", 0], "latent": ["4", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler": "uni_pc",
+        "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}}
+    p["6"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}}
+    p["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}}
+    p["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "tf_mixed_core"}}
+    p["9"] = {"class_type": "TwinFlowFromCoreVAE", "inputs": {"vae": ["6", 0]}}
+    p["10"] = {"class_type": "TwinFlowVAEDecode", "inputs": {"vae": ["9", 0], "samples": ["5", 0], "tiling": "off",
+                                                             "tile_size": 512, "overlap": 64}}
+    p["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "tf_mixed_ours"}}
+    entry = server.run(p)
+    core = [f for f in _outputs(server, entry) if "tf_mixed_core" in f.name]
+    ours = [f for f in _outputs(server, entry) if "tf_mixed_ours" in f.name]
+    assert len(core) == len(ours) == 5  # 2 latent frames -> 1 + 4 video frames, one PNG each
+    import numpy as np
+    from PIL import Image
+
+    for a, b in zip(sorted(core), sorted(ours)):
+        ia, ib = (np.asarray(Image.open(f), dtype=np.int16) for f in (a, b))
+        assert ia.shape == ib.shape == (32, 32, 3)
+        assert np.abs(ia - ib).max() <= 2, (a.name, int(np.abs(ia - ib).max()))  # 8-bit rounding of fp16 math
+
+
+def _guider_graph(kind: str, alpha: float, cutoff: float, guider: str = "twinflow") -> dict:
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILES[0], "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILES[1], "weight_dtype": "default"}},
+        "3": {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "a fox", "width": 4096, "pad_to": 512}},
+        "4": {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "blurry", "width": 4096, "pad_to": 512}},
+        "5": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": 5,
+                                                                  "batch_size": 1}},
+        "6": {"class_type": "TwinFlowGateSchedule", "inputs": {
+            "kind": kind, "alpha": alpha, "alpha_start": 1.0, "alpha_end": 0.0, "fuse_steps": "2", "boundary": 0.9,
+            "values": "", "cutoff": cutoff, "preview_steps": 3, "preview_shift": 8.0}},
+        "8": {"class_type": "RandomNoise", "inputs": {"noise_seed": 11}},
+        "9": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+        "10": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 3,
+                                                          "denoise": 1.0}},
+        "11": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["8", 0], "guider": ["7", 0],
+                                                                 "sampler": ["9", 0], "sigmas": ["10", 0],
+                                                                 "latent_image": ["5", 0]}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": f"g_{guider}"}},
+    }
+    if guider == "twinflow":
+        p["7"] = {"class_type": "TwinFlowDualBranchGuider", "inputs": {
+            "semantic": ["1", 0], "detail": ["2", 0], "gate": ["6", 0], "positive": ["3", 0], "negative": ["4", 0],
+            "cfg_semantic": 3.0, "cfg_detail": 2.0, "split": "HW"}}
+    else:  # core CFGGuider on one of the two models
+        model, cfg = ("1", 3.0) if guider == "core_semantic" else ("2", 2.0)
+        p["7"] = {"class_type": "CFGGuider", "inputs": {"model": [model, 0], "positive": ["3", 0],
+                                                        "negative": ["4", 0], "cfg": cfg}}
+    return p
+
+
+@pytest.mark.parametrize("alpha,reference", [(1.0, "core_semantic"), (0.0, "core_detail")])
+def test_dual_branch_guider_limits_equal_core_cfg_guider(server, alpha, reference):
+    ours = _latent(server, server.run(_guider_graph("constant", alpha, 0.0)), "12")
+    core = _latent(server, server.run(_guider_graph("constant", alpha, 0.0, guider=reference)), "12")
+    torch.testing.assert_close(ours, core, rtol=1e-5, atol=1e-5)
+
+
+def test_dual_branch_guider_fuses_and_decodes(server):
+    """A real fusion (alpha 0.5, FFT cutoff 0.25) differs from both limits, and decodes to frames by core nodes."""
+    g = _guider_graph("constant", 0.5, 0.25)
+    g["13"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}}
+    g["14"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["13", 0]}}
+    g["15"] = {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "tf_guider"}}
+    entry = server.run(g)
+    fused = _latent(server, entry, "12")
+    assert len([f for f in _outputs(server, entry) if "tf_guider" in f.name]) == 5
+    sem = _latent(server, server.run(_guider_graph("constant", 1.0, 0.0, guider="core_semantic")), "12")
+    det = _latent(server, server.run(_guider_graph("constant", 0.0, 0.0, guider="core_detail")), "12")
+    assert torch.isfinite(fused).all()
+    assert (fused - sem).abs().max() > 1e-3 and (fused - det).abs().max() > 1e-3
