@@ -11,7 +11,8 @@ Layouts (tensor names relative to the model; ComfyUI files may carry a `model.di
   `<layer>.comfy_quant` uint8 JSON tensors), `<layer>.weight` fp8, `<layer>.weight_scale` fp32 scalar,
   optional `<layer>.input_scale` (activation scale; unused here: we run these layers weight-only).
 - **ComfyUI legacy scaled fp8** (comfy/model_detection.py, comfy/ops.py scaled_fp8_ops): a `scaled_fp8`
-  marker tensor whose dtype is the fp8 type (float32 means e4m3fn; 2 elements = no fp8 matmul), per
+  marker tensor whose dtype is the fp8 type (float32 means e4m3fn; 2 elements = no fp8 matmul, which
+  is what we write: our layers have no calibrated input scale), per
   linear `<layer>.scale_weight` fp32 scalar (W = weight.to(dtype) * scale_weight) and optional
   `<layer>.scale_input`.
 """
@@ -305,10 +306,13 @@ def quantized_state_dict(module: nn.Module, layout: str = "twinflow", prefix: st
     if layout == "comfy_scaled_fp8":
         for name in layers:
             sd[f"{prefix}{name}.scale_weight"] = sd.pop(f"{prefix}{name}.weight_scale")
-        sd[f"{prefix}scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+        # Two elements = "no fp8 matmul" in ComfyUI (model_detection / convert_old_quants): our layers carry no
+        # calibrated input scale, so ComfyUI must dequantize and multiply in full precision, as we do.
+        sd[f"{prefix}scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
     elif not comfy_bad:
-        meta[COMFY_META_KEY] = json.dumps({"format_version": "1.0",
-                                           "layers": {prefix + n: {"format": "float8_e4m3fn"} for n in layers}})
+        # full_precision_matrix_mult: same reason (otherwise ComfyUI may cast activations to fp8 with scale 1).
+        conf = {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
+        meta[COMFY_META_KEY] = json.dumps({"format_version": "1.0", "layers": {prefix + n: conf for n in layers}})
     return sd, meta
 
 

@@ -439,7 +439,8 @@ def test_legacy_without_marker_and_dtype_casts(tiny):
 def test_writer_produces_comfy_layouts(tiny):
     qm, _ = quantize_module(tiny, Recipe("fp8_e4m3_weight_only"))
     sd, meta = quantized_state_dict(qm, layout="comfy_scaled_fp8", prefix="model.diffusion_model.")
-    assert sd["model.diffusion_model.scaled_fp8"].dtype == torch.float8_e4m3fn
+    marker = sd["model.diffusion_model.scaled_fp8"]
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 2  # ComfyUI: 2 elements = weight-only matmul
     s = sd["model.diffusion_model.blocks.0.ffn.2.scale_weight"]
     assert s.dtype == torch.float32 and s.shape == ()
     w = tiny.blocks[0].ffn[2].weight.detach()
@@ -449,7 +450,8 @@ def test_writer_produces_comfy_layouts(tiny):
     assert "twinflow_quant" not in meta and not any(k.endswith(".weight_scale") for k in sd)
     sd2, meta2 = quantized_state_dict(qm, layout="comfy_quant_metadata")
     layers = json.loads(meta2["_quantization_metadata"])["layers"]
-    assert layers["blocks.0.ffn.2"] == {"format": "float8_e4m3fn"} and len(layers) == 20
+    assert layers["blocks.0.ffn.2"] == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
+    assert len(layers) == 20
     q8, _ = quantize_module(tiny, Recipe("int8_weight_only"))
     with pytest.raises(ValueError, match="one fp32 scale per tensor.*int8_weight_only"):
         quantized_state_dict(q8, layout="comfy_scaled_fp8")
