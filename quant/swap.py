@@ -73,6 +73,11 @@ def select_layers(module: nn.Module, include=None, exclude=None) -> list[str]:
     exc = DEFAULT_EXCLUDE if exc is None else exc
     names = [n for n in linear_names(module) if _matches(n, inc) and not _matches(n, exc)]
     if not names:
+        already = [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]
+        if already:
+            raise ValueError(f"the model is already quantized ({len(already)} layers, e.g. {already[0]} as "
+                             f"{module.get_submodule(already[0]).fmt_name}) and no plain linear layer matches; "
+                             f"quantize the original model instead")
         available = linear_names(module)
         shown = ", ".join(available[:10]) + (" ..." if len(available) > 10 else "")
         raise ValueError(f"no linear layer matches include={list(inc)} minus exclude={list(exc)}; "

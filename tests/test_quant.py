@@ -242,6 +242,8 @@ def test_swap_never_mutates_input(tiny):
         assert torch.equal(v, before[k]), k
     # high-precision layers are shared, not copied
     assert qm.head.head.weight is tiny.head.head.weight
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_module(qm, Recipe("int8_weight_only"))
 
 
 # ---------------------------------------------------------------------------------------------- refusals
