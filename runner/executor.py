@@ -1,6 +1,6 @@
 """Executing a validated prompt like ComfyUI's PromptExecutor, minus the server.
 
-- Only ancestors of the output nodes run, dependencies first (validate.topological_order).
+- Only ancestors of the output nodes run, dependencies first.
 - List semantics (`_async_map_node_over_list`): every input is a list; the node is called max(len) times
   with shorter lists repeating their last item, or once with whole lists when `INPUT_IS_LIST`; results
   are merged per output (`OUTPUT_IS_LIST` outputs concatenated). `{"ui": ..., "result": ...}` returns are
@@ -11,8 +11,10 @@
   or asks for UNIQUE_ID). An Executor keeps the outputs of its last run, so running an edited prompt
   again re-executes only the nodes whose key changed - output nodes included, as in ComfyUI.
   `IS_CHANGED` returning NaN (or raising) means "always re-run". Node instances persist per (id, class).
-- Lazy inputs (`{"lazy": True}` / check_lazy_status), node expansion and ExecutionBlocker are not
-  supported: lazy inputs are evaluated eagerly, expansion is refused with a clear error.
+- Demand-driven like ComfyUI's ExecutionList: a cached node needs nothing upstream; an input declared
+  `{"lazy": True}` is evaluated only when the node's `check_lazy_status(**inputs)` (unevaluated lazy
+  inputs passed as None) names it. Node expansion and ExecutionBlocker are not supported (expansion is
+  refused with a clear error).
 """
 from __future__ import annotations
 
@@ -158,56 +160,125 @@ class Executor:
         prompt = validated.prompt
         hidden_prompt = original_prompt if original_prompt is not None else prompt
         progress.clear_interrupt()
-        values: dict[str, _Entry] = {}
         sigs: dict[str, Any] = {}
-        new_cache: dict = {}
-        executed, cached, timings = [], [], []
-        uis: dict[str, dict] = {}
+        for nid in validated.order:  # dependencies first, so upstream keys exist
+            node = prompt[nid]
+            sigs[nid] = self._signature(nid, node, self.registry[node["class_type"]], sigs)
+        cached = [nid for nid in validated.order if sigs[nid] in self._cache]  # ComfyUI's "execution_cached"
+        values: dict[str, _Entry] = {}
+        executed, timings = [], []
+        requested: dict[str, set] = {}  # lazy inputs check_lazy_status asked for, per node
         ok = False
         try:
             with torch.inference_mode():
-                for nid in validated.order:
+                # Demand-driven from the outputs, like ComfyUI's ExecutionList: a cached node needs nothing
+                # upstream; a lazy input is evaluated only when check_lazy_status asks for it.
+                stack = list(reversed(validated.outputs))
+                while stack:
                     progress.check_interrupt()
+                    nid = stack[-1]
+                    if nid in values:
+                        stack.pop()
+                        continue
                     node = prompt[nid]
                     ctype = node["class_type"]
                     cls = self.registry[ctype]
-                    sig = self._signature(nid, node, cls, sigs)
-                    sigs[nid] = sig
                     start = time.perf_counter()
-                    entry = self._cache.get(sig)
-                    if entry is not None:
-                        cached.append(nid)
-                        calls = 0
-                    else:
+                    entry = self._cache.get(sigs[nid])
+                    if entry is None:
+                        wanted = self._missing_inputs(nid, node, cls, values, requested)
+                        if wanted:
+                            stack.extend(w for w in wanted if w not in values)
+                            continue
                         progress.set_current_node(nid)
                         try:
+                            more = self._lazy_requests(nid, node, cls, values, requested, hidden_prompt,
+                                                       extra_pnginfo)
+                            if more:
+                                requested.setdefault(nid, set()).update(more)
+                                continue
                             entry, calls = self._run_node(nid, node, cls, values, hidden_prompt, extra_pnginfo)
                         finally:
                             progress.set_current_node(None)
                         executed.append(nid)
+                    else:
+                        calls = 0
+                    stack.pop()
                     values[nid] = entry
-                    new_cache[sig] = entry
                     timings.append(NodeTiming(nid, ctype, time.perf_counter() - start, calls == 0, calls))
-                    if entry.ui is not None:
-                        uis[nid] = entry.ui
                     logger.info("node #%s %s: %s in %.3f s", nid, ctype, "cached" if calls == 0 else "ran",
                                 timings[-1].seconds)
             ok = True
         finally:
+            fresh = {sigs[nid]: values[nid] for nid in executed}
             if ok:
-                # Keep what this run used (ComfyUI drops entries of nodes absent from the new prompt) ...
-                self._cache = new_cache
+                # Keep the entries of this prompt's nodes (ComfyUI drops those of nodes absent from it) ...
+                keep = {sigs[nid] for nid in validated.order}
+                self._cache = {**{k: v for k, v in self._cache.items() if k in keep}, **fresh}
                 live = {(nid, prompt[nid]["class_type"]) for nid in validated.order}
                 self._objects = {k: v for k, v in self._objects.items() if k in live}
             else:
                 # ... but a failed or interrupted run only adds what it finished, so a retry resumes there.
-                self._cache.update(new_cache)
-        outputs = {nid: uis.get(nid, {}) for nid in validated.outputs}
-        for nid, ui in uis.items():
-            outputs.setdefault(nid, ui)
-        results = {nid: e.outputs for nid, e in values.items()}
+                self._cache.update(fresh)
+        known = {nid: self._cache[sigs[nid]] for nid in validated.order if sigs[nid] in self._cache}
+        known.update(values)
+        outputs = {nid: (known[nid].ui or {}) if nid in known else {} for nid in validated.outputs}
+        for nid in validated.order:
+            if nid in values and values[nid].ui is not None:
+                outputs.setdefault(nid, values[nid].ui)
+        results = {nid: e.outputs for nid, e in known.items()}
         return RunResult(outputs, results, executed, cached, timings, prompt,
                          {"output": paths.output_dir(), "input": paths.input_dir()})
+
+    def _linked(self, node: dict, cls):
+        """(input name, source id, is lazy) for each declared linked input."""
+        inputs = node.get("inputs") or {}
+        for spec in iter_inputs(cls, node["class_type"]):
+            val = inputs.get(spec.name)
+            if is_link(val):
+                yield spec.name, val[0], bool(spec.opts.get("lazy", False))
+
+    def _missing_inputs(self, nid, node, cls, values, requested) -> list:
+        """Sources still to evaluate: every non-lazy linked input, and the lazy ones that were requested."""
+        asked = requested.get(nid, set())
+        return list(dict.fromkeys(src for name, src, lazy in self._linked(node, cls)
+                                  if (not lazy or name in asked) and src not in values))
+
+    def _lazy_requests(self, nid, node, cls, values, requested, hidden_prompt, extra_pnginfo) -> set:
+        """Lazy inputs `check_lazy_status` wants now (unevaluated ones are passed as None), as ComfyUI."""
+        pending = {name for name, src, lazy in self._linked(node, cls) if lazy and src not in values}
+        if not pending:
+            return set()
+        obj = self._instance(nid, node["class_type"], cls)
+        check = getattr(obj, "check_lazy_status", None)
+        if check is None:
+            return set()  # no way to ask for them: they stay None, as in ComfyUI
+        data = self._gather(nid, node, cls, values, hidden_prompt, extra_pnginfo)
+        asked = set()
+        for args in self._calls(cls, data):
+            try:
+                r = check(**args)
+            except Exception as e:  # attribute the failure to the node, as for its FUNCTION
+                raise NodeExecutionError(nid, node["class_type"], e) from e
+            if isinstance(r, (list, tuple)):
+                asked.update(x for x in r if isinstance(x, str))
+        return (asked & pending) - requested.get(nid, set())
+
+    def _instance(self, nid, ctype, cls):
+        key = (nid, ctype)
+        obj = self._objects.get(key)
+        if obj is None:
+            obj = cls()
+            self._objects[key] = obj
+        return obj
+
+    @staticmethod
+    def _calls(cls, data: dict) -> list:
+        """The argument dicts of the node's calls under ComfyUI's list semantics."""
+        if getattr(cls, "INPUT_IS_LIST", False):
+            return [data]
+        n = max((len(v) for v in data.values()), default=0)
+        return [{k: v[i if i < len(v) else -1] for k, v in data.items()} for i in range(max(n, 1))]
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -246,7 +317,8 @@ class Executor:
             return _AlwaysRerun()
         return _freeze(value)
 
-    def _run_node(self, nid, node, cls, values, hidden_prompt, extra_pnginfo):
+    def _gather(self, nid, node, cls, values, hidden_prompt, extra_pnginfo) -> dict:
+        """Every input as a list (constants as one-item lists, unevaluated lazy links as [None]) + hidden."""
         ctype = node["class_type"]
         inputs = node.get("inputs") or {}
         data: dict[str, list] = {}
@@ -256,6 +328,9 @@ class Executor:
             val = inputs[spec.name]
             if is_link(val):
                 src, slot = val[0], int(val[1])
+                if src not in values:
+                    data[spec.name] = [None]
+                    continue
                 lst = values[src].outputs[slot]
                 if len(lst) == 0:
                     raise WorkflowError(f"node #{nid} ({ctype}) input '{spec.name}' received an empty list from "
@@ -266,20 +341,17 @@ class Executor:
                 data[spec.name] = [val]
         for name, kind in hidden_inputs(cls, ctype).items():
             data[name] = [{"PROMPT": hidden_prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": nid}.get(kind)]
-        key = (nid, ctype)
-        obj = self._objects.get(key)
-        if obj is None:
-            obj = cls()
-            self._objects[key] = obj
+        return data
+
+    def _run_node(self, nid, node, cls, values, hidden_prompt, extra_pnginfo):
+        ctype = node["class_type"]
+        data = self._gather(nid, node, cls, values, hidden_prompt, extra_pnginfo)
+        obj = self._instance(nid, ctype, cls)
         fname = getattr(cls, "FUNCTION", None)
         fn = getattr(obj, fname, None) if isinstance(fname, str) else None
         if fn is None:
             raise WorkflowError(f"node class {ctype} has no FUNCTION method {fname!r}", type="execution_error")
-        if getattr(cls, "INPUT_IS_LIST", False):
-            calls = [data]
-        else:
-            n = max((len(v) for v in data.values()), default=0)
-            calls = [{k: v[i if i < len(v) else -1] for k, v in data.items()} for i in range(max(n, 1))]
+        calls = self._calls(cls, data)
         results, uis = [], []
         n_out = len(return_types(cls))
         for args in calls:

@@ -263,3 +263,35 @@ def test_undeclared_inputs_are_ignored(tf_dirs, caplog):
     r = run_workflow(p, registry=REG, cache=False)
     assert sorted(r.executed) == ["1", "2", "4", "6"]
     assert "'stale' is not declared" in caplog.text
+
+
+def test_lazy_inputs_only_the_requested_branch_runs(tf_dirs):
+    tn.TestSwitch.SEEN.clear()
+    p = {"1": {"class_type": "TestConst", "inputs": {"value": 5}},
+         "2": {"class_type": "TestFail", "inputs": {"value": 1}},  # would raise if evaluated
+         "3": {"class_type": "TestSwitch", "inputs": {"use_a": True, "a": ["1", 0], "b": ["2", 0]}},
+         "4": {"class_type": "TestShow", "inputs": {"value": ["3", 0]}}}
+    r = run_workflow(p, registry=REG, cache=False)
+    assert r["4"] == {"text": ["5"]} and "2" not in r.executed
+    # as in ComfyUI, check_lazy_status runs again once the requested input is ready; unevaluated ones are None
+    assert tn.TestSwitch.SEEN == [(True, None, None), (True, 5, None)]
+    p["3"]["inputs"]["use_a"] = False
+    with pytest.raises(NodeExecutionError, match="TestFail"):
+        run_workflow(p, registry=REG, cache=False)
+
+
+def test_lazy_input_without_check_stays_none(tf_dirs):
+    p = {"1": {"class_type": "TestConst", "inputs": {"value": 5}},
+         "2": {"class_type": "TestLazyNoCheck", "inputs": {"x": ["1", 0]}},
+         "3": {"class_type": "TestShow", "inputs": {"value": ["2", 0]}}}
+    r = run_workflow(p, registry=REG, cache=False)
+    assert r["3"] == {"text": ["None"]} and r.executed == ["2", "3"]  # node 1 is never needed
+
+
+def test_cached_output_needs_nothing_upstream(tf_dirs):
+    runner = Runner(REG)
+    runner.run(api())
+    tn.CALLS.clear()
+    r = runner.run(api())
+    assert r.executed == [] and not tn.CALLS and [t.node_id for t in r.timings] == ["6"]
+    assert set(r.results) == {"1", "2", "4", "6"}  # cached results are still reported
