@@ -269,18 +269,49 @@ def test_core_model_in_twinflow_sampler_matches_core_ksampler(server, mode):
     torch.testing.assert_close(ours, core, rtol=tol, atol=tol)
 
 
-def test_core_model_direct_into_twinflow_sampler(server, object_info):
-    accepted = object_info["TwinFlowSampler"]["input"]["required"]["model"][0]
-    if "MODEL" not in accepted.split(","):
-        pytest.skip(f"TwinFlow Sampler's model input is {accepted!r}; not widened to accept core MODEL yet")
+def test_core_objects_direct_into_widened_inputs(server, object_info):
+    """Core MODEL straight into TwinFlow Sampler / Dual-Branch Sampler / Quantize, core VAE into TwinFlow VAE Decode
+    (once those inputs accept "TWINFLOW_MODEL,MODEL" / "TWINFLOW_VAE,VAE")."""
+    req = {n: object_info[n]["input"]["required"] for n in ("TwinFlowSampler", "TwinFlowVAEDecode")}
+    if "MODEL" not in req["TwinFlowSampler"]["model"][0].split(",") or \
+            "VAE" not in req["TwinFlowVAEDecode"]["vae"][0].split(","):
+        pytest.skip("TwinFlow Sampler / VAE Decode inputs are not widened to accept core MODEL / VAE yet")
     p = _common({"class_type": "TwinFlowSampler", "inputs": {
         "model": ["1", 0], "latent": ["4", 0], "seed": 7, "steps": 2, "cfg": 1.0, "sampler": "euler",
         "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}})
     p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "tf_direct"}}
     p["7"] = _ksampler(7, 2)
     p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "core_direct"}}
+    p["9"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}}
+    p["10"] = {"class_type": "TwinFlowVAEDecode", "inputs": {"vae": ["9", 0], "samples": ["2", 0], "tiling": "off",
+                                                             "tile_size": 512, "overlap": 64}}
+    p["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "tf_direct_vae"}}
+    p["12"] = {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILES[1], "weight_dtype": "default"}}
+    p["13"] = {"class_type": "TwinFlowGateSchedule", "inputs": {
+        "kind": "constant", "alpha": 0.5, "alpha_start": 1.0, "alpha_end": 0.0, "fuse_steps": "2", "boundary": 0.9,
+        "values": "", "cutoff": 0.25, "preview_steps": 2, "preview_shift": 8.0}}
+    p["14"] = {"class_type": "TwinFlowDualBranchSampler", "inputs": {
+        "semantic": ["1", 0], "detail": ["12", 0], "gate": ["13", 0], "latent": ["4", 0], "seed": 7, "steps": 2,
+        "cfg_semantic": 1.0, "cfg_detail": 1.0, "sampler": "euler", "scheduler": "simple", "shift": 8.0,
+        "denoise": 1.0, "split": "HW", "positive": ["3", 0]}}
+    p["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["14", 0], "filename_prefix": "tf_direct_dual"}}
+    quant = object_info.get("TwinFlowQuantizeModel", {}).get("input", {}).get("required", {}).get("model", [""])[0]
+    if "MODEL" in quant.split(","):
+        p["16"] = {"class_type": "TwinFlowQuantizeModel", "inputs": {
+            "model": ["1", 0], "format": "int8_weight_only", "group_size": 0, "fp8_scale": "auto",
+            "smoothquant_alpha": 0.0, "include": "", "exclude": "", "min_cosine": 0.0, "force": True,
+            "report_seed": 0, "report_sigmas": "0.95, 0.5, 0.05"}}
+        p["17"] = {"class_type": "TwinFlowSampler", "inputs": {**p["2"]["inputs"], "model": ["16", 0]}}
+        p["18"] = {"class_type": "SaveLatent", "inputs": {"samples": ["17", 0], "filename_prefix": "tf_direct_q"}}
     entry = server.run(p)
-    torch.testing.assert_close(_latent(server, entry, "6"), _latent(server, entry, "8"), rtol=1e-4, atol=1e-4)
+    core = _latent(server, entry, "8")
+    torch.testing.assert_close(_latent(server, entry, "6"), core, rtol=1e-4, atol=1e-4)
+    assert len([f for f in _outputs(server, entry) if "tf_direct_vae" in f.name]) == 5
+    dual = _latent(server, entry, "15")
+    assert torch.isfinite(dual).all() and (dual - core).abs().max() > 1e-3
+    if "18" in p:  # int8 weight-only stays close to the float model
+        q = _latent(server, entry, "18")
+        assert torch.nn.functional.cosine_similarity(q.flatten(), core.flatten(), dim=0) > 0.99
 
 
 def test_mixed_graph_core_latent_twinflow_sampler_core_vae_decode_save_image(server):
