@@ -11,10 +11,13 @@ import torch
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 FLOAT_DTYPES = tuple(CTYPES)
 
-# Row kernels (one block per row): vectors per thread kept in registers. The vector variant of
-# each row kernel is instantiated with NV_VEC, the scalar (unaligned / odd D) variant with
-# NV_SCALAR; __launch_bounds__(1024) caps registers at 64 and the CI ptxas check proves no spills.
-NV_VEC = 4
+# Row kernels (one block per row) keep each thread's NV vectors in registers. The registers are
+# allocated for the instantiated NV whether a row needs them or not, and they bound occupancy, so
+# the vector variant exists for NV in NV_VEC_CHOICES and the launcher picks the smallest that
+# covers the row with <= 1024 threads (D=5120 bf16: NV=1, 640 threads). The scalar variant (odd D
+# or unaligned pointers) has one NV_SCALAR. __launch_bounds__(1024, 1) caps registers at 64; the
+# CI ptxas check proves there are no spills.
+NV_VEC_CHOICES = (1, 2, 4)
 NV_SCALAR = 16
 MAX_BLOCK = 1024
 # Elementwise kernels: grid-stride loops with this block size and at most MAX_GRID blocks
@@ -47,16 +50,23 @@ def pick_vec(dtype, inner: int, *tensors: Optional[torch.Tensor]) -> int:
     return v if inner % v == 0 and aligned16(*tensors) else 1
 
 
-def row_block(n: int, vec: int) -> Optional[int]:
-    """Threads for a row kernel over rows of `n` elements read `vec` at a time (None: row too long).
+def row_nv(n: int, vec: int) -> Optional[int]:
+    """Vectors per thread for a row of `n` elements read `vec` at a time (None: row too long)."""
+    nvec = n // vec
+    for nv in (NV_VEC_CHOICES if vec > 1 else (NV_SCALAR,)):
+        if nvec <= MAX_BLOCK * nv:
+            return nv
+    return None
 
-    As few vectors per thread as fit in 1024 threads, then the block trimmed to a multiple of 32
-    that still covers the row (so e.g. D=5120 bf16 runs 640 threads, one 16-byte vector each).
-    """
+
+def row_block(n: int, vec: int) -> Optional[int]:
+    """Threads for a row kernel over rows of `n` elements read `vec` at a time (None: row too long):
+    as few vectors per thread as fit in 1024 threads, then the block trimmed to a multiple of 32
+    that still covers the row (the instantiated NV is only the capacity)."""
+    if row_nv(n, vec) is None:
+        return None
     nvec = n // vec
     per = max(1, math.ceil(nvec / MAX_BLOCK))
-    if per > (NV_VEC if vec > 1 else NV_SCALAR):
-        return None
     return max(32, 32 * math.ceil(math.ceil(nvec / per) / 32))
 
 

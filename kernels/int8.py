@@ -22,8 +22,8 @@ OUT_DTYPES = P.FLOAT_DTYPES
 
 INSTANCES = tuple(
     [s for dt, ct in P.CTYPES.items()
-     for s in (f"quantize_int8_kernel<{ct}, {P.vec_width(dt)}, {P.NV_VEC}>",
-               f"quantize_int8_kernel<{ct}, 1, {P.NV_SCALAR}>")]
+     for s in [f"quantize_int8_kernel<{ct}, {P.vec_width(dt)}, {nv}>" for nv in P.NV_VEC_CHOICES]
+     + [f"quantize_int8_kernel<{ct}, 1, {P.NV_SCALAR}>"]]
     + [f"int8_gemm_epilogue_kernel<{ct}, {a}, {v}>" for ct in P.CTYPES.values()
        for a in ACTIVATIONS.values() for v in (4, 1)]
 )

@@ -25,7 +25,7 @@ def _row_instances(kernel: str, mixed: bool = False) -> list:
     for dt, ct in P.CTYPES.items():
         for dty, cty in (P.CTYPES.items() if mixed else [(dt, None)]):
             t = f"{ct}, {cty}" if mixed else ct
-            out.append(f"{kernel}<{t}, {P.vec_width(dt, dty)}, {P.NV_VEC}>")
+            out += [f"{kernel}<{t}, {P.vec_width(dt, dty)}, {nv}>" for nv in P.NV_VEC_CHOICES]
             out.append(f"{kernel}<{t}, 1, {P.NV_SCALAR}>")
     return out
 
@@ -52,7 +52,7 @@ def row_plan(kernel: str, x: torch.Tensor, *ptrs: Optional[torch.Tensor], y_dtyp
     block = P.row_block(d, vec)
     assert block is not None, "D beyond the row limit passed validation"
     t = ", ".join(P.CTYPES[dt] for dt in dts)
-    return f"{kernel}<{t}, {vec}, {P.NV_VEC if vec > 1 else P.NV_SCALAR}>", (rows,), (block,)
+    return f"{kernel}<{t}, {vec}, {P.row_nv(d, vec)}>", (rows,), (block,)
 
 
 def _row_reason(x: torch.Tensor) -> Optional[str]:

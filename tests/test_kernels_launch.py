@@ -91,10 +91,12 @@ def cuda(shape, dtype=torch.bfloat16):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,d,kernel,block", [
-    (torch.bfloat16, 5120, "ln_modulate_kernel<__nv_bfloat16, 8, 4>", 640),   # Wan 14B
-    (torch.bfloat16, 1536, "ln_modulate_kernel<__nv_bfloat16, 8, 4>", 192),   # Wan 1.3B
-    (torch.float16, 64, "ln_modulate_kernel<__half, 8, 4>", 32),
-    (torch.float32, 5120, "ln_modulate_kernel<float, 4, 4>", 640),            # 1280 float4s, 2 per thread
+    (torch.bfloat16, 5120, "ln_modulate_kernel<__nv_bfloat16, 8, 1>", 640),   # Wan 14B
+    (torch.bfloat16, 1536, "ln_modulate_kernel<__nv_bfloat16, 8, 1>", 192),   # Wan 1.3B
+    (torch.float16, 64, "ln_modulate_kernel<__half, 8, 1>", 32),
+    (torch.bfloat16, 16384, "ln_modulate_kernel<__nv_bfloat16, 8, 2>", 1024),
+    (torch.float32, 5120, "ln_modulate_kernel<float, 4, 2>", 640),            # 1280 float4s, 2 per thread
+    (torch.float32, 16384, "ln_modulate_kernel<float, 4, 4>", 1024),
     (torch.bfloat16, 4099, "ln_modulate_kernel<__nv_bfloat16, 1, 16>", 832),  # odd D: scalar, 5 per thread
     (torch.float32, 1, "ln_modulate_kernel<float, 1, 16>", 32),
 ])
@@ -128,9 +130,9 @@ def test_fused_and_rms_norm_geometry(fake, boundary):
     m = cuda((1, 1, 5120), torch.float32)
     ox, oy = norm.gated_residual_ln_modulate_launch(x, m, y, m, m)
     assert (ox.dtype, oy.dtype) == (torch.bfloat16, torch.float32)
-    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<__nv_bfloat16, __nv_bfloat16, 8, 4>"
+    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<__nv_bfloat16, __nv_bfloat16, 8, 1>"
     norm.gated_residual_ln_modulate_launch(x.float(), m, y, m, m)
-    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<float, __nv_bfloat16, 4, 4>"
+    assert boundary.last["kernel"] == "gated_residual_ln_modulate_kernel<float, __nv_bfloat16, 4, 2>"
     assert boundary.last["grid"] == (32760,) and boundary.last["block"] == (640,)
     q = cuda((1, 32760, 40, 128))
     out = norm.rms_norm_launch(q.flatten(2), cuda((5120,)))
@@ -265,7 +267,7 @@ def test_dispatch_routes_supported_inputs_to_the_kernel(cupy_usable, fake, bound
     assert out.dtype == torch.float32 and ops.op_status()["ln_modulate"] == ("cupy", None)
     # The custom op's real implementation calls the launcher, i.e. the launch boundary.
     ops._run("rms_norm", norm.rms_norm_unsupported, norm.rms_norm_launch, ops.rms_norm_ref, x, None, 1e-6)
-    assert boundary.last["kernel"] == "rms_norm_kernel<__nv_bfloat16, 8, 4>"
+    assert boundary.last["kernel"] == "rms_norm_kernel<__nv_bfloat16, 8, 1>"
 
 
 def test_dispatch_falls_back_with_reason(cupy_usable, fake, boundary, caplog):
