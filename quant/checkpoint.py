@@ -77,9 +77,7 @@ def _comfy_layer(name: str, conf: dict, sd: dict, source: str) -> tuple[str, dic
             f"{source}: layer {name!r} uses ComfyUI quantization format {fmt!r}; TwinFlow reads float8_e4m3fn "
             f"(scaled fp8) only. Convert the file to scaled fp8 or load the unquantized model and use "
             f"TwinFlow Quantize Model.")
-    scale = sd.get(f"{name}.weight_scale")
-    per_channel = scale is not None and scale.ndim == 1 and scale.numel() > 1
-    return "fp8_e4m3_weight_only", {"per_channel": bool(per_channel)}
+    return "fp8_e4m3_weight_only", {"per_channel": False}  # per-channel scales are recognised at load
 
 
 def read_layers(metadata: Optional[dict], state_dict: dict, source: str = "checkpoint") -> tuple[dict, dict]:
@@ -98,6 +96,8 @@ def read_layers(metadata: Optional[dict], state_dict: dict, source: str = "check
             raise CheckpointError(f"{source}: {TWINFLOW_KEY} record has format_version {version!r}; this TwinFlow "
                                   f"reads version {FORMAT_VERSION}. Update TwinFlow or re-quantize the model.")
         for name, spec in record["layers"].items():
+            if not isinstance(spec, dict):
+                raise CheckpointError(f"{source}: {TWINFLOW_KEY} entry for layer {name!r} is not an object")
             fmt = spec.get("format")
             try:
                 get_format(fmt)
@@ -147,8 +147,8 @@ def read_layers(metadata: Optional[dict], state_dict: dict, source: str = "check
         for k in list(sd):
             if k.endswith(".scale_weight"):
                 name = k[: -len(".scale_weight")]
-                sd[f"{name}.weight_scale"] = sd.pop(k).float().reshape(())
-                layers[name] = ("fp8_e4m3_weight_only", {"per_channel": False})
+                sd[f"{name}.weight_scale"] = sd.pop(k).float()
+                layers[name] = ("fp8_e4m3_weight_only", {"per_channel": False})  # [N] scales: see load
             elif k.endswith(".scale_input"):
                 sd.pop(k)
                 n_input += 1
@@ -222,6 +222,14 @@ def load_quantized_into(module: nn.Module, state_dict: dict, metadata: Optional[
     sd = _rename_keys(sd, file_layers, mapping)
     for name, (fmt, layer_opts) in by_module.items():
         lin = module.get_submodule(name)
+        scale = sd.get(f"{name}.weight_scale")
+        if fmt == "fp8_e4m3_weight_only" and scale is not None and not layer_opts.get("per_channel"):
+            if scale.numel() == 1:
+                sd[f"{name}.weight_scale"] = scale.float().reshape(())
+            elif tuple(scale.shape) in ((lin.out_features,), (lin.out_features, 1)):
+                # ComfyUI layouts are per tensor; other tools write one scale per output row.
+                layer_opts = {**layer_opts, "per_channel": True}
+                sd[f"{name}.weight_scale"] = scale.float().reshape(-1)
         bias_key = f"{name}.bias"
         bias_dtype = sd[bias_key].dtype if bias_key in sd else torch.float32
         q = QuantLinear(lin.in_features, lin.out_features, fmt, layer_opts, bias=lin.bias is not None,
@@ -236,8 +244,6 @@ def load_quantized_into(module: nn.Module, state_dict: dict, metadata: Optional[
                 raise CheckpointError(f"{source}: {key} is {t.dtype}, but format {fmt} stores {store_dtype}")
             if tname != "weight":
                 sd[key] = t.float()  # scales are fp32; a bf16/fp16 scale widens exactly
-                if tuple(t.shape) == (1,) and shape == ():
-                    sd[key] = sd[key].reshape(())
     quantized = set(by_module)
     for k, v in list(sd.items()):
         owner, _, leaf = k.rpartition(".")

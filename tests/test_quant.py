@@ -438,6 +438,22 @@ def test_legacy_without_marker_and_dtype_casts(tiny):
     torch.testing.assert_close(q.dequantized_weight(), w8.float() * s, rtol=0, atol=0)
 
 
+def test_per_row_fp8_scales_from_other_tools(tiny):
+    """`_quantization_metadata` files with one (bf16) scale per output row load as per-channel fp8."""
+    sd = {k: v.clone() for k, v in tiny.state_dict().items()}
+    w = tiny.blocks[1].self_attn.v.weight.detach()
+    s = (w.abs().amax(1) / 448).to(torch.bfloat16)
+    sd["blocks.1.self_attn.v.weight"] = (w / s.float()[:, None]).to(torch.float8_e4m3fn)
+    sd["blocks.1.self_attn.v.weight_scale"] = s[:, None]  # [N, 1]
+    meta = {"_quantization_metadata": json.dumps({"layers": {"model.diffusion_model.blocks.1.self_attn.v":
+                                                                 {"format": "float8_e4m3fn"}}})}
+    loaded = load_quantized_into(_meta_wan(tiny.config), sd, meta)
+    q = loaded.blocks[1].self_attn.v
+    assert q.layer_opts["per_channel"] and q.weight_scale.shape == (256,) and q.weight_scale.dtype == torch.float32
+    expect = sd["blocks.1.self_attn.v.weight"].float() * s.float()[:, None]
+    torch.testing.assert_close(q.dequantized_weight(), expect, rtol=0, atol=0)
+
+
 def test_writer_produces_comfy_layouts(tiny):
     qm, _ = quantize_module(tiny, Recipe("fp8_e4m3_weight_only"))
     sd, meta = quantized_state_dict(qm, layout="comfy_scaled_fp8", prefix="model.diffusion_model.")
