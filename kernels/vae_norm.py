@@ -1,7 +1,8 @@
 """The Wan VAE's channel-first RMS norm, optionally fused with SiLU (every VAE residual block runs
 norm -> SiLU -> conv). `rms_norm_cf_ref` is the spec and fallback; the kernel (`vae_norm.cu`)
 walks the channels of VEC adjacent positions per thread, accumulating the sum of squares in fp32,
-and rounds once at the end (the reference rounds after every op when x is bf16/fp16).
+and rounds once at the end (the reference rounds after every op when x is bf16/fp16). A block of
+256 threads covers CF_TX vectors of positions, its threads splitting the channels (see the .cu).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from . import _plan as P
 from . import _runtime
 
 MODULE = "vae_norm"
+CF_TX, CF_TY = 8, 32  # TF_CF_TX / TF_CF_TY in vae_norm.cu
 INSTANCES = tuple(f"rms_norm_cf_kernel<{ct}, {v}>" for dt, ct in P.CTYPES.items()
                   for v in (P.vec_width(dt), 1))
 
@@ -50,8 +52,8 @@ def rms_norm_cf_unsupported(x, gamma, bias=None, silu=False, eps=1e-12) -> Optio
         if t.dtype != x.dtype:
             return (f"{name} has dtype {t.dtype} but x has {x.dtype}; the reference would promote "
                     "the output, the kernel keeps x's dtype (cast the VAE to one dtype)")
-    if c > P.INT32_MAX:
-        return f"C={c} too large"
+    if c > P.INT32_MAX or math.ceil(x.shape[0] * math.prod(x.shape[2:]) / CF_TX) > P.INT32_MAX:
+        return f"x of shape {tuple(x.shape)} is too large for one launch grid"
     return None
 
 
@@ -60,8 +62,8 @@ def plan(x: torch.Tensor, *ptrs) -> tuple:
     s = math.prod(x.shape[2:])
     vec = P.pick_vec(x.dtype, s, x, *ptrs)
     n_vec = x.shape[0] * s // vec
-    return (f"rms_norm_cf_kernel<{P.CTYPES[x.dtype]}, {vec}>", P.elementwise_grid(n_vec),
-            (P.ELEMWISE_BLOCK,), s, n_vec)
+    return (f"rms_norm_cf_kernel<{P.CTYPES[x.dtype]}, {vec}>", (math.ceil(n_vec / CF_TX),),
+            (CF_TX * CF_TY,), s, n_vec)
 
 
 def rms_norm_cf_launch(x, gamma, bias=None, silu=False, eps=1e-12) -> torch.Tensor:

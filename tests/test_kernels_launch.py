@@ -163,6 +163,7 @@ def test_vae_norm_rope_int8_geometry(fake, boundary):
     a = boundary.last["args"]
     assert out.shape == x.shape and boundary.last["kernel"] == "rms_norm_cf_kernel<__nv_bfloat16, 8>"
     assert (a[4], a[5], a[6], a[9]) == (96, 120, 15, 1)  # C, S, n_vec, silu
+    assert boundary.last["grid"] == (2,) and boundary.last["block"] == (256,)  # 8 vectors per block
     assert abs(float(a[8]) - 96 ** 0.5) < 1e-6
     vae_norm.rms_norm_cf_launch(cuda((1, 96, 3, 5, 7)), cuda((96, 1, 1, 1)))  # S=105: scalar
     assert boundary.last["kernel"] == "rms_norm_cf_kernel<__nv_bfloat16, 1>"
