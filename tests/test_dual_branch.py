@@ -133,6 +133,25 @@ def test_fusion_keeps_semantic_low_band_and_blends_high_band():
     assert torch.equal(fusion.fuse(v_s, v_d, a, cutoff=0.0), a * v_s + (1 - a) * v_d)
 
 
+@pytest.mark.parametrize("over_time", [False, True])
+def test_fusion_matches_full_complex_fft(over_time):
+    # independent: full complex FFT over the split dims, mask re-derived from the documented formula
+    # (radius in units of Nyquist per axis, raised cosine of width 0.1 centred on the cutoff)
+    g = torch.Generator().manual_seed(2)
+    v_s, v_d = torch.randn(2, 3, 3, 5, 6, generator=g, dtype=torch.float64).unbind(0)
+    v_s, v_d = v_s[None], v_d[None]
+    dims = (-3, -2, -1) if over_time else (-2, -1)
+    freqs = [torch.fft.fftfreq(v_s.shape[d], dtype=torch.float64) / 0.5 for d in dims]
+    r = torch.sqrt(sum(f**2 for f in torch.meshgrid(*freqs, indexing="ij")))
+    c, w, a = 0.45, 0.1, 0.25
+    lp = torch.where(r <= c - w / 2, 1.0, torch.where(r >= c + w / 2, 0.0,
+                                                       0.5 * (1 + torch.cos(torch.pi * (r - c + w / 2) / w))))
+    spec = lambda x: torch.fft.fftn(x, dim=dims)
+    exp = torch.fft.ifftn(lp * spec(v_s) + (1 - lp) * spec(a * v_s + (1 - a) * v_d), dim=dims).real
+    got = fusion.fuse(v_s.float(), v_d.float(), a, c, width=w, over_time=over_time)
+    assert torch.allclose(got.double(), exp, atol=1e-5)
+
+
 def test_channel_mismatch_is_refused():
     S = denoiser(PosteriorMean(points(1)), channels=4)
     D = denoiser(PosteriorMean(points(2)), channels=16, name="wide")

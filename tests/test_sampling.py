@@ -30,6 +30,13 @@ def comfy_normal(shift, steps):
     return [float(f(t)) for t in ts] + [0.0]
 
 
+def comfy_sgm_uniform(shift, steps):
+    s = comfy_table(shift)
+    ts = np.linspace(s[-1] * 1000, s[0] * 1000, steps + 1)[:-1]
+    f = lambda t: t / 1000 if shift == 1.0 else shift * (t / 1000) / (1 + (shift - 1) * (t / 1000))
+    return [float(f(t)) for t in ts] + [0.0]
+
+
 def betainc_series(x, a, b):
     # I_x(a,b) = x^a (1-x)^b / (a B(a,b)) * 2F1(a+b, 1; a+1; x)   (power series, x <= 1/2; symmetry above)
     if x > 0.5:
@@ -67,7 +74,8 @@ def comfy_beta(shift, steps, a=0.6, b=0.6):
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0, 12.5])
 @pytest.mark.parametrize("steps", [1, 3, 4, 10, 20, 30, 50])
-@pytest.mark.parametrize("name,ref", [("simple", comfy_simple), ("normal", comfy_normal), ("beta", comfy_beta)])
+@pytest.mark.parametrize("name,ref", [("simple", comfy_simple), ("normal", comfy_normal), ("beta", comfy_beta),
+                                      ("sgm_uniform", comfy_sgm_uniform)])
 def test_sigmas_match_comfyui_formulas(shift, steps, name, ref):
     got = schedules.calculate_sigmas(name, steps, shift)
     exp = ref(shift, steps)
