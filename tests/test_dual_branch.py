@@ -257,3 +257,32 @@ def test_real_tiny_wan_dit_with_tiny_refiner():
     two, rep2 = sample(Branch(S, pos, neg, 5.0, batch_cfg="never"), lat, **args)
     assert rep2.branches["semantic"]["forwards"] == 20
     assert torch.allclose(two["samples"], single["samples"], atol=1e-4)
+
+
+def test_dual_branch_workflow_through_the_headless_runner(tf_dirs):
+    # API prompt: Empty Latent Video -> Dual-Branch Sampler (tiny Wan DiT + tiny refiner, steps gate 3,6,9) -> Save Latent
+    from twinflow.runner.api import run_workflow
+
+    prompt = {
+        "1": {"class_type": "TwinFlowEmptyLatentVideo", "inputs": {"width": 64, "height": 64, "length": 1,
+                                                                   "batch_size": 1}},
+        "2": {"class_type": "TwinFlowLoadDiT", "inputs": {"ckpt_name": "random:tiny", "dtype": "default",
+                                                          "preset": "auto", "seed": 0}},
+        "3": {"class_type": "TwinFlowLoadRefiner", "inputs": {"refiner_name": "random:tiny", "dtype": "default",
+                                                              "seed": 0}},
+        "4": {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "a fox", "width": 4096, "pad_to": 0}},
+        "5": {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "", "width": 4096, "pad_to": 0}},
+        "6": {"class_type": "TwinFlowGateSchedule", "inputs": {
+            "kind": "steps", "alpha": 0.5, "alpha_start": 1.0, "alpha_end": 0.0, "fuse_steps": "3,6,9",
+            "boundary": 0.875, "values": "", "cutoff": 0.0, "preview_steps": 10, "preview_shift": 8.0}},
+        "7": {"class_type": "TwinFlowDualBranchSampler", "inputs": {
+            "semantic": ["2", 0], "detail": ["3", 0], "gate": ["6", 0], "latent": ["1", 0], "seed": 0, "steps": 10,
+            "cfg_semantic": 5.0, "cfg_detail": 1.0, "sampler": "uni_pc", "scheduler": "simple", "shift": 8.0,
+            "denoise": 1.0, "split": "HW", "positive": ["4", 0], "negative": ["5", 0]}},
+        "8": {"class_type": "TwinFlowSaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "dual"}},
+    }
+    res = run_workflow(prompt, cache=False)
+    out = res.results["7"][0][0]["samples"]
+    assert out.shape == (1, 16, 1, 8, 8) and torch.isfinite(out).all()
+    report = res.results["7"][1][0]
+    assert "semantic" in report and "detail" in report and "3 forwards" in report
