@@ -113,29 +113,24 @@ def _run(op: str, check: Callable, launch: Callable, ref: Callable, *args):
 # Custom ops (one graph node each under export/compile) and their fake implementations
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("twinflow::ln_modulate", mutates_args=())
 def _ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return _run("ln_modulate", norm.ln_modulate_unsupported, norm.ln_modulate_launch, ln_modulate_ref,
                 x, shift, scale, eps)
 
 
-@_ln_modulate_op.register_fake
-def _(x, shift, scale, eps):
+def _ln_modulate_fake(x, shift, scale, eps):
     return x.new_empty(torch.broadcast_shapes(x.shape, shift.shape, scale.shape), dtype=torch.float32)
 
 
-@torch.library.custom_op("twinflow::gated_residual", mutates_args=())
 def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _run("gated_residual", norm.gated_residual_unsupported, norm.gated_residual_launch,
                 gated_residual_ref, x, gate, y)
 
 
-@_gated_residual_op.register_fake
-def _(x, gate, y):
+def _gated_residual_fake(x, gate, y):
     return x.new_empty(torch.broadcast_shapes(x.shape, gate.shape, y.shape))
 
 
-@torch.library.custom_op("twinflow::gated_residual_ln_modulate", mutates_args=())
 def _gated_residual_ln_modulate_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                                    scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _run("gated_residual_ln_modulate", norm.gated_residual_ln_modulate_unsupported,
@@ -143,71 +138,81 @@ def _gated_residual_ln_modulate_op(x: torch.Tensor, gate: torch.Tensor, y: torch
                 x, gate, y, shift, scale, eps)
 
 
-@_gated_residual_ln_modulate_op.register_fake
-def _(x, gate, y, shift, scale, eps):
+def _gated_residual_ln_modulate_fake(x, gate, y, shift, scale, eps):
     s = torch.broadcast_shapes(x.shape, gate.shape, y.shape)
     return x.new_empty(s), x.new_empty(torch.broadcast_shapes(s, shift.shape, scale.shape), dtype=torch.float32)
 
 
-@torch.library.custom_op("twinflow::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     return _run("rms_norm", norm.rms_norm_unsupported, norm.rms_norm_launch, rms_norm_ref, x, weight, eps)
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
+def _rms_norm_fake(x, weight, eps):
     return x.new_empty(x.shape if weight is None else torch.broadcast_shapes(x.shape, weight.shape))
 
 
-@torch.library.custom_op("twinflow::rms_norm_cf", mutates_args=())
 def _rms_norm_cf_op(x: torch.Tensor, gamma: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
                     eps: float) -> torch.Tensor:
     return _run("rms_norm_cf", vae_norm.rms_norm_cf_unsupported, vae_norm.rms_norm_cf_launch, rms_norm_cf_ref,
                 x, gamma, bias, silu, eps)
 
 
-@_rms_norm_cf_op.register_fake
-def _(x, gamma, bias, silu, eps):
+def _rms_norm_cf_fake(x, gamma, bias, silu, eps):
     ts = [x, gamma] + ([bias] if bias is not None else [])
     dtype = torch.result_type(*ts[:2]) if bias is None else torch.promote_types(
         torch.result_type(x, gamma), bias.dtype)
     return x.new_empty(torch.broadcast_shapes(*(t.shape for t in ts)), dtype=dtype)
 
 
-@torch.library.custom_op("twinflow::rope_apply", mutates_args=())
 def _rope_apply_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return _run("rope_apply", rope.rope_apply_unsupported, rope.rope_apply_launch, rope_apply_ref, x, cos, sin)
 
 
-@_rope_apply_op.register_fake
-def _(x, cos, sin):
+def _rope_apply_fake(x, cos, sin):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("twinflow::quantize_int8_per_token", mutates_args=())
 def _quantize_int8_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _run("quantize_int8_per_token", int8.quantize_int8_per_token_unsupported,
                 int8.quantize_int8_per_token_launch, quantize_int8_per_token_ref, x, eps)
 
 
-@_quantize_int8_op.register_fake
-def _(x, eps):
+def _quantize_int8_fake(x, eps):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("twinflow::int8_gemm_epilogue", mutates_args=())
 def _int8_gemm_epilogue_op(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                            bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype) -> torch.Tensor:
     return _run("int8_gemm_epilogue", int8.int8_gemm_epilogue_unsupported, int8.int8_gemm_epilogue_launch,
                 int8_gemm_epilogue_ref, acc, a_scale, w_scale, bias, activation, out_dtype)
 
 
-@_int8_gemm_epilogue_op.register_fake
-def _(acc, a_scale, w_scale, bias, activation, out_dtype):
+def _int8_gemm_epilogue_fake(acc, a_scale, w_scale, bias, activation, out_dtype):
     if activation not in int8.ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected none, gelu_tanh or silu")
     return acc.new_empty(acc.shape, dtype=out_dtype)
 
+
+def _register(name: str, impl, fake) -> None:
+    """Register `twinflow::<name>` unless this process already has it: ComfyUI may import this
+    package a second time under a path-derived name, and an op can be defined only once
+    (the first registration, of identical code, then serves both)."""
+    try:
+        getattr(torch.ops.twinflow, name)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    torch.library.custom_op(f"twinflow::{name}", mutates_args=())(impl).register_fake(fake)
+
+
+_register("ln_modulate", _ln_modulate_op, _ln_modulate_fake)
+_register("gated_residual", _gated_residual_op, _gated_residual_fake)
+_register("gated_residual_ln_modulate", _gated_residual_ln_modulate_op, _gated_residual_ln_modulate_fake)
+_register("rms_norm", _rms_norm_op, _rms_norm_fake)
+_register("rms_norm_cf", _rms_norm_cf_op, _rms_norm_cf_fake)
+_register("rope_apply", _rope_apply_op, _rope_apply_fake)
+_register("quantize_int8_per_token", _quantize_int8_op, _quantize_int8_fake)
+_register("int8_gemm_epilogue", _int8_gemm_epilogue_op, _int8_gemm_epilogue_fake)
 
 # ---------------------------------------------------------------------------------------------
 # The public ops (signatures and CPU behaviour are the contract the models rely on)

@@ -326,3 +326,28 @@ def test_one_inductor_compile_of_public_and_custom_ops():
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
     for got, want in zip(compiled(*args), f(*args)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_second_import_under_another_name_reuses_the_ops(tmp_path):
+    """ComfyUI imports the pack under a path-derived module name; tests import `twinflow`. Both in
+    one process must not collide on the `twinflow::` custom-op names."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(ops.__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, sys, torch\n"
+        "import twinflow.kernels.ops as a\n"
+        f"spec = importlib.util.spec_from_file_location('tf_copy', {str(root / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(root)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['tf_copy'] = m; spec.loader.exec_module(m)\n"
+        "import importlib; b = importlib.import_module('tf_copy.kernels.ops')\n"
+        "assert a is not b\n"
+        "x = torch.randn(2, 3, 8); s = torch.randn(2, 1, 8)\n"
+        "assert torch.equal(b.ln_modulate(x, s, s), a.ln_modulate_ref(x, s, s))\n"
+        "assert torch.equal(torch.ops.twinflow.ln_modulate(x, s, s, 1e-6), a.ln_modulate_ref(x, s, s))\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
