@@ -286,3 +286,16 @@ def test_dual_branch_workflow_through_the_headless_runner(tf_dirs):
     assert out.shape == (1, 16, 1, 8, 8) and torch.isfinite(out).all()
     report = res.results["7"][1][0]
     assert "semantic" in report and "detail" in report and "3 forwards" in report
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dual_branch_on_cuda_matches_cpu():
+    # models on the GPU, noise from the CPU generator (as ComfyUI): the same seed gives the same result
+    S = PosteriorMean(points(1))
+    D = PosteriorMean(points(2))
+    gate = GateSchedule("steps", alpha=0.5, fuse_steps=(2, 4), cutoff=0.3)
+    cpu, _ = run(denoiser(S), denoiser(D), gate, sampler="uni_pc")
+    gpu, rep = run(denoiser(S.cuda()), denoiser(D.cuda()), gate, sampler="uni_pc")
+    assert gpu["samples"].device.type == "cpu" and rep.branches["detail"]["forwards"] == 2
+    assert torch.allclose(gpu["samples"], cpu["samples"], atol=1e-4)
