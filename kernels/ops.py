@@ -194,9 +194,9 @@ def _int8_gemm_epilogue_fake(acc, a_scale, w_scale, bias, activation, out_dtype)
 
 
 def _register(name: str, impl, fake) -> None:
-    """Register `twinflow::<name>` unless this process already has it: ComfyUI may import this
-    package a second time under a path-derived name, and an op can be defined only once
-    (the first registration, of identical code, then serves both)."""
+    """Register `twinflow::<name>` unless this process already has it. ComfyUI may import this
+    package a second time under a path-derived name; torch would then silently swap the op's
+    implementation for the second copy's. The first registration (identical code) serves both."""
     try:
         getattr(torch.ops.twinflow, name)
         return
