@@ -55,7 +55,7 @@ def fused_prediction(x0_semantic: Callable[[], torch.Tensor], x0_detail: Callabl
     else:
         s = x0_semantic()
         d = x0_detail()
-        ran, out = "S+D", fuse(s.float(), d.float(), alpha, cutoff, width, over_time).to(s.dtype)
+        ran, out = "S+D", fuse(s, d, alpha, cutoff, width, over_time)  # fuse upcasts half types for its FFT
     if log is not None:
         log.append((step, float(sigma), alpha, cutoff, ran))
     return out

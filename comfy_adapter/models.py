@@ -37,6 +37,13 @@ _vae_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _dit_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def load_patchers(patchers: list, full: bool = False) -> None:
+    """Have ComfyUI load (and patch) these ModelPatchers on their device; cheap when they already are."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu(list(patchers), force_full_load=full)
+
+
 def is_model_patcher(obj) -> bool:
     """Duck-typed check for a core MODEL (`comfy.model_patcher.ModelPatcher`): .model.apply_model + .model_options."""
     inner = getattr(obj, "model", None)
@@ -79,20 +86,11 @@ class ComfyApplyModel(nn.Module):
     Holds the patcher outside the module tree (its weights stay ComfyUI's); a 0-element parameter on the
     load device tells our samplers where to put the latent and that inputs stay float32 (ComfyUI casts them)."""
 
-    def __init__(self, patcher, load_models=None):
+    def __init__(self, patcher):
         super().__init__()
         self.__dict__["patcher"] = patcher  # not a submodule: never moved/cast/state-dict'ed by us
         device = getattr(patcher, "load_device", None) or torch.device("cpu")
         self.anchor = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
-        self._load_models = load_models
-
-    def _ensure_loaded(self) -> None:
-        if self._load_models is not None:
-            self._load_models([self.patcher])
-            return
-        import comfy.model_management
-
-        comfy.model_management.load_models_gpu([self.patcher])
 
     def transformer_options(self) -> dict:
         """The patcher's transformer options with its wrappers merged in, as ComfyUI's sampling passes them."""
@@ -109,7 +107,7 @@ class ComfyApplyModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._ensure_loaded()
+        load_patchers([self.patcher])
         model = self.patcher.model
         dev = self.anchor.device
         xd = x.to(device=dev, dtype=torch.float32)
@@ -123,7 +121,7 @@ class ComfyApplyModel(nn.Module):
         return v.to(x.dtype)
 
 
-def wrap_model(patcher, name: str = "", load_models=None) -> Denoiser:
+def wrap_model(patcher, name: str = "") -> Denoiser:
     """A TWINFLOW_MODEL that runs a core MODEL through `apply_model` (patches, wrappers, fp8 ops kept)."""
     _check_flow(patcher)
     dm = _diffusion_model(patcher)
@@ -145,11 +143,11 @@ def wrap_model(patcher, name: str = "", load_models=None) -> Denoiser:
     log_once(logger, ("comfy_adapter.wrap", id(patcher)), "TwinFlow: running core MODEL %s through ComfyUI's "
              "apply_model (keeps LoRA/object patches, wrappers, fp8 ops and ComfyUI memory management)",
              type(dm).__name__)
-    return Denoiser(module=ComfyApplyModel(patcher, load_models), family="comfy", in_channels=in_ch,
+    return Denoiser(module=ComfyApplyModel(patcher), family="comfy", in_channels=in_ch,
                     text_dim=text_dim, name=name or f"comfy:{type(dm).__name__}", timestep_scale=1.0, info=info)
 
 
-def rebuild_wan_dit(patcher, load_models=None) -> Denoiser:
+def rebuild_wan_dit(patcher) -> Denoiser:
     """Our `WanDiT` (TWINFLOW_MODEL family wan_dit) built from a core MODEL's weights (patches baked in)."""
     from ..models.wan_dit import wan_dit_from_state_dict
     from ..nodes.dit import wan_denoiser
@@ -157,12 +155,7 @@ def rebuild_wan_dit(patcher, load_models=None) -> Denoiser:
     cached = _dit_cache.get(patcher)
     if cached is not None:
         return cached
-    if load_models is not None:
-        load_models([patcher])
-    else:
-        import comfy.model_management
-
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    load_patchers([patcher], full=True)  # LoRA/weight patches are applied on load: bake them into what we read
     sd = _diffusion_model(patcher).state_dict()
     fp8 = {k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
     if fp8:
