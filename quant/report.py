@@ -22,7 +22,6 @@ from ..core.errors import TwinFlowError
 from ..core.handles import Denoiser
 from ..core.progress import Progress
 from .formats import get_format
-from .linear import QuantLinear
 from .swap import LayerRecord, Recipe, collect_activation_amax, quantize_module, select_layers
 
 logger = logging.getLogger(__name__)

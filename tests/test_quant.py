@@ -274,6 +274,11 @@ def test_threshold_refusal_names_worst_layers(den):
     assert "FORCED" in rep.to_text() and isinstance(q.module.blocks[0].ffn[0], QuantLinear)
 
 
+def test_comfy_model_refused(den):
+    with pytest.raises(UnsupportedError, match="ComfyUI MODEL"):
+        quantize_denoiser(den.clone(family="comfy"), Recipe("int8_weight_only"), sigmas=SIGMAS, seeds=SEEDS)
+
+
 def test_smoothquant_needs_int8_dynamic(tiny):
     with pytest.raises(ValueError, match="int8_dynamic only"):
         quantize_module(tiny, Recipe("int8_weight_only", QuantOptions(smoothquant_alpha=0.5)), act_amax={})
