@@ -326,6 +326,12 @@ def test_one_inductor_compile_of_public_and_custom_ops():
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
     for got, want in zip(compiled(*args), f(*args)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A second call with new values of the same shapes reuses the graph (the dispatcher's choice
+    # is a trace-time constant, so it adds no guard that fails).
+    args2 = _block_inputs()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for got, want in zip(compiled(*args2), f(*args2)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_second_import_under_another_name_reuses_the_ops(tmp_path):
