@@ -384,3 +384,26 @@ def test_guider_node_checks_inputs_before_touching_comfyui():
         node.build(None, None, GateSchedule(), [], [], 1.0, 1.0, "XY")
     with pytest.raises(ValueError, match="mode"):
         N.TwinFlowFromCoreModel().convert(None, mode="other")
+
+
+# ------------------------------------------------------------------------------------------ registry metadata
+def test_pyproject_registry_metadata_and_requirements_agree():
+    """Registry fields are present, and requirements.txt (what ComfyUI-Manager installs) lists the same runtime
+    dependencies as pyproject, except torch, which the host provides and must never be replaced."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,99}", project["name"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"]) and project["description"]
+    assert project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~\[; ]", r.strip(), maxsplit=1)[0].lower() for r in reqs if r.strip()}
+
+    req = [ln for ln in (root / "requirements.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "torch" not in names(req) and "torchvision" not in names(req)
+    assert names(req) == names(project["dependencies"]) - {"torch"}
