@@ -1,8 +1,10 @@
 """The int8 GEMM's neighbours: per-token symmetric activation quantization (absmax + round) and the
 dequant + bias + activation epilogue of the int32 accumulator. Both kernels are in `int8.cu`.
 
-Quantization uses the reference's exact fp32 operations (max, clamp, /127, a true division per
-element, round-half-even), so its q and scale match `quantize_int8_per_token_ref` bit for bit.
+Quantization uses the reference's fp32 operations (max, clamp, /127, a true division per element,
+round-half-even), so its q and scale match `quantize_int8_per_token_ref` on the CPU bit for bit.
+(torch's CUDA divide-by-scalar multiplies by 1/127 instead, so on the GPU the reference's scale can
+differ in its last bit.)
 """
 from __future__ import annotations
 

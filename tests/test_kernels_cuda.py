@@ -50,8 +50,9 @@ def _f32(args):
 
 
 def _atol(out):
-    # fp32 accumulation order differs from torch's: a few fp32 ulps of the output's magnitude.
-    return 8 * torch.finfo(torch.float32).eps * (1 + out.double().abs().max().item())
+    # fp32 accumulation order, FMA contraction and rsqrtf/expf/tanhf differ from torch's: a few
+    # fp32 ulps of the output's magnitude (~4e-6 relative).
+    return 32 * torch.finfo(torch.float32).eps * (1 + out.double().abs().max().item())
 
 
 def _rand(*shape, dtype=torch.float32, scale=1.0):
@@ -117,12 +118,19 @@ def test_rope_parity(b, l, h, dh, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,d", ROWS_D)
-def test_quantize_int8_matches_reference_exactly(rows, d, dtype):
+def test_quantize_int8_matches_reference(rows, d, dtype):
     x = _rand(rows, d, dtype=dtype, scale=3.0)
     q, s = int8.quantize_int8_per_token_launch(x)
     rq, rs = ops.quantize_int8_per_token_ref(x)
-    assert torch.equal(s, rs)
-    assert torch.equal(q, rq)
+    # The kernel divides amax by 127 exactly as the CPU reference; torch's CUDA divide-by-scalar
+    # multiplies by the reciprocal instead, so the scales may differ in the last bit...
+    torch.testing.assert_close(s, rs, rtol=2 ** -23, atol=0)
+    # ...which can move a value sitting on a rounding tie by one step, and nothing else.
+    assert (q.int() - rq.int()).abs().max().item() <= 1
+    assert (q != rq).float().mean().item() < 1e-3
+    # Against the CPU reference, which uses the kernel's operations, the match is exact.
+    cq, cs = ops.quantize_int8_per_token_ref(x.cpu())
+    assert torch.equal(s.cpu(), cs) and torch.equal(q.cpu(), cq)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
