@@ -422,7 +422,14 @@ def test_comfy_scaled_fp8_files_load(tiny, tmp_path, layout):
     assert isinstance(loaded.blocks[1].cross_attn.k, QuantLinear)
     assert loaded.blocks[1].cross_attn.k.weight.dtype == torch.float8_e4m3fn
     ref = _comfy_reference(tiny, w8s)
-    torch.testing.assert_close(_velocity(loaded), _velocity(ref), rtol=1e-5, atol=1e-5)
+    v_ref = _velocity(ref)
+    torch.testing.assert_close(_velocity(loaded), v_ref, rtol=1e-5, atol=1e-5)
+    # and through the Wan DiT loader, which detects the layout and hands the file to quant.checkpoint
+    from twinflow.models.wan_dit import load_wan_dit
+
+    via_loader = load_wan_dit(path)
+    assert isinstance(via_loader.blocks[0].ffn[2], QuantLinear)
+    torch.testing.assert_close(_velocity(via_loader), v_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_legacy_without_marker_and_dtype_casts(tiny):
