@@ -566,3 +566,14 @@ def test_fp8_dynamic_on_gpu():
     y = q(x).float()
     ref = lin(x).float()
     assert (y - ref).norm() / ref.norm() < 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int_mm_padding_on_gpu_is_exact():
+    """cuBLAS int8 GEMM needs M > 16 and K, N multiples of 8: odd shapes are zero-padded, exactly."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (5, 20), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (12, 20), generator=g, dtype=torch.int8)
+    out = P.int_mm(a.cuda(), b.cuda()).cpu()
+    assert torch.equal(out, (a.long() @ b.long().T).int())
