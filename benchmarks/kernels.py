@@ -94,12 +94,13 @@ def _block(d: int, tokens: int, warmup: int, iters: int) -> dict:
     x = torch.randn(1, tokens, d, device="cuda")
     e0 = torch.randn(1, 6, d, device="cuda")
     ang = torch.rand(tokens, 64, device="cuda")
+    cos, sin = ang.cos(), ang.sin()
     ctx = torch.randn(1, 512, d, device="cuda", dtype=torch.bfloat16)
     out = {}
     with torch.no_grad():
         for mode in ("torch", "cupy"):
             ops.set_mode(mode)
-            out[mode] = _time_ms(lambda: blk(x, e0, ang.cos(), ang.sin(), ctx, None), warmup, iters)
+            out[mode] = _time_ms(lambda: blk(x, e0, cos, sin, ctx, None), warmup, iters)
     ops.set_mode("auto")
     return out
 
