@@ -340,3 +340,11 @@ def test_launch_boundary_glue_with_a_stand_in_cupy(monkeypatch):
     assert (name, grid, block) == (kernel, (4,), (32,))
     assert (stream.ptr, stream.device_id) == (0xABC0, 1) and seen["devices"] == [1, 1]
     assert args[0] == np.uint64(x.data_ptr()) and args[1] == np.uint64(0) and type(args[3]) is np.int32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_benchmark_says_it_needs_a_gpu(capsys):
+    from twinflow.benchmarks import kernels as bench
+
+    assert bench.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
