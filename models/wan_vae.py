@@ -128,9 +128,28 @@ class CausalConv3d(nn.Conv3d):
 
         `keep=False` on a layer's final frame releases its cache at once."""
         s = st.slot(self)
+        if self.out_channels < self.in_channels:
+            return self._step_partial(x, s, keep)
         out = self.taps([s[0], s[1], x])
         if keep:
             s[0], s[1] = s[1], x
+        else:
+            s[0] = s[1] = None
+        return out
+
+
+    def _step_partial(self, x: torch.Tensor, s: list, keep: bool) -> torch.Tensor:
+        """Narrowing convs (the decoder head, 96 -> 3) keep partial output sums instead of inputs:
+        s = [W1 x[t-1] + W0 x[t-2], W0 x[t-1]] in fp32, i.e. 2 x 3 channels instead of 2 x 96 per pixel."""
+        w, p = self.weight, self.pad_s
+        out = F.conv2d(x, w[:, :, 2], self.bias, padding=p)
+        if s[0] is not None:
+            out = (out.float() + s[0]).to(x.dtype)
+        if keep:
+            nxt = F.conv2d(x, w[:, :, 1], None, padding=p).float()
+            if s[1] is not None:
+                nxt += s[1]
+            s[0], s[1] = nxt, F.conv2d(x, w[:, :, 0], None, padding=p).float()
         else:
             s[0] = s[1] = None
         return out
@@ -217,6 +236,8 @@ class Resample(nn.Module):
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.resample[1]
         if self.mode.startswith("upsample"):
+            if x.dtype == torch.float32:
+                return _upsample2x_conv3x3(x, conv.weight, conv.bias)
             # nearest-exact x2 computed in fp32 like the official Upsample, then the 3x3 conv.
             up = F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
             return conv(up)
@@ -242,6 +263,28 @@ class Resample(nn.Module):
         out = self.time_conv.taps([s[0], s[1], x])
         s[0], s[1] = x, None
         return out
+
+
+def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv3x3(pad 1)(nearest_upsample_x2(x)) without building the upsampled image (sub-pixel form).
+
+    With integer scale 2, nearest-exact reads source pixel i//2, so output pixel (2i+a, 2j+c) only sees
+    low-res rows {i-1, i} (a=0: kernel rows 0 | 1+2) or {i, i+1} (a=1: rows 0+1 | 2), likewise for
+    columns: four 2x2 convs on the low-res frame, 16 instead of 36 multiply-adds per low-res pixel and
+    no 4x-sized temporary. The summed kernel taps change float rounding slightly (fp32 only).
+    x: (B, C, h, w); w: (O, C, 3, 3) -> (B, O, 2h, 2w)."""
+    bsz, _, h, wd = x.shape
+    o = w.shape[0]
+    rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
+            torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
+    xp = F.pad(x, (1, 1, 1, 1))  # zero border of the upsampled image = zero border here
+    out = torch.empty(bsz, o, h, 2, wd, 2, device=x.device, dtype=x.dtype)
+    for a in (0, 1):
+        r = rows[a]
+        for c, k in enumerate((torch.stack((r[..., 0], r[..., 1] + r[..., 2]), -1),
+                               torch.stack((r[..., 0] + r[..., 1], r[..., 2]), -1))):  # (O, C, 2, 2)
+            out[:, :, :, a, :, c] = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], k, b)
+    return out.view(bsz, o, 2 * h, 2 * wd)
 
 
 class Encoder3d(nn.Module):
