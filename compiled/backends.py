@@ -52,27 +52,15 @@ def build_eager(ep):
     return ep.module()
 
 
-class _SizeOblivious:
-    """Runs a torch.compile'd function with size-oblivious backed sizes, so a size-1 axis (batch 1,
-    one latent frame) does not specialise the graph and force a recompile inside the profile."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        from torch.fx.experimental import _config as fx_config
-
-        with fx_config.patch(backed_size_oblivious=True):
-            return self.fn(*args)
-
-
 def build_inductor(ep, options: Optional[dict] = None):
-    """`torch.compile` of the exported module; dynamic=True keeps one graph for the whole profile
-    (the exported module carries the range asserts, so sizes outside the profile fail loudly and are
-    caught by the runtime wrapper's check before the call)."""
-    gm = ep.module()
-    fn = torch.compile(gm, backend="inductor", dynamic=True, fullgraph=True, options=dict(options or {}) or None)
-    return _SizeOblivious(fn)
+    """`torch.compile(ep.module(), dynamic=True)`: one graph for the profile's sizes >= 2.
+
+    Known limit: dynamo specialises axes of size 0/1 (batch 1, one latent frame), so the first call
+    with such a size compiles a second graph. Size-oblivious sizes would avoid that, but combined
+    with the exported module's `size <= max` asserts they collapse a [1, 2] batch range to the single
+    value 2, and they break the (1, 1, 1, L) text-bias broadcast; so they are not used."""
+    return torch.compile(ep.module(), backend="inductor", dynamic=True, fullgraph=True,
+                         options=dict(options or {}) or None)
 
 
 def save_inductor_artifacts(path: Path) -> bool:

@@ -234,14 +234,38 @@ class WanDiTGraph(nn.Module):
         return out.reshape(b, cfg.out_dim, t, hh, ww).to(x.dtype)
 
 
+def _distinct(ranges: list, reserved=(16,)) -> list:
+    """Tracing sizes that differ from each other (and from static sizes like 16 channels) where the
+    ranges allow: torch.compile's duck sizing ties axes that happen to be equal in the first call
+    (then a later call with batch != frames recompiles)."""
+    used, out = set(reserved), []
+    for r, m in ranges:
+        n = _example(r, m)
+        if not r.static:
+            cand = n
+            while cand in used and cand + m <= r.max:
+                cand += m
+            if cand in used:
+                cand = n
+                while cand in used and cand - m >= max(r.min, _MIN_EXAMPLE):
+                    cand -= m
+            n = cand if cand not in used else n
+        used.add(n)
+        out.append(n)
+    return out
+
+
 def dit_example_inputs(dit: nn.Module, profile: Profile, opt: bool = False):
     """Example (x, timestep, context, bias) at the tracing sizes (or at the opt sizes with `opt`)."""
     cfg = dit.config
     pt, ph, pw = cfg.patch_size
-    pick = (lambda r, m=1: r.opt) if opt else _example
-    b = pick(profile.batch)
-    t, hh, ww = pick(profile.frames, pt), pick(profile.height, ph), pick(profile.width, pw)
-    n_text = pick(profile.text)
+    if opt:
+        b, t, hh, ww, n_text = (getattr(profile, a).opt for a in ("batch", "frames", "height", "width", "text"))
+    else:
+        tr = profile.text
+        b, t, hh, ww, lc = _distinct([(profile.batch, 1), (profile.frames, pt), (profile.height, ph),
+                                      (profile.width, pw), (Range(tr.min + 1, tr.opt + 1, tr.max + 1), 1)])
+        n_text = lc - 1
     device, cdt = dit.patch_embedding.weight.device, dit.patch_embedding.weight.dtype
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, cfg.in_dim, t, hh, ww, generator=g).to(device, cdt)

@@ -100,7 +100,7 @@ def artifact_key(module, family: str, profile: ex.Profile, backend: str, options
 # ----------------------------------------------------------------------------------------------
 
 def _build_backend(ep, backend: str, report: CompileReport, cache: ArtifactCache, key: str, parts: dict,
-                   example, shapes, dtypes, dtype, options: Optional[dict], aot: bool):
+                   example, shapes, dtypes, dtype, options: Optional[dict], aot: bool, module=None):
     """The compiled callable for `ep`; uses/creates the cache entry `key`."""
     opts = dict(options or {})
     if backend == "inductor" and aot:
@@ -150,7 +150,7 @@ def compile_graph(ep, eager_fn, *, label: str, requested: str, backend: str, rea
     t0 = time.perf_counter()
     try:
         fn, entry = _build_backend(ep, backend, report, cache, key, parts, example_trace, shapes, dtypes, dtype,
-                                   options, aot)
+                                   options, aot, module=eager_fn if isinstance(eager_fn, nn.Module) else None)
     except Exception as exc:  # a failed build must never take the workflow down: run eager and say why
         logger.warning("%s: %s build failed (%s: %s); running eager", label, backend, type(exc).__name__,
                        str(exc).splitlines()[0][:300] if str(exc) else "")
