@@ -16,9 +16,11 @@ See docs/comfyui.md for how to get a ComfyUI to run these against.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -98,22 +100,29 @@ class Server:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
+                raw = r.read()
+                return r.status, json.loads(raw) if raw.strip() else {}
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def run(self, prompt: dict, extra_data=None) -> dict:
-        """POST a prompt, poll /history until it completes; return the history entry."""
+    def submit(self, prompt: dict, extra_data=None) -> str:
         status, body = self.post("/prompt", {"prompt": prompt, "client_id": "twinflow-tests",
                                              "extra_data": extra_data or {}})
         assert status == 200 and not body.get("node_errors"), f"/prompt refused the graph: {status} {body}"
-        pid = body["prompt_id"]
+        return body["prompt_id"]
+
+    def run(self, prompt: dict, extra_data=None, expect: str = "success") -> dict:
+        """POST a prompt, poll /history until it completes; return the history entry."""
+        return self.wait(self.submit(prompt, extra_data), expect)
+
+    def wait(self, pid: str, expect: str = "success") -> dict:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while time.monotonic() < deadline:
             hist = self.get(f"/history/{pid}")
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
                 entry = hist[pid]
-                if entry["status"].get("status_str") == "success":
+                if entry["status"].get("status_str") == expect or expect in [m[0] for m in
+                                                                             entry["status"].get("messages", [])]:
                     return entry
                 msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
                 detail = msgs[0][1] if msgs else entry["status"]
@@ -122,6 +131,65 @@ class Server:
                 raise AssertionError(f"prompt failed: {json.dumps(detail, indent=1)[:4000]}")
             time.sleep(0.5)
         raise AssertionError(f"prompt {pid} did not finish in {RUN_TIMEOUT_S} s")
+
+
+class MiniWebSocket:
+    """Just enough of a WebSocket client (RFC 6455, unmasked server text frames) to read ComfyUI's /ws messages;
+    the test venv has no WebSocket library. A thread collects the JSON messages into `messages`."""
+
+    def __init__(self, port: int, client_id: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n", 1)[0], head
+        self.sock.settimeout(None)
+        self.messages: list = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    def _read(self):
+        try:
+            while True:
+                b0, b1 = self._exact(2)
+                n = b1 & 0x7F
+                if n == 126:
+                    n = int.from_bytes(self._exact(2), "big")
+                elif n == 127:
+                    n = int.from_bytes(self._exact(8), "big")
+                payload = self._exact(n)
+                if b0 & 0x0F == 1:  # text frame (binary frames are previews)
+                    self.messages.append(json.loads(payload))
+                elif b0 & 0x0F == 8:
+                    return
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def wait_end(self, pid: str, timeout: float = 30.0) -> None:
+        """Wait for ComfyUI's end-of-prompt message (`executing` with node None), which follows every progress one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(m.get("type") == "executing" and m["data"].get("node") is None
+                   and m["data"].get("prompt_id") == pid for m in list(self.messages)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"no end-of-prompt message for {pid} on the WebSocket")
+
+    def close(self):
+        self.sock.close()
 
 
 def _save_models(models: Path) -> None:
@@ -392,3 +460,42 @@ def test_dual_branch_guider_fuses_and_decodes(server):
     det = _latent(server, server.run(_guider_graph("constant", 0.0, 0.0, guider="core_detail")), "12")
     assert torch.isfinite(fused).all()
     assert (fused - sem).abs().max() > 1e-3 and (fused - det).abs().max() > 1e-3
+
+
+def test_progress_bars_and_interrupt_reach_our_loops(server):
+    """Sampling steps and VAE frames drive ComfyUI progress bars on the executing node; /interrupt stops a long
+    TwinFlow sampling loop mid-way (ComfyUI reports execution_interrupted)."""
+    ws = MiniWebSocket(server.port, "twinflow-tests")
+    try:
+        p = _common({"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["1", 0], "mode": "wrap"}})
+        p["5"] = {"class_type": "TwinFlowSampler", "inputs": {
+            "model": ["2", 0], "latent": ["4", 0], "seed": 12345, "steps": 4, "cfg": 1.0, "sampler": "euler",
+            "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}}
+        p["6"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}}
+        p["7"] = {"class_type": "TwinFlowFromCoreVAE", "inputs": {"vae": ["6", 0]}}
+        p["8"] = {"class_type": "TwinFlowVAEDecode", "inputs": {"vae": ["7", 0], "samples": ["5", 0], "tiling": "off",
+                                                                "tile_size": 512, "overlap": 64}}
+        p["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "tf_progress"}}
+        pid = server.run(p)["prompt"][1]
+        ws.wait_end(pid)
+        prog = [m["data"] for m in ws.messages if m.get("type") == "progress" and m["data"].get("prompt_id") == pid]
+        sampler = [(d["value"], d["max"]) for d in prog if d["node"] == "5"]
+        assert sampler and sampler[-1] == (4, 4) and [v for v, _ in sampler] == sorted(v for v, _ in sampler)
+        assert any(d["node"] == "8" and d["value"] == d["max"] for d in prog), prog
+
+        p["5"]["inputs"].update(seed=54321, steps=1000)
+        pid = server.submit(p)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            seen = [m["data"]["value"] for m in ws.messages if m.get("type") == "progress"
+                    and m["data"].get("prompt_id") == pid and m["data"]["node"] == "5"]
+            if seen and seen[-1] >= 3:
+                break
+            time.sleep(0.2)
+        assert server.post("/interrupt", {})[0] == 200
+        entry = server.wait(pid, expect="execution_interrupted")
+        seen = [m["data"]["value"] for m in ws.messages if m.get("type") == "progress"
+                and m["data"].get("prompt_id") == pid and m["data"]["node"] == "5"]
+        assert 3 <= max(seen) < 1000 and "5" not in entry["outputs"]
+    finally:
+        ws.close()
