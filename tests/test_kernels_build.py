@@ -20,9 +20,13 @@ def nvrtc():
 
 
 @pytest.fixture(scope="module")
-def lowered_sm90(nvrtc):
-    res = build.nvrtc_compile_all(nvrtc, "90")
-    return {e: n for r in res.values() for e, n in r.lowered.items()}
+def sm90(nvrtc):
+    return build.nvrtc_compile_all(nvrtc, "90")
+
+
+@pytest.fixture(scope="module")
+def lowered_sm90(sm90):
+    return {e: n for r in sm90.values() for e, n in r.lowered.items()}
 
 
 def test_cupy_option_list_shape():
@@ -44,6 +48,12 @@ def test_cupy_option_list_matches_cupy_when_installed():
     ours = list(build.cupy_nvrtc_options("90", use_cupy=False)[:-3])
     norm = [os.path.realpath(o[2:]) if o.startswith("-I") else o for o in ours]
     assert norm == [os.path.realpath(o[2:]) if o.startswith("-I") else o for o in theirs]
+
+
+@needs_nvrtc
+def test_nvrtc_warning_free(sm90):
+    for module, r in sm90.items():
+        assert r.log.strip() == "", f"{module}.cu: {r.log}"
 
 
 @needs_nvrtc
@@ -73,7 +83,7 @@ def test_nvrtc_check_rejects_what_only_nvcc_accepts(nvrtc):
 @needs_nvcc
 def test_ptxas_no_spills_and_limits(lowered_sm90):
     entries, log = build.ptxas_report(NVCC, "90")
-    assert "error" not in log.lower()
+    assert "error" not in log.lower() and "warning" not in log.lower(), log
     problems = build.check_entries(entries, lowered_sm90)
     assert problems == [], "\n".join(problems)
     # nvcc compiled exactly the instantiations NVRTC lowered (same mangled names).
