@@ -488,6 +488,7 @@ class WanVAE(nn.Module):
             raise ValueError("tiling='on' needs tile=(tile, overlap) in latent pixels")
         if tiling == "on":
             tile = _check_tile(tile, h, w)
+            self._check_tile_fits(z.shape, tile)
         else:
             tile = self._plan_tiling(z.shape, tiling)
         if out is None:
@@ -565,6 +566,18 @@ class WanVAE(nn.Module):
         return fit
 
 
+    def _check_tile_fits(self, latent_shape, tile) -> None:
+        avail = available_memory(self.device)
+        need = self.estimate_decode_bytes(latent_shape, tile=tile[0])
+        if avail is not None and need > avail:
+            fit = pick_tile(self.cfg, latent_shape, self.dtype, avail)
+            hint = (f"a tile of {fit[0] * self.cfg.spatial_ratio} px would fit" if fit else
+                    "even the smallest tile would not fit; free memory or decode fewer frames")
+            raise MemoryError(f"Wan VAE tiled decode of latents {tuple(latent_shape)} with {tile[0]} latent px tiles "
+                              f"needs about {need / 2 ** 30:.2f} GiB, {avail / 2 ** 30:.2f} GiB available on "
+                              f"{self.device}; {hint}")
+
+
 def _check_tile(tile, h: int, w: int) -> tuple[int, int]:
     size, overlap = int(tile[0]), int(tile[1])
     if size < 2 or overlap < 0 or overlap * 2 > size:
@@ -624,7 +637,7 @@ def estimate_decode_bytes(cfg: WanVAEConfig, latent_shape, dtype: torch.dtype, t
                 cache += 2 * dims[i + 1] * px  # time_conv state
             work = max(work, 4 * dims[i + 1] * px + 2 * dims[i + 1] * px * 4)  # conv out + upsampled input
             px *= 4
-    cache += 2 * dims[-1] * px  # head conv
+    cache += 2 * 3 * px  # head conv: partial output sums (3 channels), see CausalConv3d._step_partial
     out_bytes = b * 3 * (1 + cfg.temporal_ratio * (t - 1)) * h * r * w * r * (es + (4 if tile else 0))
     return int(b * (cache + work) * es + out_bytes)
 

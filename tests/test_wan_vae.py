@@ -231,6 +231,8 @@ def test_memory_planning_tiles_or_refuses_up_front(tiny, monkeypatch, caplog):
         out = tiny.decode(z, tiling="auto")
     assert "tiling" in caplog.text
     assert out.shape == (1, 3, 5, 128, 128)
+    with pytest.raises(MemoryError, match=r"tile of \d+ px would fit"):
+        tiny.decode(z, tiling="on", tile=(16, 4))  # a custom tile that is still too big
     monkeypatch.setattr(wan_vae, "available_memory", lambda device: 1000)
     with pytest.raises(MemoryError, match="smallest tile"):
         tiny.decode(z, tiling="auto")
@@ -374,3 +376,14 @@ def test_bad_inputs_are_clear(tiny):
         tiny.decode(torch.zeros(1, 4, 1, 2, 2))
     with pytest.raises(ValueError, match="overlap"):
         tiny.decode(torch.zeros(1, 16, 1, 4, 4), tiling="on", tile=(4, 3))
+
+
+@pytest.mark.cuda
+def test_cuda_decode_matches_cpu(tiny):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(12))
+    gpu = random_wan_vae("tiny", seed=1, device="cuda")
+    torch.testing.assert_close(gpu.decode(z).cpu(), tiny.decode(z), rtol=0, atol=1e-4)
+    torch.testing.assert_close(gpu.decode(z, tiling="on", tile=(2, 1)).cpu(),
+                               tiny.decode(z, tiling="on", tile=(2, 1)), rtol=0, atol=1e-4)
