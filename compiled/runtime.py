@@ -185,7 +185,9 @@ class ProfiledCall:
             self.calls["eager"] += 1
             return self.eager(*eager_args)
         self.calls["compiled"] += 1
-        return self.compiled(*compiled_args())
+        # inference only; the same grad mode as at build time (grad mode is part of dynamo's guards)
+        with torch.no_grad():
+            return self.compiled(*compiled_args())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -108,6 +108,13 @@ def test_inductor_parity_no_recompile_fallback_and_cache_hit(dit, tmp_path, capl
         assert "frames 6 is outside the compiled profile [2, 4]" in caplog.text
         assert report.details["calls"]["eager"] == 1
     assert len(cache.entries()) == 1
+    # same model layout, profile and backend: the cached artifact is used (Inductor's saved caches)
+    again, report2 = compile_denoiser(den, prof, "inductor", cache=cache)
+    assert report2.cache == "hit" and report2.key == report.key and report2.verdict.ok
+    # another profile is another artifact
+    from twinflow.compiled.runtime import artifact_key
+    other = ex.Profile.make(batch=(1, 2, 4), frames=(2, 2, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 5, 16))
+    assert artifact_key(dit, "wan_dit", other, "inductor", None, None, "dit")[0] != report.key
 
 
 def test_onnx_parity(dit, tmp_path):
