@@ -647,12 +647,12 @@ NODE_CLASS_MAPPINGS: dict = {
     "TwinFlowEmptyLatentVideo": TwinFlowEmptyLatentVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
-    "TwinFlowSaveImage": "Save Image (TwinFlow)",
-    "TwinFlowSaveAnimatedWEBP": "Save Animated WEBP (TwinFlow)",
-    "TwinFlowSaveVideo": "Save Video MP4 (TwinFlow)",
-    "TwinFlowSaveLatent": "Save Latent (TwinFlow)",
-    "TwinFlowLoadLatent": "Load Latent (TwinFlow)",
-    "TwinFlowLoadImage": "Load Image (TwinFlow)",
-    "TwinFlowLoadVideo": "Load Video (TwinFlow)",
-    "TwinFlowEmptyLatentVideo": "Empty Latent Video (TwinFlow)",
+    "TwinFlowSaveImage": "TwinFlow Save Image",
+    "TwinFlowSaveAnimatedWEBP": "TwinFlow Save Animated WEBP",
+    "TwinFlowSaveVideo": "TwinFlow Save Video MP4",
+    "TwinFlowSaveLatent": "TwinFlow Save Latent",
+    "TwinFlowLoadLatent": "TwinFlow Load Latent",
+    "TwinFlowLoadImage": "TwinFlow Load Image",
+    "TwinFlowLoadVideo": "TwinFlow Load Video",
+    "TwinFlowEmptyLatentVideo": "TwinFlow Empty Latent Video",
 }

@@ -30,7 +30,7 @@ class TwinFlowLoadRefiner:
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
                                                 "tooltip": "Weight dtype. 'default' keeps the file's dtype (fp32 for "
                                                            "random presets). Norms and time embedding run in fp32."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "step": 1,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "step": 1, "control_after_generate": False,
                                  "tooltip": "Seed of the random weights (random:<preset> only)."}),
             }
         }
