@@ -282,6 +282,9 @@ def test_object_info_lists_every_node_with_metadata(object_info):
                 for opts in [v[1] if len(v) > 1 and isinstance(v[1], dict) else {}]]
         if tips:
             assert any(tips), f"{nid}: no input has a tooltip"
+    # file widgets list ComfyUI's model folders (core.paths routed through folder_paths by the adapter)
+    assert set(DIT_FILES) <= set(object_info["TwinFlowLoadDiT"]["input"]["required"]["ckpt_name"][0])
+    assert VAE_FILE in object_info["TwinFlowLoadVAE"]["input"]["required"]["vae_name"][0]
 
 
 # ---------------------------------------------------------------------------------------------- workflows
@@ -318,10 +321,15 @@ def _ksampler(seed: int, steps: int, node_model="1") -> dict:
                                                  "latent_image": ["4", 0]}}
 
 
-@pytest.mark.parametrize("mode", ["wrap", "rebuild"])
+@pytest.mark.parametrize("mode", ["wrap", "rebuild", "twinflow_loader"])
 def test_core_model_in_twinflow_sampler_matches_core_ksampler(server, mode):
-    """UNETLoader -> TwinFlow From Core Model -> TwinFlow Sampler == core KSampler (euler, simple, shift 8)."""
-    p = _common({"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["1", 0], "mode": mode}})
+    """UNETLoader -> TwinFlow From Core Model -> TwinFlow Sampler == core KSampler (euler, simple, shift 8); also
+    TwinFlow Load DiT reading the same ComfyUI-layout file from ComfyUI's diffusion_models folder."""
+    if mode == "twinflow_loader":
+        p = _common({"class_type": "TwinFlowLoadDiT", "inputs": {"ckpt_name": DIT_FILES[0], "dtype": "default",
+                                                                  "preset": "auto", "seed": 0}})
+    else:
+        p = _common({"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["1", 0], "mode": mode}})
     p["5"] = {"class_type": "TwinFlowSampler", "inputs": {
         "model": ["2", 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 1.0, "sampler": "euler",
         "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}}
@@ -396,7 +404,11 @@ def test_mixed_graph_core_latent_twinflow_sampler_core_vae_decode_save_image(ser
     p["10"] = {"class_type": "TwinFlowVAEDecode", "inputs": {"vae": ["9", 0], "samples": ["5", 0], "tiling": "off",
                                                              "tile_size": 512, "overlap": 64}}
     p["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "tf_mixed_ours"}}
+    p["12"] = {"class_type": "CreateVideo", "inputs": {"images": ["10", 0], "fps": 16.0}}
+    p["13"] = {"class_type": "SaveVideo", "inputs": {"video": ["12", 0], "filename_prefix": "tf_mixed_video",
+                                                     "format": "auto", "codec": "auto"}}
     entry = server.run(p)
+    assert [f for f in _outputs(server, entry) if "tf_mixed_video" in f.name and f.stat().st_size > 0]
     core = [f for f in _outputs(server, entry) if "tf_mixed_core" in f.name]
     ours = [f for f in _outputs(server, entry) if "tf_mixed_ours" in f.name]
     assert len(core) == len(ours) == 5  # 2 latent frames -> 1 + 4 video frames, one PNG each
