@@ -333,9 +333,11 @@ def _slot_modules(root: nn.Module) -> list:
     """The modules that keep streaming state, in a fixed order: 3-tap causal convs and temporal resamplers."""
     from ..models.wan_vae import CausalConv3d, Resample
 
+    # a temporal downsampler keeps its frames in its own slot and calls its time conv's taps directly
+    stateless = {id(m.time_conv) for m in root.modules() if isinstance(m, Resample) and m.mode == "downsample3d"}
     mods = []
     for m in root.modules():
-        if isinstance(m, CausalConv3d) and m.weight.shape[2] == 3:
+        if isinstance(m, CausalConv3d) and m.weight.shape[2] == 3 and id(m) not in stateless:
             mods.append(m)
         elif isinstance(m, Resample) and m.mode == "downsample3d":
             mods.append(m)
@@ -516,3 +518,41 @@ def weights_fingerprint(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def vae_encode_example(step: WanVAEEncodeStep, profile: Profile, opt: bool = False):
+    """Example video chunk (+ cache) for an encode step; profile height/width are latent pixels."""
+    pick = (lambda r: r.opt) if opt else _example
+    vae = step.vae
+    r = vae.cfg.spatial_ratio
+    b, hh, ww = pick(profile.batch), pick(profile.height) * r, pick(profile.width) * r
+    t = 1 if step.first else vae.cfg.temporal_ratio
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(b, vae.cfg.in_channels, t, hh, ww, generator=g).to(vae.device, vae.dtype) * 2 - 1
+    if step.first:
+        return (video,)
+    return (video,) + tuple(torch.randn(s, generator=g).to(vae.device, vae.dtype) for s in step.cache_shapes(b, hh, ww))
+
+
+def export_vae_encode_step(vae: nn.Module, profile: Profile, first: bool):
+    """`torch.export` one encode chunk (1 frame first, then temporal-ratio frames) over batch/height/width."""
+    if not hasattr(vae, "encoder") or not hasattr(vae, "_encode_frame"):
+        raise TypeError(f"export_vae_encode_step needs a models.wan_vae.WanVAE, got {type(vae).__name__}")
+    step = WanVAEEncodeStep(vae, first).eval()
+    args = vae_encode_example(step, profile)
+    r = vae.cfg.spatial_ratio
+    b, h, w = _dim("batch", profile.batch), _dim("height", profile.height), _dim("width", profile.width)
+    hv, wv = (h * r if h is not None else None), (w * r if w is not None else None)
+    video_dims = {k: v for k, v in {0: b, 3: hv, 4: wv}.items() if v is not None}
+    dyn: tuple = (video_dims,)
+    if not first:
+        cache_dims = []
+        for (c, dy, dx) in step.geometry:
+            # a slot at 1/d of the frame size is (r/d) * latent size
+            d = {k: v for k, v in {0: b, 2: (h * (r // dy) if h is not None else None),
+                                   3: (w * (r // dx) if w is not None else None)}.items() if v is not None}
+            cache_dims += [d, d]
+        dyn = (video_dims, tuple(cache_dims))
+    with torch.no_grad():
+        ep = torch.export.export(step, args, dynamic_shapes=dyn, strict=False)
+    return ep, step

@@ -204,3 +204,20 @@ def test_compile_model_node_eager_status_and_vae_node():
     new_vae, status = TwinFlowCompileVAE().compile(vae, "eager", "from workflow", latent=latent)
     assert "eager" in status and new_vae is not vae
     torch.testing.assert_close(new_vae.decode(latent["samples"]), vae.decode(latent["samples"]))
+
+
+def test_vae_encode_chunks_match_encode_and_rest_step_exports():
+    vae = random_wan_vae("tiny", seed=2)
+    video = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ref = vae.encode(video)
+    first = ex.WanVAEEncodeStep(vae, True)
+    ep_rest, rest = ex.export_vae_encode_step(vae, ex.Profile.make(batch=(1, 1, 2), height=(2, 4, 8),
+                                                                   width=(2, 6, 8)), first=False)
+    with torch.no_grad():
+        out = first(video[:, :, :1])
+        mus, cache = [out[0]], out[1:]
+        for i in range(2):  # official chunking: 1 frame, then 4 frames per latent frame
+            out = ep_rest.module()(video[:, :, 1 + 4 * i:5 + 4 * i], *cache)
+            mus.append(out[0])
+            cache = out[1:]
+    torch.testing.assert_close(torch.stack(mus, dim=2), ref, rtol=1e-5, atol=1e-5)
