@@ -23,7 +23,6 @@ from twinflow.comfy_adapter import models as M
 from twinflow.comfy_adapter import nodes as N
 from twinflow.core import paths, progress
 from twinflow.core.errors import UnsupportedError
-from twinflow.core.handles import Denoiser
 
 
 # ----------------------------------------------------------------------------------------------- stand-ins

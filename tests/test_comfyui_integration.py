@@ -1,7 +1,7 @@
 """TwinFlow inside a real ComfyUI (skipped unless COMFYUI_PATH points at a ComfyUI checkout).
 
-Starts `python main.py --cpu --listen 127.0.0.1` from COMFYUI_PATH (interpreter: $COMFYUI_PYTHON, else this
-one) with a fresh `--base-directory` whose custom_nodes/twinflow links to this repository, then talks to it
+Starts `python main.py --cpu --listen 127.0.0.1` from COMFYUI_PATH (interpreter: $COMFYUI_PYTHON, else a
+venv/ beside or inside the checkout, else this one) with a fresh `--base-directory` whose custom_nodes/twinflow links to this repository, then talks to it
 over HTTP on loopback only:
   * the startup log has no import failure naming TwinFlow, and /object_info lists every TwinFlow node with
     its category, display name, description and tooltips;
@@ -20,13 +20,12 @@ import base64
 import json
 import os
 import socket
-import threading
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,15 @@ DIT_FILES = ("tiny_wan_dit_a.safetensors", "tiny_wan_dit_b.safetensors")
 VAE_FILE = "random_wan21_vae.safetensors"
 START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
+
+
+def _comfy_python() -> str:
+    """ComfyUI's interpreter: a venv next to or inside the checkout if there is one, else this interpreter."""
+    for cand in (Path(COMFYUI) / "venv", Path(COMFYUI).parent / "venv", Path(COMFYUI) / ".venv"):
+        py = cand / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+        if py.is_file():
+            return str(py)
+    return sys.executable
 
 
 def _free_port() -> int:
@@ -61,7 +69,7 @@ class Server:
         self.proc = None
 
     def start(self):
-        py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        py = os.environ.get("COMFYUI_PYTHON") or _comfy_python()
         cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
                str(self.base), "--disable-api-nodes", "--disable-auto-launch"]
         self._log = open(self.log_path, "w")
