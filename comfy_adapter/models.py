@@ -7,7 +7,7 @@ Which way per case, and why:
   * MODEL for sampling (TwinFlow Sampler, Dual-Branch Sampler): **wrap `apply_model`**. The core model keeps
     everything the user set up with core nodes — LoRA weight patches, object patches and APPLY_MODEL
     wrappers (e.g. core TorchCompileModel), fp8 / scaled-fp8 ops, ComfyUI's device placement and offloading
-    (`load_models_gpu` before the run) — and any Wan variant ComfyUI itself supports runs unchanged. Our loop
+    (`load_models_gpu` before the run) — and the model computes exactly what core KSampler would. Our loop
     calls it with sigma; for a flow model (`CONST` sampling) ComfyUI returns x0 = x - sigma*v, so
     v = (x - x0) / sigma (sigma > 0 at every model evaluation).
   * MODEL for Quantize / Compile (`need_module=True`): **rebuild our `WanDiT` from the state dict**. Those
