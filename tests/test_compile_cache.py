@@ -204,3 +204,32 @@ def test_tensorrt_kwargs_refusals():
     assert kw["enabled_precisions"] == {torch.float16} and "use_explicit_typing" not in kw
     with pytest.raises(Exception, match="too old"):
         backends.trt_compile_kwargs("2.5.0", [], torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: the runner adds `plan` and `cache` from compiled/cli.py
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_plan_and_cache(tmp_path, monkeypatch, capsys):
+    from twinflow.runner.cli import main
+
+    monkeypatch.setenv("TWINFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    prompt = {
+        "1": {"class_type": "TwinFlowLoadDiT", "inputs": {"ckpt_name": "random:tiny", "dtype": "default",
+                                                          "preset": "auto", "seed": 0}},
+        "2": {"class_type": "TwinFlowEmptyLatentVideo", "inputs": {"width": 128, "height": 64, "length": 17,
+                                                                   "batch_size": 1}},
+        "3": {"class_type": "TwinFlowSampler", "inputs": {"model": ["1", 0], "latent": ["2", 0], "seed": 0, "steps": 2,
+                                                          "cfg": 1.0, "sampler": "euler", "scheduler": "simple",
+                                                          "shift": 5.0, "denoise": 1.0}},
+    }
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(prompt))
+    assert main(["plan", str(wf), "--backend", "inductor", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan[0]["shapes"] == [[1, 16, 5, 8, 16]] and plan[0]["backend"] == "inductor" and plan[0]["cache"] == "miss"
+    ArtifactCache(tmp_path / "cache").get_or_build("k", lambda tmp: _write(tmp), {"backend": "inductor"}, label="x")
+    assert main(["cache", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "1 entries" in out and "inductor" in out
+    assert main(["cache", "clear"]) == 0 and "removed 1" in capsys.readouterr().out
