@@ -303,6 +303,9 @@ def test_repo_workflow_runs_through_prompt(server, path):
     classes, _ = _pack_nodes()
     wf = load_workflow(path, classes)
     assert wf.format == "ui", f"{path.name}: workflows/ holds UI-format files"
+    virtual = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+    unknown = {n["type"] for n in wf.ui["nodes"]} - virtual - set(server.get("/object_info"))
+    assert not unknown, f"{path.name}: the editor would show missing nodes {sorted(unknown)}"
     entry = server.run(wf.prompt, {"extra_pnginfo": {"workflow": wf.ui}})
     files = _outputs(server, entry)
     assert files, f"{path.name}: no output files in history {entry['outputs']}"
@@ -519,3 +522,22 @@ def test_progress_bars_and_interrupt_reach_our_loops(server):
         assert 3 <= max(seen) < 1000 and "5" not in entry["outputs"]
     finally:
         ws.close()
+
+
+def test_dual_branch_guider_equals_twinflow_dual_branch_sampler(server):
+    """Two independent loops over the same fusion: core SamplerCustomAdvanced (k-diffusion euler) with the guider,
+    and our Dual-Branch Sampler (sampling/dual.py) on the same two core models (wrapped), seed and sigmas."""
+    g = _guider_graph("constant", 0.5, 0.25)
+    g["9"]["inputs"]["sampler_name"] = "euler"
+    g["7"]["inputs"].update(cfg_semantic=1.0, cfg_detail=1.0)
+    g["20"] = {"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["1", 0], "mode": "wrap"}}
+    g["21"] = {"class_type": "TwinFlowFromCoreModel", "inputs": {"model": ["2", 0], "mode": "wrap"}}
+    g["22"] = {"class_type": "TwinFlowDualBranchSampler", "inputs": {
+        "semantic": ["20", 0], "detail": ["21", 0], "gate": ["6", 0], "latent": ["5", 0], "seed": 11, "steps": 3,
+        "cfg_semantic": 1.0, "cfg_detail": 1.0, "sampler": "euler", "scheduler": "simple", "shift": 8.0,
+        "denoise": 1.0, "split": "HW", "positive": ["3", 0]}}
+    g["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": "tf_dual_vs_guider"}}
+    entry = server.run(g)
+    guided, ours = _latent(server, entry, "12"), _latent(server, entry, "23")
+    assert guided.abs().max() > 0.1
+    torch.testing.assert_close(ours, guided, rtol=1e-4, atol=1e-4)
