@@ -292,3 +292,37 @@ def format_plan(plan: list[dict]) -> str:
         lines.append(f"{p['kind']} of node {p['model_node']} ({p['model']}) used by {', '.join(p['used_by'])}: "
                      f"{p['backend']} ({p['reason']}); profile {prof}; cache {p['cache']}{est}")
     return "\n".join(lines)
+
+
+def with_compile_nodes(api_prompt: dict, backend: str) -> dict:
+    """A copy of the prompt with a TwinFlowCompileModel / TwinFlowCompileVAE node (custom profile from the
+    plan) between every loader and the samplers / decoders it feeds that have no compile node yet; used
+    by `twinflow run --compile BACKEND`, so the builds run (with progress) before the first step."""
+    import copy
+
+    plan = plan_workflow(api_prompt, backend=backend)
+    prompt = copy.deepcopy(api_prompt)
+    n = 0
+    for p in plan:
+        if p["compile_node"] is not None:
+            continue
+        n += 1
+        nid = f"twinflow_compile_{n}"
+        while nid in prompt:
+            nid += "_"
+        b, f, h, w = (p["profile"][k] for k in ("batch", "frames", "height", "width"))
+        widgets = {"backend": backend, "profile": "custom"}
+        for i, k in enumerate(("min", "opt", "max")):
+            widgets.update({f"{k}_batch": b[i], f"{k}_frames": 1 + 4 * (f[i] - 1), f"{k}_height": h[i] * 8,
+                            f"{k}_width": w[i] * 8})
+        is_dit = p["kind"] == "denoiser"
+        if is_dit:
+            widgets["dtype"] = "default"
+        ctype, port = ("TwinFlowCompileModel", "model") if is_dit else ("TwinFlowCompileVAE", "vae")
+        prompt[nid] = {"class_type": ctype, "inputs": {port: [p["model_node"], 0], **widgets},
+                       "_meta": {"title": f"compile ({backend})"}}
+        for user in p["used_by"]:
+            for k, v in prompt[user]["inputs"].items():
+                if _link(v) and str(v[0]) == str(p["model_node"]) and int(v[1]) == 0:
+                    prompt[user]["inputs"][k] = [nid, 0]
+    return prompt

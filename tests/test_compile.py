@@ -153,7 +153,8 @@ def _prompt(compile_backend=None, cfg=1.0):
                                                           "scheduler": "simple", "shift": 5.0, "denoise": 1.0,
                                                           "positive": ["8", 0], "negative": ["8", 0]}},
         "5": {"class_type": "TwinFlowLoadVAE", "inputs": {"vae_name": "random:tiny", "dtype": "default", "seed": 0}},
-        "6": {"class_type": "TwinFlowVAEDecode", "inputs": {"vae": ["5", 0], "samples": ["4", 0]}},
+        "6": {"class_type": "TwinFlowVAEDecode", "inputs": {"vae": ["5", 0], "samples": ["4", 0], "tiling": "off",
+                                                           "tile_size": 512, "overlap": 64}},
         "8": {"class_type": "TwinFlowTextEmbeddings", "inputs": {}},
     }
     if compile_backend:
@@ -221,3 +222,24 @@ def test_vae_encode_chunks_match_encode_and_rest_step_exports():
             mus.append(out[0])
             cache = out[1:]
     torch.testing.assert_close(torch.stack(mus, dim=2), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_run_compile_inserts_valid_compile_nodes():
+    from twinflow.compiled.plan import plan_workflow, with_compile_nodes
+    from twinflow.runner.validate import validate_prompt
+    import twinflow
+
+    p = _prompt(cfg=1.0)
+    p.pop("8")
+    for k in ("positive", "negative"):
+        p["4"]["inputs"].pop(k)
+    p["7"] = {"class_type": "TwinFlowSaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "t"}}
+    new = with_compile_nodes(p, "eager")
+    assert new["4"]["inputs"]["model"][0].startswith("twinflow_compile_")
+    assert new["6"]["inputs"]["vae"][0].startswith("twinflow_compile_")
+    assert p["4"]["inputs"]["model"] == ["1", 0]  # the input prompt is untouched
+    validate_prompt(new, twinflow.NODE_CLASS_MAPPINGS, None)
+    plan = plan_workflow(new)
+    assert all(x["compile_node"] is not None for x in plan)
+    den = [x for x in plan if x["kind"] == "denoiser"][0]
+    assert den["profile"]["frames"] == [3, 3, 3] and den["profile"]["height"] == [6, 6, 6]
