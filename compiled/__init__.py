@@ -10,8 +10,8 @@ def doctor_lines() -> list:
         lines = probe.doctor_lines()
         cache = ArtifactCache()
         entries = cache.entries()
-        lines.append(f"compile: cache {cache.root} ({len(entries)} entries, "
+        lines.append(f"cache {cache.root} ({len(entries)} entries, "
                      f"{sum(e['bytes'] for e in entries) / 1e6:.1f} MB)")
         return lines
     except Exception as exc:  # doctor must never raise
-        return [f"compile: probe failed: {type(exc).__name__}: {exc}"]
+        return [f"probe failed: {type(exc).__name__}: {exc}"]

@@ -101,7 +101,7 @@ def reset() -> None:
 def doctor_lines() -> list[str]:
     lines = []
     ir = inductor_unavailable()
-    lines.append("compile: inductor " + ("available" if ir is None else f"unavailable ({ir})"))
+    lines.append("inductor " + ("available" if ir is None else f"unavailable ({ir})"))
     tr = tensorrt_unavailable()
-    lines.append("compile: tensorrt (experimental, unverified) " + ("available" if tr is None else f"unavailable ({tr})"))
+    lines.append("tensorrt (experimental, unverified) " + ("available" if tr is None else f"unavailable ({tr})"))
     return lines

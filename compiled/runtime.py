@@ -328,7 +328,7 @@ def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optio
         call["compiled"] += 1
         z = z.to(device=vae.device, dtype=vae.dtype)
         n = 0
-        with torch.inference_mode(), Progress(total=t, desc="Wan VAE decode (compiled)") as bar:
+        with torch.no_grad(), Progress(total=t, desc="Wan VAE decode (compiled)") as bar:
             out = fns[True](z[:, :, 0])
             for i in range(t):
                 if i > 0:
