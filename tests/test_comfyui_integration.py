@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -231,6 +232,7 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+        shutil.rmtree(base / "models", ignore_errors=True)  # ~0.3 GB of random weights
 
 
 @pytest.fixture(scope="module")
