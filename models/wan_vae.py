@@ -236,11 +236,9 @@ class Resample(nn.Module):
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.resample[1]
         if self.mode.startswith("upsample"):
-            if x.dtype == torch.float32:
-                return _upsample2x_conv3x3(x, conv.weight, conv.bias)
-            # nearest-exact x2 computed in fp32 like the official Upsample, then the 3x3 conv.
-            up = F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
-            return conv(up)
+            # nearest-exact x2 then the 3x3 conv, in sub-pixel form (the official code upsamples in fp32
+            # and casts back, which is exact: nearest only copies values)
+            return _upsample2x_conv3x3(x, conv.weight, conv.bias)
         return conv(F.pad(x, (0, 1, 0, 1)))  # ZeroPad2d((0,1,0,1)): right/bottom only
 
     def up_time(self, x: torch.Tensor, st: _State, first: bool, keep: bool) -> list:
@@ -271,10 +269,11 @@ def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tens
     With integer scale 2, nearest-exact reads source pixel i//2, so output pixel (2i+a, 2j+c) only sees
     low-res rows {i-1, i} (a=0: kernel rows 0 | 1+2) or {i, i+1} (a=1: rows 0+1 | 2), likewise for
     columns: four 2x2 convs on the low-res frame, 16 instead of 36 multiply-adds per low-res pixel and
-    no 4x-sized temporary. The summed kernel taps change float rounding slightly (fp32 only).
+    no 4x-sized temporary. The summed kernel taps change float rounding slightly (~1e-7 relative in fp32).
     x: (B, C, h, w); w: (O, C, 3, 3) -> (B, O, 2h, 2w)."""
     bsz, _, h, wd = x.shape
     o = w.shape[0]
+    w = w.float()  # sum the taps in fp32, round once to the compute dtype below
     rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
             torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
     xp = F.pad(x, (1, 1, 1, 1))  # zero border of the upsampled image = zero border here
@@ -283,7 +282,7 @@ def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tens
         r = rows[a]
         for c, k in enumerate((torch.stack((r[..., 0], r[..., 1] + r[..., 2]), -1),
                                torch.stack((r[..., 0] + r[..., 1], r[..., 2]), -1))):  # (O, C, 2, 2)
-            out[:, :, :, a, :, c] = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], k, b)
+            out[:, :, :, a, :, c] = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], k.to(x.dtype), b)
     return out.view(bsz, o, 2 * h, 2 * wd)
 
 
