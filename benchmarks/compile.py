@@ -4,9 +4,8 @@ cache load, and on a GPU eager vs Inductor vs AOTInductor per block and per VAE 
 CPU part (default):
   * ratio eager / inductor for the tiny Wan DiT and for one 1.3B-shaped block (dim 1536, ffn 8960,
     12 heads) at a small token grid; best of `--repeats` after a warm-up, under `no_grad`.
-  * cold vs warm: `compile_denoiser(..., "inductor")` in a child process with an empty TwinFlow cache and
-    an empty Inductor cache dir (cold), then in a second child with the same TwinFlow cache and another
-    empty Inductor dir (warm: only our saved artifact helps). Export time is reported apart: it is paid
+  * cold vs warm: `compile_denoiser(..., "inductor")` in a child process with an empty TwinFlow cache
+    (which also holds Inductor's kernel cache), then in a second child with the same cache (warm). Export time is reported apart: it is paid
     in both (the plan's cache key needs no export, the graph itself does).
   * AOTInductor: weight-free package build (cold) vs package load + constants (warm) with `--aoti`.
 GPU part (`--gpu`): the same per block and per VAE decode step on CUDA; exits with a clear message
@@ -92,7 +91,10 @@ def ratios(repeats: int, device="cpu") -> dict:
 
 def _child(phase: str, cache_dir: str, aoti: bool) -> dict:
     """Run one compile in a fresh process (cold or warm) and return its report as JSON."""
-    env = dict(os.environ, TWINFLOW_CACHE_DIR=cache_dir, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="ind-"))
+    # Inductor's kernel cache lives under TWINFLOW_CACHE_DIR (compiled.backends.use_inductor_cache_dir):
+    # a fresh TwinFlow cache is a fully cold start, and the warm child reuses only what the cold one left there.
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TWINFLOW_CACHE_DIR"] = cache_dir
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase] + (["--aoti"] if aoti else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
     if res.returncode != 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -61,6 +62,24 @@ def build_inductor(ep, options: Optional[dict] = None):
     value 2, and they break the (1, 1, 1, L) text-bias broadcast; so they are not used."""
     return torch.compile(ep.module(), backend="inductor", dynamic=True, fullgraph=True,
                          options=dict(options or {}) or None)
+
+
+# Whether the user chose Inductor's cache dir (read at import, before anything compiled: Inductor
+# writes the variable itself on first use).
+_USER_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR" in os.environ
+
+
+def use_inductor_cache_dir(path: Path) -> None:
+    """Point Inductor's own cache (compiled C++/Triton kernels, FX graphs) inside TwinFlow's cache, so a
+    later process reuses the compiled kernels, not only the graphs; a user-set TORCHINDUCTOR_CACHE_DIR
+    wins. Process-wide (Inductor reads the variable on every lookup)."""
+    if _USER_INDUCTOR_DIR:
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(path.resolve()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.resolve())
+        logger.info("inductor: kernel cache in %s (set TORCHINDUCTOR_CACHE_DIR to choose another)", path)
 
 
 def save_inductor_artifacts(path: Path) -> bool:

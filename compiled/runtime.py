@@ -110,6 +110,7 @@ def _build_backend(ep, backend: str, report: CompileReport, cache: ArtifactCache
         entry = cache.get_or_build(key, build, parts, label=report.label)
         return backends.load_aoti(entry.path / "model.pt2", backends.exported_state(ep)), entry
     if backend == "inductor":
+        backends.use_inductor_cache_dir(cache.root / "inductor")
         fn = backends.build_inductor(ep, opts)
 
         def build(tmp: Path):
