@@ -112,10 +112,14 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
                       "rss_before_mib": before / 1024}))
 
 
-def _run_child(impl, case, threads, tmp):
+def _run_child(impl, case, threads, tmp, mmap_threshold=0):
     out = os.path.join(tmp, f"{impl}_{case}.pt")
     cmd = [sys.executable, "-m", "twinflow.benchmarks.vae", "--child", impl, case, out, "--threads", str(threads)]
     env = dict(os.environ)
+    if mmap_threshold:
+        # glibc: serve every allocation above this size with its own mmap, returned on free, so the peak
+        # RSS is the peak of live memory rather than of heap fragmentation (same for both impls)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
     if res.returncode != 0:
         raise RuntimeError(f"{impl} {case} failed:\n{res.stderr[-3000:]}")
@@ -128,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="set MALLOC_MMAP_THRESHOLD_ (bytes) in the children, e.g. 131072 (0: glibc default)")
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "CASE", "OUT"))
     args = ap.parse_args(argv)
     if args.child:
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
             outs = {}
             for _ in range(args.repeats):
                 for impl in ("ours", "diffusers"):
-                    r, outs[impl] = _run_child(impl, case, args.threads, tmp)
+                    r, outs[impl] = _run_child(impl, case, args.threads, tmp, args.mmap_threshold)
                     res[impl].append(r)
                     print(f"  {case} {impl}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
                           f"+{r['peak_above_model_mib']:.0f} MiB", flush=True)

@@ -76,7 +76,7 @@ def test_load_from_models_folder(tf_dirs, vae):
     from safetensors.torch import save_file
 
     (tf_dirs["models"] / "vae").mkdir()
-    save_file({"first_stage_model." + k: v.half() for k, v in vae.state_dict().items()},
+    save_file({"first_stage_model." + k: v.half().contiguous() for k, v in vae.state_dict().items()},
               str(tf_dirs["models"] / "vae" / "wan_tiny.safetensors"))
     names = TwinFlowLoadVAE.INPUT_TYPES()["required"]["vae_name"][0]
     assert names[:2] == ["random:tiny", "random:wan2.1"] and "wan_tiny.safetensors" in names
