@@ -123,9 +123,9 @@ class TwinFlowVAEDecode:
                                                              "the device, else tile. off: never tile (refuses up front "
                                                              "if it cannot fit). custom: tile with the sizes below. "
                                                              "Time is always streamed one latent frame at a time."}),
-                "tile_size": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 32,
+                "tile_size": ("INT", {"default": 512, "min": 32, "max": MAX_RESOLUTION, "step": 16,
                                       "tooltip": "Tile size in pixels (custom tiling)."}),
-                "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32,
+                "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 16,
                                     "tooltip": "Tile overlap in pixels, blended linearly (custom tiling); at most "
                                                "half the tile size."}),
             }

@@ -128,7 +128,7 @@ def test_encode_drops_surplus_frames_like_comfyui(tiny, tiny_ref, caplog):
 
 
 def test_batch_of_two_equals_each_sample(tiny):
-    z = torch.randn(2, 16, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(2, 16, 2, 2, 2, generator=torch.Generator().manual_seed(2))
     both = tiny.decode(z)
     one = tiny.decode(z[1:])
     assert (both[1:] - one).abs().max().item() <= 1e-5
@@ -144,7 +144,7 @@ def test_encode_is_causal(tiny):
 
 
 def test_decode_is_causal(tiny):
-    z = torch.randn(1, 16, 3, 3, 4, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(1, 16, 3, 2, 3, generator=torch.Generator().manual_seed(5))
     full = tiny.decode(z)
     for k in (1, 2):
         prefix = tiny.decode(z[:, :, :k])
@@ -158,7 +158,7 @@ def test_decode_is_causal(tiny):
 
 # ---------------------------------------------------------------------------------------------- streaming
 def test_streaming_equals_plain_decode(tiny):
-    z = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    z = torch.randn(1, 16, 3, 2, 3, generator=torch.Generator().manual_seed(6))
     plain = tiny.decode(z)
     streamed = dict(tiny.iter_decode(z))
     assert sorted(streamed) == list(range(9))
@@ -172,38 +172,42 @@ def test_streaming_equals_plain_decode(tiny):
 
 
 # ---------------------------------------------------------------------------------------------- tiling
+def _ramp(n, ov, start, end):
+    w = torch.ones(n, dtype=torch.float64)
+    up = (torch.arange(ov, dtype=torch.float64) + 0.5) / ov
+    if start:
+        w[:ov] = up
+    if end:
+        w[n - ov:] = up.flip(0)
+    return w
+
+
 def test_tiled_decode_is_blend_of_independent_tiles(tiny):
     """Tiled == each tile decoded on its own (own causal cache across time), blended with linear ramps."""
-    z = torch.randn(1, 16, 2, 10, 12, generator=torch.Generator().manual_seed(8))
-    tiled = tiny.decode(z, tiling="on", tile=(8, 4))
+    z = torch.randn(1, 16, 2, 6, 6, generator=torch.Generator().manual_seed(8))
+    tiled = tiny.decode(z, tiling="on", tile=(4, 2))
     r = 8
-    acc = torch.zeros(1, 3, 5, 10 * r, 12 * r, dtype=torch.float64)
-    wsum = torch.zeros(10 * r, 12 * r, dtype=torch.float64)
-
-    def ramp(n, ov, start, end):
-        w = torch.ones(n, dtype=torch.float64)
-        up = (torch.arange(ov, dtype=torch.float64) + 0.5) / ov
-        if start:
-            w[:ov] = up
-        if end:
-            w[n - ov:] = up.flip(0)
-        return w
-
-    for y0 in (0, 2):  # starts for 10 with tile 8: 0 and 10-8
-        for x0 in (0, 4):  # 12: 0 and 4
-            part = tiny.decode(z[..., y0:y0 + 8, x0:x0 + 8]).double()
-            wt = ramp(8 * r, 4 * r, y0 > 0, y0 + 8 < 10)[:, None] * ramp(8 * r, 4 * r, x0 > 0, x0 + 8 < 12)[None, :]
-            acc[..., y0 * r:(y0 + 8) * r, x0 * r:(x0 + 8) * r] += part * wt
-            wsum[y0 * r:(y0 + 8) * r, x0 * r:(x0 + 8) * r] += wt
+    acc = torch.zeros(1, 3, 5, 6 * r, 6 * r, dtype=torch.float64)
+    wsum = torch.zeros(6 * r, 6 * r, dtype=torch.float64)
+    for y0 in (0, 2):  # tile starts for 6 latent px with tile 4: 0 and 6-4
+        for x0 in (0, 2):
+            part = tiny.decode(z[..., y0:y0 + 4, x0:x0 + 4]).double()
+            wt = _ramp(4 * r, 2 * r, y0 > 0, y0 + 4 < 6)[:, None] * _ramp(4 * r, 2 * r, x0 > 0, x0 + 4 < 6)[None, :]
+            acc[..., y0 * r:(y0 + 4) * r, x0 * r:(x0 + 4) * r] += part * wt
+            wsum[y0 * r:(y0 + 4) * r, x0 * r:(x0 + 4) * r] += wt
     torch.testing.assert_close(tiled.double(), acc / wsum, rtol=0, atol=1e-5)
-    # Seam error against the untiled decode. Tiles change the context of every conv near a seam and of
-    # the global attention block in the middle, so tiling is never exact (diffusers' neither); with
-    # random tiny weights it is large. Measured values are in docs/vae.md.
-    err = (tiled - tiny.decode(z)).abs()
+    # a tile as large as the latent is exactly the untiled decode
+    assert torch.equal(tiny.decode(z[:, :, :1], tiling="on", tile=(6, 2)), tiny.decode(z[:, :, :1]))
+
+
+def test_tiled_decode_seam_error_within_documented_tolerance(tiny):
+    # Tiles change the context of every conv near a seam and of the global attention block in the
+    # middle, so tiling is never exact (diffusers' neither); with random tiny weights it is large.
+    # Measured values are in docs/vae.md.
+    z = torch.randn(1, 16, 2, 10, 12, generator=torch.Generator().manual_seed(8))
+    err = (tiny.decode(z, tiling="on", tile=(8, 4)) - tiny.decode(z)).abs()
     assert err.max().item() <= TILE_SEAM_MAX_ABS
     assert err.mean().item() <= TILE_SEAM_MEAN_ABS
-    # a tile as large as the latent is exactly the untiled decode
-    assert torch.equal(tiny.decode(z[:, :, :1], tiling="on", tile=(12, 4)), tiny.decode(z[:, :, :1]))
 
 
 def test_tile_grid_covers_everything():
