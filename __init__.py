@@ -16,3 +16,12 @@ def run_workflow(workflow, overrides=None, output_dir=None, models_dir=None, **k
     from .runner.api import run_workflow as _run
 
     return _run(workflow, overrides=overrides, output_dir=output_dir, models_dir=models_dir, **kwargs)
+
+from .comfy_adapter import is_comfyui as _is_comfyui  # noqa: E402
+
+if _is_comfyui():  # inside a running ComfyUI only: host wiring + the nodes that take core MODEL/VAE/GUIDER
+    from .comfy_adapter import install as _install, nodes as _comfy_nodes
+
+    _install()
+    NODE_CLASS_MAPPINGS = {**NODE_CLASS_MAPPINGS, **_comfy_nodes.NODE_CLASS_MAPPINGS}
+    NODE_DISPLAY_NAME_MAPPINGS = {**NODE_DISPLAY_NAME_MAPPINGS, **_comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS}

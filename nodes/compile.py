@@ -1,6 +1,8 @@
 """TwinFlow nodes: compile — wrap a TWINFLOW_MODEL / TWINFLOW_VAE with a compiled forward."""
 from __future__ import annotations
 
+import torch
+
 CATEGORY = "TwinFlow/compile"
 BACKENDS = ["auto", "tensorrt", "inductor", "eager"]
 DTYPES = ["default", "fp32", "fp16", "bf16"]
@@ -74,7 +76,7 @@ class TwinFlowCompileModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("TWINFLOW_MODEL",), **_common_inputs({
+        return {"required": {"model": ("TWINFLOW_MODEL,MODEL", {"tooltip": "TwinFlow model, or a core MODEL (rebuilt as a TwinFlow Wan DiT)"}), **_common_inputs({
                     "dtype": (DTYPES, {"default": "default", "tooltip": "cast (a copy of) the model before export; "
                               "precision comes from this cast, fp32 islands stay fp32"})})},
                 "optional": {"latent": ("LATENT", {"tooltip": "the latent the sampler will see (profile = from "
@@ -88,9 +90,13 @@ class TwinFlowCompileModel:
     def compile(self, model, backend, profile, dtype, latent=None, **kw):
         from ..compiled.runtime import compile_denoiser
 
+        from ..comfy_adapter.models import as_denoiser
+
+        model = as_denoiser(model, need_module=True)
         prof = _profile("dit", profile, kw, latent)
         new, report = compile_denoiser(model, prof, backend, dtype=_dtype(dtype))
-        return (new, report.line())
+        status = report.line()
+        return {"ui": {"text": [status]}, "result": (new, status)}  # the status shows in ComfyUI too
 
 
 class TwinFlowCompileVAE:
@@ -99,7 +105,7 @@ class TwinFlowCompileVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("TWINFLOW_VAE",), **_common_inputs({})},
+        return {"required": {"vae": ("TWINFLOW_VAE,VAE", {"tooltip": "TwinFlow VAE, or a Wan2.1 VAE from core Load VAE"}), **_common_inputs({})},
                 "optional": {"latent": ("LATENT", {"tooltip": "the latent that will be decoded (profile = from "
                                                               "workflow)"})}}
 
@@ -111,6 +117,9 @@ class TwinFlowCompileVAE:
     def compile(self, vae, backend, profile, latent=None, **kw):
         from ..compiled.runtime import compile_vae
 
+        from ..comfy_adapter.models import as_wan_vae
+
+        vae = as_wan_vae(vae)
         prof = _profile("vae", profile, kw, latent)
         if latent is not None and profile != "custom":
             from ..compiled.export import Range
@@ -118,9 +127,68 @@ class TwinFlowCompileVAE:
             prof = type(prof)(batch=Range(b, b, b), frames=prof.frames, height=prof.height, width=prof.width,
                               text=prof.text)
         new, reports = compile_vae(vae, prof, backend)
-        return (new, " | ".join(r.line() for r in reports))
+        status = " | ".join(r.line() for r in reports)
+        return {"ui": {"text": [status]}, "result": (new, status)}
 
 
-NODE_CLASS_MAPPINGS = {"TwinFlowCompileModel": TwinFlowCompileModel, "TwinFlowCompileVAE": TwinFlowCompileVAE}
+class KernelModeModule(torch.nn.Module):
+    """Runs the wrapped module with the kernel mode set for the duration of each call."""
+
+    def __init__(self, inner: torch.nn.Module, mode: str):
+        super().__init__()
+        self.inner = inner
+        self.mode = mode
+
+    def forward(self, *args, **kwargs):
+        from .. import kernels
+
+        before = kernels.get_mode()
+        kernels.set_mode(self.mode)
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            kernels.set_mode(before)
+
+
+class TwinFlowKernelMode:
+    """Choose the glue-op path (fused CuPy kernels or torch references) for one model."""
+
+    DESCRIPTION = ("Sets which path the fused glue ops (LayerNorm+modulate, RMSNorm, RoPE, gated residual, int8 "
+                   "quantize/epilogue) take inside this model: auto (CuPy kernels on CUDA when usable, else torch), "
+                   "cupy (prefer kernels; every fallback is logged as a warning), torch (references only). "
+                   "The status output lists each op's path and why.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..kernels import MODES
+
+        return {"required": {
+            "model": ("TWINFLOW_MODEL", {"tooltip": "The model whose forward should use this kernel mode."}),
+            "mode": (list(MODES), {"default": "auto", "tooltip": "auto | cupy | torch (also: twinflow --kernels, "
+                                                                 "env TWINFLOW_KERNELS)"}),
+        }}
+
+    RETURN_TYPES = ("TWINFLOW_MODEL", "STRING")
+    RETURN_NAMES = ("model", "status")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, mode):
+        from ..kernels import doctor_lines, set_mode, get_mode
+
+        before = get_mode()
+        set_mode(mode)  # validates the name; report the paths this mode gives here
+        try:
+            status = "\n".join(doctor_lines())
+        finally:
+            set_mode(before)
+        new = model.clone(module=KernelModeModule(model.module, mode))
+        new.info["kernels"] = mode
+        return {"ui": {"text": [status]}, "result": (new, status)}
+
+
+NODE_CLASS_MAPPINGS = {"TwinFlowCompileModel": TwinFlowCompileModel, "TwinFlowCompileVAE": TwinFlowCompileVAE,
+                       "TwinFlowKernelMode": TwinFlowKernelMode}
 NODE_DISPLAY_NAME_MAPPINGS = {"TwinFlowCompileModel": "TwinFlow Compile Model",
-                              "TwinFlowCompileVAE": "TwinFlow Compile VAE"}
+                              "TwinFlowCompileVAE": "TwinFlow Compile VAE",
+                              "TwinFlowKernelMode": "TwinFlow Kernel Mode"}

@@ -49,7 +49,7 @@ class TwinFlowLoadDiT:
                 "preset": (list(PRESET_CHOICES), {"default": "auto",
                                                   "tooltip": "Force a Wan config instead of detecting it from tensor "
                                                              "shapes; the file is still checked strictly."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": False,
                                  "tooltip": "Seed of the random weights (random:<preset> only)."}),
             }
         }

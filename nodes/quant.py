@@ -28,6 +28,10 @@ def _parse_sigmas(text: str) -> tuple[float, ...]:
 
 
 def _check_model(model) -> Denoiser:
+    from ..comfy_adapter.models import as_denoiser, is_model_patcher
+
+    if isinstance(model, Denoiser) or is_model_patcher(model):
+        model = as_denoiser(model, need_module=True)  # a core MODEL becomes a TwinFlow WanDiT (weights shared)
     if not isinstance(model, Denoiser):
         raise TypeError(f"model must be a TWINFLOW_MODEL (core.handles.Denoiser), got {type(model).__name__}; "
                         f"connect a TwinFlow model loader")
@@ -41,7 +45,7 @@ class TwinFlowQuantizeModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("TWINFLOW_MODEL", {"tooltip": "The model to quantize (it is not modified; a copy is returned)."}),
+                "model": ("TWINFLOW_MODEL,MODEL", {"tooltip": "The model to quantize (it is not modified; a copy is returned). A core MODEL is rebuilt as a TwinFlow Wan DiT first."}),
                 "format": (list(FORMAT_CHOICES), {"default": "int8_weight_only", "tooltip":
                            "int8_weight_only / fp8_e4m3_weight_only: about half the weight memory, not faster. "
                            "fp8_e4m3_dynamic: W8A8 with fp8 tensor cores (GPUs with compute capability >= 8.9 only). "

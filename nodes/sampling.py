@@ -4,6 +4,7 @@ Thin classes: widgets -> one library call in `sampling/`. Both samplers run `sam
 """
 from __future__ import annotations
 
+from ..comfy_adapter.models import as_denoiser
 from ..core import paths
 from ..sampling.dual import sample
 from ..sampling.gates import GATE_KINDS, GATE_NET_PRESETS, GateNet, GateSchedule, load_gate_net, parse_floats, \
@@ -18,7 +19,7 @@ CATEGORY = "TwinFlow/sampling"
 _SAMPLER = (list(SAMPLER_NAMES), {"default": "uni_pc", "tooltip": "ODE solver (ComfyUI's formulas)."})
 _SCHEDULER = (list(SCHEDULERS), {"default": "simple", "tooltip": "Sigma schedule; simple/normal/sgm_uniform/beta "
                                  "as ComfyUI, wan_unipc = the official Wan2.1 UniPC grid."})
-_STEPS = ("INT", {"default": 20, "min": 1, "max": 1000, "step": 1})
+_STEPS = ("INT", {"default": 20, "min": 1, "max": 1000, "step": 1, "tooltip": "number of solver steps"})
 _SHIFT = ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
                     "tooltip": "Flow shift sigma' = shift*sigma/(1+(shift-1)*sigma) (ComfyUI ModelSamplingSD3; "
                                "Wan2.1 T2V uses 8 at 1.3B, 5 at 14B)."})
@@ -43,8 +44,8 @@ class TwinFlowGateSchedule:
                          "only at listed steps | boundary (hard switch at sigma) | learned (gate net) | list"}),
                 "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "constant alpha; also alpha at the listed steps of kind 'steps'"}),
-                "alpha_start": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "alpha_end": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "alpha_start": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "linear/cosine: alpha at the first step (1 = semantic only)"}),
+                "alpha_end": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "linear/cosine: alpha at the last step (0 = detail only)"}),
                 "fuse_steps": ("STRING", {"default": "3,6,9", "tooltip": "kind 'steps': steps (from 1) that fuse"}),
                 "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.001,
                                        "tooltip": "kind 'boundary': semantic while sigma >= boundary (Wan2.2: 0.875 "
@@ -111,8 +112,8 @@ class TwinFlowSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("TWINFLOW_MODEL",),
-                "latent": ("LATENT",),
+                "model": ("TWINFLOW_MODEL,MODEL", {"tooltip": "TwinFlow Load DiT, or a core MODEL (Load Diffusion Model; runs through ComfyUI's apply_model)"}),
+                "latent": ("LATENT", {"tooltip": "start latent (Empty Latent Video, or an encoded video with denoise < 1)"}),
                 "seed": _SEED,
                 "steps": _STEPS,
                 "cfg": _cfg("classifier-free guidance scale (1 = positive only, one forward per step)"),
@@ -121,7 +122,7 @@ class TwinFlowSampler:
                 "shift": _SHIFT,
                 "denoise": _DENOISE,
             },
-            "optional": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",)},
+            "optional": {"positive": ("CONDITIONING", {"tooltip": "text conditioning (omit for unconditional models)"}), "negative": ("CONDITIONING", {"tooltip": "negative conditioning for CFG (needed when cfg != 1)"})},
         }
 
     RETURN_TYPES = ("LATENT", "STRING")
@@ -130,7 +131,7 @@ class TwinFlowSampler:
     CATEGORY = CATEGORY
 
     def run(self, model, latent, seed, steps, cfg, sampler, scheduler, shift, denoise, positive=None, negative=None):
-        branch = Branch(model, positive, negative, cfg, name="semantic")
+        branch = Branch(as_denoiser(model), positive, negative, cfg, name="semantic")
         out, report = sample(branch, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler,
                              shift=shift, denoise=denoise)
         return (out, report.text())
@@ -144,10 +145,10 @@ class TwinFlowDualBranchSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "semantic": ("TWINFLOW_MODEL", {"tooltip": "the large model (global structure)"}),
-                "detail": ("TWINFLOW_MODEL", {"tooltip": "the light model (textures); must share the latent space"}),
-                "gate": ("GATE_SCHEDULE",),
-                "latent": ("LATENT",),
+                "semantic": ("TWINFLOW_MODEL,MODEL", {"tooltip": "the large model (global structure); TwinFlow or core MODEL"}),
+                "detail": ("TWINFLOW_MODEL,MODEL", {"tooltip": "the light model (textures); must share the latent space; TwinFlow or core MODEL"}),
+                "gate": ("GATE_SCHEDULE", {"tooltip": "alpha and FFT cutoff per step, from TwinFlow Gate Schedule"}),
+                "latent": ("LATENT", {"tooltip": "start latent (Empty Latent Video, or an encoded video with denoise < 1)"}),
                 "seed": _SEED,
                 "steps": _STEPS,
                 "cfg_semantic": _cfg("CFG scale of the semantic branch"),
@@ -161,9 +162,9 @@ class TwinFlowDualBranchSampler:
             },
             "optional": {
                 "positive": ("CONDITIONING", {"tooltip": "prompt for both branches (unless a per-branch one is set)"}),
-                "negative": ("CONDITIONING",),
+                "negative": ("CONDITIONING", {"tooltip": "negative conditioning for the semantic branch CFG (and the detail branch unless negative_detail is set)"}),
                 "positive_detail": ("CONDITIONING", {"tooltip": "prompt for the detail branch only"}),
-                "negative_detail": ("CONDITIONING",),
+                "negative_detail": ("CONDITIONING", {"tooltip": "negative conditioning for the detail branch only"}),
             },
         }
 
@@ -174,8 +175,8 @@ class TwinFlowDualBranchSampler:
 
     def run(self, semantic, detail, gate, latent, seed, steps, cfg_semantic, cfg_detail, sampler, scheduler, shift,
             denoise, split, positive=None, negative=None, positive_detail=None, negative_detail=None):
-        s = Branch(semantic, positive, negative, cfg_semantic, name="semantic")
-        d = Branch(detail, positive_detail if positive_detail is not None else positive,
+        s = Branch(as_denoiser(semantic), positive, negative, cfg_semantic, name="semantic")
+        d = Branch(as_denoiser(detail), positive_detail if positive_detail is not None else positive,
                    negative_detail if negative_detail is not None else negative, cfg_detail, name="detail")
         out, report = sample(s, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler, shift=shift,
                              denoise=denoise, detail=d, gate=gate, over_time=(split == "THW"))

@@ -22,7 +22,11 @@ MAX_RESOLUTION = 16384
 
 
 def _check_vae(vae):
+    from ..comfy_adapter.models import as_wan_vae, is_core_vae
     from ..models.wan_vae import WanVAE
+
+    if is_core_vae(vae):
+        vae = as_wan_vae(vae)  # a core VAE (Load VAE) holding a Wan2.1 VAE; weights shared
 
     if not isinstance(vae, WanVAE):
         raise TypeError(f"input 'vae' must be a TWINFLOW_VAE (from TwinFlow Load VAE), got {type(vae).__name__}")
@@ -43,7 +47,7 @@ class TwinFlowLoadVAE:
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
                                                 "tooltip": "Weights/compute dtype. 'default' keeps the file's dtype "
                                                            "(fp32 for random presets)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": False,
                                  "tooltip": "Seed of the random weights (random:<preset> only)."}),
             }
         }
@@ -75,7 +79,7 @@ class TwinFlowVAEEncode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("TWINFLOW_VAE", {"tooltip": "The VAE from TwinFlow Load VAE."}),
+                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1 VAE from core Load VAE."}),
                 "pixels": ("IMAGE", {"tooltip": "Video frames [N, H, W, 3] in 0..1. N should be 1+4k; extra frames "
                                                 "are dropped. H and W are cropped to multiples of 8."}),
             }
@@ -115,7 +119,7 @@ class TwinFlowVAEDecode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("TWINFLOW_VAE", {"tooltip": "The VAE from TwinFlow Load VAE."}),
+                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1 VAE from core Load VAE."}),
                 "samples": ("LATENT", {"tooltip": "Raw Wan latents [B, 16, T, H/8, W/8]; T latent frames give "
                                                   "1+4(T-1) frames."}),
                 "tiling": (list(TILING_CHOICES), {"default": "auto",

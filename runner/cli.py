@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this output node (repeatable)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-timings", action="store_true", help="no per-node timing report")
+    r.add_argument("--compile", choices=("auto", "tensorrt", "inductor", "eager"), metavar="BACKEND",
+                   help="insert TwinFlow Compile Model/VAE nodes with the planned profile and build them "
+                        "before the first step (see `twinflow plan`)")
 
     v = sub.add_parser("validate", help="check a workflow without running it")
     v.add_argument("workflow")
@@ -180,8 +183,18 @@ def cmd_run(args) -> int:
     if not args.no_progress:
         progress.set_backend(_tqdm_backend())
     runner = Runner()
+    workflow, overrides = args.workflow, args.overrides
+    if getattr(args, "compile", None):
+        import dataclasses
+
+        from ..compiled.plan import with_compile_nodes
+        from .api import apply_overrides
+
+        wf = runner.load(args.workflow)
+        prompt = apply_overrides(wf.prompt, overrides, runner.registry)
+        workflow, overrides = dataclasses.replace(wf, prompt=with_compile_nodes(prompt, args.compile)), None
     with _SigintHandler():
-        result = runner.run(args.workflow, overrides=args.overrides, output_dir=args.output_dir,
+        result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
     files = [str(f) for f in result.files()]
     if args.json:

@@ -66,7 +66,7 @@ def build(spec: dict) -> dict:
                             "links": out_links.get((n["id"], i), [])})
         col, row = n.get("pos", (order, 0))
         nodes.append({
-            "id": n["id"], "type": n["class"], "pos": [40 + 360 * col, 40 + 300 * row], "size": [320, 240],
+            "id": n["id"], "type": n["class"], "pos": [40 + 400 * col, 40 + 480 * row], "size": [360, 420],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
             "title": n.get("title", display.get(n["class"], n["class"])),
             "properties": {"Node name for S&R": n["class"], "cnr_id": "comfyui-twinflow"},
