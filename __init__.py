@@ -6,8 +6,6 @@ no cupy, torch_tensorrt, diffusers or transformers are imported here.
 """
 __version__ = "0.1.0"
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "run_workflow", "__version__"]
 
 
@@ -17,11 +15,20 @@ def run_workflow(workflow, overrides=None, output_dir=None, models_dir=None, **k
 
     return _run(workflow, overrides=overrides, output_dir=output_dir, models_dir=models_dir, **kwargs)
 
-from .comfy_adapter import is_comfyui as _is_comfyui  # noqa: E402
 
-if _is_comfyui():  # inside a running ComfyUI only: host wiring + the nodes that take core MODEL/VAE/GUIDER
-    from .comfy_adapter import install as _install, nodes as _comfy_nodes
+if not __package__:
+    # Loaded as a lone file rather than as a package: pytest does this to the repository root when the
+    # checkout's folder name is not a valid module name. Relative imports cannot work then, and nothing
+    # needs registering.
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+else:
+    from .comfy_adapter import is_comfyui as _is_comfyui
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    _install()
-    NODE_CLASS_MAPPINGS = {**NODE_CLASS_MAPPINGS, **_comfy_nodes.NODE_CLASS_MAPPINGS}
-    NODE_DISPLAY_NAME_MAPPINGS = {**NODE_DISPLAY_NAME_MAPPINGS, **_comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS}
+    if _is_comfyui():  # inside a running ComfyUI only: host wiring + the nodes that take core MODEL/VAE/GUIDER
+        from .comfy_adapter import install as _install, nodes as _comfy_nodes
+
+        _install()
+        NODE_CLASS_MAPPINGS = {**NODE_CLASS_MAPPINGS, **_comfy_nodes.NODE_CLASS_MAPPINGS}
+        NODE_DISPLAY_NAME_MAPPINGS = {**NODE_DISPLAY_NAME_MAPPINGS, **_comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS}
