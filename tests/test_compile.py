@@ -197,14 +197,17 @@ def test_compile_model_node_eager_status_and_vae_node():
     den = Denoiser(dit, "wan_dit", 16, 4096, name="tiny")
     latent = {"samples": torch.zeros(1, 16, 2, 4, 4)}
     node = TwinFlowCompileModel()
-    new, status = node.compile(den, "eager", "from workflow", "default", latent=latent)
+    out = node.compile(den, "eager", "from workflow", "default", latent=latent)
+    new, status = out["result"]
+    assert out["ui"]["text"] == [status]  # the status also shows in ComfyUI
     assert "eager" in status and new is not den and new.module.dit is dit
     x = torch.randn(1, 16, 2, 4, 4)
     torch.testing.assert_close(new.module(x, torch.tensor([500.0]), None), dit(x, torch.tensor([500.0]), None))
     with pytest.raises(ValueError, match="latent"):
         node.compile(den, "eager", "from workflow", "default")
     vae = random_wan_vae("tiny")
-    new_vae, status = TwinFlowCompileVAE().compile(vae, "eager", "from workflow", latent=latent)
+    out = TwinFlowCompileVAE().compile(vae, "eager", "from workflow", latent=latent)
+    new_vae, status = out["result"]
     assert "eager" in status and new_vae is not vae
     torch.testing.assert_close(new_vae.decode(latent["samples"]), vae.decode(latent["samples"]))
 

@@ -21,8 +21,9 @@ def test_registered_with_conventions():
             if spec[0] in ("INT", "FLOAT"):
                 assert {"min", "max", "step", "tooltip"} <= set(spec[1])
     assert TwinFlowLoadVAE.RETURN_TYPES == ("TWINFLOW_VAE",)
-    assert TwinFlowVAEEncode.INPUT_TYPES()["required"]["vae"][0] == "TWINFLOW_VAE"
-    assert TwinFlowVAEDecode.INPUT_TYPES()["required"]["vae"][0] == "TWINFLOW_VAE"
+    # our own type first; the core VAE type too, converted by comfy_adapter inside ComfyUI
+    assert TwinFlowVAEEncode.INPUT_TYPES()["required"]["vae"][0] == "TWINFLOW_VAE,VAE"
+    assert TwinFlowVAEDecode.INPUT_TYPES()["required"]["vae"][0] == "TWINFLOW_VAE,VAE"
     assert TwinFlowVAEDecode.RETURN_TYPES == ("IMAGE",) and TwinFlowVAEEncode.RETURN_TYPES == ("LATENT",)
 
 
