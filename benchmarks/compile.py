@@ -139,17 +139,18 @@ def gpu(repeats: int) -> dict:
     pkg = Path(tempfile.mkdtemp()) / "block.pt2"
     backends.build_aoti_package(bep, pkg)
     variants["aoti"] = backends.load_aoti(pkg, backends.exported_state(bep))
-    out["block_1.3b_bf16_s"] = {k: _cuda_best(v, bargs, repeats) for k, v in variants.items()}
+    out["block_1.3b_bf16_s"] = {k: cuda_best_time(v, bargs, repeats) for k, v in variants.items()}
     vae = random_wan_vae("wan2.1", dtype=torch.bfloat16, device="cuda")
     prof = ex.Profile.make(batch=1, height=60, width=104)
     ep, step = ex.export_vae_decode_step(vae, prof, first=False)
     args = ex.vae_decode_example(step, prof, opt=True)
-    out["vae_decode_step_480p_bf16_s"] = {"eager": _cuda_best(step, args, repeats),
-                                         "inductor": _cuda_best(torch.compile(ep.module()), args, repeats)}
+    out["vae_decode_step_480p_bf16_s"] = {"eager": cuda_best_time(step, args, repeats),
+                                         "inductor": cuda_best_time(torch.compile(ep.module()), args, repeats)}
     return out
 
 
-def _cuda_best(fn, args, repeats):
+def cuda_best_time(fn, args, repeats):
+    """Best wall time of `repeats` synchronised CUDA calls after one warm-up (also used by tools/trt_smoke.py)."""
     with torch.no_grad():
         fn(*args)
         torch.cuda.synchronize()

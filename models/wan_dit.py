@@ -175,8 +175,8 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with qk RMSNorm and 3D RoPE; keys `q, k, v, o, norm_q, norm_k`."""
+class _WanAttention(nn.Module):
+    """The projections both attentions share; keys `q, k, v, o, norm_q, norm_k`."""
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -185,6 +185,10 @@ class WanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+
+class WanSelfAttention(_WanAttention):
+    """Self-attention with qk RMSNorm and 3D RoPE."""
 
     def forward(self, x, cos, sin):
         b, n, dim = x.shape  # (B, L, D) in the compute dtype
@@ -196,16 +200,8 @@ class WanSelfAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, n, dim))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttention):
     """T2V cross-attention on the text tokens (no RoPE); same keys as the self-attention."""
-
-    def __init__(self, cfg: WanDiTConfig):
-        super().__init__()
-        dim = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, context, bias: Optional[torch.Tensor]):
         b, n, dim = x.shape

@@ -20,21 +20,10 @@ from pathlib import Path
 
 import torch
 
+from twinflow.benchmarks.compile import cuda_best_time
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _time(fn, args, repeats):
-    with torch.no_grad():
-        fn(*args)
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _case(name, module, args, shapes, dtypes, dtype, repeats) -> dict:
@@ -47,7 +36,8 @@ def _case(name, module, args, shapes, dtypes, dtype, repeats) -> dict:
     build_s = time.perf_counter() - t0
     verdict = verify(trt_gm, module, args, dtype)
     return {"case": name, "build_s": build_s, "ok": verdict.ok, "reason": verdict.reason, **verdict.metrics,
-            "eager_s": _time(module, args, repeats), "tensorrt_s": _time(trt_gm, args, repeats)}
+            "eager_s": cuda_best_time(module, args, repeats),
+            "tensorrt_s": cuda_best_time(trt_gm, args, repeats)}
 
 
 def main() -> int:
