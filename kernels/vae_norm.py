@@ -25,11 +25,20 @@ INSTANCES = tuple(f"rms_norm_cf_kernel<{ct}, {v}>" for dt, ct in P.CTYPES.items(
 def rms_norm_cf_ref(x: torch.Tensor, gamma: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     silu: bool = False, eps: float = 1e-12) -> torch.Tensor:
     """The Wan VAE's channel-first RMS norm: F.normalize(x, dim=1) * sqrt(C) * gamma (+ bias), then
-    optionally SiLU. x: [B, C, T, H, W] (or [B, C, H, W]); gamma: [C, 1, 1(, 1)]."""
-    y = F.normalize(x, dim=1, eps=eps) * (x.shape[1] ** 0.5) * gamma
+    optionally SiLU. x: [B, C, T, H, W] (or [B, C, H, W]); gamma: [C, 1, 1(, 1)].
+
+    F.normalize's steps (L2 norm over dim 1, clamped at eps, one division), then one multiply by
+    gamma * sqrt(C) and an in-place SiLU: 3 passes over x instead of 5, in x's memory layout (the VAE's
+    CPU engine keeps frames channels-last, where the channel reduction is contiguous)."""
+    c = x.shape[1]
+    y = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
+    if gamma.dtype == y.dtype:
+        y *= gamma * (c ** 0.5)
+    else:  # mixed dtypes promote, as the official formula does
+        y = y * (c ** 0.5) * gamma
     if bias is not None:
         y = y + bias
-    return F.silu(y) if silu else y
+    return F.silu(y, inplace=True) if silu else y
 
 
 def rms_norm_cf_unsupported(x, gamma, bias=None, silu=False, eps=1e-12) -> Optional[str]:

@@ -155,6 +155,17 @@ class CausalConv3d(nn.Conv3d):
         return out
 
 
+def _frame(x: torch.Tensor) -> torch.Tensor:
+    """A frame [B, C, H, W] entering the engine, in the layout the engine runs in. On the CPU that is
+    channels-last: oneDNN convolves NHWC natively (NCHW frames are reordered to a blocked layout and
+    back around every conv), and the channel reduction of the RMS norm becomes contiguous. Every later
+    op (conv2d, elementwise, cat over channels) keeps the layout. Elsewhere frames stay contiguous (the
+    CUDA norm kernel reads NCHW)."""
+    if x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _norm(norm: "RMSNorm", x: torch.Tensor, silu: bool) -> torch.Tensor:
     # RMS_norm of the official code: F.normalize over channels (eps clamps the L2 norm at 1e-12) *
     # sqrt(C) * gamma, optionally followed by SiLU; the fused-kernel slot lives in kernels.ops.
@@ -277,12 +288,22 @@ def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tens
     rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
             torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
     xp = F.pad(x, (1, 1, 1, 1))  # zero border of the upsampled image = zero border here
-    out = torch.empty(bsz, o, h, 2, wd, 2, device=x.device, dtype=x.dtype)
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if cl:  # keep the frame channels-last: interleave into (B, h, 2, w, 2, O) memory
+        out = torch.empty(bsz, h, 2, wd, 2, o, device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty(bsz, o, h, 2, wd, 2, device=x.device, dtype=x.dtype)
     for a in (0, 1):
         r = rows[a]
         for c, k in enumerate((torch.stack((r[..., 0], r[..., 1] + r[..., 2]), -1),
                                torch.stack((r[..., 0] + r[..., 1], r[..., 2]), -1))):  # (O, C, 2, 2)
-            out[:, :, :, a, :, c] = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], k.to(x.dtype), b)
+            y = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], k.to(x.dtype), b)
+            if cl:
+                out[:, :, a, :, c] = y.permute(0, 2, 3, 1)
+            else:
+                out[:, :, :, a, :, c] = y
+    if cl:
+        return out.view(bsz, 2 * h, 2 * wd, o).permute(0, 3, 1, 2)
     return out.view(bsz, o, 2 * h, 2 * wd)
 
 
@@ -389,7 +410,7 @@ class WanVAE(nn.Module):
         st, n = _State(), 0
         with Progress(total=keep, desc="Wan VAE encode") as bar:
             for i in range(keep):
-                for y in self._encode_frame(x[:, :, i], st, keep=i < keep - 1):
+                for y in self._encode_frame(_frame(x[:, :, i]), st, keep=i < keep - 1):
                     # only the mu half of the quant conv (log_var is never used at inference)
                     out[:, :, n] = F.conv2d(y, self.conv1.weight[:z, :, 0], self.conv1.bias[:z])
                     n += 1
@@ -459,7 +480,7 @@ class WanVAE(nn.Module):
         st, n = _State(), 0
         with Progress(total=t, desc="Wan VAE decode") as bar:
             for i in range(t):
-                zi = self.conv2.pointwise(z[:, :, i])
+                zi = self.conv2.pointwise(_frame(z[:, :, i]))
                 for frame in self._decode_latent(zi, st, first=i == 0, last=i == t - 1):
                     yield n, frame
                     n += 1
@@ -528,7 +549,7 @@ class WanVAE(nn.Module):
                     wt = wt.to(out.dtype)
                     st, n = _State(), 0
                     for i in range(t):
-                        zi = self.conv2.pointwise(z[:, :, i, y0:y0 + th, x0:x0 + tw])
+                        zi = self.conv2.pointwise(_frame(z[:, :, i, y0:y0 + th, x0:x0 + tw]))
                         for frame in self._decode_latent(zi, st, first=i == 0, last=i == t - 1):
                             out[:, :, n, y0 * r:(y0 + th) * r, x0 * r:(x0 + tw) * r] += frame * wt
                             n += 1

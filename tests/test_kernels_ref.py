@@ -104,14 +104,19 @@ def test_rms_norm_ref(shape, dtype, with_weight):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 3, 2, 5, 7), (2, 16, 1, 3, 4), (2, 5, 9, 11)])
 @pytest.mark.parametrize("silu", [False, True])
-def test_rms_norm_cf_ref(shape, dtype, silu):
+@pytest.mark.parametrize("with_bias", [True, False])  # no bias = the fused F.rms_norm path the VAE takes
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rms_norm_cf_ref(shape, dtype, silu, with_bias, channels_last):
     c = shape[1]
     x = rand(shape, dtype, 2.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    x[0, :, ..., 0] = 0.0  # all-zero channel vectors: F.normalize gives 0, so must the reference
     gshape = (c,) + (1,) * (len(shape) - 2)
-    gamma, bias = rand(gshape, dtype), rand(gshape, dtype, 0.1)
+    gamma, bias = rand(gshape, dtype), (rand(gshape, dtype, 0.1) if with_bias else None)
     xd = x.double()
     y = xd / torch.linalg.vector_norm(xd, dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(c)
-    y = y * gamma.double() + bias.double()
+    y = y * gamma.double() + (bias.double() if with_bias else 0.0)
     if silu:
         y = y * torch.sigmoid(y)
     got = ops.rms_norm_cf_ref(x, gamma, bias, silu=silu)
