@@ -54,14 +54,51 @@ def build_eager(ep):
 
 
 def build_inductor(ep, options: Optional[dict] = None):
-    """`torch.compile(ep.module(), dynamic=True)`: one graph for the profile's sizes >= 2.
+    """JIT `torch.compile(ep.module(), dynamic=True)` (the `aot=False` path): one graph for sizes >= 2.
 
-    Known limit: dynamo specialises axes of size 0/1 (batch 1, one latent frame), so the first call
-    with such a size compiles a second graph. Size-oblivious sizes would avoid that, but combined
-    with the exported module's `size <= max` asserts they collapse a [1, 2] batch range to the single
-    value 2, and they break the (1, 1, 1, L) text-bias broadcast; so they are not used."""
-    return torch.compile(ep.module(), backend="inductor", dynamic=True, fullgraph=True,
-                         options=dict(options or {}) or None)
+    Known limit of this path: dynamo specialises axes of size 0/1 (batch 1, one latent frame), so the
+    first call with such a size compiles a second graph. Size-oblivious sizes would avoid that, but
+    combined with the exported module's `size <= max` asserts they collapse a [1, 2] batch range to the
+    single value 2, and they break the (1, 1, 1, L) text-bias broadcast; so they are not used. The
+    default inductor path is the AOTInductor package, which never re-traces (no guards, no recompiles)."""
+    return build_inductor_module(ep.module(), options)
+
+
+def build_inductor_module(gm, options: Optional[dict] = None):
+    """`torch.compile` of an unlifted exported module (`ep.module()`); see `build_inductor`."""
+    return torch.compile(gm, backend="inductor", dynamic=True, fullgraph=True, options=dict(options or {}) or None)
+
+
+def module_state(module) -> dict:
+    """name -> tensor of a module's parameters and buffers (persistent or not), as the exported program names them."""
+    out = dict(module.named_parameters())
+    out.update(dict(module.named_buffers()))
+    return out
+
+
+def swap_module_tensors(gm, state: dict) -> int:
+    """Point the parameters/buffers of `gm` (an `ep.module()`) named in `state` at new tensors (no copy into the
+    old ones, which may be shared with the caller's model). Same shapes/dtypes, so a module compiled with
+    `torch.compile` reads them without recompiling. Returns how many were replaced."""
+    n = 0
+    for name, new in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(prefix) if prefix else gm
+        except AttributeError:
+            continue
+        old = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
+        if old is None:
+            continue
+        if old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+            raise ValueError(f"new weight {name} is {tuple(new.shape)} {new.dtype} on {new.device}; the compiled "
+                             f"graph has {tuple(old.shape)} {old.dtype} on {old.device}")
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(new.detach(), requires_grad=False)
+        else:
+            owner._buffers[leaf] = new.detach()
+        n += 1
+    return n
 
 
 # Whether the user chose Inductor's cache dir (read at import, before anything compiled: Inductor
@@ -116,6 +153,15 @@ def load_aoti(package_path: Path, state: dict):
         raise ValueError(f"AOTInductor package {package_path} needs constants that were not given: {missing[:5]}")
     runner.load_constants({n: state[n] for n in fqns}, check_full_update=True, user_managed=True)
     return runner
+
+
+def aoti_swap_constants(runner, state: dict) -> None:
+    """New weights into a loaded package (same names/shapes): the compiled code is kept, nothing is rebuilt."""
+    fqns = runner.get_constant_fqns()
+    missing = [n for n in fqns if n not in state]
+    if missing:
+        raise ValueError(f"new weights lack constants the compiled graph needs: {missing[:5]}")
+    runner.load_constants({n: state[n] for n in fqns}, check_full_update=True, user_managed=True)
 
 
 def exported_state(ep) -> dict:

@@ -290,11 +290,16 @@ def dit_dynamic_shapes(dit: nn.Module, profile: Profile):
             {3: lc} if lc is not None else {})
 
 
-def export_dit(dit: nn.Module, profile: Profile):
-    """`torch.export` the Wan DiT forward over `profile`; returns (ExportedProgram, WanDiTGraph)."""
+def dit_graph(dit: nn.Module, profile: Profile) -> "WanDiTGraph":
+    """The exportable forward of `dit` for `profile` (RoPE tables for the profile's largest grid); no export."""
     if not hasattr(dit, "config") or not hasattr(dit.config, "rope_dims"):
         raise TypeError(f"export_dit needs a Wan DiT module (models.wan_dit.WanDiT), got {type(dit).__name__}")
-    graph = WanDiTGraph(dit, (profile.frames.max, profile.height.max, profile.width.max)).eval()
+    return WanDiTGraph(dit, (profile.frames.max, profile.height.max, profile.width.max)).eval()
+
+
+def export_dit(dit: nn.Module, profile: Profile, graph: Optional["WanDiTGraph"] = None):
+    """`torch.export` the Wan DiT forward over `profile`; returns (ExportedProgram, WanDiTGraph)."""
+    graph = graph if graph is not None else dit_graph(dit, profile)
     args = dit_example_inputs(dit, profile)
     with torch.no_grad():
         ep = torch.export.export(graph, args, dynamic_shapes=dit_dynamic_shapes(dit, profile), strict=False)
@@ -474,11 +479,12 @@ def vae_decode_example(step: WanVAEDecodeStep, profile: Profile, opt: bool = Fal
     return (z,) + tuple(torch.randn(s, generator=g).to(vae.device, vae.dtype) for s in step.cache_shapes(b, h, w))
 
 
-def export_vae_decode_step(vae: nn.Module, profile: Profile, first: bool):
+def export_vae_decode_step(vae: nn.Module, profile: Profile, first: bool,
+                           step: Optional[WanVAEDecodeStep] = None):
     """`torch.export` one decode step (first latent frame, or a later one) over batch/height/width."""
     if not hasattr(vae, "decoder") or not hasattr(vae, "_decode_latent"):
         raise TypeError(f"export_vae_decode_step needs a models.wan_vae.WanVAE, got {type(vae).__name__}")
-    step = WanVAEDecodeStep(vae, first).eval()
+    step = step if step is not None else WanVAEDecodeStep(vae, first).eval()
     args = vae_decode_example(step, profile)
     b, h, w = _dim("batch", profile.batch), _dim("height", profile.height), _dim("width", profile.width)
     z_dims = {k: v for k, v in {0: b, 2: h, 3: w}.items() if v is not None}

@@ -96,78 +96,172 @@ def artifact_key(module, family: str, profile: ex.Profile, backend: str, options
 
 
 # ----------------------------------------------------------------------------------------------
-# One exported graph -> one backend callable (cached, verified)
+# One graph -> one backend artifact (cached, verified, weights swappable)
 # ----------------------------------------------------------------------------------------------
 
-def _build_backend(ep, backend: str, report: CompileReport, cache: ArtifactCache, key: str, parts: dict,
-                   example, shapes, dtypes, dtype, options: Optional[dict], aot: bool, module=None):
-    """The compiled callable for `ep`; uses/creates the cache entry `key`."""
+@dataclass
+class GraphSpec:
+    """One sub-graph to compile: its eager module (the oracle and the fallback; built without exporting)
+    and how to export it, which is done only when the backend needs the exported program."""
+
+    label: str
+    module: nn.Module  # WanDiTGraph / WanVAEDecodeStep
+    export: Callable[[nn.Module], object]  # module -> ExportedProgram
+    example_opt: tuple
+    example_trace: tuple
+    shapes: list
+    dtypes: list
+    dtype: torch.dtype
+    export_s: float = 0.0
+
+    def exported(self, module: Optional[nn.Module] = None):
+        t0 = time.perf_counter()
+        ep = self.export(module if module is not None else self.module)
+        self.export_s += time.perf_counter() - t0
+        return ep
+
+
+class Artifact:
+    """A built or loaded backend callable for one graph, and how to give it new weights without rebuilding:
+    aoti -> the package's constants are reloaded; inductor (JIT) -> the compiled module's parameters are
+    re-pointed (torch.compile reads them as inputs: no recompile); tensorrt -> `refit_module_weights`."""
+
+    def __init__(self, kind: str, fn, owner=None):
+        self.kind, self.fn, self.owner = kind, fn, owner  # owner: the runner / ep.module() / TRT module
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def swap_weights(self, spec: GraphSpec, module: nn.Module) -> str:
+        """Give the artifact `module`'s weights (same graph); returns how, for the status line."""
+        if self.kind == "aoti":
+            backends.aoti_swap_constants(self.owner, {**_extra_constants(self), **backends.module_state(module)})
+            return "aoti constants reloaded"
+        if self.kind == "inductor":
+            n = backends.swap_module_tensors(self.owner, backends.module_state(module))
+            return f"{n} compiled-module tensors re-pointed"
+        if self.kind == "tensorrt":
+            self.fn = self.owner = backends.refit_tensorrt(self.owner, spec.exported(module))
+            return "tensorrt engines refit"
+        raise ValueError(f"unknown artifact kind {self.kind!r}")
+
+
+def _extra_constants(art: Artifact) -> dict:
+    return getattr(art, "extra", {}) or {}
+
+
+def _load_aoti_entry(entry, module: nn.Module) -> Artifact:
+    """A weight-free package + this module's weights (+ the graph's own lifted constants saved beside it)."""
+    extra = {}
+    if (entry.path / "constants.pt").is_file():
+        extra = torch.load(entry.path / "constants.pt", weights_only=True, map_location="cpu")
+        dev = next(iter(backends.module_state(module).values())).device
+        extra = {k: v.to(dev) for k, v in extra.items()}
+    runner = backends.load_aoti(entry.path / "model.pt2", {**extra, **backends.module_state(module)})
+    art = Artifact("aoti", runner, runner)
+    art.extra = extra
+    return art
+
+
+def _obtain(spec: GraphSpec, backend: str, cache: ArtifactCache, key: str, parts: dict, options: Optional[dict],
+            aot: bool, report: "CompileReport") -> tuple[Artifact, bool]:
+    """(artifact, hit). A hit needs no export for aoti (the key is computed from sources and layout)."""
     opts = dict(options or {})
     if backend == "inductor" and aot:
+        entry = cache.lookup(key)  # checksummed: a corrupt entry is removed (and rebuilt below)
+        if entry is not None:
+            try:
+                return _load_aoti_entry(entry, spec.module), True
+            except Exception as exc:  # a mismatched package (e.g. other constants): rebuild it
+                logger.warning("%s: cached package %s does not load (%s: %s); rebuilding", report.label, key,
+                               type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                cache.remove(key)
+        ep = spec.exported()
+        module_names = set(backends.module_state(spec.module))
+
         def build(tmp: Path):
             backends.build_aoti_package(ep, tmp / "model.pt2", opts)
+            extra = {k: v for k, v in backends.exported_state(ep).items() if k not in module_names}
+            if extra:
+                torch.save({k: v.detach().cpu() for k, v in extra.items()}, tmp / "constants.pt")
             return {"kind": "aoti"}
         entry = cache.get_or_build(key, build, parts, label=report.label)
-        return backends.load_aoti(entry.path / "model.pt2", backends.exported_state(ep)), entry
+        return _load_aoti_entry(entry, spec.module), entry.hit
+    ep = spec.exported()
     if backend == "inductor":
         backends.use_inductor_cache_dir(cache.root / "inductor")
-        fn = backends.build_inductor(ep, opts)
+        gm = ep.module()
+        fn = backends.build_inductor_module(gm, opts)
 
         def build(tmp: Path):
             with torch.no_grad():
-                fn(*example)  # torch.compile builds on the first call
+                fn(*spec.example_trace)  # torch.compile builds on the first call
             backends.save_inductor_artifacts(tmp / "inductor_cache.bin")
             return {"kind": "inductor"}
-        if cache.contains(key):
-            entry = cache.lookup(key)
-            if entry is not None and (entry.path / "inductor_cache.bin").is_file():
-                backends.load_inductor_artifacts(entry.path / "inductor_cache.bin")
-                with torch.no_grad():
-                    fn(*example)
-                return fn, entry
+        entry = cache.lookup(key)
+        if entry is not None and (entry.path / "inductor_cache.bin").is_file():
+            backends.load_inductor_artifacts(entry.path / "inductor_cache.bin")
+            with torch.no_grad():
+                fn(*spec.example_trace)
+            return Artifact("inductor", fn, gm), True
         entry = cache.get_or_build(key, build, parts, label=report.label)
-        return fn, entry
+        return Artifact("inductor", fn, gm), entry.hit
     if backend == "tensorrt":
         holder = {}
 
         def build(tmp: Path):
-            holder["gm"] = backends.compile_tensorrt(ep, shapes, dtypes, dtype, opts)
-            backends.save_tensorrt(holder["gm"], tmp / "engine.ep", example)
+            holder["gm"] = backends.compile_tensorrt(ep, spec.shapes, spec.dtypes, spec.dtype, opts)
+            backends.save_tensorrt(holder["gm"], tmp / "engine.ep", spec.example_trace)
             return {"kind": "tensorrt"}
         entry = cache.get_or_build(key, build, parts, label=report.label)
-        gm = holder.get("gm") or backends.load_tensorrt(entry.path / "engine.ep")
-        return gm, entry
+        if "gm" in holder:
+            return Artifact("tensorrt", holder["gm"], holder["gm"]), False
+        # engines bake the weights of the model they were built from: refit this model's weights into them
+        gm = backends.refit_tensorrt(backends.load_tensorrt(entry.path / "engine.ep"), ep)
+        report.details["refit"] = True
+        return Artifact("tensorrt", gm, gm), True
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def compile_graph(ep, eager_fn, *, label: str, requested: str, backend: str, reason: str, key: str, parts: dict,
-                  example_opt, example_trace, shapes, dtypes, dtype, cache: Optional[ArtifactCache],
-                  options: Optional[dict] = None, aot: bool = False, export_s: float = 0.0):
-    """(callable or None, report): None means eager runs, with the reason in the report."""
-    report = CompileReport(label, requested, backend, reason, export_s=export_s, key=key)
+def compile_graph(spec: GraphSpec, *, requested: str, backend: str, reason: str, key: str, parts: dict,
+                  cache: Optional[ArtifactCache], options: Optional[dict] = None, aot: bool = True):
+    """(Artifact or None, report): None means eager runs, with the reason in the report. Every build and
+    every cache load is verified against eager on the opt shape; a cached artifact that fails is removed
+    and rebuilt once, a fresh one that fails is discarded (eager runs)."""
+    report = CompileReport(spec.label, requested, backend, reason, key=key)
     if backend == "eager":
         return None, report
     cache = cache or ArtifactCache()
     t0 = time.perf_counter()
-    try:
-        fn, entry = _build_backend(ep, backend, report, cache, key, parts, example_trace, shapes, dtypes, dtype,
-                                   options, aot, module=eager_fn if isinstance(eager_fn, nn.Module) else None)
-    except Exception as exc:  # a failed build must never take the workflow down: run eager and say why
-        logger.warning("%s: %s build failed (%s: %s); running eager", label, backend, type(exc).__name__,
-                       str(exc).splitlines()[0][:300] if str(exc) else "")
-        report.backend, report.fell_back = "eager", True
-        report.reason = f"{backend} build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        return None, report
-    report.build_s = time.perf_counter() - t0
-    report.cache = "hit" if entry.hit else "miss"
-    report.verdict = verify(fn, eager_fn, example_opt, dtype)
+    for attempt in (0, 1):
+        try:
+            art, hit = _obtain(spec, backend, cache, key, parts, options, aot, report)
+        except Exception as exc:  # a failed build must never take the workflow down: run eager and say why
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            logger.warning("%s: %s build failed (%s: %s); running eager", spec.label, backend, type(exc).__name__,
+                           first)
+            report.backend, report.fell_back = "eager", True
+            report.reason = f"{backend} build failed: {type(exc).__name__}: {first}"
+            report.export_s = spec.export_s
+            return None, report
+        report.verdict = verify(art, spec.module, spec.example_opt, spec.dtype)
+        if report.verdict.ok or not hit or attempt == 1:
+            break
+        logger.warning("%s: cached %s artifact %s fails verification (%s); rebuilding it", spec.label, backend, key,
+                       report.verdict.line())
+        cache.remove(key)
+    report.export_s = spec.export_s
+    report.build_s = time.perf_counter() - t0 - spec.export_s
+    report.cache = "hit" if hit else "miss"
+    if report.details.get("refit"):
+        report.reason = (report.reason + "; " if report.reason else "") + "engines refit with this model's weights"
     if not report.verdict.ok:
-        logger.warning("%s: %s artifact discarded, %s; running eager", label, backend, report.verdict.line())
+        logger.warning("%s: %s artifact discarded, %s; running eager", spec.label, backend, report.verdict.line())
         cache.remove(key)
         report.backend, report.fell_back = "eager", True
         report.reason = f"{backend} artifact discarded: {report.verdict.reason}"
         return None, report
-    return fn, report
+    return art, report
 
 
 class ProfiledCall:
@@ -189,6 +283,36 @@ class ProfiledCall:
         # inference only; the same grad mode as at build time (grad mode is part of dynamo's guards)
         with torch.no_grad():
             return self.compiled(*compiled_args())
+
+
+def swap_weights(art: Optional[Artifact], spec: GraphSpec, new_graph: nn.Module) -> tuple[Optional[Artifact], str]:
+    """New weights (same graph) into a built artifact, verified against eager with those weights.
+    (artifact or None when the swap fails verification, status line)."""
+    spec.module = new_graph
+    if art is None:
+        return None, f"{spec.label}: eager, new weights used as they are"
+    t0 = time.perf_counter()
+    try:
+        how = art.swap_weights(spec, new_graph)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        logger.warning("%s: weight swap failed (%s: %s); running eager", spec.label, type(exc).__name__, first)
+        return None, f"{spec.label}: weight swap failed ({type(exc).__name__}: {first}); running eager"
+    verdict = verify(art, new_graph, spec.example_opt, spec.dtype)
+    dt = time.perf_counter() - t0
+    if not verdict.ok:
+        logger.warning("%s: swapped weights fail verification (%s); running eager", spec.label, verdict.line())
+        return None, f"{spec.label}: weights swapped but {verdict.line()}; running eager"
+    verb = "refit" if art.kind == "tensorrt" else "weights swapped"
+    return art, f"{spec.label}: {art.kind} {verb}, no rebuild ({how}, {dt:.1f}s) {verdict.line()}"
+
+
+def _same_layout(old: nn.Module, new: nn.Module, family: str) -> None:
+    if source_fingerprint(old, family) != source_fingerprint(new, family):
+        a, b = old.state_dict(), new.state_dict()
+        diff = sorted(set(a) ^ set(b))[:3] or [k for k in a if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype][:3]
+        raise ValueError(f"new weights do not fit the compiled graph (config or parameter names/shapes/dtypes "
+                         f"differ, e.g. {diff}); compile the new model instead")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,13 +343,20 @@ def dit_shapes(dit, profile: ex.Profile) -> tuple[list, list]:
 
 
 class CompiledWanDiT(nn.Module):
-    """Drop-in for a `WanDiT` as `Denoiser.module`: forward(x, timestep, context) -> velocity."""
+    """Drop-in for a `WanDiT` as `Denoiser.module`: forward(x, timestep, context) -> velocity.
 
-    def __init__(self, dit: nn.Module, call: ProfiledCall):
+    `update_weights(new)` gives the compiled graph the weights of another model of the same architecture
+    (a LoRA-patched clone, another checkpoint of the same shape) without rebuilding anything."""
+
+    def __init__(self, dit: nn.Module, call: ProfiledCall, spec: Optional[GraphSpec] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.dit = dit
         self.config = dit.config
         self._call = call
+        self._spec = spec
+        self._dtype = dtype
+        self.weight_updates: list[str] = []
 
     def forward(self, x, timestep, context=None):
         b = x.shape[0]
@@ -240,10 +371,38 @@ class CompiledWanDiT(nn.Module):
         out = self._call(sizes, compiled_args, (x, t, context))
         return out.to(x.dtype)
 
+    def update_weights(self, new) -> str:
+        """Swap in the weights of `new` (a Wan DiT module or a `Denoiser` holding one) -- no rebuild: aoti reloads
+        the package constants, inductor re-points the compiled module's parameters, tensorrt refits. Verified
+        against eager with the new weights; returns the status line (also in `weight_updates`)."""
+        new = getattr(new, "module", new) if not isinstance(new, nn.Module) else new
+        if isinstance(new, CompiledWanDiT):
+            new = new.dit
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"update_weights needs a Wan DiT module or a Denoiser holding one, got {type(new).__name__} "
+                            f"(for a state dict: load it into a module of the same architecture first)")
+        from ..models.wan_dit import keep_fp32
+
+        new = _cast_copy(new, self._dtype, keep_fp32)
+        _same_layout(self.dit, new, "wan_dit")
+        if self._spec is None:  # eager: nothing was compiled
+            line = f"{self._call.label}: eager, new weights used as they are"
+        else:
+            graph = ex.dit_graph(new, self._call.profile)
+            self._call.compiled, line = swap_weights(self._call.compiled, self._spec, graph)
+        self.dit = new
+        self._call.eager = new
+        self.weight_updates.append(line)
+        log_once(logger, ("twinflow.compiled.swap", line), "%s", line)
+        return line
+
 
 def compile_denoiser(denoiser, profile: ex.Profile, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
-                     cache: Optional[ArtifactCache] = None, options: Optional[dict] = None, aot: bool = False):
-    """(new Denoiser whose module runs compiled inside `profile`, CompileReport)."""
+                     cache: Optional[ArtifactCache] = None, options: Optional[dict] = None, aot: bool = True):
+    """(new Denoiser whose module runs compiled inside `profile`, CompileReport).
+
+    inductor: `aot=True` (default) builds a weight-free AOTInductor package (a cache hit loads it without
+    exporting or tracing anything); `aot=False` is JIT `torch.compile` of the exported module."""
     label = f"denoiser {denoiser.name or denoiser.family}"
     dit = denoiser.module
     if denoiser.family != "wan_dit" or not hasattr(getattr(dit, "config", None), "rope_dims"):
@@ -257,22 +416,21 @@ def compile_denoiser(denoiser, profile: ex.Profile, backend: str = "auto", *, dt
     cdt = dit.patch_embedding.weight.dtype
     quant = (denoiser.info or {}).get("quant")
     key, parts = artifact_key(dit, "wan_dit", profile, run, options, str(quant) if quant else None,
-                              "dit-aoti" if aot else "dit")
-    fn, export_s = None, 0.0
+                              "dit" if aot else "dit-jit")
+    fn, spec = None, None
     if run != "eager":
-        t0 = time.perf_counter()
-        ep, _graph = ex.export_dit(dit, profile)
-        export_s = time.perf_counter() - t0
+        graph = ex.dit_graph(dit, profile)
         shapes, dtypes = dit_shapes(dit, profile)
-        fn, report = compile_graph(ep, _graph, label=label, requested=backend, backend=run, reason=reason, key=key,
-                                   parts=parts, example_opt=ex.dit_example_inputs(dit, profile, opt=True),
-                                   example_trace=ex.dit_example_inputs(dit, profile), shapes=shapes, dtypes=dtypes,
-                                   dtype=cdt, cache=cache, options=options, aot=aot, export_s=export_s)
+        spec = GraphSpec(label, graph, lambda g: ex.export_dit(g.dit, profile, graph=g)[0],
+                         example_opt=ex.dit_example_inputs(dit, profile, opt=True),
+                         example_trace=ex.dit_example_inputs(dit, profile), shapes=shapes, dtypes=dtypes, dtype=cdt)
+        fn, report = compile_graph(spec, requested=backend, backend=run, reason=reason, key=key, parts=parts,
+                                   cache=cache, options=options, aot=aot)
     else:
         report = CompileReport(label, backend, "eager", reason)
     call = ProfiledCall(fn, dit, profile, label)
     report.details["calls"] = call.calls
-    wrapped = CompiledWanDiT(dit, call)
+    wrapped = CompiledWanDiT(dit, call, spec if fn is not None else None, dtype)
     log_once(logger, ("twinflow.compiled.report", report.line()), "%s", report.line())
     return denoiser.clone(module=wrapped, info={**denoiser.info, "compile": report.line()}), report
 
@@ -282,21 +440,22 @@ def compile_denoiser(denoiser, profile: ex.Profile, backend: str = "auto", *, dt
 # ----------------------------------------------------------------------------------------------
 
 def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optional[ArtifactCache] = None,
-                options: Optional[dict] = None):
-    """(a copy of `vae` whose untiled decode runs the compiled first/rest steps inside `profile`, report)."""
+                options: Optional[dict] = None, aot: bool = True):
+    """(a copy of `vae` whose untiled decode runs the compiled first/rest steps inside `profile`, reports).
+
+    The copy has `update_weights(new_vae)`: another Wan VAE of the same architecture, no rebuild."""
     label = "vae decode"
     run, reason = backends.resolve_backend(backend, vae.device)
-    fns, reports = {}, []
+    fns, specs, reports = {}, {}, []
     for first in (True, False):
         part = "vae-decode-first" if first else "vae-decode-rest"
-        key, parts = artifact_key(vae, "wan_vae", profile, run, options, None, part)
+        key, parts = artifact_key(vae, "wan_vae", profile, run, options, None, part if aot else part + "-jit")
+        step_label = f"{label} ({'first' if first else 'rest'})"
         if run == "eager":
-            reports.append(CompileReport(f"{label} ({'first' if first else 'rest'})", backend, "eager", reason))
+            reports.append(CompileReport(step_label, backend, "eager", reason))
             fns[first] = None
             continue
-        t0 = time.perf_counter()
-        ep, step = ex.export_vae_decode_step(vae, profile, first)
-        export_s = time.perf_counter() - t0
+        step = ex.WanVAEDecodeStep(vae, first).eval()
         sizes = {k: (getattr(profile, a).min, getattr(profile, a).opt, getattr(profile, a).max)
                  for k, a in (("b", "batch"), ("h", "height"), ("w", "width"))}
 
@@ -304,19 +463,23 @@ def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optio
             b, h, w = sizes["b"][i], sizes["h"][i], sizes["w"][i]
             return [(b, vae.cfg.z_dim, h, w)] + ([] if first else step.cache_shapes(b, h, w))
         shapes = list(zip(shape_at(0), shape_at(1), shape_at(2)))
-        fn, rep = compile_graph(ep, step, label=f"{label} ({'first' if first else 'rest'})", requested=backend,
-                                backend=run, reason=reason, key=key, parts=parts,
-                                example_opt=ex.vae_decode_example(step, profile, opt=True),
-                                example_trace=ex.vae_decode_example(step, profile), shapes=shapes,
-                                dtypes=[vae.dtype] * len(shapes), dtype=vae.dtype, cache=cache, options=options,
-                                export_s=export_s)
-        fns[first] = fn
+        spec = GraphSpec(step_label, step,
+                         lambda st, first=first: ex.export_vae_decode_step(st.vae, profile, first, step=st)[0],
+                         example_opt=ex.vae_decode_example(step, profile, opt=True),
+                         example_trace=ex.vae_decode_example(step, profile), shapes=shapes,
+                         dtypes=[vae.dtype] * len(shapes), dtype=vae.dtype)
+        fns[first], rep = compile_graph(spec, requested=backend, backend=run, reason=reason, key=key, parts=parts,
+                                        cache=cache, options=options, aot=aot)
+        specs[first] = spec
         reports.append(rep)
     new = copy.copy(vae)
+    for attr in ("_modules", "_parameters", "_buffers"):  # copy.copy shares these dicts with `vae`
+        new.__dict__[attr] = dict(vae.__dict__[attr])
     call = {"compiled": 0, "eager": 0}
-    original = vae.iter_decode
+    state = {"vae": vae}
 
     def iter_decode(self, z):
+        cur = state["vae"]
         b, _, t, h, w = z.shape
         why = profile.outside(batch=b, height=h, width=w)
         if fns.get(True) is None or fns.get(False) is None or why:
@@ -324,10 +487,10 @@ def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optio
                 log_once(logger, ("twinflow.compiled.outside", label, why),
                          "%s: %s; decoding eager (widen the profile to compile it)", label, why)
             call["eager"] += 1
-            yield from original(z)
+            yield from cur.iter_decode(z)
             return
         call["compiled"] += 1
-        z = z.to(device=vae.device, dtype=vae.dtype)
+        z = z.to(device=cur.device, dtype=cur.dtype)
         n = 0
         with torch.no_grad(), Progress(total=t, desc="Wan VAE decode (compiled)") as bar:
             out = fns[True](z[:, :, 0])
@@ -340,7 +503,29 @@ def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optio
                     n += 1
                 bar.update(1)
 
+    def update_weights(self, new_vae) -> str:
+        """Swap in another Wan VAE's weights (same architecture) without rebuilding; returns the status."""
+        if not isinstance(new_vae, nn.Module) or not hasattr(new_vae, "decoder"):
+            raise TypeError(f"update_weights needs a Wan VAE module, got {type(new_vae).__name__}")
+        _same_layout(state["vae"], new_vae, "wan_vae")
+        lines = []
+        for first in (True, False):
+            if first in specs:
+                fns[first], line = swap_weights(fns[first], specs[first], ex.WanVAEDecodeStep(new_vae, first).eval())
+            else:
+                line = f"{label}: eager, new weights used as they are"
+            lines.append(line)
+        for attr in ("_modules", "_parameters", "_buffers"):
+            self.__dict__[attr] = dict(new_vae.__dict__[attr])
+        state["vae"] = new_vae
+        line = " | ".join(lines)
+        self.weight_updates.append(line)
+        log_once(logger, ("twinflow.compiled.swap", line), "%s", line)
+        return line
+
     new.iter_decode = types.MethodType(iter_decode, new)
+    new.update_weights = types.MethodType(update_weights, new)
+    new.weight_updates = []
     new.compile_calls = call
     new.compile_report = " | ".join(r.line() for r in reports)
     log_once(logger, ("twinflow.compiled.report", new.compile_report), "%s", new.compile_report)

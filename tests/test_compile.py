@@ -86,38 +86,109 @@ def test_vae_decode_steps_match_streaming_decode():
     torch.testing.assert_close(video, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_inductor_parity_no_recompile_fallback_and_cache_hit(dit, tmp_path, caplog, monkeypatch):
+def _close_to_eager(new, dit, shape, n_text, t=600.0):
+    g = torch.Generator().manual_seed(sum(shape) + n_text)
+    x, c = torch.randn(*shape, generator=g), torch.randn(1, n_text, 4096, generator=g)
+    tt = torch.full((shape[0],), t)
+    torch.testing.assert_close(new.module(x, tt, c), dit(x, tt, c), rtol=1e-4, atol=1e-4)
+
+
+def test_aoti_default_batch_1_and_2_one_build_warm_hit_without_export_weight_swap(dit, tmp_path, caplog,
+                                                                                   monkeypatch):
+    """The default inductor path (weight-free AOTInductor package): one build serves batch 1, 2 and 3 and one
+    latent frame (no 0/1 specialisation: nothing re-traces); a cache hit loads without exporting; new
+    weights are swapped in without a build; a cached package that does not load is rebuilt."""
+    from twinflow.compiled import backends, runtime
+    from twinflow.compiled.runtime import compile_denoiser
+
+    builds = []
+    real_build = backends.build_aoti_package
+    monkeypatch.setattr(backends, "build_aoti_package", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    den = Denoiser(dit, "wan_dit", 16, 4096, name="tiny1")
+    cache = ArtifactCache(tmp_path)
+    new, report = compile_denoiser(den, PROFILE, "inductor", cache=cache)
+    assert report.backend == "inductor" and report.cache == "miss" and report.verdict.ok, report.line()
+    assert new.module is not dit and den.module is dit  # the input handle is untouched
+    for shape, n in (((1, 16, 1, 4, 4), 1), ((2, 16, 3, 8, 6), 9), ((1, 16, 4, 6, 8), 16), ((2, 16, 2, 4, 8), 3)):
+        _close_to_eager(new, dit, shape, n)
+    assert report.details["calls"] == {"compiled": 4, "eager": 0} and len(builds) == 1
+    with caplog.at_level("INFO"):
+        x = torch.randn(1, 16, 6, 4, 4)  # frames outside the profile: eager, one line, no crash
+        torch.testing.assert_close(new.module(x, torch.tensor([300.0]), None), dit(x, torch.tensor([300.0]), None))
+    assert "frames 6 is outside the compiled profile [1, 4]" in caplog.text
+    assert report.details["calls"]["eager"] == 1
+
+    # warm: the key needs no export, and a hit exports nothing
+    def no_export(*a, **k):
+        raise AssertionError("a cache hit must not export")
+    monkeypatch.setattr(ex, "export_dit", no_export)
+    again, report2 = compile_denoiser(den, PROFILE, "inductor", cache=cache)
+    assert report2.cache == "hit" and report2.key == report.key and report2.verdict.ok and report2.export_s == 0.0
+    assert len(builds) == 1
+
+    # new weights (another checkpoint of the same shape): swapped into the loaded package, no build
+    dit2 = random_wan_dit(config=dit.config, seed=11)
+    line = again.module.update_weights(dit2)
+    assert "weights swapped, no rebuild" in line and "verified" in line, line
+    _close_to_eager(again, dit2, (2, 16, 3, 8, 6), 9)
+    _close_to_eager(again, dit2, (1, 16, 1, 4, 4), 1)
+    assert len(builds) == 1
+    x = torch.randn(1, 16, 6, 4, 4)  # the eager fallback uses the new weights too
+    torch.testing.assert_close(again.module(x, torch.tensor([300.0]), None), dit2(x, torch.tensor([300.0]), None))
+    with pytest.raises(ValueError, match="do not fit the compiled graph"):
+        again.module.update_weights(random_wan_dit(config=with_config(dit.config, num_layers=2)))
+
+    # a cached package that does not load (e.g. other constants) is removed and rebuilt, then verified
+    monkeypatch.undo()
+    real_load = backends.load_aoti
+    fails = []
+
+    def load_once_broken(path, state):
+        if not fails:
+            fails.append(1)
+            raise ValueError("AOTInductor package needs constants that were not given")
+        return real_load(path, state)
+    monkeypatch.setattr(backends, "load_aoti", load_once_broken)
+    with caplog.at_level("WARNING"):
+        _, report3 = compile_denoiser(den, PROFILE, "inductor", cache=cache)
+    assert fails and report3.cache == "miss" and report3.verdict.ok and "does not load" in caplog.text
+
+
+def test_inductor_jit_no_recompile_fallback_cache_hit_and_weight_swap(dit, tmp_path, monkeypatch):
     from twinflow.compiled import backends
+    from twinflow.compiled.runtime import compile_denoiser
 
     monkeypatch.setattr(backends, "_USER_INDUCTOR_DIR", True)  # leave this process's Inductor cache dir alone
     den = Denoiser(dit, "wan_dit", 16, 4096, name="tiny1")
     cache = ArtifactCache(tmp_path)
-    from twinflow.compiled.runtime import compile_denoiser
-
+    frames = torch._dynamo.utils.counters["frames"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         # opt sizes >= 2: dynamo specialises size-1 axes (see backends.build_inductor)
         prof = ex.Profile.make(batch=(1, 2, 3), frames=(2, 2, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 5, 16))
-        new, report = compile_denoiser(den, prof, "inductor", cache=cache)
+        new, report = compile_denoiser(den, prof, "inductor", cache=cache, aot=False)
         assert report.backend == "inductor" and report.cache == "miss" and report.verdict.ok, report.line()
-        assert new.module is not dit and den.module is dit  # the input handle is untouched
         for shape, n in (((3, 16, 2, 4, 4), 3), ((2, 16, 3, 8, 6), 7)):  # two shapes, no recompile
-            x, c = torch.randn(*shape), torch.randn(1, n, 4096)
-            t = torch.full((shape[0],), 600.0)
-            torch.testing.assert_close(new.module(x, t, c), dit(x, t, c), rtol=1e-4, atol=1e-4)
-        assert report.details["calls"]["compiled"] == 2
-        with caplog.at_level("INFO"):
-            x = torch.randn(1, 16, 6, 4, 4)  # frames outside the profile: eager, one line, no crash
-            torch.testing.assert_close(new.module(x, torch.tensor([300.0]), None), dit(x, torch.tensor([300.0]), None))
-        assert "frames 6 is outside the compiled profile [2, 4]" in caplog.text
-        assert report.details["calls"]["eager"] == 1
+            _close_to_eager(new, dit, shape, n)
+        assert report.details["calls"] == {"compiled": 2, "eager": 0}
+        compiled_frames = frames["ok"]
+        # new weights: the compiled module reads them as inputs -- nothing recompiles (error_on_recompile)
+        dit2 = random_wan_dit(config=dit.config, seed=12)
+        line = new.module.update_weights(dit2)
+        assert "inductor weights swapped, no rebuild" in line and "verified" in line, line
+        _close_to_eager(new, dit2, (2, 16, 3, 8, 6), 7)
+        _close_to_eager(new, dit2, (3, 16, 2, 4, 4), 3)
+        assert frames["ok"] == compiled_frames
+        assert all(not torch.equal(a, b) for a, b in zip(dit.parameters(), dit2.parameters()))  # dit untouched
+        _close_to_eager(Denoiser(dit, "wan_dit", 16, 4096), dit, (2, 16, 3, 8, 6), 7)
     assert len(cache.entries()) == 1
     # same model layout, profile and backend: the cached artifact is used (Inductor's saved caches)
-    again, report2 = compile_denoiser(den, prof, "inductor", cache=cache)
+    again, report2 = compile_denoiser(den, prof, "inductor", cache=cache, aot=False)
     assert report2.cache == "hit" and report2.key == report.key and report2.verdict.ok
-    # another profile is another artifact
+    # another profile is another artifact; the JIT and AOT artifacts have different keys
     from twinflow.compiled.runtime import artifact_key
     other = ex.Profile.make(batch=(1, 2, 4), frames=(2, 2, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 5, 16))
-    assert artifact_key(dit, "wan_dit", other, "inductor", None, None, "dit")[0] != report.key
+    assert artifact_key(dit, "wan_dit", other, "inductor", None, None, "dit-jit")[0] != report.key
+    assert artifact_key(dit, "wan_dit", prof, "inductor", None, None, "dit")[0] != report.key
 
 
 def test_onnx_parity(dit, tmp_path):
