@@ -233,3 +233,63 @@ def test_cli_plan_and_cache(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "1 entries" in out and "inductor" in out
     assert main(["cache", "clear"]) == 0 and "removed 1" in capsys.readouterr().out
+
+
+def functional_torch_tensorrt_standin(version="2.11.0"):
+    """A stand-in for `torch_tensorrt` (NOT the real library): records every call and "builds" an engine as the
+    exported program's module with the weights it was given baked in (as TensorRT engines bake them), so the
+    runtime's cache/refit logic can be checked end to end without TensorRT."""
+    mod, calls = recording_torch_tensorrt_standin(version)
+    saved = {}
+
+    def compile_(ep, **kw):
+        calls.append(("dynamo.compile", kw))
+        return ep.module()
+
+    def refit(gm, new_ep, **kw):
+        calls.append(("refit_module_weights", kw))
+        return new_ep.module()
+
+    def save(gm, path, **kw):
+        calls.append(("save", kw["output_format"]))
+        Path(path).write_text(f"engine {len(saved)}")
+        saved[Path(path).read_text()] = gm
+
+    def load(path):
+        gm = saved[Path(path).read_text()]
+        return types.SimpleNamespace(module=lambda: gm)
+    mod.dynamo = types.SimpleNamespace(compile=compile_, refit_module_weights=refit)
+    mod.save, mod.load = save, load
+    return mod, calls
+
+
+def test_tensorrt_cache_hit_refits_and_update_weights_refits(monkeypatch, tmp_path):
+    """TensorRT engines bake the weights: a cache hit from another model of the same shape, and
+    `update_weights`, refit the engines instead of rebuilding (through the functional stand-in)."""
+    from twinflow.compiled import runtime
+    from twinflow.compiled.export import Profile
+    from twinflow.core.handles import Denoiser
+    from twinflow.models.wan_dit import get_config, random_wan_dit, with_config
+
+    mod, calls = functional_torch_tensorrt_standin()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", mod)
+    monkeypatch.setattr(backends, "resolve_backend", lambda req, dev: ("tensorrt", "stand-in for torch_tensorrt"))
+    cfg = with_config(get_config("tiny"), num_layers=1)
+    dits = [random_wan_dit(config=cfg, seed=s) for s in (1, 2, 3)]
+    prof = Profile.make(batch=(1, 1, 2), frames=(1, 2, 3), height=(4, 4, 6), width=(4, 6, 6), text=(1, 4, 8))
+    cache = ArtifactCache(tmp_path)
+    x, t, c = torch.randn(2, 16, 3, 6, 4), torch.tensor([700.0, 300.0]), torch.randn(1, 5, 4096)
+
+    new, rep = runtime.compile_denoiser(Denoiser(dits[0], "wan_dit", 16, 4096), prof, "tensorrt", cache=cache)
+    assert rep.backend == "tensorrt" and rep.cache == "miss" and rep.verdict.ok, rep.line()
+    torch.testing.assert_close(new.module(x, t, c), dits[0](x, t, c), rtol=1e-5, atol=1e-5)
+    # same architecture, other weights: the cached engine is loaded and refit (its baked weights are dits[0]'s)
+    new2, rep2 = runtime.compile_denoiser(Denoiser(dits[1], "wan_dit", 16, 4096), prof, "tensorrt", cache=cache)
+    assert rep2.cache == "hit" and rep2.verdict.ok and "refit" in rep2.line(), rep2.line()
+    torch.testing.assert_close(new2.module(x, t, c), dits[1](x, t, c), rtol=1e-5, atol=1e-5)
+    line = new2.module.update_weights(dits[2])
+    assert "tensorrt refit, no rebuild" in line and "verified" in line, line
+    torch.testing.assert_close(new2.module(x, t, c), dits[2](x, t, c), rtol=1e-5, atol=1e-5)
+    names = [k for k, _ in calls]
+    assert names.count("dynamo.compile") == 1 and names.count("refit_module_weights") == 2
+    assert [kw for k, kw in calls if k == "refit_module_weights"] == [{"in_place": False}] * 2
