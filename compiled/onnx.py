@@ -34,15 +34,25 @@ def _layer_norm_onnx(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y
 
 
+def _rms_norm_onnx(x, normalized_shape, weight=None, eps=None):
+    """RMSNorm as x * rsqrt(mean(x^2) + eps) (aten::rms_norm has no opset-17 symbolic); eps=None is
+    torch's default, the dtype's machine epsilon."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
 @contextlib.contextmanager
 def onnx_friendly():
-    """Swap `F.layer_norm` for the ONNX-friendly form while tracing (restored on exit)."""
-    original = torch.nn.functional.layer_norm
-    torch.nn.functional.layer_norm = _layer_norm_onnx
+    """Swap `F.layer_norm` / `F.rms_norm` for ONNX-friendly forms while tracing (restored on exit)."""
+    F = torch.nn.functional
+    originals = F.layer_norm, F.rms_norm
+    F.layer_norm, F.rms_norm = _layer_norm_onnx, _rms_norm_onnx
     try:
         yield
     finally:
-        torch.nn.functional.layer_norm = original
+        F.layer_norm, F.rms_norm = originals
 
 
 def export_dit_onnx(dit, profile: ex.Profile, path, opset: int = MIN_OPSET) -> tuple:
