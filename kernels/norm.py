@@ -85,8 +85,14 @@ def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
     x: [B, L, D]; shift/scale: [B, 1, D] (per sample) or broadcastable to x.
     Returns float32 (Wan keeps the modulated activations in fp32 before casting for the linear).
     """
-    xf = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return xf * (1 + scale.float()) + shift.float()
+    d = x.shape[-1]
+    xf = x.float()
+    if shift.numel() == d and scale.numel() == d and \
+            torch.broadcast_shapes(x.shape, shift.shape, scale.shape) == x.shape:
+        # One modulation row for all of x (batch 1): it is LayerNorm's own affine, one fused pass.
+        return F.layer_norm(xf, (d,), 1 + scale.float().reshape(d), shift.float().reshape(d), eps)
+    # (1 + scale) is a small [B, 1, D] tensor; addcmul does the multiply-add in one pass over x.
+    return torch.addcmul(shift.float(), F.layer_norm(xf, (d,), eps=eps), 1 + scale.float())
 
 
 def _mods_reason(x, named) -> Optional[str]:
@@ -139,7 +145,8 @@ def ln_modulate_launch(x, shift, scale, eps=1e-6) -> torch.Tensor:
 
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y, in fp32, returned in x's dtype."""
-    return (x.float() + y.float() * gate.float()).to(x.dtype)
+    # addcmul promotes a bf16/fp16 y to fp32 element by element (exact), so y is never copied to fp32.
+    return torch.addcmul(x.float(), y, gate.float()).to(x.dtype)
 
 
 def gated_residual_unsupported(x, gate, y) -> Optional[str]:
@@ -210,11 +217,9 @@ def gated_residual_ln_modulate_launch(x, gate, y, shift, scale, eps=1e-6):
 
 def rms_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim in fp32, times `weight`, returned in x's dtype (Wan's q/k norms)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+    # x / sqrt(mean(x^2) + eps) * weight: torch's fused CPU/CUDA kernel, the same math in fp32.
+    w = None if weight is None else weight.float()
+    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
 
 
 def rms_norm_unsupported(x, weight, eps=1e-6) -> Optional[str]:

@@ -23,11 +23,17 @@ def rope_apply_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     x: [B, L, H, Dh]; cos/sin: [L, Dh/2] (or broadcastable [B, L, 1, Dh/2]). Computed in fp32,
     returned in x's dtype. Equivalent to the official complex multiplication.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, L, H, Dh/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
+    xp = x.unflatten(-1, (-1, 2))  # (B, L, H, Dh/2, 2) view
+    x0, x1 = xp[..., 0], xp[..., 1]
     if cos.ndim == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    # Written straight into the even/odd lanes of one fp32 output: no stacked temporaries, and a
+    # bf16/fp16 x is promoted to fp32 element by element inside mul/addcmul (exact), never copied.
+    out = torch.empty(torch.broadcast_shapes(xp.shape[:-1], cos.shape) + (2,), dtype=torch.float32,
+                      device=x.device)
+    o0, o1 = out[..., 0], out[..., 1]
+    torch.mul(x0, cos, out=o0).addcmul_(x1, sin, value=-1)  # x0 cos - x1 sin
+    torch.mul(x0, sin, out=o1).addcmul_(x1, cos)  # x0 sin + x1 cos
     return out.flatten(-2).to(x.dtype)
 
 
