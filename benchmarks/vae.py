@@ -36,6 +36,8 @@ CASES = {
     # name: (op, shape, dtype, tiled)
     "dec32": ("decode", (1, 16, 3, 32, 32), "float32", False),
     "dec32bf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", False),
+    "dec32b2": ("decode", (1, 16, 3, 32, 32), "float32", 2),  # exact row bands (ours); diffusers untiled
+    "dec32b2bf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", 2),
     "enc256": ("encode", (1, 3, 9, 256, 256), "float32", False),
     "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", False),
     "dectiled48": ("decode", (1, 16, 2, 48, 48), "float32", True),
@@ -67,7 +69,7 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
     if impl == "ours":
         model = ours
         if op == "decode":
-            tile = dict(tiling="on", tile=(32, 8)) if tiled else {}
+            tile = dict(tiling="on", tile=(32, 8)) if tiled is True else dict(bands=tiled) if tiled else {}
             run = lambda inp: model.decode(inp, **tile)  # noqa: E731
         else:
             run = model.encode
@@ -83,7 +85,7 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
         model.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
         model = model.to(dtype)
         del sd
-        if tiled:
+        if tiled is True:
             model.enable_tiling()
         if op == "decode":
             run = lambda inp: model.decode(inp).sample  # noqa: E731

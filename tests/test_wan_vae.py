@@ -1,5 +1,6 @@
 """Wan2.1 VAE: official layout, parity with diffusers' AutoencoderKLWan, causality, streaming, tiling,
 memory planning, latent normalisation and safe loading of bad files."""
+import copy
 import logging
 import pickle
 from pathlib import Path
@@ -227,12 +228,20 @@ def test_memory_planning_tiles_or_refuses_up_front(tiny, monkeypatch, caplog):
     started = []
     monkeypatch.setattr(wan_vae, "Progress", lambda *a, **k: started.append(1) or pytest.fail("work started"))
     with pytest.raises(MemoryError, match=r"tile of \d+ px"):
-        tiny.decode(z, tiling="off")
+        tiny.decode(z, tiling="off", bands=1)
     assert not started
     monkeypatch.undo()
+    # auto bands: exact row bands are tried before tiles (and before refusing)
     monkeypatch.setattr(wan_vae, "available_memory", lambda device: int(need * wan_vae.ALLOC_MARGIN * 0.6))
     with caplog.at_level(logging.INFO, logger="twinflow.models.wan_vae"):
-        out = tiny.decode(z, tiling="auto")
+        banded = tiny.decode(z, tiling="off")
+    assert "exact row bands" in caplog.text
+    monkeypatch.undo()
+    torch.testing.assert_close(banded, tiny.decode(z, bands=1), rtol=0, atol=1e-5)
+    caplog.clear()
+    monkeypatch.setattr(wan_vae, "available_memory", lambda device: int(need * wan_vae.ALLOC_MARGIN * 0.6))
+    with caplog.at_level(logging.INFO, logger="twinflow.models.wan_vae"):
+        out = tiny.decode(z, tiling="auto", bands=1)
     assert "tiling" in caplog.text
     assert out.shape == (1, 3, 5, 128, 128)
     with pytest.raises(MemoryError, match=r"tile of \d+ px would fit"):
@@ -240,6 +249,43 @@ def test_memory_planning_tiles_or_refuses_up_front(tiny, monkeypatch, caplog):
     monkeypatch.setattr(wan_vae, "available_memory", lambda device: 1000)
     with pytest.raises(MemoryError, match="smallest tile"):
         tiny.decode(z, tiling="auto")
+
+
+def test_banded_decode_is_exact_and_its_halo_is_tight(tiny):
+    # The layers after the last temporal upsampling are local in space, so bands with a halo of
+    # `band_halo()` rows reproduce the whole-frame decode (float64: to 1e-12, summation order only).
+    # One row less is wrong.
+    vae = copy.deepcopy(tiny).double()
+    assert vae.band_halo() == 6  # head + 6 convs at 4x -> 4 at 2x, + 6 convs -> 10 at 2x -> 6 at the split
+    g = torch.Generator().manual_seed(21)
+    for shape, bands in (((1, 16, 3, 12, 6), 2), ((1, 16, 3, 12, 6), 3), ((2, 16, 2, 9, 7), 4), ((1, 16, 1, 7, 5), 2)):
+        z = torch.randn(shape, generator=g, dtype=torch.float64)
+        ref = vae.decode(z, bands=1)
+        assert (vae.decode(z, bands=bands) - ref).abs().max().item() < 1e-12, (shape, bands)
+    z = torch.randn(1, 16, 3, 12, 6, generator=g, dtype=torch.float64)
+    with torch.inference_mode():
+        short = vae._decode_banded(z, 3, torch.empty_like(ref := vae.decode(z, bands=1)), halo=vae.band_halo() - 1)
+    assert (short - ref).abs().max().item() > 1e-9
+
+
+def test_banded_decode_fp32_matches_and_auto_policy(tiny, monkeypatch):
+    z = torch.randn(1, 16, 2, 10, 6, generator=torch.Generator().manual_seed(22))
+    torch.testing.assert_close(tiny.decode(z, bands=3), tiny.decode(z, bands=1), rtol=0, atol=2e-6)
+    # auto: 2 bands once a band's halo costs <= ~20% of its rows, else whole frames
+    assert tiny.auto_bands((1, 16, 2, 10, 6)) == 1
+    assert tiny.auto_bands((1, 16, 2, 30, 6)) == 2
+    calls = []
+    real = wan_vae.WanVAE._decode_banded
+    monkeypatch.setattr(wan_vae.WanVAE, "_decode_banded", lambda self, z, b, out, halo=None: calls.append(b) or real(self, z, b, out, halo))
+    tall = torch.randn(1, 16, 1, 30, 2, generator=torch.Generator().manual_seed(23))
+    tiny.decode(tall)
+    assert calls == [2]
+    tiny.decode(tall, callback=lambda i, f: None)  # a per-frame callback streams whole frames
+    assert calls == [2]
+    with pytest.raises(ValueError, match="callback needs bands=1"):
+        tiny.decode(tall, bands=2, callback=lambda i, f: None)
+    with pytest.raises(ValueError, match="bands must be"):
+        tiny.decode(tall, bands=0)
 
 
 def test_memory_estimate_scales_with_shape_and_dtype():
@@ -251,6 +297,10 @@ def test_memory_estimate_scales_with_shape_and_dtype():
     four = wan_vae.estimate_decode_bytes(cfg, (1, 16, 3, 64, 64), torch.float32)
     assert 3.5 * one < four < 4.5 * one
     assert wan_vae.estimate_decode_bytes(cfg, (1, 16, 3, 64, 64), torch.float32, tile=32) < 0.5 * four
+    # exact bands: only one band of the full-resolution caches is alive (+ the kept front frames)
+    two = wan_vae.estimate_decode_bytes(cfg, (1, 16, 3, 32, 32), torch.float32, bands=2)
+    assert 0.5 * one < two < 0.75 * one
+    assert wan_vae.estimate_decode_bytes(cfg, (1, 16, 3, 32, 32), torch.float32, bands=4) < two
 
 
 # ---------------------------------------------------------------------------------------------- latents
