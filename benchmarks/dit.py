@@ -3,7 +3,9 @@
 Both models hold the same random weights (ours -> diffusers through diffusers' own
 `convert_wan_transformer_to_diffusers`) and get the same input: a prompt embedding of `--ctx-tokens`
 real tokens, zero-padded to 512 as the official code does (diffusers is given the padded tensor; ours
-pads internally, folding the padding; `--no-fold` also times the literal padding). Times are the best
+pads internally, folding the padding; `--no-fold` also times the literal padding). A separate row times
+ours as a sampler step after the first: inside `WanDiT.text_cache()` the text embedding and cross-attention
+K/V come from the previous call (validated per call; never mixed into the cold forward). Times are the best
 of `--repeats` runs, alternating the two models after one warm-up each, under `torch.inference_mode`.
 Peak memory is the rise of the peak RSS (VmHWM, reset through /proc/self/clear_refs) over one call,
 measured in a child process whose glibc unmaps freed blocks (MALLOC_MMAP_THRESHOLD_=65536).
@@ -24,6 +26,7 @@ import time
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PADDING_LABEL = {True: "folded", False: "literal", "cached": "folded, sampler step (text K/V cached)"}
 
 
 def _rss_kib(field: str) -> int:
@@ -90,8 +93,10 @@ def build_pair(cfg, dtype, seed=0):
     return ours.eval(), ref.eval()
 
 
-def _cases(configs, dtypes, shape, ctx_tokens, fold_variants):
-    """Yield (key, ours-call, diffusers-call, rel. error) for every config x dtype x fold."""
+def _cases(configs, dtypes, shape, ctx_tokens, fold_variants, sampler_step=True):
+    """Yield (key, ours-call, diffusers-call, rel. error) for every config x dtype x fold, and a
+    "cached" case (a sampler step with the text K/V cached) after the folded one, timed while the
+    generator is suspended inside its text_cache() block."""
     from twinflow.models import wan_dit
 
     for cname in configs:
@@ -117,6 +122,15 @@ def _cases(configs, dtypes, shape, ctx_tokens, fold_variants):
                     rel = ((got - want).norm() / want.norm()).item()
                     yield ((cname, dname, fold), lambda: ours(x, t, ctx),
                            lambda: ref(x, t, ctx_padded, return_dict=False), rel)
+                    if sampler_step and fold:
+                        # A sampler step after the first: same prompt, so the text tokens and every block's
+                        # cross-attention K/V come from text_cache() (validated against the context per call).
+                        with ours.text_cache():
+                            ours(x, t, ctx)  # fills the cache, as the first step of a run would
+                            got = ours(x, t, ctx).float()
+                            yield ((cname, dname, "cached"), lambda: ours(x, t, ctx),
+                                   lambda: ref(x, t, ctx_padded, return_dict=False),
+                                   ((got - want).norm() / want.norm()).item())
             del ours, ref
 
 
@@ -139,6 +153,10 @@ def memory_rows(configs, dtypes, shape, ctx_tokens, fold_variants) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--configs", *configs, "--dtypes", *dtypes,
            "--shape", *map(str, shape), "--ctx-tokens", str(ctx_tokens)] + (["--no-fold"] if len(fold_variants) > 1 else [])
+    from twinflow.models import wan_dit
+
+    if not wan_dit.ONEDNN_LINEAR:
+        cmd.append("--no-onednn")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return {tuple(r["key"]): r for r in json.loads(out.strip().splitlines()[-1])}
 
@@ -164,8 +182,14 @@ def main(argv=None):
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0 = torch's default); 1 gives steadier numbers on a loaded machine")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="ours with aten's linear (as diffusers) instead of oneDNN's: isolates the GEMM backend")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.no_onednn:
+        from twinflow.models import wan_dit
+
+        wan_dit.ONEDNN_LINEAR = False
     if a.threads:
         torch.set_num_threads(a.threads)
     folds = (True, False) if a.no_fold else (True,)
@@ -176,12 +200,13 @@ def main(argv=None):
     for r in rows:
         r.update({k: v for k, v in mem[(r["config"], r["dtype"], r["fold"])].items() if k != "key"})
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, input {tuple(a.shape)}, {a.ctx_tokens} prompt tokens -> 512")
+          f"{torch.get_num_threads()} threads, input {tuple(a.shape)}, {a.ctx_tokens} prompt tokens -> 512, "
+          f"ours' linears via {'aten' if a.no_onednn else 'oneDNN'}")
     print("| config | dtype | text padding | ours (s) | diffusers (s) | speedup | ours peak (MiB) | "
           "diffusers peak (MiB) | rel. err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['dtype']} | {'folded' if r['fold'] else 'literal'} | {r['ours_s']:.4f} | "
+        print(f"| {r['config']} | {r['dtype']} | {PADDING_LABEL[r['fold']]} | {r['ours_s']:.4f} | "
               f"{r['diffusers_s']:.4f} | {r['speedup']:.2f}x | {r['ours_peak_mib']:.0f} | "
               f"{r['diffusers_peak_mib']:.0f} | {r['rel_err_vs_diffusers']:.1e} |")
     if a.json:

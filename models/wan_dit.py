@@ -30,9 +30,14 @@ Two deliberate differences from the official code, both exact up to float roundi
   embed only the real tokens plus one padding token and add a log(N) bias to it (computed in fp32).
   This removes up to ~512/L of the text-side work. `WanDiT.fold_text_padding = False` runs the
   literal padded computation instead (the parity tests check both against diffusers).
+
+Speed on the CPU (same math): the linears go through oneDNN (`linear`, with the FFN/text GELU fused into
+the first GEMM) where aten's fp32 addmm reaches about half of this machine's GEMM rate; patch embedding
+is one GEMM; inside `WanDiT.text_cache()` a sampler run reuses the text tokens and cross-attention K/V.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -159,6 +164,61 @@ def rope_tables(grid: tuple[int, int, int], rope_dims: tuple[int, int, int], the
     return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
 
 
+# Route the big CPU linears through oneDNN (see `linear`). Module-level so benchmarks can compare.
+ONEDNN_LINEAR = True
+_ONEDNN_DTYPES = {torch.float32: True, torch.bfloat16: None}  # bf16: probed once (needs CPU bf16 support)
+
+
+def _onednn_ok(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer(x)` may run as oneDNN's linear instead: the same fp32/bf16 GEMM, bias and
+    output dtype, for a plain nn.Linear on the CPU with no hooks, no autograd and no tracing."""
+    if not ONEDNN_LINEAR or type(layer) is not nn.Linear or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    w, dt = layer.weight, x.dtype
+    if w.dtype != dt or dt not in _ONEDNN_DTYPES or not (x.is_contiguous() and w.is_contiguous()):
+        return False
+    if _ONEDNN_DTYPES[dt] is None:
+        _ONEDNN_DTYPES[dt] = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not _ONEDNN_DTYPES[dt] or (dt == torch.float32 and not torch.backends.mkldnn.is_available()):
+        return False
+    if layer.bias is not None and layer.bias.dtype != dt:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False  # oneDNN's op has no autograd formula
+    if _has_hooks(layer) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False  # hooks (quant calibration) must fire; export/compile/ONNX graphs keep aten.linear
+    return True
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def linear(layer: nn.Module, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+    """`layer(x)` (then GELU-tanh if asked), through oneDNN's linear where `_onednn_ok`.
+
+    Why: on the CPU, aten's fp32 addmm goes to a BLAS that reaches about half of oneDNN's speed on
+    the AVX-512 machine we measured (docs/dit.md); oneDNN computes the same fp32 (or bf16 with fp32
+    accumulation) GEMM + bias, and can apply the GELU to the fp32 accumulator in the same pass."""
+    if _onednn_ok(layer, x):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu_tanh else "none",
+                                                  [], "tanh" if gelu_tanh else "")
+    y = layer(x)
+    return F.gelu(y, approximate="tanh") if gelu_tanh else y
+
+
+def mlp(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`seq(x)` for Wan's Sequential(Linear, GELU(tanh), Linear), the GELU fused into the first `linear`."""
+    up, act, down = seq
+    if isinstance(act, nn.GELU) and act.approximate == "tanh" and not _has_hooks(seq, act):
+        return linear(down, linear(up, x, gelu_tanh=True))
+    return seq(x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------
@@ -193,30 +253,36 @@ class WanSelfAttention(_WanAttention):
     def forward(self, x, cos, sin):
         b, n, dim = x.shape  # (B, L, D) in the compute dtype
         heads = self.num_heads
-        q = ops.rope_apply(self.norm_q(self.q(x)).view(b, n, heads, -1), cos, sin)  # (B, L, H, Dh)
-        k = ops.rope_apply(self.norm_k(self.k(x)).view(b, n, heads, -1), cos, sin)
-        v = self.v(x).view(b, n, heads, -1)
+        q = ops.rope_apply(self.norm_q(linear(self.q, x)).view(b, n, heads, -1), cos, sin)  # (B, L, H, Dh)
+        k = ops.rope_apply(self.norm_k(linear(self.k, x)).view(b, n, heads, -1), cos, sin)
+        v = linear(self.v, x).view(b, n, heads, -1)
+        # Transposed views go in as they are: the CPU flash kernel reads strided heads, and its output
+        # is laid out (B, L, H, Dh), so the transpose + reshape below is free.
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(y.transpose(1, 2).reshape(b, n, dim))
+        return linear(self.o, y.transpose(1, 2).reshape(b, n, dim))
 
 
 class WanCrossAttention(_WanAttention):
     """T2V cross-attention on the text tokens (no RoPE); same keys as the self-attention."""
 
-    def forward(self, x, context, bias: Optional[torch.Tensor]):
+    def kv(self, context):
+        """Text keys and values (B, H, Lc, Dh) each: depend on the context only (cached per sampler run)."""
+        b, lc, _ = context.shape
+        k = self.norm_k(linear(self.k, context)).view(b, lc, self.num_heads, -1).transpose(1, 2)
+        v = linear(self.v, context).view(b, lc, self.num_heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, context, bias: Optional[torch.Tensor], kv=None):
         b, n, dim = x.shape
-        heads = self.num_heads
-        q = self.norm_q(self.q(x)).view(b, n, heads, -1).transpose(1, 2)  # (B, H, L, Dh)
-        lc, dh = context.shape[1], dim // heads
-        k = self.norm_k(self.k(context)).view(b, lc, heads, dh).transpose(1, 2)  # (B, H, Lc, Dh)
-        v = self.v(context).view(b, lc, heads, dh).transpose(1, 2)
+        q = self.norm_q(linear(self.q, x)).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, L, Dh)
+        k, v = self.kv(context) if kv is None else kv  # (B, H, Lc, Dh)
         if bias is None:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             # Folded padding: the log(N) logit bias must not be rounded to bf16/fp16 (6.2 has a bf16
             # step of 0.03), so this small attention (Lc = real tokens + 1) runs in fp32.
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(x.dtype)
-        return self.o(y.transpose(1, 2).reshape(b, n, dim))
+        return linear(self.o, y.transpose(1, 2).reshape(b, n, dim))
 
 
 class WanAttentionBlock(nn.Module):
@@ -233,8 +299,9 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
 
-    def forward(self, x, e0, cos, sin, context, bias):
-        # x: (B, L, D) float32 residual stream; e0: (B, 6, D) float32; context: (B, Lc, D) compute dtype
+    def forward(self, x, e0, cos, sin, context, bias, kv=None):
+        # x: (B, L, D) float32 residual stream; e0: (B, 6, D) float32; context: (B, Lc, D) compute dtype;
+        # kv: this block's cross-attention (K, V) from WanDiT.text_cache(), or None to compute them
         cdt = context.dtype
         m = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x (B, 1, D) fp32
         h = ops.ln_modulate(x, m[0], m[1], self.eps).to(cdt)
@@ -243,9 +310,9 @@ class WanAttentionBlock(nn.Module):
             h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         else:
             h = x
-        x = x + self.cross_attn(h.to(cdt), context, bias).float()
+        x = x + self.cross_attn(h.to(cdt), context, bias, kv)  # fp32 + bf16 promotes per element: no fp32 copy
         h = ops.ln_modulate(x, m[3], m[4], self.eps).to(cdt)
-        return ops.gated_residual(x, m[5], self.ffn(h))
+        return ops.gated_residual(x, m[5], mlp(self.ffn, h))
 
 
 class Head(nn.Module):
@@ -261,7 +328,7 @@ class Head(nn.Module):
         # x: (B, L, D) fp32; e: (B, D) fp32 -- the time embedding itself, not the 6-way projection
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
         h = ops.ln_modulate(x, shift, scale, self.eps)
-        return self.head(h.to(_float_dtype(self.head))).float()  # (B, L, prod(patch)*out_dim)
+        return linear(self.head, h.to(_float_dtype(self.head))).float()  # (B, L, prod(patch)*out_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +348,7 @@ class WanDiT(nn.Module):
     """Wan2.1 T2V `WanModel`: forward(x (B,16,T,H,W), timestep (B,), context (B,L,4096)) -> velocity."""
 
     _ROPE_CACHE_SIZE = 8
+    _TEXT_CACHE_SIZE = 4  # contexts per text_cache(): positive and negative prompt, with room to spare
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -295,6 +363,59 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         # RoPE tables per (grid, device): plain attribute, not a buffer (never in the state dict, never on meta).
         self._rope_cache: dict = {}
+        self._text_cache: Optional[list] = None  # a list only inside text_cache()
+
+    @contextlib.contextmanager
+    def text_cache(self):
+        """Inside this block, calls with an equal text context reuse its embedding and every block's
+        cross-attention K/V (a sampler run: the prompt is fixed, only x and t change). Cleared on exit.
+
+        A cached entry is used only for a context of the same shape/dtype/device that is torch.equal to
+        the cached copy, the same batch, compute dtype and padding mode, and text-side weights that are
+        the same tensors (identity, storage and version counter) as when it was computed."""
+        outer = self._text_cache
+        self._text_cache = []
+        try:
+            yield self
+        finally:
+            self._text_cache = outer
+
+    def _text_weights_sig(self) -> Optional[tuple]:
+        """Identity, storage, dtype and version of every tensor the text K/V depend on; None = don't cache."""
+        mods = [self.text_embedding] + [m for blk in self.blocks
+                                         for m in (blk.cross_attn.k, blk.cross_attn.v, blk.cross_attn.norm_k)]
+        sig = []
+        try:
+            for m in mods:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    if t.requires_grad and torch.is_grad_enabled():
+                        return None
+                    sig.append((id(t), t.data_ptr(), t.dtype, t._version))
+        except RuntimeError:  # inference tensors (a model built under inference_mode) carry no version
+            return None
+        return tuple(sig)
+
+    def _text_kv(self, context, batch: int, cdt, device):
+        """(tokens, bias, per-block K/V or None); inside text_cache() from a valid cached entry."""
+        cache = self._text_cache
+        sig = None
+        if cache is not None and context is not None and not torch.compiler.is_compiling():
+            sig = self._text_weights_sig()
+        if sig is None or (torch.is_grad_enabled() and context.requires_grad):
+            return (*self._embed_text(context, batch, cdt, device), None)
+        key = (tuple(context.shape), context.dtype, context.device, batch, cdt, str(device),
+               self.fold_text_padding, sig)
+        for entry in cache:
+            if entry[0] == key and torch.equal(entry[1], context):
+                cache.remove(entry)
+                cache.append(entry)  # most recently used last
+                return entry[2:]
+        tokens, bias = self._embed_text(context, batch, cdt, device)
+        kvs = tuple(blk.cross_attn.kv(tokens) for blk in self.blocks)
+        if len(cache) >= self._TEXT_CACHE_SIZE:
+            cache.pop(0)
+        cache.append((key, context.clone(), tokens, bias, kvs))
+        return tokens, bias, kvs
 
     def _rope(self, grid, device):
         key = (grid, str(device))
@@ -305,6 +426,18 @@ class WanDiT(nn.Module):
             tables = rope_tables(grid, self.config.rope_dims, self.config.rope_theta, device)
             self._rope_cache[key] = tables
         return tables
+
+    def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """patch_embedding as one GEMM over (B, L, C*pt*ph*pw) patches -> contiguous (B, L, D) tokens.
+
+        A Conv3d whose stride equals its kernel (no padding) is a linear map of each patch; as a GEMM
+        it skips the convolution's im2col and the (B, D, L) -> (B, L, D) transpose copy."""
+        pe = self.patch_embedding
+        b, c, t, hh, ww = x.shape
+        pt, ph, pw = self.config.patch_size
+        patches = x.view(b, c, t // pt, pt, hh // ph, ph, ww // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b, (t // pt) * (hh // ph) * (ww // pw), c * pt * ph * pw)  # (c, pt, ph, pw) fastest
+        return F.linear(patches, pe.weight.flatten(1), pe.bias)
 
     def _embed_text(self, context: Optional[torch.Tensor], batch: int, cdt, device):
         """Text tokens (B, Lc, D) in the compute dtype and the cross-attention bias (None if unfolded)."""
@@ -325,13 +458,13 @@ class WanDiT(nn.Module):
         context = context.to(device=device, dtype=cdt).expand(batch, -1, -1)
         n_pad = cfg.text_len - n_real
         if n_pad == 0:
-            return self.text_embedding(context), None
+            return mlp(self.text_embedding, context), None
         if not self.fold_text_padding:
             # The official padding: zeros up to text_len, every query attends to all of them.
             context = torch.cat([context, context.new_zeros(batch, n_pad, cfg.text_dim)], dim=1)
-            return self.text_embedding(context), None
+            return mlp(self.text_embedding, context), None
         # Folded padding (see module docstring): real tokens + one padding token with logit bias log(n_pad).
-        tokens = self.text_embedding(torch.cat([context, context.new_zeros(batch, 1, cfg.text_dim)], dim=1))
+        tokens = mlp(self.text_embedding, torch.cat([context, context.new_zeros(batch, 1, cfg.text_dim)], dim=1))
         bias = torch.zeros(1, 1, 1, n_real + 1, device=device, dtype=torch.float32)
         bias[..., -1] = math.log(n_pad)
         return tokens, bias
@@ -360,12 +493,12 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e.to(_float_dtype(self.time_projection[1]))).float()
         e0 = e0.unflatten(1, (6, cfg.dim))  # (B, 6, D)
 
-        context, bias = self._embed_text(context, b, cdt, x.device)  # (B, Lc, D)
+        context, bias, kvs = self._text_kv(context, b, cdt, x.device)  # (B, Lc, D); kvs only in text_cache()
         cos, sin = self._rope(grid, x.device)  # (L, Dh/2) fp32
 
-        h = self.patch_embedding(x.to(cdt)).flatten(2).transpose(1, 2).float()  # (B, L, D) fp32 stream
-        for block in self.blocks:
-            h = block(h, e0, cos, sin, context, bias)
+        h = self._embed_patches(x.to(cdt)).float()  # (B, L, D) fp32 stream
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, cos, sin, context, bias, None if kvs is None else kvs[i])
         out = self.head(h, e)  # (B, L, pt*ph*pw*C), channels fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, t, hh, ww).to(x.dtype)

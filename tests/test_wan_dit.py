@@ -380,6 +380,50 @@ def test_no_context_equals_empty_prompt(tiny):
     assert _rel(a, b) < 1e-5
 
 
+def test_text_cache_reuses_equal_context_and_invalidates():
+    model = W.random_wan_dit("tiny", seed=5)
+    calls = []
+    model.text_embedding.register_forward_hook(lambda *a: calls.append(1))  # counts text embeddings
+    x, t, c = _inputs()
+    c2 = c.clone()
+    c2[0, 1, 7] += 1.0
+    with torch.no_grad():
+        want, want2 = model(x, t, c), model(x, t, c2)
+        model(x, t, c)
+        assert len(calls) == 3  # outside text_cache() nothing is cached
+        calls.clear()
+        with model.text_cache():
+            assert torch.equal(model(x, t, c), want) and len(calls) == 1
+            assert torch.equal(model(x, 0.5 * t, c.clone()), model(x, 0.5 * t, c)) and len(calls) == 1  # equal values hit
+            assert torch.equal(model(x, t, c2), want2) and len(calls) == 2  # a changed context misses
+            assert torch.equal(model(x, t, c), want) and len(calls) == 2  # both prompts stay cached (CFG)
+            model.fold_text_padding = False  # another padding mode: other tokens, recomputed
+            assert _rel(model(x, t, c), want) < 1e-5 and len(calls) == 3
+            model.fold_text_padding = True
+            model.blocks[1].cross_attn.v.weight.mul_(1.5)  # in-place weight change (version counter)
+            changed = model(x, t, c)
+            assert len(calls) == 4 and not torch.equal(changed, want)
+        assert torch.equal(model(x, t, c), changed) and len(calls) == 5  # cleared on exit
+
+
+def test_onednn_linear_same_math_and_falls_back_for_hooks_and_grad():
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 33, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert _rel(W.linear(lin, x), want) < 1e-6
+        assert _rel(W.linear(lin, x, gelu_tanh=True),
+                    torch.nn.functional.gelu(want, approximate="tanh")) < 1e-6
+        seen = []
+        h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))  # e.g. quant calibration
+        W.linear(lin, x)
+        h.remove()
+        assert seen == [x.shape]
+    y = W.linear(lin, x)  # parameters require grad here: the aten path, with autograd
+    y.sum().backward()
+    assert lin.weight.grad is not None
+
+
 def test_random_weights_are_seeded():
     a, b = W.random_wan_dit("tiny", seed=1), W.random_wan_dit("tiny", seed=1)
     c = W.random_wan_dit("tiny", seed=2)
