@@ -139,7 +139,7 @@ class CausalConv3d(nn.Conv3d):
         if self.out_channels < self.in_channels:
             return self._step_partial(x, s, keep)
         out = self.taps([s[0], s[1], x])
-        if keep and st.ring:
+        if keep and getattr(st, "ring", False):  # export._FlatState has no ring mode
             dst = s[0] if s[0] is not None else torch.empty_like(x)  # the oldest frame's buffer
             dst.copy_(x)
             s[0], s[1] = s[1], dst
