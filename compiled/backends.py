@@ -133,13 +133,31 @@ def load_inductor_artifacts(path: Path) -> None:
 
 
 def build_aoti_package(ep, package_path: Path, options: Optional[dict] = None) -> Path:
-    """AOTInductor package **without weights** (`package_constants_in_so=False`): new weights (LoRA,
-    another checkpoint of the same shape) load with `load_aoti(...)` without recompiling."""
+    """AOTInductor package **without weights**: new weights (LoRA, another checkpoint of the same shape)
+    load with `load_aoti(...)` / `aoti_swap_constants(...)` without recompiling.
+
+    `package_constants_in_so=False` keeps the parameters out of the package; `use_runtime_constant_folding`
+    keeps *derived* constants out too: by default Inductor folds weight-only subexpressions (a conv
+    weight sliced per tap, a bias folded into an addmm) at build time into baked tensors, which new
+    weights would never reach (measured on the Wan VAE decode step: cos 0.977 after a swap). With it, the
+    folded constants (`_FOLDED_CONST_*`) are recomputed from the loaded weights on the first call."""
     from torch._inductor import aoti_compile_and_package
 
-    configs = {"aot_inductor.package_constants_in_so": False, **(options or {})}
+    configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True,
+               **(options or {})}
     out = aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=configs)
     return Path(out)
+
+
+FOLDED = "_FOLDED_CONST_"  # constants the package computes itself from the loaded ones
+
+
+def _load_constants(runner, state: dict, what: str) -> None:
+    fqns = [n for n in runner.get_constant_fqns() if not n.startswith(FOLDED)]
+    missing = [n for n in fqns if n not in state]
+    if missing:
+        raise ValueError(f"{what} lack constants the compiled graph needs: {missing[:5]}")
+    runner.load_constants({n: state[n] for n in fqns}, check_full_update=False, user_managed=True)
 
 
 def load_aoti(package_path: Path, state: dict):
@@ -147,21 +165,14 @@ def load_aoti(package_path: Path, state: dict):
     from torch._inductor import aoti_load_package
 
     runner = aoti_load_package(str(package_path))
-    fqns = runner.get_constant_fqns()
-    missing = [n for n in fqns if n not in state]
-    if missing:
-        raise ValueError(f"AOTInductor package {package_path} needs constants that were not given: {missing[:5]}")
-    runner.load_constants({n: state[n] for n in fqns}, check_full_update=True, user_managed=True)
+    _load_constants(runner, state, f"the weights given to AOTInductor package {package_path}")
     return runner
 
 
 def aoti_swap_constants(runner, state: dict) -> None:
-    """New weights into a loaded package (same names/shapes): the compiled code is kept, nothing is rebuilt."""
-    fqns = runner.get_constant_fqns()
-    missing = [n for n in fqns if n not in state]
-    if missing:
-        raise ValueError(f"new weights lack constants the compiled graph needs: {missing[:5]}")
-    runner.load_constants({n: state[n] for n in fqns}, check_full_update=True, user_managed=True)
+    """New weights into a loaded package (same names/shapes): the compiled code is kept, nothing is rebuilt;
+    folded constants are recomputed on the next call."""
+    _load_constants(runner, state, "the new weights")
 
 
 def exported_state(ep) -> dict:

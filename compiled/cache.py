@@ -29,7 +29,7 @@ from .probe import package_version
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: AOTInductor packages fold weight-derived constants at load time, not build time
 DEFAULT_MAX_BYTES = 20 * 2 ** 30
 _root_override: Optional[Path] = None
 

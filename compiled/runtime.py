@@ -130,6 +130,10 @@ class Artifact:
         self.kind, self.fn, self.owner = kind, fn, owner  # owner: the runner / ep.module() / TRT module
 
     def __call__(self, *args):
+        if self.kind == "aoti":
+            # a package reads its inputs at the strides it was traced with (it checks none): a latent frame
+            # slice z[:, :, i] or an expanded timestep must be made dense first
+            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         return self.fn(*args)
 
     def swap_weights(self, spec: GraphSpec, module: nn.Module) -> str:
