@@ -132,7 +132,15 @@ class TwinFlowVAEDecode:
                 "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 16,
                                     "tooltip": "Tile overlap in pixels, blended linearly (custom tiling); at most "
                                                "half the tile size."}),
-            }
+            },
+            "optional": {
+                "row_bands": ("INT", {"default": 0, "min": 0, "max": 64,
+                                      "tooltip": "Exact low-memory decode: the full-resolution layers run in "
+                                                 "horizontal bands with a halo, so only one band's caches are "
+                                                 "alive; the result equals the whole-frame decode (unlike tiles). "
+                                                 "0 = auto (2 bands for frames from 240 px, more only if memory "
+                                                 "needs it), 1 = whole frames (fastest, most memory)."}),
+            },
         }
 
     RETURN_TYPES = ("IMAGE",)
@@ -141,7 +149,7 @@ class TwinFlowVAEDecode:
     CATEGORY = CATEGORY
     DESCRIPTION = "Decodes Wan latents to video frames (IMAGE, 0..1) with streaming and optional tiling."
 
-    def decode(self, vae, samples, tiling="auto", tile_size=512, overlap=64):
+    def decode(self, vae, samples, tiling="auto", tile_size=512, overlap=64, row_bands=0):
         vae = _check_vae(vae)
         if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor):
             raise TypeError("input 'samples' must be a LATENT dict with a 'samples' tensor")
@@ -159,7 +167,9 @@ class TwinFlowVAEDecode:
                 raise ValueError(f"overlap {overlap} must be at most half of tile_size {tile_size}")
             video = vae.decode(z, tiling="on", tile=(max(2, tile_size // r), overlap // r))
         else:
-            video = vae.decode(z, tiling=tiling)
+            if not isinstance(row_bands, int) or row_bands < 0:
+                raise ValueError(f"row_bands must be 0 (auto) or a positive integer, got {row_bands!r}")
+            video = vae.decode(z, tiling=tiling, bands=row_bands or None)
         b, c, t, h, w = video.shape
         images = ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0)  # (B, 3, T, H, W)
         images = images.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).contiguous()

@@ -58,6 +58,13 @@ def test_decode_tiling_modes(vae):
     assert not torch.equal(tiled, plain)
     with pytest.raises(ValueError, match="overlap"):
         TwinFlowVAEDecode().decode(vae, latent, "custom", 64, 96)
+    # exact row bands: same frames as whole-frame decoding (float summation order only)
+    assert "row_bands" in TwinFlowVAEDecode.INPUT_TYPES()["optional"]
+    (banded,) = TwinFlowVAEDecode().decode(vae, latent, "off", 512, 64, row_bands=3)
+    (whole,) = TwinFlowVAEDecode().decode(vae, latent, "off", 512, 64, row_bands=1)
+    torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="row_bands"):
+        TwinFlowVAEDecode().decode(vae, latent, "off", 512, 64, row_bands=-1)
 
 
 def test_image_latent_and_bad_inputs(vae):
