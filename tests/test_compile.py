@@ -111,7 +111,11 @@ def test_aoti_default_batch_1_and_2_one_build_warm_hit_without_export_weight_swa
     assert new.module is not dit and den.module is dit  # the input handle is untouched
     for shape, n in (((1, 16, 1, 4, 4), 1), ((2, 16, 3, 8, 6), 9), ((1, 16, 4, 6, 8), 16), ((2, 16, 2, 4, 8), 3)):
         _close_to_eager(new, dit, shape, n)
-    assert report.details["calls"] == {"compiled": 4, "eager": 0} and len(builds) == 1
+    # a strided latent (a slice) and a 0-d timestep (expanded to the batch): the package needs dense inputs
+    big, c = torch.randn(2, 16, 6, 8, 6), torch.randn(1, 4, 4096)
+    torch.testing.assert_close(new.module(big[:, :, ::2], torch.tensor(450.0), c),
+                               dit(big[:, :, ::2], torch.tensor(450.0), c), rtol=1e-4, atol=1e-4)
+    assert report.details["calls"] == {"compiled": 5, "eager": 0} and len(builds) == 1
     with caplog.at_level("INFO"):
         x = torch.randn(1, 16, 6, 4, 4)  # frames outside the profile: eager, one line, no crash
         torch.testing.assert_close(new.module(x, torch.tensor([300.0]), None), dit(x, torch.tensor([300.0]), None))
@@ -320,3 +324,4 @@ def test_run_compile_inserts_valid_compile_nodes():
     assert all(x["compile_node"] is not None for x in plan)
     den = [x for x in plan if x["kind"] == "denoiser"][0]
     assert den["profile"]["frames"] == [3, 3, 3] and den["profile"]["height"] == [6, 6, 6]
+

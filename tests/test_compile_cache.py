@@ -293,3 +293,30 @@ def test_tensorrt_cache_hit_refits_and_update_weights_refits(monkeypatch, tmp_pa
     names = [k for k, _ in calls]
     assert names.count("dynamo.compile") == 1 and names.count("refit_module_weights") == 2
     assert [kw for k, kw in calls if k == "refit_module_weights"] == [{"in_place": False}] * 2
+
+
+@pytest.mark.slow  # four exports of the tiny VAE decode steps: ~50 s of CPU
+def test_vae_decode_through_standin_engines_and_refit(monkeypatch, tmp_path):
+    """The compiled VAE decode chains the first/rest step engines with the causal cache and equals the eager
+    decode; `update_weights` refits both engines (functional stand-in for torch_tensorrt, no TensorRT)."""
+    from twinflow.compiled import runtime
+    from twinflow.compiled.export import Profile
+    from twinflow.models.wan_vae import random_wan_vae
+
+    mod, calls = functional_torch_tensorrt_standin()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", mod)
+    monkeypatch.setattr(backends, "resolve_backend", lambda req, dev: ("tensorrt", "stand-in for torch_tensorrt"))
+    vae, vae2 = random_wan_vae("tiny", seed=1), random_wan_vae("tiny", seed=4)
+    new, reports = runtime.compile_vae(vae, Profile.make(batch=(1, 1, 2), height=(2, 4, 4), width=(2, 6, 6)),
+                                       "tensorrt", cache=ArtifactCache(tmp_path))
+    assert all(r.backend == "tensorrt" and r.verdict.ok for r in reports), [r.line() for r in reports]
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    ref = vae.decode(z)
+    torch.testing.assert_close(new.decode(z), ref, rtol=1e-5, atol=1e-5)
+    line = new.update_weights(vae2)
+    assert line.count("tensorrt refit, no rebuild") == 2, line
+    torch.testing.assert_close(new.decode(z), vae2.decode(z), rtol=1e-5, atol=1e-5)
+    assert new.compile_calls == {"compiled": 2, "eager": 0}
+    torch.testing.assert_close(vae.decode(z), ref)  # the input VAE is untouched
+    names = [k for k, _ in calls]
+    assert names.count("dynamo.compile") == 2 and names.count("refit_module_weights") == 2
