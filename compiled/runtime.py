@@ -258,7 +258,9 @@ def compile_graph(spec: GraphSpec, *, requested: str, backend: str, reason: str,
     report.build_s = time.perf_counter() - t0 - spec.export_s
     report.cache = "hit" if hit else "miss"
     if report.details.get("refit"):
-        report.reason = (report.reason + "; " if report.reason else "") + "engines refit with this model's weights"
+        report.reason = (report.reason + "; " if report.reason else "") + "cached engines refit with this model's weights"
+    elif hit and art.kind == "aoti":
+        report.reason = (report.reason + "; " if report.reason else "") + "no rebuild: cached package loaded with this model's weights"
     if not report.verdict.ok:
         logger.warning("%s: %s artifact discarded, %s; running eager", spec.label, backend, report.verdict.line())
         cache.remove(key)

@@ -128,6 +128,7 @@ def test_aoti_default_batch_1_and_2_one_build_warm_hit_without_export_weight_swa
     monkeypatch.setattr(ex, "export_dit", no_export)
     again, report2 = compile_denoiser(den, PROFILE, "inductor", cache=cache)
     assert report2.cache == "hit" and report2.key == report.key and report2.verdict.ok and report2.export_s == 0.0
+    assert "no rebuild: cached package loaded with this model's weights" in report2.line()
     assert len(builds) == 1
 
     # new weights (another checkpoint of the same shape): swapped into the loaded package, no build
