@@ -107,7 +107,15 @@ class CausalConv3d(nn.Conv3d):
         """Re-lay the weight in memory as (kt, O, I, kh, kw) while keeping the official (O, I, kt, kh, kw)
         shape and values, so each time tap `weight[:, :, k]` is contiguous and conv2d never copies it."""
         w = self.weight
-        if w.shape[2] > 1 and not w.is_meta and not w[:, :, 0].is_contiguous():
+        if w.is_meta:
+            return
+        if w.device.type == "cpu" and w.shape[3:] != (1, 1):
+            # CPU frames are channels-last, so each tap is laid out channels-last too: (kt, O, kh, kw, I).
+            # A contiguous tap weight would be converted by conv2d on every call.
+            if not w[:, :, 0].is_contiguous(memory_format=torch.channels_last) or w[:, :, 0].is_contiguous():
+                tm = w.detach().permute(2, 0, 3, 4, 1).contiguous()  # (kt, O, kh, kw, I)
+                self.weight = nn.Parameter(tm.permute(1, 4, 0, 2, 3), requires_grad=w.requires_grad)
+        elif w.shape[2] > 1 and not w[:, :, 0].is_contiguous():
             tm = w.detach().permute(2, 0, 1, 3, 4).contiguous()  # (kt, O, I, kh, kw)
             self.weight = nn.Parameter(tm.permute(1, 2, 0, 3, 4), requires_grad=w.requires_grad)
 
@@ -140,7 +148,7 @@ class CausalConv3d(nn.Conv3d):
             return self._step_partial(x, s, keep)
         out = self.taps([s[0], s[1], x])
         if keep and getattr(st, "ring", False):  # export._FlatState has no ring mode
-            dst = s[0] if s[0] is not None else torch.empty_like(x)  # the oldest frame's buffer
+            dst = s[0] if s[0] is not None else _empty_frame(x)  # the oldest frame's buffer
             dst.copy_(x)
             s[0], s[1] = s[1], dst
         elif keep:
@@ -176,6 +184,13 @@ def _frame(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def _empty_frame(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised frame like x in the engine's layout (`empty_like` of a non-dense view, such as a
+    channel slice, would fall back to NCHW)."""
+    fmt = torch.channels_last if x.device.type == "cpu" and x.ndim == 4 else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 def _norm(norm: "RMSNorm", x: torch.Tensor, silu: bool) -> torch.Tensor:
@@ -258,11 +273,23 @@ class Resample(nn.Module):
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.resample[1]
+        x = _frame(x)  # upsample3d hands over channel slices of its time conv's output
         if self.mode.startswith("upsample"):
             # nearest-exact x2 then the 3x3 conv, in sub-pixel form (the official code upsamples in fp32
             # and casts back, which is exact: nearest only copies values)
-            return _upsample2x_conv3x3(x, conv.weight, conv.bias)
+            return _upsample2x_conv3x3(x, conv.weight, conv.bias, self._kernels(x.dtype))
         return conv(F.pad(x, (0, 1, 0, 1)))  # ZeroPad2d((0,1,0,1)): right/bottom only
+
+    def _kernels(self, dtype: torch.dtype) -> Optional[list]:
+        """The sub-pixel kernels, made once per weight version (eager only; traced graphs rebuild them)."""
+        w = self.resample[1].weight
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or w.is_meta:
+            return None
+        key = (w.data_ptr(), w._version, w.device, dtype)
+        cached = getattr(self, "_sp_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._sp_cache = (key, _subpixel_kernels(w.detach(), dtype))
+        return cached[1]
 
     def up_time(self, x: torch.Tensor, st: _State, first: bool, keep: bool) -> list:
         """upsample3d's temporal part: 1 frame -> [frame] (first latent) or [frame 2i, frame 2i+1]."""
@@ -286,7 +313,20 @@ class Resample(nn.Module):
         return out
 
 
-def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _subpixel_kernels(w: torch.Tensor, dtype: torch.dtype) -> list:
+    """The four (O, C, 2, 2) kernels of `_upsample2x_conv3x3` for output phases (a, c) = 00, 01, 10, 11,
+    summed in fp32 and rounded once to `dtype`; channels-last on the CPU like the frames."""
+    w = w.float()
+    rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
+            torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
+    fmt = torch.channels_last if w.device.type == "cpu" else torch.contiguous_format
+    return [k.to(dtype).contiguous(memory_format=fmt) for r in rows
+            for k in (torch.stack((r[..., 0], r[..., 1] + r[..., 2]), -1),      # c=0: cols j-1, j
+                      torch.stack((r[..., 0] + r[..., 1], r[..., 2]), -1))]     # c=1: cols j, j+1
+
+
+def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                        kernels: Optional[list] = None) -> torch.Tensor:
     """conv3x3(pad 1)(nearest_upsample_x2(x)) without building the upsampled image (sub-pixel form).
 
     With integer scale 2, nearest-exact reads source pixel i//2, so output pixel (2i+a, 2j+c) only sees
@@ -296,9 +336,7 @@ def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tens
     x: (B, C, h, w); w: (O, C, 3, 3) -> (B, O, 2h, 2w)."""
     bsz, _, h, wd = x.shape
     o = w.shape[0]
-    w = w.float()  # sum the taps in fp32, round once to the compute dtype below
-    rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
-            torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
+    kernels = kernels or _subpixel_kernels(w, x.dtype)
     xp = F.pad(x, (1, 1, 1, 1))  # zero border of the upsampled image = zero border here
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if cl:  # keep the frame channels-last: interleave into (B, h, 2, w, 2, O) memory
@@ -306,10 +344,8 @@ def _upsample2x_conv3x3(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tens
     else:
         out = torch.empty(bsz, o, h, 2, wd, 2, device=x.device, dtype=x.dtype)
     for a in (0, 1):
-        r = rows[a]
-        for c, k in enumerate((torch.stack((r[..., 0], r[..., 1] + r[..., 2]), -1),
-                               torch.stack((r[..., 0] + r[..., 1], r[..., 2]), -1))):  # (O, C, 2, 2)
-            y = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], k.to(x.dtype), b)
+        for c in (0, 1):
+            y = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], kernels[2 * a + c], b)
             if cl:
                 out[:, :, a, :, c] = y.permute(0, 2, 3, 1)
             else:
