@@ -7,6 +7,7 @@ adapter installs a resolver backed by `folder_paths`, so the same loader nodes l
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -57,6 +58,24 @@ def set_input_dir(path) -> None:
 
 def input_dir() -> Path:
     return _input_dir if _input_dir is not None else Path(os.environ.get("TWINFLOW_INPUT_DIR", "input"))
+
+
+@contextmanager
+def using(*, output_dir=None, models_dir=None, input_dir=None):
+    """Set some folders for the duration of a block (None leaves one as it is); the previous settings
+    come back afterwards, also when the block raises."""
+    global _output_dir, _models_dir, _input_dir
+    prev = _output_dir, _models_dir, _input_dir
+    try:
+        if output_dir is not None:
+            set_output_dir(output_dir)
+        if models_dir is not None:
+            set_models_dir(models_dir)
+        if input_dir is not None:
+            set_input_dir(input_dir)
+        yield
+    finally:
+        _output_dir, _models_dir, _input_dir = prev
 
 
 def set_host_hooks(list_hook=None, find_hook=None) -> None:

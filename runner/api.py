@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
 from typing import Any, Optional
 
 from ..core import paths
@@ -86,20 +85,6 @@ def _id_sort(nid: str):
     return (0, int(nid), "") if nid.isdigit() else (1, 0, nid)
 
 
-@contextmanager
-def _folders(output_dir, models_dir):
-    """Set the output/models folders for one run and put the previous ones back afterwards."""
-    prev_out, prev_models = paths._output_dir, paths._models_dir
-    try:
-        if output_dir is not None:
-            paths.set_output_dir(output_dir)
-        if models_dir is not None:
-            paths.set_models_dir(models_dir)
-        yield
-    finally:
-        paths._output_dir, paths._models_dir = prev_out, prev_models
-
-
 class Runner:
     """Loads, validates and executes workflows; keeps node outputs so repeated runs re-run only changes."""
 
@@ -117,7 +102,7 @@ class Runner:
     def run(self, workflow, overrides=None, output_dir=None, models_dir=None, targets=None) -> RunResult:
         wf = self.load(workflow)
         prompt = apply_overrides(wf.prompt, overrides, self.registry)
-        with _folders(output_dir, models_dir):
+        with paths.using(output_dir=output_dir, models_dir=models_dir):
             validated = validate_prompt(prompt, self.registry, targets)
             return self.executor.execute(validated, extra_pnginfo=wf.extra_pnginfo, original_prompt=prompt)
 

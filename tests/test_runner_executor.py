@@ -225,6 +225,18 @@ def test_output_dir_is_per_run_and_restored(tmp_path, tf_dirs):
     assert paths.output_dir() == tf_dirs["output"]
 
 
+def test_paths_using_restores_on_error(tmp_path, tf_dirs):
+    from twinflow.core import paths
+
+    before = (paths.output_dir(), paths.models_dir(), paths.input_dir())
+    with pytest.raises(RuntimeError):
+        with paths.using(output_dir=tmp_path / "o", input_dir=tmp_path / "i"):
+            assert (paths.output_dir(), paths.input_dir()) == (tmp_path / "o", tmp_path / "i")
+            assert paths.models_dir() == before[1]  # None leaves a folder as it is
+            raise RuntimeError("boom")
+    assert (paths.output_dir(), paths.models_dir(), paths.input_dir()) == before
+
+
 def test_real_io_nodes_end_to_end(tf_dirs):
     """A small UI workflow of TwinFlow's own io nodes (Empty Latent Video -> Save Latent) through run_workflow."""
     from twinflow.nodes import NODE_CLASS_MAPPINGS
