@@ -23,15 +23,21 @@ INSTANCES = tuple(f"rms_norm_cf_kernel<{ct}, {v}>" for dt, ct in P.CTYPES.items(
 
 
 def rms_norm_cf_ref(x: torch.Tensor, gamma: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    silu: bool = False, eps: float = 1e-12) -> torch.Tensor:
+                    silu: bool = False, eps: float = 1e-12, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The Wan VAE's channel-first RMS norm: F.normalize(x, dim=1) * sqrt(C) * gamma (+ bias), then
     optionally SiLU. x: [B, C, T, H, W] (or [B, C, H, W]); gamma: [C, 1, 1(, 1)].
 
     F.normalize's steps (L2 norm over dim 1, clamped at eps, one division), then one multiply by
     gamma * sqrt(C) and an in-place SiLU: 3 passes over x instead of 5, in x's memory layout (the VAE's
-    CPU engine keeps frames channels-last, where the channel reduction is contiguous)."""
+    CPU engine keeps frames channels-last, where the channel reduction is contiguous). `out`: write the
+    result there (same shape and dtype as x, gamma of x's dtype, no bias), e.g. a cache buffer."""
     c = x.shape[1]
-    y = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
+    if out is not None:
+        if bias is not None or gamma.dtype != x.dtype or out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError("rms_norm_cf_ref(out=...) needs no bias, gamma in x's dtype and out shaped like x")
+        y = torch.div(x, torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps), out=out)
+    else:
+        y = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
     if gamma.dtype == y.dtype:
         y *= gamma * (c ** 0.5)
     else:  # mixed dtypes promote, as the official formula does

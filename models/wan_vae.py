@@ -36,6 +36,7 @@ from ..core.errors import CheckpointError
 from ..core.log import log_once
 from ..core.progress import Progress
 from ..kernels.ops import rms_norm_cf
+from ..kernels.vae_norm import rms_norm_cf_ref
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -139,11 +140,17 @@ class CausalConv3d(nn.Conv3d):
                 out += F.conv2d(frames[k], w[:, :, k], None, padding=p)
         return out
 
-    def step(self, x: torch.Tensor, st: _State, keep: bool = True) -> torch.Tensor:
+    def step(self, x: torch.Tensor, st: _State, keep: bool = True, norm: Optional["RMSNorm"] = None) -> torch.Tensor:
         """One frame through the causal conv; the state keeps the last two inputs (by reference).
 
-        `keep=False` on a layer's final frame releases its cache at once."""
+        `keep=False` on a layer's final frame releases its cache at once. `norm`: x is the input of that
+        RMS norm + SiLU, which the conv applies first (in ring mode, straight into its cache buffer)."""
         s = st.slot(self)
+        if (norm is not None and keep and getattr(st, "ring", False) and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.out_channels >= self.in_channels):
+            return self._step_ring_normed(x, norm, s)
+        if norm is not None:
+            x = _norm(norm, x, True)
         if self.out_channels < self.in_channels:
             return self._step_partial(x, s, keep)
         out = self.taps([s[0], s[1], x])
@@ -157,6 +164,20 @@ class CausalConv3d(nn.Conv3d):
             s[0] = s[1] = None
         return out
 
+
+    def _step_ring_normed(self, x: torch.Tensor, norm: "RMSNorm", s: list) -> torch.Tensor:
+        """fp32 ring mode on the CPU: the oldest tap is convolved first, which frees its buffer for this
+        frame's normalised input (written there directly: no temporary, no copy)."""
+        w, p = self.weight, self.pad_s
+        out = F.conv2d(s[0], w[:, :, 0], None, padding=p) if s[0] is not None else None
+        dst = s[0] if s[0] is not None else _empty_frame(x)
+        rms_norm_cf_ref(x, norm.gamma.view(-1, 1, 1), None, silu=True, out=dst)
+        y = F.conv2d(dst, w[:, :, 2], self.bias, padding=p)
+        out = y if out is None else out.add_(y)
+        if s[1] is not None:
+            out += F.conv2d(s[1], w[:, :, 1], None, padding=p)
+        s[0], s[1] = s[1], dst
+        return out
 
     def _step_partial(self, x: torch.Tensor, s: list, keep: bool) -> torch.Tensor:
         """Narrowing convs (the decoder head, 96 -> 3) keep partial output sums instead of inputs:
@@ -221,8 +242,8 @@ class ResidualBlock(nn.Module):
 
     def step(self, x: torch.Tensor, st: _State, keep: bool) -> torch.Tensor:
         r = self.residual
-        h = r[2].step(_norm(r[0], x, True), st, keep)
-        h = r[6].step(_norm(r[3], h, True), st, keep)
+        h = r[2].step(x, st, keep, norm=r[0])
+        h = r[6].step(h, st, keep, norm=r[3])
         h += self.shortcut.pointwise(x) if isinstance(self.shortcut, CausalConv3d) else x
         return h
 
