@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+import platform
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -164,8 +165,9 @@ def rope_tables(grid: tuple[int, int, int], rope_dims: tuple[int, int, int], the
     return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
 
 
-# Route the big CPU linears through oneDNN (see `linear`). Module-level so benchmarks can compare.
-ONEDNN_LINEAR = True
+# Route the CPU linears through oneDNN (see `linear`). Module-level so benchmarks can compare. Only on x86,
+# where it was measured; elsewhere (e.g. arm64, where aten may use Accelerate/OpenBLAS) aten's linear runs.
+ONEDNN_LINEAR = platform.machine().lower() in ("x86_64", "amd64")
 _ONEDNN_DTYPES = {torch.float32: True, torch.bfloat16: None}  # bf16: probed once (needs CPU bf16 support)
 
 
