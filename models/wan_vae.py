@@ -196,6 +196,14 @@ class CausalConv3d(nn.Conv3d):
         return out
 
 
+def _trim_rows(x: torch.Tensor, lo: int, hi: int, want_lo: int, want_hi: int) -> tuple:
+    """x holds rows [lo, hi); keep only those within [want_lo, want_hi) (a view)."""
+    new_lo, new_hi = max(lo, want_lo), min(hi, want_hi)
+    if (new_lo, new_hi) == (lo, hi):
+        return lo, hi, x
+    return new_lo, new_hi, x[:, :, new_lo - lo:new_hi - lo]
+
+
 def _frame(x: torch.Tensor) -> torch.Tensor:
     """A frame [B, C, H, W] entering the engine, in the layout the engine runs in. On the CPU that is
     channels-last: oneDNN convolves NHWC natively (NCHW frames are reordered to a blocked layout and
@@ -531,15 +539,21 @@ class WanVAE(nn.Module):
         nearest x2 upsampling followed by its conv maps `n` rows to ceil((n + 1) / 2) at half resolution.
         wan2.1: head + 6 convs = 7 rows at 4x, -> 4 at 2x, + 6 convs -> 10, -> 6 at the split."""
         stop = self.band_split()
-        if stop is None:
-            return 0
-        need = 1  # the head conv
-        for layer in reversed(self.decoder.upsamples[stop:]):
-            if isinstance(layer, Resample):
+        return 0 if stop is None else self._band_needs(stop)[stop]
+
+    def _band_needs(self, stop: int) -> dict:
+        """Layer index (from `stop` on, and "head") -> context rows its input needs beyond the rows
+        kept, at that layer's resolution."""
+        needs = {"head": 1}  # the head conv
+        need = 1
+        layers = self.decoder.upsamples
+        for i in range(len(layers) - 1, stop - 1, -1):
+            if isinstance(layers[i], Resample):
                 need = math.ceil((need + 1) / 2)
             else:  # a residual block: two 3x3 convs
                 need += 2
-        return need
+            needs[i] = need
+        return needs
 
     def _band_rows(self, rows: int, bands: int, halo: int) -> list[tuple[int, int, int, int]]:
         """[(a0, a1, c0, c1)]: band k computes split-resolution rows [a0, a1) and keeps [c0, c1)."""
@@ -563,23 +577,43 @@ class WanVAE(nn.Module):
                 bar.update(1)
         del st
         release_free_heap(out.device)  # the front half's caches go back to the OS before the bands
-        layer = self.decoder.upsamples[stop]
         rows = fronts[0].shape[-2]
-        scale = out.shape[-2] // rows
+        needs = self._band_needs(stop)
         plan = self._band_rows(rows, bands, halo)
         with Progress(total=len(plan) * len(fronts), desc="Wan VAE decode (bands)") as bar:
             for k, (a0, a1, c0, c1) in enumerate(plan):
                 st = _State(ring=True)
                 release_free_heap(out.device)  # the previous band's caches go back to the OS
                 for n in range(len(fronts)):
-                    last = n == len(fronts) - 1
-                    x = layer.spatial(fronts[n][:, :, a0:a1])
+                    x = fronts[n][:, :, a0:a1]
                     if k == len(plan) - 1:
                         fronts[n] = None  # the last band frees the front frames as it goes
-                    (frame,) = self._decode_from(stop + 1, x, st, first=False, last=last)
-                    out[:, :, n, c0 * scale:c1 * scale] = frame[:, :, (c0 - a0) * scale:(c1 - a0) * scale]
+                    lo, hi, frame = self._decode_band_frame(stop, x, a0, a1, c0, c1, needs, st,
+                                                            last=n == len(fronts) - 1)
+                    out[:, :, n, lo:hi] = frame
                     bar.update(1)
         return out
+
+    def _decode_band_frame(self, stop: int, x: torch.Tensor, lo: int, hi: int, c0: int, c1: int,
+                           needs: dict, st: _State, last: bool) -> tuple:
+        """One frame of one band through the back half. x holds rows [lo, hi) at the split resolution,
+        the band keeps [c0, c1). Before each layer the rows beyond what it still needs (`needs`: the
+        receptive field left between that layer and the output) are dropped, so the halo shrinks as the
+        band goes up in resolution instead of being carried (and convolved) at full width to the end.
+        Returns (row0, row1, rows [row0, row1) of the output frame)."""
+        layers = self.decoder.upsamples
+        scale = 1
+        for i in range(stop, len(layers)):
+            lo, hi, x = _trim_rows(x, lo, hi, c0 * scale - needs[i], c1 * scale + needs[i])
+            layer = layers[i]
+            if isinstance(layer, Resample):
+                x, lo, hi, scale = layer.spatial(x), 2 * lo, 2 * hi, 2 * scale
+            else:
+                x = layer.step(x, st, not last)
+        lo, hi, x = _trim_rows(x, lo, hi, c0 * scale - needs["head"], c1 * scale + needs["head"])
+        head = self.decoder.head
+        x = head[2].step(_norm(head[0], x, True), st, not last).clamp_(-1.0, 1.0)
+        return c0 * scale, c1 * scale, x[:, :, c0 * scale - lo:c1 * scale - lo]
 
     def _decode_from(self, i: int, x: torch.Tensor, st: _State, first: bool, last: bool,
                      stop: Optional[int] = None):
