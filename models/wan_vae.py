@@ -312,8 +312,8 @@ class Resample(nn.Module):
     def _kernels(self, dtype: torch.dtype) -> Optional[list]:
         """The sub-pixel kernels, made once per weight version (eager only; traced graphs rebuild them)."""
         w = self.resample[1].weight
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or w.is_meta:
-            return None
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or w.is_meta or w.is_inference():
+            return None  # inference tensors have no version counter: an in-place patch would go unseen
         key = (w.data_ptr(), w._version, w.device, dtype)
         cached = getattr(self, "_sp_cache", None)
         if cached is None or cached[0] != key:
