@@ -39,3 +39,17 @@ def test_14b_model_halves(rows):
     base = rows[("wan2.1-14b", "bf16 (baseline)")]["model_bytes"]
     q = rows[("wan2.1-14b", "int8_weight_only")]["model_bytes"]
     assert 0.5 < q / base < 0.52
+
+
+def test_cpu_table_checks_int8_against_closed_form_and_times_both_fp32_peers():
+    import torch
+
+    from twinflow.benchmarks.quant import cpu_table
+
+    (row,) = cpu_table(tokens=9, repeats=1, shapes=[("odd", 40, 24)])
+    assert row["int8_dynamic_err_vs_closed_form"] < 1e-6
+    assert 0 < row["int8_dynamic_rel_l2_vs_fp32"] < 0.05
+    assert row["fp32_aten_ms"] > 0 and row["int8_dynamic_ms"] > 0
+    if torch.backends.mkldnn.is_available():
+        assert row["fp32_onednn_ms"] > 0 and row["onednn_max_abs_vs_aten"] < 1e-5
+        assert row["int8_dynamic_vs_onednn"] == pytest.approx(row["fp32_onednn_ms"] / row["int8_dynamic_ms"])
