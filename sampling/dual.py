@@ -12,6 +12,7 @@ x = sigma_0*noise + (1-sigma_0)*latent, the solver runs, and the result is de-no
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,21 @@ def _check_channels(latent: torch.Tensor, semantic: Branch, detail: Optional[Bra
                              f"from this model family's VAE")
 
 
+def _enter_text_caches(stack: contextlib.ExitStack, *branches: Optional[Branch]) -> None:
+    """Enter `text_cache()` of each distinct branch module that has one (the Wan DiT) for the run.
+
+    The prompts are fixed during a run, so steps after the first reuse the text embedding and every block's
+    cross-attention K/V; the model checks each call's context and weights against the cached entry, so the
+    result is unchanged. The stack leaves the cache (dropping it) on every exit, errors and interrupts too."""
+    seen = set()
+    for b in branches:
+        module = b.denoiser.module if b is not None else None
+        enter = getattr(module, "text_cache", None)
+        if callable(enter) and id(module) not in seen:
+            seen.add(id(module))
+            stack.enter_context(enter())
+
+
 def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: str = "euler",
            scheduler: str = "simple", shift: float = 8.0, denoise: float = 1.0, detail: Optional[Branch] = None,
            gate: Optional[GateSchedule] = None, over_time: bool = False, width: float = DEFAULT_WIDTH,
@@ -157,7 +173,8 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
         report.alphas.append((alpha, cutoff, ran))
         return x - sigma * v
 
-    with Progress(total=n_steps, desc=desc) as bar:
+    with contextlib.ExitStack() as caches, Progress(total=n_steps, desc=desc) as bar:
+        _enter_text_caches(caches, semantic, detail)
         x = solver(model, x, sigmas, lambda i: bar.update(1))
     out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)
 
