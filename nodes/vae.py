@@ -147,7 +147,8 @@ class TwinFlowVAEDecode:
     RETURN_NAMES = ("images",)
     FUNCTION = "decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Decodes Wan latents to video frames (IMAGE, 0..1) with streaming and optional tiling."
+    DESCRIPTION = ("Decodes Wan latents to video frames (IMAGE, 0..1): streamed in time, exact low-memory row bands "
+                   "for tall frames, optional tiling.")
 
     def decode(self, vae, samples, tiling="auto", tile_size=512, overlap=64, row_bands=0):
         vae = _check_vae(vae)
