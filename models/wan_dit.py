@@ -41,7 +41,6 @@ import contextlib
 import json
 import logging
 import math
-import platform
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core import cpu_linear
 from ..core.errors import CheckpointError, UnsupportedError
 from ..core.log import log_once
 from ..kernels import ops
@@ -165,31 +165,19 @@ def rope_tables(grid: tuple[int, int, int], rope_dims: tuple[int, int, int], the
     return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
 
 
-# Route the CPU linears through oneDNN (see `linear`). Module-level so benchmarks can compare. Only on x86,
-# where it was measured; elsewhere (e.g. arm64, where aten may use Accelerate/OpenBLAS) aten's linear runs.
-ONEDNN_LINEAR = platform.machine().lower() in ("x86_64", "amd64")
-_ONEDNN_DTYPES = {torch.float32: True, torch.bfloat16: None}  # bf16: probed once (needs CPU bf16 support)
+# Route the CPU linears through oneDNN (core.cpu_linear). Module-level so benchmarks can compare; on
+# x86 only, where it was measured.
+ONEDNN_LINEAR = cpu_linear.ONEDNN
 
 
 def _onednn_ok(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `layer(x)` may run as oneDNN's linear instead: the same fp32/bf16 GEMM, bias and
-    output dtype, for a plain nn.Linear on the CPU with no hooks, no autograd and no tracing."""
-    if not ONEDNN_LINEAR or type(layer) is not nn.Linear or type(x) is not torch.Tensor or x.device.type != "cpu":
+    """Whether `layer(x)` may run as oneDNN's linear instead: a plain nn.Linear (not a quantized or
+    subclassed layer) with no hooks, and tensors `cpu_linear.onednn_ok` accepts."""
+    if not ONEDNN_LINEAR or type(layer) is not nn.Linear:
         return False
-    w, dt = layer.weight, x.dtype
-    if w.dtype != dt or dt not in _ONEDNN_DTYPES or not (x.is_contiguous() and w.is_contiguous()):
-        return False
-    if _ONEDNN_DTYPES[dt] is None:
-        _ONEDNN_DTYPES[dt] = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if not _ONEDNN_DTYPES[dt] or (dt == torch.float32 and not torch.backends.mkldnn.is_available()):
-        return False
-    if layer.bias is not None and layer.bias.dtype != dt:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return False  # oneDNN's op has no autograd formula
-    if _has_hooks(layer) or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False  # hooks (quant calibration) must fire; export/compile/ONNX graphs keep aten.linear
-    return True
+    if _has_hooks(layer):
+        return False  # hooks (quant calibration) must fire
+    return cpu_linear.onednn_ok(x, layer.weight, layer.bias)
 
 
 def _has_hooks(*modules: nn.Module) -> bool:
@@ -207,8 +195,7 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu_tanh: bool = False) -> torch.
     the AVX-512 machine we measured (docs/dit.md); oneDNN computes the same fp32 (or bf16 with fp32
     accumulation) GEMM + bias, and can apply the GELU to the fp32 accumulator in the same pass."""
     if _onednn_ok(layer, x):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu_tanh else "none",
-                                                  [], "tanh" if gelu_tanh else "")
+        return cpu_linear.linear(x, layer.weight, layer.bias, gelu_tanh)
     y = layer(x)
     return F.gelu(y, approximate="tanh") if gelu_tanh else y
 
