@@ -201,7 +201,10 @@ def _trim_rows(x: torch.Tensor, lo: int, hi: int, want_lo: int, want_hi: int) ->
     new_lo, new_hi = max(lo, want_lo), min(hi, want_hi)
     if (new_lo, new_hi) == (lo, hi):
         return lo, hi, x
-    return new_lo, new_hi, x[:, :, new_lo - lo:new_hi - lo]
+    x = x[:, :, new_lo - lo:new_hi - lo]
+    # a row slice of an NHWC (CPU) frame is still dense; of an NCHW (CUDA) one it is not, and the fused
+    # norm kernel reads dense NCHW
+    return new_lo, new_hi, (x if x.device.type == "cpu" else x.contiguous())
 
 
 def _frame(x: torch.Tensor) -> torch.Tensor:
