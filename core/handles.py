@@ -7,6 +7,7 @@ Conventions every denoiser follows (Wan's flow matching, same as ComfyUI's `CONS
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -53,3 +54,18 @@ class Denoiser:
         for k, v in changes.items():
             setattr(new, k, v)
         return new
+
+
+def enter_text_caches(stack: contextlib.ExitStack, *denoisers) -> None:
+    """Enter `text_cache()` of each distinct denoiser module that has one (the Wan DiT) for a run.
+
+    The prompts are fixed during a run, so steps after the first reuse the text embedding and every block's
+    cross-attention K/V; the model checks each call's context and weights against the cached entry, so the
+    result is unchanged. The stack leaves the cache (dropping it) on every exit, errors and interrupts too."""
+    seen = set()
+    for d in denoisers:
+        module = getattr(d, "module", None)
+        enter = getattr(module, "text_cache", None)
+        if callable(enter) and id(module) not in seen:
+            seen.add(id(module))
+            stack.enter_context(enter())

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import UnsupportedError
+from ..core.handles import enter_text_caches
 from ..core.progress import Progress, check_interrupt
 from .fusion import DEFAULT_WIDTH, fuse
 from .gates import GateSchedule
@@ -91,21 +92,6 @@ def _check_channels(latent: torch.Tensor, semantic: Branch, detail: Optional[Bra
                              f"from this model family's VAE")
 
 
-def _enter_text_caches(stack: contextlib.ExitStack, *branches: Optional[Branch]) -> None:
-    """Enter `text_cache()` of each distinct branch module that has one (the Wan DiT) for the run.
-
-    The prompts are fixed during a run, so steps after the first reuse the text embedding and every block's
-    cross-attention K/V; the model checks each call's context and weights against the cached entry, so the
-    result is unchanged. The stack leaves the cache (dropping it) on every exit, errors and interrupts too."""
-    seen = set()
-    for b in branches:
-        module = b.denoiser.module if b is not None else None
-        enter = getattr(module, "text_cache", None)
-        if callable(enter) and id(module) not in seen:
-            seen.add(id(module))
-            stack.enter_context(enter())
-
-
 def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: str = "euler",
            scheduler: str = "simple", shift: float = 8.0, denoise: float = 1.0, detail: Optional[Branch] = None,
            gate: Optional[GateSchedule] = None, over_time: bool = False, width: float = DEFAULT_WIDTH,
@@ -174,7 +160,7 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
         return x - sigma * v
 
     with contextlib.ExitStack() as caches, Progress(total=n_steps, desc=desc) as bar:
-        _enter_text_caches(caches, semantic, detail)
+        enter_text_caches(caches, semantic.denoiser, detail.denoiser if detail is not None else None)
         x = solver(model, x, sigmas, lambda i: bar.update(1))
     out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)
 

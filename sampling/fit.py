@@ -11,6 +11,7 @@ accumulated over all draws of a bucket (numerator and denominator summed, then d
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..core.handles import Denoiser
+from ..core.handles import Denoiser, enter_text_caches
 from ..core.progress import Progress
 from .fusion import DEFAULT_WIDTH, split
 from .gates import GateNet, GateNetConfig, save_gate_net, timestep_embedding
@@ -105,7 +106,9 @@ def bucket_alphas(semantic: Denoiser, detail: Denoiser, latents: Sequence[torch.
     edges = torch.linspace(0.0, 1.0, buckets + 1, dtype=torch.float64)
     fit = GateFit(sigmas=[float((edges[b] + edges[b + 1]) / 2) for b in range(buckets)], alphas=[], weights=[])
     device = semantic.device
-    with Progress(total=buckets * draws * len(latents), desc="fit-gate") as bar:
+    # the contexts are fixed for the whole fit: the Wan DiT reuses its text side across the calls
+    with contextlib.ExitStack() as caches, Progress(total=buckets * draws * len(latents), desc="fit-gate") as bar:
+        enter_text_caches(caches, semantic, detail)
         for b in range(buckets):
             num = den = rr = dd = 0.0
             numel = 0

@@ -126,3 +126,20 @@ def test_cache_left_on_interrupt_and_error(stop):
         assert isinstance(seen[0], list) and seen[0] is not outer  # the run had its own cache
         assert len(seen) == 2 and model._text_cache is outer
     assert model._text_cache is None
+
+
+def test_fit_gate_reuses_the_text_side_with_the_same_result():
+    from twinflow.sampling.fit import bucket_alphas
+
+    sem, det = wan(0), wan(1)
+    ctx_s, ctx_d = (torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(s)) for s in (7, 8))
+    lat = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))]
+    kw = dict(buckets=2, draws=2, seed=0, context_semantic=ctx_s, context_detail=ctx_d)
+    with torch.no_grad():
+        want = bucket_alphas(denoiser(Uncached(sem), "s"), denoiser(Uncached(det), "d"), lat, **kw)
+        assert sem.text_calls == det.text_calls == 4  # reference: every call computes the text side
+        sem.text_calls = det.text_calls = 0
+        got = bucket_alphas(denoiser(sem, "s"), denoiser(det, "d"), lat, **kw)
+    assert sem.text_calls == det.text_calls == 1
+    assert got.alphas == want.alphas and got.losses_fused == want.losses_fused
+    assert sem._text_cache is None and det._text_cache is None
