@@ -288,12 +288,19 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
 
-    def forward(self, x, e0, cos, sin, context, bias, kv=None):
+    def forward(self, x, e0, cos, sin, context, bias, kv=None, pending=None, defer: bool = False):
         # x: (B, L, D) float32 residual stream; e0: (B, 6, D) float32; context: (B, Lc, D) compute dtype;
-        # kv: this block's cross-attention (K, V) from WanDiT.text_cache(), or None to compute them
+        # kv: this block's cross-attention (K, V) from WanDiT.text_cache(), or None to compute them.
+        # pending: the previous block's deferred FFN residual (gate, y): x + gate*y and this block's first
+        # LN-modulate run as one fused op (`ops.gated_residual_ln_modulate`). defer=True returns
+        # (x, (gate, y)) instead of applying this block's FFN residual, for the next block (or the head).
         cdt = context.dtype
         m = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x (B, 1, D) fp32
-        h = ops.ln_modulate(x, m[0], m[1], self.eps).to(cdt)
+        if pending is None:
+            h = ops.ln_modulate(x, m[0], m[1], self.eps).to(cdt)
+        else:
+            x, h = ops.gated_residual_ln_modulate(x, pending[0], pending[1], m[0], m[1], self.eps)
+            h = h.to(cdt)
         x = ops.gated_residual(x, m[2], self.self_attn(h, cos, sin))
         if isinstance(self.norm3, nn.LayerNorm):
             h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
@@ -301,7 +308,10 @@ class WanAttentionBlock(nn.Module):
             h = x
         x = x + self.cross_attn(h.to(cdt), context, bias, kv)  # fp32 + bf16 promotes per element: no fp32 copy
         h = ops.ln_modulate(x, m[3], m[4], self.eps).to(cdt)
-        return ops.gated_residual(x, m[5], mlp(self.ffn, h))
+        y = mlp(self.ffn, h)
+        if defer:
+            return x, (m[5], y)
+        return ops.gated_residual(x, m[5], y)
 
 
 class Head(nn.Module):
@@ -313,10 +323,14 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
 
-    def forward(self, x, e):
-        # x: (B, L, D) fp32; e: (B, D) fp32 -- the time embedding itself, not the 6-way projection
+    def forward(self, x, e, pending=None):
+        # x: (B, L, D) fp32; e: (B, D) fp32 -- the time embedding itself, not the 6-way projection;
+        # pending: the last block's deferred FFN residual (gate, y), fused with the head's LN-modulate
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
-        h = ops.ln_modulate(x, shift, scale, self.eps)
+        if pending is None:
+            h = ops.ln_modulate(x, shift, scale, self.eps)
+        else:
+            _, h = ops.gated_residual_ln_modulate(x, pending[0], pending[1], shift, scale, self.eps)
         return linear(self.head, h.to(_float_dtype(self.head))).float()  # (B, L, prod(patch)*out_dim)
 
 
@@ -486,9 +500,11 @@ class WanDiT(nn.Module):
         cos, sin = self._rope(grid, x.device)  # (L, Dh/2) fp32
 
         h = self._embed_patches(x.to(cdt)).float()  # (B, L, D) fp32 stream
+        pending = None  # each block's FFN residual is fused with the next LN-modulate (see the block)
         for i, block in enumerate(self.blocks):
-            h = block(h, e0, cos, sin, context, bias, None if kvs is None else kvs[i])
-        out = self.head(h, e)  # (B, L, pt*ph*pw*C), channels fastest
+            h, pending = block(h, e0, cos, sin, context, bias, None if kvs is None else kvs[i],
+                               pending=pending, defer=True)
+        out = self.head(h, e, pending)  # (B, L, pt*ph*pw*C), channels fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, t, hh, ww).to(x.dtype)
 

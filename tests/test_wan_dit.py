@@ -63,6 +63,35 @@ def _padded(ctx, text_len=512):
     return torch.cat([ctx, ctx.new_zeros(ctx.shape[0], text_len - ctx.shape[1], ctx.shape[2])], dim=1)
 
 
+def test_ffn_residual_runs_fused_with_the_next_ln_modulate(monkeypatch):
+    """Each block's FFN residual x + gate*y is applied by the next block's (or the head's) first
+    LN-modulate as one `ops.gated_residual_ln_modulate` call; the result is the unfused block-by-block one."""
+    from twinflow.kernels import ops
+
+    model = _randomize(W.random_wan_dit("tiny", seed=0), seed=5)
+    assert len(model.blocks) >= 2
+    x, t, ctx = torch.randn(1, 16, 2, 4, 6), torch.tensor([500.0]), torch.randn(1, 5, 4096)
+    calls = {"fused": 0, "gated": 0}
+    fused, gated = ops.gated_residual_ln_modulate, ops.gated_residual
+    monkeypatch.setattr(ops, "gated_residual_ln_modulate", lambda *a: calls.__setitem__("fused", calls["fused"] + 1) or fused(*a))
+    monkeypatch.setattr(ops, "gated_residual", lambda *a: calls.__setitem__("gated", calls["gated"] + 1) or gated(*a))
+    with torch.no_grad():
+        got = model(x, t, ctx)
+    # one fused call per block boundary and one into the head; the self-attention residual stays a plain one
+    assert calls == {"fused": len(model.blocks), "gated": len(model.blocks)}
+    unfused_forward = W.WanAttentionBlock.forward
+
+    def unfused(self, h, *a, pending=None, defer=False, **k):
+        if pending is not None:  # apply the previous block's residual on its own, then the plain block
+            h = gated(h, pending[0], pending[1])
+        return unfused_forward(self, h, *a, **k), None
+
+    monkeypatch.setattr(W.WanAttentionBlock, "forward", unfused)
+    with torch.no_grad():
+        want = model(x, t, ctx)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 def test_tiny_matches_diffusers(fold):
     model = _randomize(W.random_wan_dit("tiny", seed=0), seed=1)
