@@ -12,13 +12,12 @@ import torch
 from ..core import paths
 from ..core.errors import CheckpointError
 from ..core.handles import Denoiser
+from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 logger = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
 RANDOM_PRESETS = ("tiny", "wan2.1-1.3b")  # random 14B weights (56 GB in fp32) are not offered
 PRESET_CHOICES = ("auto", "tiny", "wan2.1-1.3b", "wan2.1-14b")
-DTYPE_CHOICES = ("default", "fp32", "fp16", "bf16")
 
 
 def wan_denoiser(module, name: str, source: str) -> Denoiser:
@@ -36,7 +35,7 @@ class TwinFlowLoadDiT:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = [RANDOM_PREFIX + p for p in RANDOM_PRESETS] + paths.list_models("diffusion_models")
+        names = model_names("diffusion_models", RANDOM_PRESETS)
         return {
             "required": {
                 "ckpt_name": (names, {"tooltip": "A Wan2.1 T2V checkpoint from models/diffusion_models (official, "
@@ -49,8 +48,7 @@ class TwinFlowLoadDiT:
                 "preset": (list(PRESET_CHOICES), {"default": "auto",
                                                   "tooltip": "Force a Wan config instead of detecting it from tensor "
                                                              "shapes; the file is still checked strictly."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": False,
-                                 "tooltip": "Seed of the random weights (random:<preset> only)."}),
+                "seed": weight_seed(),
             }
         }
 
@@ -66,11 +64,8 @@ class TwinFlowLoadDiT:
 
         torch_dtype = loading.parse_dtype(dtype)
         forced = None if preset == "auto" else preset
-        if ckpt_name.startswith(RANDOM_PREFIX):
-            name = ckpt_name[len(RANDOM_PREFIX):]
-            if name not in wan_dit.PRESETS:
-                raise ValueError(f"unknown random preset {ckpt_name!r}; expected one of "
-                                 f"{[RANDOM_PREFIX + p for p in RANDOM_PRESETS]}")
+        name = random_preset(ckpt_name, RANDOM_PRESETS, wan_dit.PRESETS, "preset")
+        if name is not None:
             if forced is not None and forced != name:
                 raise ValueError(f"preset override {forced!r} conflicts with {ckpt_name!r}; set preset to 'auto' or "
                                  f"pick random:{forced}")

@@ -7,12 +7,11 @@ import logging
 from ..core import paths
 from ..core.handles import Denoiser
 from ..core.outputs import atomic_numbered, resolve_prefix, ui_entry
+from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 logger = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
 RANDOM_PRESETS = ("default", "tiny")
-DTYPE_CHOICES = ("default", "fp32", "fp16", "bf16")
 
 
 class TwinFlowLoadRefiner:
@@ -20,7 +19,7 @@ class TwinFlowLoadRefiner:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = [RANDOM_PREFIX + p for p in RANDOM_PRESETS] + paths.list_models("twinflow")
+        names = model_names("twinflow", RANDOM_PRESETS)
         return {
             "required": {
                 "refiner_name": (names, {"tooltip": "A refiner .safetensors from models/twinflow (written by TwinFlow "
@@ -30,8 +29,7 @@ class TwinFlowLoadRefiner:
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
                                                 "tooltip": "Weight dtype. 'default' keeps the file's dtype (fp32 for "
                                                            "random presets). Norms and time embedding run in fp32."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "step": 1, "control_after_generate": False,
-                                 "tooltip": "Seed of the random weights (random:<preset> only)."}),
+                "seed": weight_seed(2**31 - 1),
             }
         }
 
@@ -46,11 +44,8 @@ class TwinFlowLoadRefiner:
         from ..models import loading, refiner
 
         torch_dtype = loading.parse_dtype(dtype)
-        if refiner_name.startswith(RANDOM_PREFIX):
-            preset = refiner_name[len(RANDOM_PREFIX):]
-            if preset not in refiner.PRESETS:
-                raise ValueError(f"unknown random refiner {refiner_name!r}; expected one of "
-                                 f"{[RANDOM_PREFIX + p for p in RANDOM_PRESETS]}")
+        preset = random_preset(refiner_name, RANDOM_PRESETS, refiner.PRESETS, "refiner")
+        if preset is not None:
             model, cfg = refiner.random_refiner(preset, seed=int(seed), dtype=torch_dtype)
             return (refiner.make_denoiser(model, cfg, name=refiner_name, source=f"random seed {seed}"),)
         path = paths.find_model("twinflow", refiner_name)

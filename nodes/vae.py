@@ -10,13 +10,12 @@ import logging
 import torch
 
 from ..core import paths
+from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "TwinFlow/vae"
-RANDOM_PREFIX = "random:"
 RANDOM_PRESETS = ("tiny", "wan2.1")
-DTYPE_CHOICES = ("default", "fp32", "fp16", "bf16")
 TILING_CHOICES = ("auto", "off", "custom")
 MAX_RESOLUTION = 16384
 
@@ -38,7 +37,7 @@ class TwinFlowLoadVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = [RANDOM_PREFIX + p for p in RANDOM_PRESETS] + paths.list_models("vae")
+        names = model_names("vae", RANDOM_PRESETS)
         return {
             "required": {
                 "vae_name": (names, {"tooltip": "A Wan2.1 VAE from models/vae (Wan2.1_VAE.pth or "
@@ -47,8 +46,7 @@ class TwinFlowLoadVAE:
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
                                                 "tooltip": "Weights/compute dtype. 'default' keeps the file's dtype "
                                                            "(fp32 for random presets)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": False,
-                                 "tooltip": "Seed of the random weights (random:<preset> only)."}),
+                "seed": weight_seed(),
             }
         }
 
@@ -62,11 +60,8 @@ class TwinFlowLoadVAE:
         from ..models import loading, wan_vae
 
         torch_dtype = loading.parse_dtype(dtype)
-        if vae_name.startswith(RANDOM_PREFIX):
-            preset = vae_name[len(RANDOM_PREFIX):]
-            if preset not in wan_vae.PRESETS:
-                raise ValueError(f"unknown random VAE {vae_name!r}; expected one of "
-                                 f"{[RANDOM_PREFIX + p for p in RANDOM_PRESETS]}")
+        preset = random_preset(vae_name, RANDOM_PRESETS, wan_vae.PRESETS, "VAE")
+        if preset is not None:
             return (wan_vae.random_wan_vae(preset, seed=int(seed), dtype=torch_dtype or torch.float32),)
         path = paths.find_model("vae", vae_name)
         return (wan_vae.load_wan_vae(path, dtype=torch_dtype),)
