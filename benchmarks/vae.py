@@ -33,18 +33,18 @@ import tempfile
 import time
 
 CASES = {
-    # name: (op, shape, dtype, tiled)
-    "dec32": ("decode", (1, 16, 3, 32, 32), "float32", False),
-    "dec32bf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", False),
+    # name: (op, shape, dtype, mode): mode None = defaults, "tiled" = both tile, an int = our `bands`
+    "dec32": ("decode", (1, 16, 3, 32, 32), "float32", None),
+    "dec32bf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", None),
     # ours with bands=1 (whole frames: fastest, most memory); the two above use the default (auto: 2 exact
     # row bands at this size). diffusers is the same untiled decode in all four.
     "dec32whole": ("decode", (1, 16, 3, 32, 32), "float32", 1),
     "dec32wholebf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", 1),
-    "enc256": ("encode", (1, 3, 9, 256, 256), "float32", False),
-    "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", False),
-    "dectiled48": ("decode", (1, 16, 2, 48, 48), "float32", True),
-    "dectiled40": ("decode", (1, 16, 2, 40, 40), "float32", True),
-    "smoke": ("decode", (1, 16, 2, 4, 4), "float32", False),  # seconds; checks the harness
+    "enc256": ("encode", (1, 3, 9, 256, 256), "float32", None),
+    "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", None),
+    "dectiled48": ("decode", (1, 16, 2, 48, 48), "float32", "tiled"),
+    "dectiled40": ("decode", (1, 16, 2, 40, 40), "float32", "tiled"),
+    "smoke": ("decode", (1, 16, 2, 4, 4), "float32", None),  # seconds; checks the harness
 }
 
 
@@ -60,7 +60,7 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    op, shape, dtype_name, tiled = CASES[case]
+    op, shape, dtype_name, mode = CASES[case]
     dtype = getattr(torch, dtype_name)
     from twinflow.models.wan_vae import random_wan_vae
 
@@ -71,7 +71,8 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
     if impl == "ours":
         model = ours
         if op == "decode":
-            tile = dict(tiling="on", tile=(32, 8)) if tiled is True else dict(bands=tiled) if tiled else {}
+            tile = (dict(tiling="on", tile=(32, 8)) if mode == "tiled" else
+                    dict(bands=mode) if isinstance(mode, int) else {})
             run = lambda inp: model.decode(inp, **tile)  # noqa: E731
         else:
             run = model.encode
@@ -87,7 +88,7 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
         model.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
         model = model.to(dtype)
         del sd
-        if tiled is True:
+        if mode == "tiled":
             model.enable_tiling()
         if op == "decode":
             run = lambda inp: model.decode(inp).sample  # noqa: E731
@@ -161,8 +162,8 @@ def main(argv=None) -> int:
             diff = (torch.load(outs["ours"]) - torch.load(outs["diffusers"])).abs().max().item()
             med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "cpu_seconds", "peak_above_model_mib")}
                    for k, v in res.items()}
-            op, shape, dtype, tiled = CASES[case]
-            row = {"case": case, "op": op, "shape": shape, "dtype": dtype, "tiled": tiled, "median": med,
+            op, shape, dtype, mode = CASES[case]
+            row = {"case": case, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "median": med,
                    "runs": res, "speedup": med["diffusers"]["seconds"] / med["ours"]["seconds"],
                    "cpu_speedup": med["diffusers"]["cpu_seconds"] / med["ours"]["cpu_seconds"],
                    "memory_ratio": med["ours"]["peak_above_model_mib"] / max(1e-9, med["diffusers"]["peak_above_model_mib"]),
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["median"]
-        print(f"| {r['case']} | {r['op']}{' tiled' if r['tiled'] is True else ' bands=1' if r['tiled'] == 1 else ''} | {'x'.join(map(str, r['shape']))} | "
+        print(f"| {r['case']} | {r['op']}{' tiled' if r['mode'] == 'tiled' else f' bands={r["mode"]}' if r['mode'] else ''} | {'x'.join(map(str, r['shape']))} | "
               f"{r['dtype']} | {m['ours']['seconds']:.1f} ({m['ours']['cpu_seconds']:.1f}) | "
               f"{m['diffusers']['seconds']:.1f} ({m['diffusers']['cpu_seconds']:.1f}) | "
               f"{r['speedup']:.2f}x / {r['cpu_speedup']:.2f}x | "
