@@ -131,6 +131,10 @@ def _run_child(impl, case, threads, tmp, mmap_threshold=0):
     return json.loads(res.stdout.strip().splitlines()[-1]), out
 
 
+def _mode_label(mode) -> str:
+    return " tiled" if mode == "tiled" else f" bands={mode}" if mode else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="dec32,dec32bf16,dec32whole,enc256,dectiled48")
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["median"]
-        print(f"| {r['case']} | {r['op']}{' tiled' if r['mode'] == 'tiled' else f' bands={r["mode"]}' if r['mode'] else ''} | {'x'.join(map(str, r['shape']))} | "
+        print(f"| {r['case']} | {r['op']}{_mode_label(r['mode'])} | {'x'.join(map(str, r['shape']))} | "
               f"{r['dtype']} | {m['ours']['seconds']:.1f} ({m['ours']['cpu_seconds']:.1f}) | "
               f"{m['diffusers']['seconds']:.1f} ({m['diffusers']['cpu_seconds']:.1f}) | "
               f"{r['speedup']:.2f}x / {r['cpu_speedup']:.2f}x | "
