@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 from ..core import paths
 from ..core.errors import WorkflowError
