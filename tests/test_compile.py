@@ -142,6 +142,8 @@ def test_aoti_default_batch_1_and_2_one_build_warm_hit_without_export_weight_swa
     torch.testing.assert_close(again.module(x, torch.tensor([300.0]), None), dit2(x, torch.tensor([300.0]), None))
     with pytest.raises(ValueError, match="do not fit the compiled graph"):
         again.module.update_weights(random_wan_dit(config=with_config(dit.config, num_layers=2)))
+    with pytest.raises(TypeError, match="update_weights needs a Wan DiT"):
+        again.module.update_weights({"blocks.0.q.weight": torch.zeros(1)})  # a state dict, not a module
 
     # a cached package that does not load (e.g. other constants) is removed and rebuilt, then verified
     monkeypatch.undo()

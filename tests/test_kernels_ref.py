@@ -362,3 +362,16 @@ def test_second_import_under_another_name_reuses_the_ops(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_rms_norm_cf_ref_out_writes_in_place_and_refuses_what_it_cannot_write():
+    x = rand((1, 6, 3, 4), torch.float32, 2.0).contiguous(memory_format=torch.channels_last)
+    gamma = rand((6, 1, 1), torch.float32)
+    out = torch.empty_like(x)
+    got = ops.rms_norm_cf_ref(x, gamma, None, silu=True, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, ops.rms_norm_cf_ref(x, gamma, None, silu=True))
+    with pytest.raises(ValueError, match="out="):
+        ops.rms_norm_cf_ref(x, gamma, gamma, out=out)  # a bias cannot be fused into the out= path
+    with pytest.raises(ValueError, match="out="):
+        ops.rms_norm_cf_ref(x, gamma, None, out=torch.empty(1, 6, 3, 5))
