@@ -105,6 +105,17 @@ def test_decode_matches_diffusers(tiny, tiny_ref, latents):
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
+def test_banded_decode_matches_diffusers(tiny, tiny_ref):
+    # the default for tall frames (auto: here 3 exact row bands) against diffusers directly
+    z = torch.randn(1, 16, 3, 30, 5, generator=torch.Generator().manual_seed(4))
+    assert tiny.auto_bands(z.shape) == 3
+    ours = tiny.decode(z)
+    with torch.inference_mode():
+        ref = tiny_ref.decode(z).sample
+    assert ours.shape == ref.shape == (1, 3, 9, 240, 40)
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
 def test_real_config_small_decode_matches_diffusers():
     model = random_wan_vae("wan2.1", seed=3)
     ref = _diffusers_twin(model)
@@ -251,37 +262,57 @@ def test_memory_planning_tiles_or_refuses_up_front(tiny, monkeypatch, caplog):
         tiny.decode(z, tiling="auto")
 
 
-def test_banded_decode_is_exact_and_its_halo_is_tight(tiny):
-    # The layers after the last temporal upsampling are local in space, so bands with a halo of
-    # `band_halo()` rows reproduce the whole-frame decode (float64: to 1e-12, summation order only).
-    # One row less is wrong.
+def test_banded_decode_is_exact_and_computes_every_row_once(tiny, monkeypatch):
+    # The layers after the last temporal upsampling are local in space, so bands that carry the rows
+    # their 3x3 convs read across a band edge reproduce the whole-frame decode (float64: to 1e-12,
+    # summation order only), and no conv computes a row twice or a row that is thrown away.
     vae = copy.deepcopy(tiny).double()
     assert vae.band_halo() == 6  # head + 6 convs at 4x -> 4 at 2x, + 6 convs -> 10 at 2x -> 6 at the split
     g = torch.Generator().manual_seed(21)
-    for shape, bands in (((1, 16, 3, 12, 6), 2), ((1, 16, 3, 12, 6), 3), ((2, 16, 2, 9, 7), 4), ((1, 16, 1, 7, 5), 2)):
+    # (2, 16, 2, 9, 7) x 4: 18 split rows -> bands of 4, 5, 9 rows (a last band no taller than the halo is merged)
+    for shape, bands in (((1, 16, 3, 12, 6), 2), ((1, 16, 3, 12, 6), 3), ((2, 16, 2, 9, 7), 4), ((1, 16, 1, 7, 5), 2),
+                         ((1, 16, 2, 13, 3), 5)):
         z = torch.randn(shape, generator=g, dtype=torch.float64)
         ref = vae.decode(z, bands=1)
         assert (vae.decode(z, bands=bands) - ref).abs().max().item() < 1e-12, (shape, bands)
-    z = torch.randn(1, 16, 3, 12, 6, generator=g, dtype=torch.float64)
-    with torch.inference_mode():
-        short = vae._decode_banded(z, 3, torch.empty_like(ref := vae.decode(z, bands=1)), halo=vae.band_halo() - 1)
-    assert (short - ref).abs().max().item() > 1e-9
+    assert vae._band_rows(18, 4, 6) == [(0, 4), (4, 9), (9, 18)]
+    assert vae._band_rows(24, 1, 6) == [(0, 24)]
+    # every output row of every banded conv exactly once per frame (whole frames: rows x frames)
+    rows_done = {}
+    real = wan_vae.CausalConv3d.step_rows
+
+    def counting(self, pieces, pad, st, keep, norm):
+        out = real(self, pieces, pad, st, keep, norm)
+        rows_done[id(self)] = rows_done.get(id(self), 0) + out.shape[2]
+        return out
+
+    monkeypatch.setattr(wan_vae.CausalConv3d, "step_rows", counting)
+    z = torch.randn(1, 16, 2, 12, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(vae.decode(z, bands=3), vae.decode(z, bands=1), rtol=0, atol=1e-12)
+    head = vae.decoder.head[2]
+    assert rows_done.pop(id(head)) == 5 * 96  # 5 frames of 96 rows
+    convs = [m for layer in vae.decoder.upsamples[vae.band_split() + 1:] if isinstance(layer, wan_vae.ResidualBlock)
+             for m in (layer.residual[2], layer.residual[6])]
+    assert sorted(rows_done) == sorted(id(m) for m in convs)
+    assert sorted(set(rows_done.values())) == [5 * 48, 5 * 96]  # 48-row convs at 2x, 96-row at 4x
 
 
 def test_banded_decode_fp32_matches_and_auto_policy(tiny, monkeypatch):
     z = torch.randn(1, 16, 2, 10, 6, generator=torch.Generator().manual_seed(22))
     torch.testing.assert_close(tiny.decode(z, bands=3), tiny.decode(z, bands=1), rtol=0, atol=2e-6)
-    # auto: 2 bands once a band's halo costs <= ~20% of its rows, else whole frames
-    assert tiny.auto_bands((1, 16, 2, 10, 6)) == 1
-    assert tiny.auto_bands((1, 16, 2, 30, 6)) == 2
+    # auto: bands of >= 3 x halo split rows (halo 6; split rows = 2 x latent rows), else whole frames
+    assert tiny.auto_bands((1, 16, 2, 8, 6)) == 1
+    assert tiny.auto_bands((1, 16, 2, 9, 6)) == 1
+    assert tiny.auto_bands((1, 16, 2, 18, 6)) == 2
+    assert tiny.auto_bands((1, 16, 2, 30, 6)) == 3
     calls = []
     real = wan_vae.WanVAE._decode_banded
-    monkeypatch.setattr(wan_vae.WanVAE, "_decode_banded", lambda self, z, b, out, halo=None: calls.append(b) or real(self, z, b, out, halo))
+    monkeypatch.setattr(wan_vae.WanVAE, "_decode_banded", lambda self, z, b, out: calls.append(b) or real(self, z, b, out))
     tall = torch.randn(1, 16, 1, 30, 2, generator=torch.Generator().manual_seed(23))
     tiny.decode(tall)
-    assert calls == [2]
+    assert calls == [3]
     tiny.decode(tall, callback=lambda i, f: None)  # a per-frame callback streams whole frames
-    assert calls == [2]
+    assert calls == [3]
     with pytest.raises(ValueError, match="callback needs bands=1"):
         tiny.decode(tall, bands=2, callback=lambda i, f: None)
     with pytest.raises(ValueError, match="bands must be"):
