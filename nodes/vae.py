@@ -131,10 +131,11 @@ class TwinFlowVAEDecode:
             "optional": {
                 "row_bands": ("INT", {"default": 0, "min": 0, "max": 64,
                                       "tooltip": "Exact low-memory decode: the full-resolution layers run in "
-                                                 "horizontal bands with a halo, so only one band's caches are "
-                                                 "alive; the result equals the whole-frame decode (unlike tiles). "
-                                                 "0 = auto (2 bands for frames from 240 px, more only if memory "
-                                                 "needs it), 1 = whole frames (fastest, most memory)."}),
+                                                 "horizontal bands that pass their edge rows on to the next "
+                                                 "band, so only one band's caches are alive and no row is "
+                                                 "computed twice; the result equals the whole-frame decode "
+                                                 "(unlike tiles). 0 = auto (bands of >= 72 px, e.g. 3 at 256 px; "
+                                                 "more if memory needs it), 1 = whole frames (most memory)."}),
             },
         }
 
