@@ -643,14 +643,14 @@ class WanVAE(nn.Module):
         """Index in `decoder.upsamples` of the last upsample3d, or None. Everything after its time conv
         is local in space (3x3 convs, the per-pixel RMS norm, SiLU, nearest upsampling): no attention,
         no other global op. So from its spatial upsampling on, rows can be decoded in horizontal bands
-        with a halo and cropped, and the result is the untiled decode (unlike tiling, no blending)."""
+        (see `_decode_banded`), and the result is the untiled decode (unlike tiling, no blending)."""
         idx = [i for i, m in enumerate(self.decoder.upsamples)
                if isinstance(m, Resample) and m.mode == "upsample3d"]
         return idx[-1] if idx else None
 
     def band_halo(self) -> int:
-        """Halo rows (at the split resolution) that make a band exact: the receptive field of the back
-        half, walked from the output backwards. Each 3x3 conv widens it by one row at its resolution; a
+        """The receptive field of the back half in rows at the split resolution: how far past its own end
+        a band computes rows for the next one (see `_decode_banded`), walked from the output backwards. Each 3x3 conv widens it by one row at its resolution; a
         nearest x2 upsampling followed by its conv maps `n` rows to ceil((n + 1) / 2) at half resolution.
         wan2.1: head + 6 convs = 7 rows at 4x, -> 4 at 2x, + 6 convs -> 10, -> 6 at the split."""
         stop = self.band_split()

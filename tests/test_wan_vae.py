@@ -271,7 +271,7 @@ def test_banded_decode_is_exact_and_computes_every_row_once(tiny, monkeypatch):
     g = torch.Generator().manual_seed(21)
     # (2, 16, 2, 9, 7) x 4: 18 split rows -> bands of 4, 5, 9 rows (a last band no taller than the halo is merged)
     for shape, bands in (((1, 16, 3, 12, 6), 2), ((1, 16, 3, 12, 6), 3), ((2, 16, 2, 9, 7), 4), ((1, 16, 1, 7, 5), 2),
-                         ((1, 16, 2, 13, 3), 5)):
+                         ((1, 16, 2, 13, 3), 5), ((1, 16, 2, 12, 5), 24)):  # the last: 1-row bands
         z = torch.randn(shape, generator=g, dtype=torch.float64)
         ref = vae.decode(z, bands=1)
         assert (vae.decode(z, bands=bands) - ref).abs().max().item() < 1e-12, (shape, bands)
