@@ -902,10 +902,14 @@ class WanVAE(nn.Module):
 
     def auto_bands(self, latent_shape) -> int:
         """The default band count: bands of at least 3 x halo split-resolution rows (wan2.1: 72 output
-        rows), at least 1. Bands compute no row twice, so more bands cost only smaller convolutions and a
-        few carried rows; measured at 9x256x256 (3 bands) as fast as whole frames with 0.4x the memory."""
-        rows = self._split_rows(latent_shape)
-        return max(1, rows // (3 * max(1, self.band_halo())))
+        rows), if that needs less memory than whole frames, else 1. Bands compute no row twice, so they
+        cost only smaller convolutions and a few carried rows: measured at 9x256x256 (3 bands) as fast as
+        whole frames with 0.4x the memory. But a banded decode keeps the front half's output of every
+        frame, so for long videos whole frames need less (wan2.1 at 720p: from ~30 frames)."""
+        bands = max(1, self._split_rows(latent_shape) // (3 * max(1, self.band_halo())))
+        if bands > 1 and self.estimate_decode_bytes(latent_shape, bands=bands) >= self.estimate_decode_bytes(latent_shape):
+            return 1
+        return bands
 
     def _split_rows(self, latent_shape) -> int:
         stop = self.band_split()
@@ -1019,7 +1023,8 @@ def estimate_decode_bytes(cfg: WanVAEConfig, latent_shape, dtype: torch.dtype, t
     (+ an fp32 weight map when tiled). With `bands` > 1 (the decoder's levels after its last temporal
     upsampling run band by band, see `WanVAE._decode_banded`): the front levels' caches and working
     set plus the kept front frames, or the kept front frames plus one band (its rows + the halo it
-    computes for the next band, at most the whole frame) of the back levels' caches and working set,
+    computes for the next band, at most the whole frame) of the back levels' caches and working set and
+    the rows carried between bands (they grow with the frame count, like the kept front frames),
     whichever is larger."""
     b, _, t, h, w = (int(s) for s in latent_shape)
     es = torch.empty((), dtype=dtype).element_size()
@@ -1031,9 +1036,11 @@ def estimate_decode_bytes(cfg: WanVAEConfig, latent_shape, dtype: torch.dtype, t
     px = th * tw  # pixels per frame at the current decoder level
     cache = [2 * cfg.z_dim * px + 4 * 2 * dims[0] * px, 0]  # [front, back]: conv1, middle (2 blocks x 2 convs)
     work = [0, 0]
-    fronts, rows = 0, th
+    fronts, rows, carry = 0, th, 0
     for i in range(len(dims) - 1):
         side = 0 if split is not None and i <= split else 1
+        if side:  # rows carried between bands: 2 input rows per conv (and upsampling) and frame
+            carry += 2 * tw * 2 ** i * dims[i + 1] * (2 * (cfg.num_res_blocks + 1) + 1)
         in_dim = dims[i] if i == 0 else dims[i] // 2
         for k in range(cfg.num_res_blocks + 1):
             cache[side] += 2 * px * ((in_dim if k == 0 else dims[i + 1]) + dims[i + 1])
@@ -1052,7 +1059,9 @@ def estimate_decode_bytes(cfg: WanVAEConfig, latent_shape, dtype: torch.dtype, t
     if bands <= 1 or split is None:
         return int(b * (sum(cache) + max(work)) * es + out_bytes)
     frac = min(1.0, (math.ceil(rows / bands) + halo) / rows)
-    peak = max(cache[0] + work[0] + fronts, fronts + frac * (cache[1] + work[1]))
+    frames = 1 + cfg.temporal_ratio * (t - 1)
+    carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
+    peak = max(cache[0] + work[0] + fronts, fronts + frac * (cache[1] + work[1]) + carried)
     return int(b * peak * es + out_bytes)
 
 
