@@ -39,6 +39,9 @@ CASES = {
     # ours with bands=1 (whole frames: fastest, most memory); the two above use the default (auto: 2 exact
     # row bands at this size). diffusers is the same untiled decode in all four.
     "dec32whole": ("decode", (1, 16, 3, 32, 32), "float32", 1),
+    # a larger frame: auto picks 7 bands (64 latent rows -> 128 split rows); bands=1 for comparison
+    "dec64": ("decode", (1, 16, 2, 64, 64), "float32", None),
+    "dec64whole": ("decode", (1, 16, 2, 64, 64), "float32", 1),
     "dec32wholebf16": ("decode", (1, 16, 3, 32, 32), "bfloat16", 1),
     "enc256": ("encode", (1, 3, 9, 256, 256), "float32", None),
     "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", None),
