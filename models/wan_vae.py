@@ -453,8 +453,8 @@ class Resample(nn.Module):
 
 def _subpixel_kernels(w: torch.Tensor, dtype: torch.dtype) -> list:
     """The four (O, C, 2, 2) kernels of `_upsample2x_conv3x3` for output phases (a, c) = 00, 01, 10, 11,
-    summed in fp32 and rounded once to `dtype`; channels-last on the CPU like the frames."""
-    w = w.float()
+    summed in fp32 (or float64) and rounded once to `dtype`; channels-last on the CPU like the frames."""
+    w = w.to(torch.promote_types(w.dtype, torch.float32))  # fp32 sums for fp16/bf16 weights, float64 stays
     rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
             torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
     fmt = torch.channels_last if w.device.type == "cpu" else torch.contiguous_format

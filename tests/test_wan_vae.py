@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from twinflow.core.errors import CheckpointError
 from twinflow.models import wan_vae
@@ -476,3 +477,34 @@ def test_cuda_decode_matches_cpu(tiny):
     torch.testing.assert_close(gpu.decode(z).cpu(), tiny.decode(z), rtol=0, atol=1e-4)
     torch.testing.assert_close(gpu.decode(z, tiling="on", tile=(2, 1)).cpu(),
                                tiny.decode(z, tiling="on", tile=(2, 1)), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_subpixel_upsample_conv_equals_nearest_upsample_then_conv(layout):
+    # the sub-pixel form of Resample's upsampling (NHWC on the CPU engine, NCHW as on CUDA)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    w, b = torch.randn(4, 6, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"), w, b, padding=1)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = wan_vae._upsample2x_conv3x3(x, w, b)
+    assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-12
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
+
+
+def test_band_upsampling_rows_equal_slices_of_the_whole_frame():
+    # Resample.spatial_rows: any output row window [lo, hi) (lo even) from just the low-res rows it reads
+    g = torch.Generator().manual_seed(6)
+    up = wan_vae.Resample(6, "upsample2d").double()
+    with torch.no_grad():
+        for p in up.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(1, 6, 9, 4, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        whole = up.spatial(x)
+        for lo, hi in ((0, 18), (0, 5), (4, 11), (6, 18), (10, 17), (16, 18), (2, 3)):
+            a, b = max(0, lo // 2 - 1), min(9, hi // 2 + 1)
+            pieces = [x[:, :, a:a + 1], x[:, :, a + 1:b]] if b - a > 1 else [x[:, :, a:b]]  # split like carried + own
+            got = up.spatial_rows(pieces, 9, lo, hi)
+            assert (got - whole[:, :, lo:hi]).abs().max().item() < 1e-12, (lo, hi)
