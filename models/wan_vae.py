@@ -251,7 +251,8 @@ class _Band:
             pieces.append((lo, x[:, :, lo - r0:end - r0]))
         pieces += _row_slice(src, max(lo, own), hi)
         if sum(x.shape[2] for _, x in pieces) != hi - lo:
-            raise RuntimeError(f"banded decode: layer {key} needs input rows [{lo}, {hi}), has {[(r, x.shape[2]) for r, x in pieces]}")
+            have = [(r, r + x.shape[2]) for r, x in pieces]
+            raise RuntimeError(f"banded decode: layer {key} needs input rows [{lo}, {hi}), has {have}")
         if store and self.stored is not None and nxt < hi:
             r0 = max(nxt, lo)
             if key not in self.stored:  # one buffer for all frames: a few long-lived allocations, not one per frame
@@ -650,8 +651,9 @@ class WanVAE(nn.Module):
 
     def band_halo(self) -> int:
         """The receptive field of the back half in rows at the split resolution: how far past its own end
-        a band computes rows for the next one (see `_decode_banded`), walked from the output backwards. Each 3x3 conv widens it by one row at its resolution; a
-        nearest x2 upsampling followed by its conv maps `n` rows to ceil((n + 1) / 2) at half resolution.
+        a band computes rows for the next one (see `_decode_banded`), walked from the output backwards.
+        Each 3x3 conv widens it by one row at its resolution; a nearest x2 upsampling followed by its conv
+        maps `n` rows to ceil((n + 1) / 2) at half resolution.
         wan2.1: head + 6 convs = 7 rows at 4x, -> 4 at 2x, + 6 convs -> 10, -> 6 at the split."""
         stop = self.band_split()
         return 0 if stop is None else self._band_needs(stop)[stop]
@@ -692,7 +694,7 @@ class WanVAE(nn.Module):
         still needs them (`_band_needs`), so a band reaches `needs` rows past its own end at every layer.
         The next band starts each layer where the previous one stopped; the 1-2 input rows above that
         start which a 3x3 conv also reads are carried over from the previous band (stored per layer and
-        frame: a few rows, ~26 MiB at wan2.1 9x256x256), and at the image edges the zero padding rows
+        frame: a few rows, ~30 MiB at wan2.1 9x256x256 fp32), and at the image edges the zero padding rows
         are explicit, so a conv never computes a row that is thrown away. Only an upsampling whose start
         is odd recomputes one row (its output starts on an even row)."""
         stop = self.band_split()
@@ -907,7 +909,8 @@ class WanVAE(nn.Module):
         whole frames with 0.4x the memory. But a banded decode keeps the front half's output of every
         frame, so for long videos whole frames need less (wan2.1 at 720p: from ~30 frames)."""
         bands = max(1, self._split_rows(latent_shape) // (3 * max(1, self.band_halo())))
-        if bands > 1 and self.estimate_decode_bytes(latent_shape, bands=bands) >= self.estimate_decode_bytes(latent_shape):
+        if bands > 1 and (self.estimate_decode_bytes(latent_shape, bands=bands)
+                          >= self.estimate_decode_bytes(latent_shape)):
             return 1
         return bands
 

@@ -312,7 +312,8 @@ def test_banded_decode_fp32_matches_and_auto_policy(tiny, monkeypatch):
     assert tiny.auto_bands(long) == 1
     calls = []
     real = wan_vae.WanVAE._decode_banded
-    monkeypatch.setattr(wan_vae.WanVAE, "_decode_banded", lambda self, z, b, out: calls.append(b) or real(self, z, b, out))
+    monkeypatch.setattr(wan_vae.WanVAE, "_decode_banded",
+                        lambda self, z, b, out: calls.append(b) or real(self, z, b, out))
     tall = torch.randn(1, 16, 1, 30, 2, generator=torch.Generator().manual_seed(23))
     tiny.decode(tall)
     assert calls == [3]
