@@ -33,7 +33,10 @@ def torch_lines() -> list[str]:
         import torch
     except ImportError:
         return ["torch: MISSING - install PyTorch first (https://pytorch.org/get-started/locally/)"]
-    lines = [f"torch: {torch.__version__} (CUDA build: {torch.version.cuda or 'none, CPU-only wheel'})"]
+    from ..core import cpu_linear
+
+    lines = [f"torch: {torch.__version__} (CUDA build: {torch.version.cuda or 'none, CPU-only wheel'})",
+             f"cpu linear (Wan DiT, weight-only quant): {cpu_linear.status()}"]
     if not torch.cuda.is_available():
         why = "this torch is a CPU-only build" if not torch.version.cuda else "no CUDA device or driver visible"
         lines.append(f"GPU: none ({why}); everything runs on the CPU, slowly")
