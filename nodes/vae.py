@@ -77,7 +77,14 @@ class TwinFlowVAEEncode:
                 "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1 VAE from core Load VAE."}),
                 "pixels": ("IMAGE", {"tooltip": "Video frames [N, H, W, 3] in 0..1. N should be 1+4k; extra frames "
                                                 "are dropped. H and W are cropped to multiples of 8."}),
-            }
+            },
+            "optional": {
+                "row_bands": ("INT", {"default": 0, "min": 0, "max": 64,
+                                      "tooltip": "Exact low-memory encode: the full-resolution layers run in "
+                                                 "horizontal bands that pass their edge rows on to the next "
+                                                 "band; the result equals the whole-frame encode. 0 = auto "
+                                                 "(bands of >= 128 px, e.g. 2 at 256 px), 1 = whole frames."}),
+            },
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -86,8 +93,10 @@ class TwinFlowVAEEncode:
     CATEGORY = CATEGORY
     DESCRIPTION = "Encodes video frames with the Wan2.1 VAE; 1+4k frames give 1+k latent frames."
 
-    def encode(self, vae, pixels):
+    def encode(self, vae, pixels, row_bands=0):
         vae = _check_vae(vae)
+        if not isinstance(row_bands, int) or isinstance(row_bands, bool) or row_bands < 0:
+            raise ValueError(f"row_bands must be 0 (auto) or a positive integer, got {row_bands!r}")
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[-1] < 3 or pixels.shape[0] < 1:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"input 'pixels' must be an IMAGE tensor [N, H, W, 3] in 0..1, got {shape}")
@@ -103,7 +112,7 @@ class TwinFlowVAEEncode:
             pixels = pixels[:, y0:y0 + h8, x0:x0 + w8]
         video = pixels[..., :3].movedim(-1, 0).unsqueeze(0)  # (1, 3, N, H, W)
         video = video.to(torch.float32) * 2.0 - 1.0
-        samples = vae.encode(video)
+        samples = vae.encode(video, bands=row_bands or None)
         return ({"samples": samples.to(torch.float32)},)
 
 

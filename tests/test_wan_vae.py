@@ -509,3 +509,49 @@ def test_band_upsampling_rows_equal_slices_of_the_whole_frame():
             pieces = [x[:, :, a:a + 1], x[:, :, a + 1:b]] if b - a > 1 else [x[:, :, a:b]]  # split like carried + own
             got = up.spatial_rows(pieces, 9, lo, hi)
             assert (got - whole[:, :, lo:hi]).abs().max().item() < 1e-12, (lo, hi)
+
+
+def test_banded_encode_is_exact_and_computes_every_row_once(tiny, monkeypatch):
+    # The encoder's first stage (conv1, full-resolution blocks, first downsampling) is local in space;
+    # bands carrying their edge rows reproduce the whole-frame encode (float64: summation order only),
+    # and each conv computes each of its rows once.
+    vae = copy.deepcopy(tiny).double()
+    assert vae._encode_needs() == {("down", 2): 0, 1: 1, 0: 3, "conv1": 5}
+    g = torch.Generator().manual_seed(31)
+    for shape, bands in (((1, 3, 9, 256, 24), 3), ((1, 3, 5, 256, 16), 2), ((2, 3, 5, 192, 16), 4),
+                         ((1, 3, 1, 256, 8), 3), ((1, 3, 9, 128, 8), 8), ((1, 3, 5, 64, 8), 16)):
+        x = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+        ref = vae.encode(x, bands=1)
+        assert (vae.encode(x, bands=bands) - ref).abs().max().item() < 1e-12, (shape, bands)
+    # edges (split rows, 1/2 resolution) sit where the bands' full-resolution rows are equal: band 0
+    # computes 6 rows past its end there, so [0, 86), [86, 170), [170, 256) at full resolution
+    assert vae._encode_band_rows(128, 3) == [(0, 40), (40, 82), (82, 128)]
+    assert vae._encode_band_rows(4, 3) == [(0, 4)]  # a last band within the reach is merged
+    rows_done = {}
+    real = wan_vae.CausalConv3d.step_rows
+
+    def counting(self, pieces, pad, st, keep, norm):
+        out = real(self, pieces, pad, st, keep, norm)
+        rows_done[id(self)] = rows_done.get(id(self), 0) + out.shape[2]
+        return out
+
+    monkeypatch.setattr(wan_vae.CausalConv3d, "step_rows", counting)
+    x = torch.rand(1, 3, 5, 256, 16, generator=g, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(vae.encode(x, bands=3), vae.encode(x, bands=1), rtol=0, atol=1e-12)
+    enc = vae.encoder
+    banded = [enc.conv1] + [m for layer in enc.downsamples[:vae.encode_band_split()]
+                            for m in (layer.residual[2], layer.residual[6])]
+    assert rows_done == {id(m): 5 * 256 for m in banded}  # 5 frames x 256 rows, each exactly once
+
+
+def test_banded_encode_matches_diffusers(tiny, tiny_ref):
+    x = torch.rand(1, 3, 5, 256, 24, generator=torch.Generator().manual_seed(32)) * 2 - 1
+    assert tiny.encode_auto_bands(x.shape) == 2
+    ours = tiny.encode(x)
+    with torch.inference_mode():
+        ref = tiny_ref.encode(x).latent_dist.mode()
+    assert ours.shape == ref.shape == (1, 16, 2, 32, 3)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert tiny.encode_auto_bands((1, 3, 5, 248, 24)) == 1  # below 256 px: whole frames
+    with pytest.raises(ValueError, match="bands must be"):
+        tiny.encode(x, bands=0)

@@ -37,6 +37,13 @@ def test_encode_decode_roundtrip_formats(vae):
     # same as calling the model on the centre-cropped, [-1, 1] video (crop offsets (34%8)//2, (41%8)//2)
     video = images[:, 1:33, 0:40].permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1
     assert torch.equal(latent["samples"], vae.encode(video))
+    # exact row bands in the encoder: same latents as whole frames (float summation order only)
+    assert "row_bands" in TwinFlowVAEEncode.INPUT_TYPES()["optional"]
+    (banded,) = TwinFlowVAEEncode().encode(vae, images, row_bands=3)
+    (whole,) = TwinFlowVAEEncode().encode(vae, images, row_bands=1)
+    torch.testing.assert_close(banded["samples"], whole["samples"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="row_bands"):
+        TwinFlowVAEEncode().encode(vae, images, row_bands=-1)
     kept = latent["samples"].clone()
     (out,) = TwinFlowVAEDecode().decode(vae, latent, "off", 512, 64)
     assert torch.equal(latent["samples"], kept)
