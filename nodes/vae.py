@@ -91,7 +91,8 @@ class TwinFlowVAEEncode:
     RETURN_NAMES = ("latent",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes video frames with the Wan2.1 VAE; 1+4k frames give 1+k latent frames."
+    DESCRIPTION = ("Encodes video frames with the Wan2.1 VAE; 1+4k frames give 1+k latent frames; exact low-memory "
+                   "row bands for tall frames")
 
     def encode(self, vae, pixels, row_bands=0):
         vae = _check_vae(vae)
