@@ -263,6 +263,20 @@ def test_memory_planning_tiles_or_refuses_up_front(tiny, monkeypatch, caplog):
         tiny.decode(z, tiling="auto")
 
 
+def _count_banded_rows(monkeypatch) -> dict:
+    """id(conv) -> output rows its banded steps (`CausalConv3d.step_rows`) produced, filled as they run."""
+    rows_done = {}
+    real = wan_vae.CausalConv3d.step_rows
+
+    def counting(self, pieces, pad, st, keep, norm):
+        out = real(self, pieces, pad, st, keep, norm)
+        rows_done[id(self)] = rows_done.get(id(self), 0) + out.shape[2]
+        return out
+
+    monkeypatch.setattr(wan_vae.CausalConv3d, "step_rows", counting)
+    return rows_done
+
+
 def test_banded_decode_is_exact_and_computes_every_row_once(tiny, monkeypatch):
     # The layers after the last temporal upsampling are local in space, so bands that carry the rows
     # their 3x3 convs read across a band edge reproduce the whole-frame decode (float64: to 1e-12,
@@ -279,15 +293,7 @@ def test_banded_decode_is_exact_and_computes_every_row_once(tiny, monkeypatch):
     assert vae._band_rows(18, 4, 6) == [(0, 4), (4, 9), (9, 18)]
     assert vae._band_rows(24, 1, 6) == [(0, 24)]
     # every output row of every banded conv exactly once per frame (whole frames: rows x frames)
-    rows_done = {}
-    real = wan_vae.CausalConv3d.step_rows
-
-    def counting(self, pieces, pad, st, keep, norm):
-        out = real(self, pieces, pad, st, keep, norm)
-        rows_done[id(self)] = rows_done.get(id(self), 0) + out.shape[2]
-        return out
-
-    monkeypatch.setattr(wan_vae.CausalConv3d, "step_rows", counting)
+    rows_done = _count_banded_rows(monkeypatch)
     z = torch.randn(1, 16, 2, 12, 6, generator=g, dtype=torch.float64)
     torch.testing.assert_close(vae.decode(z, bands=3), vae.decode(z, bands=1), rtol=0, atol=1e-12)
     head = vae.decoder.head[2]
@@ -527,15 +533,7 @@ def test_banded_encode_is_exact_and_computes_every_row_once(tiny, monkeypatch):
     # computes 6 rows past its end there, so [0, 86), [86, 170), [170, 256) at full resolution
     assert vae._encode_band_rows(128, 3) == [(0, 40), (40, 82), (82, 128)]
     assert vae._encode_band_rows(4, 3) == [(0, 4)]  # a last band within the reach is merged
-    rows_done = {}
-    real = wan_vae.CausalConv3d.step_rows
-
-    def counting(self, pieces, pad, st, keep, norm):
-        out = real(self, pieces, pad, st, keep, norm)
-        rows_done[id(self)] = rows_done.get(id(self), 0) + out.shape[2]
-        return out
-
-    monkeypatch.setattr(wan_vae.CausalConv3d, "step_rows", counting)
+    rows_done = _count_banded_rows(monkeypatch)
     x = torch.rand(1, 3, 5, 256, 16, generator=g, dtype=torch.float64) * 2 - 1
     torch.testing.assert_close(vae.encode(x, bands=3), vae.encode(x, bands=1), rtol=0, atol=1e-12)
     enc = vae.encoder
