@@ -257,7 +257,7 @@ class _Band:
             r0 = max(nxt, lo)
             if key not in self.stored:  # one buffer for all frames: a few long-lived allocations, not one per frame
                 ref = pieces[0][1]
-                fmt = torch.channels_last if ref.device.type == "cpu" else torch.contiguous_format
+                fmt = torch.channels_last if _channels_last(ref.device) else torch.contiguous_format
                 buf = torch.empty((self.frames * ref.shape[0], ref.shape[1], hi - r0, ref.shape[3]),
                                   dtype=ref.dtype, device=ref.device, memory_format=fmt)
                 self.stored[key] = [(r0, buf[k * ref.shape[0]:(k + 1) * ref.shape[0]]) for k in range(self.frames)]
@@ -267,13 +267,22 @@ class _Band:
         return pieces
 
 
+# The CPU engine runs channels-last (see `_frame`). Tests switch it off to run the NCHW layout the CUDA
+# engine uses through the same code on the CPU.
+CPU_CHANNELS_LAST = True
+
+
+def _channels_last(device: torch.device) -> bool:
+    return device.type == "cpu" and CPU_CHANNELS_LAST
+
+
 def _frame(x: torch.Tensor) -> torch.Tensor:
     """A frame [B, C, H, W] entering the engine, in the layout the engine runs in. On the CPU that is
     channels-last: oneDNN convolves NHWC natively (NCHW frames are reordered to a blocked layout and
     back around every conv), and the channel reduction of the RMS norm becomes contiguous. Every later
     op (conv2d, elementwise, cat over channels) keeps the layout. Elsewhere frames stay contiguous (the
     CUDA norm kernel reads NCHW)."""
-    if x.device.type == "cpu":
+    if _channels_last(x.device):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -281,7 +290,7 @@ def _frame(x: torch.Tensor) -> torch.Tensor:
 def _empty_frame(x: torch.Tensor, rows: Optional[int] = None, cols: Optional[int] = None) -> torch.Tensor:
     """An uninitialised frame like x (optionally with other row/column counts) in the engine's layout
     (`empty_like` of a non-dense view, such as a channel slice, would fall back to NCHW)."""
-    fmt = torch.channels_last if x.device.type == "cpu" and x.ndim == 4 else torch.contiguous_format
+    fmt = torch.channels_last if _channels_last(x.device) and x.ndim == 4 else torch.contiguous_format
     shape = (*x.shape[:2], x.shape[2] if rows is None else rows, x.shape[3] if cols is None else cols)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
@@ -477,7 +486,7 @@ def _subpixel_kernels(w: torch.Tensor, dtype: torch.dtype) -> list:
     w = w.to(torch.promote_types(w.dtype, torch.float32))  # fp32 sums for fp16/bf16 weights, float64 stays
     rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2),  # a=0: rows i-1, i     (O, C, 2, 3)
             torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))  # a=1: rows i, i+1
-    fmt = torch.channels_last if w.device.type == "cpu" else torch.contiguous_format
+    fmt = torch.channels_last if _channels_last(w.device) else torch.contiguous_format
     return [k.to(dtype).contiguous(memory_format=fmt) for r in rows
             for k in (torch.stack((r[..., 0], r[..., 1] + r[..., 2]), -1),      # c=0: cols j-1, j
                       torch.stack((r[..., 0] + r[..., 1], r[..., 2]), -1))]     # c=1: cols j, j+1
