@@ -17,6 +17,9 @@ Method:
     sit in the baseline); peak = VmHWM after - VmRSS before. This counts every allocator (torch, oneDNN
     scratch, glibc), unlike torch's own allocator statistics.
   * numerics: each child saves its output; the parent reports max|ours - diffusers|.
+  * `--device cuda`: the same, with the models and inputs on the GPU, timed with synchronisation, and
+    memory = torch's CUDA allocator peak (allocated bytes) above the model. Written for GPU hosts; no GPU
+    was available to this project when it was written, so it has not been run.
 Ops: decode = `decode(z).sample` (clamped, as ours); encode = `encode(x).latent_dist.mode()`; the tiled
 case uses diffusers' `enable_tiling()` (256 px tiles, stride 192) and ours with the same 256 px tile /
 64 px overlap (tiling differs in blending and order, so that numeric column is informative only).
@@ -59,10 +62,11 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
-def _child(impl: str, case: str, out_path: str, threads: int) -> None:
+def _child(impl: str, case: str, out_path: str, threads: int, device: str = "cpu") -> None:
     import torch
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)
     op, shape, dtype_name, mode = CASES[case]
     dtype = getattr(torch, dtype_name)
     from twinflow.models.wan_vae import random_wan_vae
@@ -70,16 +74,16 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
     ours = random_wan_vae("wan2.1", seed=0, dtype=dtype)
     g = torch.Generator().manual_seed(123)
     x = torch.randn(shape, generator=g) if op == "decode" else torch.rand(shape, generator=g) * 2 - 1
-    x = x.to(dtype)
+    x = x.to(device=dev, dtype=dtype)
     if impl == "ours":
-        model = ours
+        model = ours.to(dev)
         if op == "decode":
             tile = (dict(tiling="on", tile=(32, 8)) if mode == "tiled" else
                     dict(bands=mode) if isinstance(mode, int) else {})
             run = lambda inp: model.decode(inp, **tile)  # noqa: E731
         else:
             run = model.encode
-        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype))  # noqa: E731
+        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
     else:
         sys.modules.setdefault("kernels", None)  # the repo's kernels/ folder is not the HF `kernels` package
         from diffusers import AutoencoderKLWan
@@ -89,7 +93,7 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
         del ours
         model = AutoencoderKLWan().eval()
         model.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
-        model = model.to(dtype)
+        model = model.to(device=dev, dtype=dtype)
         del sd
         if mode == "tiled":
             model.enable_tiling()
@@ -97,7 +101,24 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
             run = lambda inp: model.decode(inp).sample  # noqa: E731
         else:
             run = lambda inp: model.encode(inp).latent_dist.mode()  # noqa: E731
-        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype))  # noqa: E731
+        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
+    if dev.type == "cuda":
+        with torch.inference_mode():
+            warm()
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            before = torch.cuda.memory_allocated(dev)
+            t0, c0 = time.perf_counter(), time.process_time()
+            y = run(x)
+            torch.cuda.synchronize(dev)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            peak = torch.cuda.max_memory_allocated(dev)
+        torch.save(y.float().cpu().contiguous(), out_path)
+        # GPU memory: torch's allocator peak above the model (allocated bytes, not reserved)
+        print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "peak_above_model_mib": (peak - before) / 2 ** 20,
+                          "rss_before_mib": before / 2 ** 20, "device": torch.cuda.get_device_name(dev)}))
+        return
     import ctypes
     import gc
 
@@ -120,9 +141,10 @@ def _child(impl: str, case: str, out_path: str, threads: int) -> None:
                       "rss_before_mib": before / 1024}))
 
 
-def _run_child(impl, case, threads, tmp, mmap_threshold=0):
+def _run_child(impl, case, threads, tmp, mmap_threshold=0, device="cpu"):
     out = os.path.join(tmp, f"{impl}_{case}.pt")
-    cmd = [sys.executable, "-m", "twinflow.benchmarks.vae", "--child", impl, case, out, "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "twinflow.benchmarks.vae", "--child", impl, case, out, "--threads", str(threads),
+           "--device", device]
     env = dict(os.environ)
     if mmap_threshold:
         # glibc: serve every allocation above this size with its own mmap, returned on free, so the peak
@@ -146,10 +168,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="set MALLOC_MMAP_THRESHOLD_ (bytes) in the children, e.g. 131072 (0: glibc default)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda[:N]: time with synchronisation, memory = torch's CUDA allocator peak above "
+                         "the model (written for GPU hosts; not run in this project yet)")
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "CASE", "OUT"))
     args = ap.parse_args(argv)
     if args.child:
-        _child(*args.child, threads=args.threads)
+        _child(*args.child, threads=args.threads, device=args.device)
         return 0
     import torch
 
@@ -162,7 +187,7 @@ def main(argv=None) -> int:
             outs = {}
             for _ in range(args.repeats):
                 for impl in ("ours", "diffusers"):
-                    r, outs[impl] = _run_child(impl, case, args.threads, tmp, args.mmap_threshold)
+                    r, outs[impl] = _run_child(impl, case, args.threads, tmp, args.mmap_threshold, args.device)
                     res[impl].append(r)
                     print(f"  {case} {impl}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
                           f"+{r['peak_above_model_mib']:.0f} MiB", flush=True)
