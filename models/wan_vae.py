@@ -136,14 +136,11 @@ class CausalConv3d(nn.Conv3d):
                 out += F.conv2d(frames[k], w[:, :, k], None, padding=p)
         return out
 
-    def step(self, x: torch.Tensor, st: _State, keep: bool = True, norm: Optional["RMSNorm"] = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, st: _State, keep: bool = True) -> torch.Tensor:
         """One frame through the causal conv; the state keeps the last two inputs (by reference).
 
-        `keep=False` on a layer's final frame releases its cache at once. `norm`: x is the input of that
-        RMS norm + SiLU, which the conv applies first."""
+        `keep=False` on a layer's final frame releases its cache at once."""
         s = st.slot(self)
-        if norm is not None:
-            x = _norm(norm, x, True)
         if self.out_channels < self.in_channels:
             return self._step_partial(x, s, keep)
         out = self.taps([s[0], s[1], x])
@@ -163,7 +160,7 @@ class CausalConv3d(nn.Conv3d):
         The frames are recycled: the oldest tap is convolved first, and in fp32 the new frame is then
         normalised straight into its buffer (no temporary, no copy); the long-lived caches then stay put
         in the heap while per-frame temporaries churn around them, which keeps glibc's heap from
-        fragmenting (measured: peak RSS 664 -> 502 MiB with `release_free_heap` between bands)."""
+        fragmenting."""
         s = st.slot(self)
         padding = (0, self.pad_s)
         if self.out_channels < self.in_channels:  # the head: partial sums, no input frames kept
@@ -215,7 +212,8 @@ def _row_slice(pieces: list, lo: int, hi: int) -> list:
 
 
 class _Band:
-    """Row bookkeeping of one band of a banded decode (`WanVAE._decode_banded`), per layer `key`.
+    """Row bookkeeping of one band of a banded decode or encode (`WanVAE._decode_banded`,
+    `WanVAE._encode_banded`), per layer `key`.
 
     From the band before it (`carry`, None for the first band): where that band stopped at each layer
     (`carry["end"][key]`), and its last input rows of each layer and frame (`carry[key][n]` = (first
@@ -296,9 +294,9 @@ def _empty_frame(x: torch.Tensor, rows: Optional[int] = None, cols: Optional[int
 
 
 def _norm_rows(norm: "RMSNorm", pieces: list, pad: tuple[int, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """RMS norm + SiLU (`norm` None: none) of row pieces (see `CausalConv3d.step_rows`), written one after another into one
-    frame with pad = (top, bottom) zero rows; `out`: a frame of that shape from an earlier call with the
-    same pad (its zero rows are never written, so they stay zero)."""
+    """RMS norm + SiLU (none if `norm` is None) of row pieces (see `CausalConv3d.step_rows`), written one
+    after another into one frame with pad = (top, bottom) zero rows; `out`: a frame of that shape from an
+    earlier call with the same pad (its zero rows are never written, so they stay zero)."""
     ref = pieces[0]
     rows = pad[0] + sum(p.shape[2] for p in pieces) + pad[1]
     if out is None:
@@ -349,8 +347,8 @@ class ResidualBlock(nn.Module):
 
     def step(self, x: torch.Tensor, st: _State, keep: bool) -> torch.Tensor:
         r = self.residual
-        h = r[2].step(x, st, keep, norm=r[0])
-        h = r[6].step(h, st, keep, norm=r[3])
+        h = r[2].step(_norm(r[0], x, True), st, keep)
+        h = r[6].step(_norm(r[3], h, True), st, keep)
         h += self.shortcut.pointwise(x) if isinstance(self.shortcut, CausalConv3d) else x
         return h
 
@@ -632,15 +630,14 @@ class WanVAE(nn.Module):
         z = self.cfg.z_dim
         out = torch.empty(b, z, self.latent_frames(t), h // r, w // r, device=self.device, dtype=self.dtype)
         bands = self.encode_auto_bands(video.shape) if bands is None else bands
-        plan = self._encode_band_rows(h // self._encode_split_scale(), bands)
+        plan = self._encode_band_rows(h // 2, bands)  # split rows: after the first x2 downsampling
         if len(plan) > 1:
             return self._encode_banded(x, keep, plan, out)
         st, n = _State(), 0
         with Progress(total=keep, desc="Wan VAE encode") as bar:
             for i in range(keep):
                 for y in self._encode_frame(_frame(x[:, :, i]), st, keep=i < keep - 1):
-                    # only the mu half of the quant conv (log_var is never used at inference)
-                    out[:, :, n] = F.conv2d(y, self.conv1.weight[:z, :, 0], self.conv1.bias[:z])
+                    out[:, :, n] = self._encode_mean(y)
                     n += 1
                 bar.update(1)
         assert n == out.shape[2], (n, out.shape)
@@ -649,6 +646,12 @@ class WanVAE(nn.Module):
     def _encode_frame(self, x: torch.Tensor, st: _State, keep: bool) -> Iterator[torch.Tensor]:
         """Push one video frame [B, 3, H, W] through the encoder; yields 0 or 1 head outputs."""
         yield from self._encode_from(0, self.encoder.conv1.step(x, st, keep), st, keep)
+
+    def _encode_mean(self, y: torch.Tensor) -> torch.Tensor:
+        """The latent mean of one encoder output frame: only the mu half of the quant conv (log_var is never
+        used at inference)."""
+        z = self.cfg.z_dim
+        return F.conv2d(y, self.conv1.weight[:z, :, 0], self.conv1.bias[:z])
 
     def _encode_from(self, start: int, x: torch.Tensor, st: _State, keep: bool) -> Iterator[torch.Tensor]:
         """Encoder layers `downsamples[start:]`, the middle block and the head on one frame; 0 or 1 outputs."""
@@ -702,21 +705,16 @@ class WanVAE(nn.Module):
         `_encode_needs` rows past its end, so the edges are placed where the bands' full-resolution rows
         (where the caches are) are equal; a last band no taller than that reach is merged into the one
         before."""
-        full = self._encode_split_scale()
         reach = self._encode_needs()["conv1"] + 1  # full-resolution rows past the band's end
         edges = [0]
-        for k in range(1, bands):
-            c = round((k * rows * full / bands - reach) / full)
+        for k in range(1, bands):  # the split is at half resolution (`encode_band_split`)
+            c = round((k * rows * 2 / bands - reach) / 2)
             if edges[-1] < c < rows:
                 edges.append(c)
         edges.append(rows)
-        while len(edges) > 2 and (rows - edges[-2]) * full <= reach:
+        while len(edges) > 2 and (rows - edges[-2]) * 2 <= reach:
             del edges[-2]
         return list(zip(edges[:-1], edges[1:]))
-
-    def _encode_split_scale(self) -> int:
-        """Full-resolution rows per row at the split."""
-        return 2 ** sum(isinstance(m, Resample) for m in self.encoder.downsamples[:self.encode_band_split() + 1])
 
     def _encode_banded(self, x: torch.Tensor, frames: int, plan: list, out: torch.Tensor) -> torch.Tensor:
         """Exact low-memory encode. The encoder's first stage (conv1, the full-resolution residual blocks
@@ -725,7 +723,7 @@ class WanVAE(nn.Module):
         bulk of the encoder's memory) are alive at a time. Its output frames (1/2 resolution) are kept for
         every video frame; the rest of the encoder then streams them whole. `frames`: the video frames to
         encode (1 + 4k)."""
-        rows = x.shape[-2] // self._encode_split_scale()
+        rows = x.shape[-2] // 2  # at the split, after the first x2 downsampling
         needs, stop = self._encode_needs(), self.encode_band_split()
         kept: list = []
         carry = None
@@ -747,10 +745,10 @@ class WanVAE(nn.Module):
                 del st, band
         del carry
         release_free_heap(out.device)
-        z, st, j = self.cfg.z_dim, _State(), 0
+        st, j = _State(), 0
         for n in range(len(kept)):
             for y in self._encode_from(stop + 1, kept[n], st, keep=n < len(kept) - 1):
-                out[:, :, j] = F.conv2d(y, self.conv1.weight[:z, :, 0], self.conv1.bias[:z])
+                out[:, :, j] = self._encode_mean(y)
                 j += 1
             kept[n] = None
         return out

@@ -67,6 +67,11 @@ class TwinFlowLoadVAE:
         return (wan_vae.load_wan_vae(path, dtype=torch_dtype),)
 
 
+def _check_row_bands(row_bands) -> None:
+    if not isinstance(row_bands, int) or isinstance(row_bands, bool) or row_bands < 0:
+        raise ValueError(f"row_bands must be 0 (auto) or a positive integer, got {row_bands!r}")
+
+
 class TwinFlowVAEEncode:
     """IMAGE frames -> LATENT (the raw latent mean, as ComfyUI's VAE Encode)."""
 
@@ -96,8 +101,7 @@ class TwinFlowVAEEncode:
 
     def encode(self, vae, pixels, row_bands=0):
         vae = _check_vae(vae)
-        if not isinstance(row_bands, int) or isinstance(row_bands, bool) or row_bands < 0:
-            raise ValueError(f"row_bands must be 0 (auto) or a positive integer, got {row_bands!r}")
+        _check_row_bands(row_bands)
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[-1] < 3 or pixels.shape[0] < 1:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"input 'pixels' must be an IMAGE tensor [N, H, W, 3] in 0..1, got {shape}")
@@ -174,8 +178,7 @@ class TwinFlowVAEDecode:
                 raise ValueError(f"overlap {overlap} must be at most half of tile_size {tile_size}")
             video = vae.decode(z, tiling="on", tile=(max(2, tile_size // r), overlap // r))
         else:
-            if not isinstance(row_bands, int) or row_bands < 0:
-                raise ValueError(f"row_bands must be 0 (auto) or a positive integer, got {row_bands!r}")
+            _check_row_bands(row_bands)
             video = vae.decode(z, tiling=tiling, bands=row_bands or None)
         b, c, t, h, w = video.shape
         images = ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0)  # (B, 3, T, H, W)
