@@ -126,8 +126,9 @@ class Artifact:
     aoti -> the package's constants are reloaded; inductor (JIT) -> the compiled module's parameters are
     re-pointed (torch.compile reads them as inputs: no recompile); tensorrt -> `refit_module_weights`."""
 
-    def __init__(self, kind: str, fn, owner=None):
+    def __init__(self, kind: str, fn, owner=None, extra: Optional[dict] = None):
         self.kind, self.fn, self.owner = kind, fn, owner  # owner: the runner / ep.module() / TRT module
+        self.extra = extra or {}  # aoti: the graph's own lifted constants, reloaded with every new weight set
 
     def __call__(self, *args):
         if self.kind == "aoti":
@@ -139,7 +140,7 @@ class Artifact:
     def swap_weights(self, spec: GraphSpec, module: nn.Module) -> str:
         """Give the artifact `module`'s weights (same graph); returns how, for the status line."""
         if self.kind == "aoti":
-            backends.aoti_swap_constants(self.owner, {**_extra_constants(self), **backends.module_state(module)})
+            backends.aoti_swap_constants(self.owner, {**self.extra, **backends.module_state(module)})
             return "aoti constants reloaded"
         if self.kind == "inductor":
             n = backends.swap_module_tensors(self.owner, backends.module_state(module))
@@ -150,10 +151,6 @@ class Artifact:
         raise ValueError(f"unknown artifact kind {self.kind!r}")
 
 
-def _extra_constants(art: Artifact) -> dict:
-    return getattr(art, "extra", {}) or {}
-
-
 def _load_aoti_entry(entry, module: nn.Module) -> Artifact:
     """A weight-free package + this module's weights (+ the graph's own lifted constants saved beside it)."""
     extra = {}
@@ -162,9 +159,7 @@ def _load_aoti_entry(entry, module: nn.Module) -> Artifact:
         dev = next(iter(backends.module_state(module).values())).device
         extra = {k: v.to(dev) for k, v in extra.items()}
     runner = backends.load_aoti(entry.path / "model.pt2", {**extra, **backends.module_state(module)})
-    art = Artifact("aoti", runner, runner)
-    art.extra = extra
-    return art
+    return Artifact("aoti", runner, runner, extra)
 
 
 def _obtain(spec: GraphSpec, backend: str, cache: ArtifactCache, key: str, parts: dict, options: Optional[dict],
@@ -445,6 +440,12 @@ def compile_denoiser(denoiser, profile: ex.Profile, backend: str = "auto", *, dt
 # VAE decode
 # ----------------------------------------------------------------------------------------------
 
+def _take_modules(dst: nn.Module, src: nn.Module) -> None:
+    """Give `dst` its own copies of `src`'s submodule/parameter/buffer dicts (the same tensors)."""
+    for attr in ("_modules", "_parameters", "_buffers"):
+        dst.__dict__[attr] = dict(src.__dict__[attr])
+
+
 def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optional[ArtifactCache] = None,
                 options: Optional[dict] = None, aot: bool = True):
     """(a copy of `vae` whose untiled decode runs the compiled first/rest steps inside `profile`, reports).
@@ -479,8 +480,7 @@ def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optio
         specs[first] = spec
         reports.append(rep)
     new = copy.copy(vae)
-    for attr in ("_modules", "_parameters", "_buffers"):  # copy.copy shares these dicts with `vae`
-        new.__dict__[attr] = dict(vae.__dict__[attr])
+    _take_modules(new, vae)  # copy.copy shares these dicts with `vae`
     call = {"compiled": 0, "eager": 0}
     state = {"vae": vae}
 
@@ -521,8 +521,7 @@ def compile_vae(vae, profile: ex.Profile, backend: str = "auto", *, cache: Optio
             else:
                 line = f"{label}: eager, new weights used as they are"
             lines.append(line)
-        for attr in ("_modules", "_parameters", "_buffers"):
-            self.__dict__[attr] = dict(new_vae.__dict__[attr])
+        _take_modules(self, new_vae)
         state["vae"] = new_vae
         line = " | ".join(lines)
         self.weight_updates.append(line)
