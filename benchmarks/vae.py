@@ -178,6 +178,15 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    if args.device != "cpu":
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind != "cuda":
+            ap.error(f"--device {args.device!r}: use cpu or cuda[:N]")
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device!r}: torch sees no CUDA device here")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):

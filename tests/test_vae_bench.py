@@ -19,3 +19,9 @@ def test_vae_benchmark_smoke_case_runs_and_compares(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--cases", "nope"], check=True,
                        capture_output=True, cwd=tmp_path, timeout=120)
+    for device, why in (("tpu", "use cpu or cuda"), ("cuda", "no CUDA device")):
+        if device == "cuda" and __import__("torch").cuda.is_available():
+            continue
+        bad = subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--cases", "smoke", "--device", device],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert bad.returncode == 2 and why in bad.stderr, bad.stderr[-500:]
