@@ -14,9 +14,10 @@ CPU part (default):
 GPU part (`--gpu`): the same per block and per VAE decode step on CUDA; exits with a clear message
 (status 2) where no CUDA device is visible.
 
-    cd /work/main && .venv/bin/python benchmarks/compile.py            # CPU: ratios + cold/warm
-    .venv/bin/python benchmarks/compile.py --jit                       # + the JIT torch.compile path
-    .venv/bin/python benchmarks/compile.py --gpu                       # on a CUDA host
+    python -m twinflow.benchmarks.compile            # CPU: ratios + cold/warm
+    python -m twinflow.benchmarks.compile --jit      # + the JIT torch.compile path
+    python -m twinflow.benchmarks.compile --gpu      # on a CUDA host
+(from any directory, with TwinFlow installed; `python benchmarks/compile.py ...` in a checkout does the same).
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 PROFILE_ARGS = dict(batch=(1, 2, 2), frames=(2, 3, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 8, 16))
 
 
@@ -99,7 +99,7 @@ def _child(phase: str, cache_dir: str, jit: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["TWINFLOW_CACHE_DIR"] = cache_dir
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase] + (["--jit"] if jit else [])
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cache_dir)
     if res.returncode != 0:
         raise RuntimeError(f"child {phase} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -10,11 +10,10 @@ of `--repeats` runs, alternating the two models after one warm-up each, under `t
 Peak memory is the rise of the peak RSS (VmHWM, reset through /proc/self/clear_refs) over one call,
 measured in a child process whose glibc unmaps freed blocks (MALLOC_MMAP_THRESHOLD_=65536).
 
-    cd /work/main && .venv/bin/python benchmarks/dit.py   # tiny + 1.3B-shaped 2 blocks, fp32 + bf16
-    .venv/bin/python benchmarks/dit.py --configs tiny --dtypes fp32 --repeats 5 --no-fold
+    python -m twinflow.benchmarks.dit   # tiny + 1.3B-shaped 2 blocks, fp32 + bf16
+    python -m twinflow.benchmarks.dit --configs tiny --dtypes fp32 --repeats 5 --no-fold
 
-(Run it as a script path, not `python -m` from the repository root: that puts the root on sys.path,
-where transformers' probe for a top-level `kernels` package would find our `kernels/` folder.)
+(from any directory, with TwinFlow installed; `python benchmarks/dit.py ...` in a checkout does the same).
 """
 from __future__ import annotations
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from ..models.wan_dit import PRESETS, WanAttentionBlock, WanDiT, keep_fp32
-from ..quant.formats import FORMATS, QuantOptions, get_format
-from ..quant.linear import QuantLinear
-from ..quant.swap import select_layers
+from twinflow.models.wan_dit import PRESETS, WanAttentionBlock, WanDiT, keep_fp32
+from twinflow.quant.formats import FORMATS, QuantOptions, get_format
+from twinflow.quant.linear import QuantLinear
+from twinflow.quant.swap import select_layers
 
 logger = logging.getLogger(__name__)
 

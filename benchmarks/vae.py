@@ -85,7 +85,6 @@ def _child(impl: str, case: str, out_path: str, threads: int, device: str = "cpu
             run = model.encode
         warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
     else:
-        sys.modules.setdefault("kernels", None)  # the repo's kernels/ folder is not the HF `kernels` package
         from diffusers import AutoencoderKLWan
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 

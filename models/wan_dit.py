@@ -17,7 +17,7 @@ Numerics (fp32 islands): the official code runs under `autocast(bf16)` but force
 the modulation sums, the gated residual adds and the head into fp32. Because `x + y * e[2]` is done
 under fp32 autocast, the residual stream itself becomes fp32 after the first block. We reproduce
 that without autocast: the residual stream `x` is kept in float32, every norm/modulation/residual op
-computes in float32 (`kernels.ops`), and only the inputs of the large linears and attention are cast
+computes in float32 (`fused.ops`), and only the inputs of the large linears and attention are cast
 to the compute dtype (the dtype of `patch_embedding.weight`). The time embedding, time projection,
 modulation tables and head are kept in float32 when loading in a lower precision.
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..core import cpu_linear
 from ..core.errors import CheckpointError, UnsupportedError
 from ..core.log import log_once
-from ..kernels import ops
+from ..fused import ops
 from . import loading
 
 logger = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from ..core.errors import CheckpointError
 from ..core.log import log_once
 from ..core.progress import Progress
-from ..kernels.ops import rms_norm_cf
-from ..kernels.vae_norm import rms_norm_cf_ref
+from ..fused.ops import rms_norm_cf
+from ..fused.vae_norm import rms_norm_cf_ref
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def _norm_rows(norm: "RMSNorm", pieces: list, pad: tuple[int, int], out: Optiona
 
 def _norm(norm: "RMSNorm", x: torch.Tensor, silu: bool) -> torch.Tensor:
     # RMS_norm of the official code: F.normalize over channels (eps clamps the L2 norm at 1e-12) *
-    # sqrt(C) * gamma, optionally followed by SiLU; the fused-kernel slot lives in kernels.ops.
+    # sqrt(C) * gamma, optionally followed by SiLU; the fused-kernel slot lives in fused.ops.
     return rms_norm_cf(x, norm.gamma.view(-1, 1, 1), None, silu=silu)
 
 

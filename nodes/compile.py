@@ -140,14 +140,14 @@ class KernelModeModule(torch.nn.Module):
         self.mode = mode
 
     def forward(self, *args, **kwargs):
-        from .. import kernels
+        from .. import fused
 
-        before = kernels.get_mode()
-        kernels.set_mode(self.mode)
+        before = fused.get_mode()
+        fused.set_mode(self.mode)
         try:
             return self.inner(*args, **kwargs)
         finally:
-            kernels.set_mode(before)
+            fused.set_mode(before)
 
 
 class TwinFlowKernelMode:
@@ -160,7 +160,7 @@ class TwinFlowKernelMode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..kernels import MODES
+        from ..fused import MODES
 
         return {"required": {
             "model": ("TWINFLOW_MODEL", {"tooltip": "The model whose forward should use this kernel mode."}),
@@ -174,7 +174,7 @@ class TwinFlowKernelMode:
     CATEGORY = CATEGORY
 
     def apply(self, model, mode):
-        from ..kernels import doctor_lines, set_mode, get_mode
+        from ..fused import doctor_lines, set_mode, get_mode
 
         before = get_mode()
         set_mode(mode)  # validates the name; report the paths this mode gives here

@@ -107,12 +107,12 @@ def _set_kernels(mode) -> None:
     if not mode:
         return
     try:
-        kernels = importlib.import_module(f"{_root_package()}.kernels")
+        fused = importlib.import_module(f"{_root_package()}.fused")
     except ImportError as e:
-        raise TwinFlowError(f"--kernels {mode}: the kernels package cannot be imported ({e})") from None
-    set_mode = getattr(kernels, "set_mode", None)
+        raise TwinFlowError(f"--kernels {mode}: the fused-kernel package cannot be imported ({e})") from None
+    set_mode = getattr(fused, "set_mode", None)
     if set_mode is None:
-        logger.warning("--kernels %s ignored: this build has no kernel dispatcher (kernels.set_mode)", mode)
+        logger.warning("--kernels %s ignored: this build has no kernel dispatcher (fused.set_mode)", mode)
         return
     set_mode(mode)
 

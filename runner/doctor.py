@@ -18,7 +18,7 @@ EXTRAS = (
     ("diffusers", "reference checks in the tests", "pip install 'diffusers==0.42.1'"),
     ("onnxruntime", "ONNX export checks", "pip install 'comfyui-twinflow[onnx]'"),
 )
-HOOK_PACKAGES = ("kernels", "compiled", "quant", "models")
+HOOK_PACKAGES = ("fused", "compiled", "quant", "models")
 
 
 def _has(module: str) -> bool:

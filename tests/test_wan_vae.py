@@ -13,9 +13,7 @@ from twinflow.core.errors import CheckpointError
 from twinflow.models import wan_vae
 from twinflow.models.wan_vae import PRESETS, WanVAE, detect_config, load_wan_vae, random_wan_vae
 
-REF = Path("/work/shared/reference/wan21_vae_keys.tsv")
-if not REF.is_file():
-    REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "wan21_vae_keys.tsv"
+REF = Path(__file__).resolve().parent / "fixtures" / "reference" / "wan21_vae_keys.tsv"  # vendored (README.md)
 
 # Tiled decode vs untiled on the tiny preset (random weights), documented in docs/vae.md.
 # (random tiny weights, 80x96 px frames, 64 px tiles, 32 px overlap; measured max 1.29-1.40, mean 0.11-0.12)
@@ -24,8 +22,6 @@ TILE_SEAM_MEAN_ABS = 0.15
 
 
 def _reference_table():
-    if not REF.is_file():
-        pytest.skip(f"reference table {REF} not available")
     rows = [line.split("\t") for line in REF.read_text().splitlines() if line.strip()]
     return [(k, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())) for k, shape, *_ in rows]
 
@@ -35,19 +31,8 @@ def tiny():
     return random_wan_vae("tiny", seed=1)
 
 
-def _hide_repo_kernels_package():
-    """`python -m pytest` puts the repo root on sys.path, so transformers (imported by diffusers'
-    converters) mistakes our `kernels/` folder for the HF `kernels` library and imports it top-level.
-    Mark that name as absent (find_spec returns None for a None entry) unless a real one is loaded."""
-    import sys
-
-    if "kernels" not in sys.modules:
-        sys.modules["kernels"] = None
-
-
 def _diffusers_twin(model: WanVAE):
     """diffusers' AutoencoderKLWan with the same weights, mapped by diffusers' own converter."""
-    _hide_repo_kernels_package()
     diffusers = pytest.importorskip("diffusers")
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 

@@ -89,10 +89,10 @@ def _record(op: str, reason: Optional[str]) -> None:
     path = "torch" if reason else "cupy"
     _last[op] = (path, reason)
     if reason is None:
-        log_once(logger, ("twinflow.kernels", op, "cupy"), "kernels: %s runs the CuPy kernel", op)
+        log_once(logger, ("twinflow.fused", op, "cupy"), "kernels: %s runs the CuPy kernel", op)
     else:
         level = logging.WARNING if _mode == "cupy" else logging.INFO
-        log_once(logger, ("twinflow.kernels", op, reason), "kernels: %s runs the torch reference: %s",
+        log_once(logger, ("twinflow.fused", op, reason), "kernels: %s runs the torch reference: %s",
                  op, reason, level=level)
 
 
