@@ -263,9 +263,9 @@ def test_doctor_lines_name_every_op():
     from twinflow.fused import doctor_lines
 
     lines = doctor_lines()
-    assert lines[0].startswith("kernels: mode")
+    assert lines[0].startswith("fused kernels: mode")
     for op in ops.OPS:
-        assert any(f"kernels: {op}:" in line for line in lines)
+        assert any(f"fused kernels: {op}:" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
