@@ -383,7 +383,7 @@ def write_report(out: Path, report: dict) -> tuple:
     info = {f["name"]: f for f in env["records"] if f.get("type") == "figure"}
     dev = info.get("device", {})
     lines = ["# TwinFlow GPU acceptance report", "",
-             f"- device: {dev.get('name', 'unknown')} ({dev.get('memory_gib', '?')} GiB, CC {dev.get('capability', '?')}),"
+             f"- device: {dev.get('gpu', 'unknown')} ({dev.get('memory_gib', '?')} GiB, CC {dev.get('capability', '?')}),"
              f" driver {dev.get('driver', '?')}",
              f"- python {dev.get('python', '?')}, torch {dev.get('torch', '?')} (CUDA {dev.get('cuda', '?')}),"
              f" cupy {dev.get('cupy', '?')}, triton {dev.get('triton', '?')}, diffusers {dev.get('diffusers', '?')}",
@@ -397,6 +397,10 @@ def write_report(out: Path, report: dict) -> tuple:
     lines += ["", "## Parts", "", "| part | status | time / cap (s) | note |", "|---|---|---|---|"]
     for p in report["parts"]:
         lines.append(f"| {p['name']} | {p['status']} | {p['elapsed_s']:.0f} / {p['cap_s']:.0f} | {p['reason']} |")
+    for p in report["parts"]:
+        if p["status"] == "failed":
+            tail = "\n".join(p["log_tail"].splitlines()[-20:])
+            lines += ["", f"{p['name']} failed; the end of its output:", "", "```", tail, "```"]
     lines += ["", "## Skipped", ""]
     skipped = report["skipped"]
     lines += [f"- {s}" for s in skipped] or ["- nothing"]
@@ -526,7 +530,11 @@ def main(argv=None) -> int:
             print(line)
         print_plan(parts, args.total)
 
+        state = {"no_cuda": None}
+
         def precheck(part):
+            if part.name != "env" and state["no_cuda"]:
+                return state["no_cuda"]
             if part.optional and not importable(part.optional, env):
                 return f"optional part: {part.optional} does not exist in this working tree yet"
             missing = [m for m in part.needs if not importable(m, env)]
@@ -536,6 +544,11 @@ def main(argv=None) -> int:
             return None
 
         def done(r):
+            if r.name == "env":
+                dev = next((f for f in r.records if f.get("name") == "device"), None)
+                if dev is None or not dev.get("cuda_available"):
+                    state["no_cuda"] = ("not started: torch sees no CUDA device on this host" if dev else
+                                        f"not started: the env part gave no device ({r.status} {r.reason})")
             print(f"[{time.monotonic() - t_start:5.0f} s] {r.name}: {r.status} in {r.elapsed_s:.0f} s"
                   + (f" - {r.reason}" if r.reason else ""), flush=True)
             if r.status == "failed":

@@ -403,7 +403,7 @@ def part_env(rec) -> int:
             info[mod] = "not installed"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(name=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2 ** 30, 1),
+        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2 ** 30, 1),
                     multiprocessors=p.multi_processor_count)
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -412,7 +412,7 @@ def part_env(rec) -> int:
         except (OSError, subprocess.TimeoutExpired, IndexError):
             info["driver"] = "nvidia-smi unavailable"
     else:
-        info["name"] = "no CUDA device"
+        info["gpu"] = "no CUDA device"
     rec.figure("device", **info)
     for name, ok, detail in gates():
         rec.figure("gate", gate=name, ok=ok, detail=detail)

@@ -1,0 +1,184 @@
+"""`./dev gpu` (tools/gpu_accept.py): the CPU dry run, the time budget, the targets and the report.
+
+The GPU run itself needs a CUDA host; here: the dry run end to end (imports every GPU code path, the torch
+API gates, collects the cuda/cupy tests), and the budget logic with fake parts that overrun tiny caps.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "gpu_accept.py"
+
+
+@pytest.fixture(scope="module")
+def ga():
+    spec = importlib.util.spec_from_file_location("gpu_accept_under_test", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def _py(code: str) -> list:
+    return [sys.executable, "-c", code]
+
+
+def _record(path, **rec) -> str:
+    """Python source that appends one JSON record to `path` (what a part's Recorder writes)."""
+    return f"import json; open({str(path)!r}, 'a').write(json.dumps({rec!r}) + '\\n')"
+
+
+def test_dry_run_imports_every_gpu_path_and_lists_the_plan(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    res = subprocess.run([sys.executable, str(TOOL), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "dry run ok" in out
+    for part in ("env", "tests", "fused", "quant", "vae", "dit", "dual", "compile", "step_cache"):
+        assert f"  {part} " in out, part
+    for gate in ("_scaled_mm signature", "AOTInductor packaging API", "torch.library registration"):
+        assert f"ok   gate: {gate}" in out
+    assert "ok   collect the cuda/cupy tests" in out and "tests/test_kernels_cuda.py" in out
+    assert "FAIL" not in out
+
+
+def test_a_part_over_its_cap_is_stopped_and_the_next_part_still_runs(ga, tmp_path):
+    parts = [ga.Part("slow", 1.0, "sleeps past its cap"), ga.Part("quick", 10.0, "returns at once")]
+
+    def argv(part, results, soft):
+        if part.name == "slow":  # one figure, then a child of its own, then far past the cap
+            return _py(_record(results, type="figure", name="first") + "; import subprocess, time; "
+                       f"p = subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(60)']); "
+                       f"open({str(tmp_path / 'grandchild')!r}, 'w').write(str(p.pid)); time.sleep(60)")
+        return _py(_record(results, type="figure", name="done"))
+
+    t0 = time.monotonic()
+    slow, quick = ga.run_budgeted(parts, 100.0, tmp_path, dict(os.environ), argv)
+    assert time.monotonic() - t0 < 30
+    assert slow.status == "stopped" and "cap of 1 s" in slow.reason
+    assert [r["name"] for r in slow.records] == ["first"]  # what it wrote before the cap is kept
+    assert quick.status == "ok" and [r["name"] for r in quick.records] == ["done"]
+    # the whole process group went, not only the part's own process
+    pid = int((tmp_path / "grandchild").read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the part's child {pid} outlived the cap")
+    lines = ga.skipped_lines([slow, quick])
+    assert lines and lines[0].startswith("slow: stopped")
+
+
+def test_parts_that_no_longer_fit_the_total_are_skipped_not_started(ga, tmp_path):
+    ticks = iter([0.0, 0.0, 50.0, 98.0])  # a fake clock: start, then before each part ("a" took 50 s, "b" 48 s)
+    started = []
+
+    def argv(part, results, soft):
+        started.append(part.name)
+        return _py("pass")
+
+    parts = [ga.Part("a", 60, ""), ga.Part("b", 60, ""), ga.Part("c", 60, "")]
+    res = ga.run_budgeted(parts, 100.0, tmp_path, dict(os.environ), argv, clock=lambda: next(ticks))
+    assert [r.status for r in res] == ["ok", "ok", "skipped"]
+    assert started == ["a", "b"]
+    assert "not started" in res[2].reason and "100 s total budget" in res[2].reason
+
+
+def test_a_failing_part_and_a_precheck_are_reported(ga, tmp_path):
+    parts = [ga.Part("boom", 10, ""), ga.Part("needs", 10, "", needs=("nope",))]
+    res = ga.run_budgeted(parts, 100.0, tmp_path, dict(os.environ), lambda p, r, s: _py("raise SystemExit(3)"),
+                          precheck=lambda p: "nope is missing" if p.needs else None)
+    assert res[0].status == "failed" and res[0].reason == "exit status 3"
+    assert res[1].status == "skipped" and res[1].reason == "nope is missing"
+
+
+def test_recorder_stops_starting_cases_near_its_deadline(ga, tmp_path):
+    rec = ga.Recorder(tmp_path / "r.jsonl", time.time() + 2.0)
+    assert rec.fits(0.5, "small case")
+    assert not rec.fits(30, "big case")
+    rec.figure("x", value=1.5)
+    recs = ga.read_records(tmp_path / "r.jsonl")
+    assert recs[0]["type"] == "skip" and recs[0]["what"] == "big case" and "needs about 30 s" in recs[0]["why"]
+    assert recs[1] == {"type": "figure", "name": "x", "value": 1.5}
+    (tmp_path / "r.jsonl").write_text((tmp_path / "r.jsonl").read_text() + '{"type": "fig')  # cut by a kill
+    assert len(ga.read_records(tmp_path / "r.jsonl")) == 2
+
+
+def _res(ga, name, *figs):
+    return ga.PartResult(name, 10, "ok", 1.0, "", [{"type": "figure", **f} for f in figs])
+
+
+def test_targets_compare_each_figure_with_its_threshold(ga, tmp_path):
+    results = {
+        "tests": _res(ga, "tests", {"name": "pytest", "passed": 120, "failed": 1, "errors": 0, "skipped": 2}),
+        "fused": _res(ga, "fused", {"name": "fused_op", "D": 1536, "op": "rms_norm", "pct_peak": 90.0, "x_eager": 1.2,
+                                    "kernel_GBps": 3000.0, "peak_GBps": 3350.0}),
+        "quant": _res(ga, "quant", {"name": "gemm", "shape": "14B attn", "fp8_gemm_speedup": 1.7, "M": 1, "K": 2, "N": 3}),
+        "vae": _res(ga, "vae", {"name": "vae_decode", "case": "dec", "speedup": 2.5, "memory_ratio": 0.5}),
+        "dit": _res(ga, "dit", {"name": "dit_eager", "diffusers_s": 0.30}),
+        "compile": _res(ga, "compile", {"name": "compiled_step", "backend": "inductor", "compiled_s": 0.15},
+                        {"name": "cold_warm", "warm_over_cold": 0.05}, {"name": "recompiles", "recompiles": 0}),
+    }
+    got = {(t["target"], t["item"]): t["pass"] for t in ga.targets(results)}
+    assert got[("cuda/cupy tests: 0 failed", "pytest -m 'cuda or cupy'")] is False
+    assert got[("fused kernel >= 85% of HBM peak", "D=1536 rms_norm")] is True
+    assert got[("fused kernel >= 1.5x eager torch", "D=1536 rms_norm")] is False
+    assert got[("fp8 W8A8 GEMM >= 1.6x bf16", "14B attn")] is True
+    assert got[("VAE decode >= 2x diffusers", "dec")] is True
+    assert got[("VAE memory above model <= 1/3 of diffusers'", "dec")] is False
+    assert got[("DiT compiled >= 1.5x diffusers eager", "inductor")] is True  # 0.30 / 0.15 = 2x
+    assert got[("warm compile load <= 10% of cold build", "1.3B AOTInductor")] is True
+    assert got[("0 recompiles across steps", "1.3B compiled")] is True
+    assert got[("dual-branch step at alpha 0/1 <= +5% of a single step", "alpha 0 and 1")] is None  # not measured
+
+    report = {"started": "now", "total_s": 285.0, "elapsed_s": 10.0, "commit": "abc", "parts":
+              [r.to_dict() for r in results.values()], "targets": ga.targets(results), "skipped": ["dual: skipped - x"]}
+    js, md = ga.write_report(tmp_path / "out", report)
+    assert json.loads(js.read_text())["targets"] == report["targets"]
+    text = md.read_text()
+    assert "| fp8 W8A8 GEMM >= 1.6x bf16 | 14B attn | 1.7 x | >= 1.6 | PASS |" in text
+    assert "| not measured |" in text and "- dual: skipped - x" in text
+
+
+def test_pytest_output_is_counted_per_result_line():
+    spec = importlib.util.spec_from_file_location("gpu_parts_under_test", ROOT / "tools" / "gpu_parts.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    text = "\n".join([
+        "tests/test_kernels_cuda.py::test_a[64-float32] PASSED                [ 10%]",
+        "tests/test_kernels_cuda.py::test_b FAILED                             [ 20%]",
+        "tests/test_quant.py::test_fp8_dynamic_on_gpu SKIPPED (needs CC 8.9)   [ 30%]",
+        "tests/test_wan_vae.py::test_cuda_decode_matches_cpu ERROR            [ 40%]",
+        "SKIPPED [1] tests/test_quant.py:560: needs a CUDA GPU with compute capability >= 8.9",
+        "ERROR tests/test_x.py - ImportError: no module",
+        "FAILED tests/test_kernels_cuda.py::test_b - AssertionError",
+    ])
+    res = gp.parse_pytest(text)
+    assert (res["passed"], res["failed"], res["skipped"], res["errors"]) == (1, 1, 1, 2)
+    assert "tests/test_kernels_cuda.py::test_b" in res["failed_tests"]
+    assert res["skip_reasons"] == ["SKIPPED [1] tests/test_quant.py:560: needs a CUDA GPU with compute capability >= 8.9"]
+    files = gp.marked_test_files()
+    assert "tests/test_kernels_cuda.py" in files and "tests/test_quant.py" in files
+    assert "tests/test_gpu_accept.py" not in files
+
+
+def test_unknown_part_names_are_refused(ga):
+    with pytest.raises(SystemExit, match="unknown part"):
+        ga.main(["--dry-run", "--only", "nosuch"])
+    with pytest.raises(SystemExit):
+        ga.main(["--cap", "compile"])
