@@ -49,6 +49,8 @@ def test_dry_run_imports_every_gpu_path_and_lists_the_plan(tmp_path):
         assert f"ok   gate: {gate}" in out
     assert "ok   collect the cuda/cupy tests" in out and "tests/test_kernels_cuda.py" in out
     assert "FAIL" not in out
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"./dev gpu{flag}" in readme for flag in ("", " --prepare", " --dry-run"))
 
 
 def test_a_part_over_its_cap_is_stopped_and_the_next_part_still_runs(ga, tmp_path):

@@ -230,6 +230,19 @@ def _copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
 
 
+def _peak_gbps(bench, dev: int) -> tuple:
+    """(datasheet HBM bandwidth in GB/s, where it came from). The fused benchmark reads CuPy's device properties;
+    CUDA 13 dropped `memoryClockRate` from cudaDeviceProp, so where CuPy's dict lacks it, torch's properties
+    (memory_clock_rate in kHz, memory_bus_width in bits, which torch 2.11 has) give the same formula."""
+    try:
+        return bench._peak_bytes_per_s(dev) / 1e9, "cupy device properties"
+    except KeyError:
+        import torch
+
+        p = torch.cuda.get_device_properties(dev)
+        return 2.0 * p.memory_clock_rate * 1e3 * p.memory_bus_width / 8 / 1e9, "torch device properties"
+
+
 def part_fused(rec) -> int:
     import torch
 
@@ -241,9 +254,10 @@ def part_fused(rec) -> int:
         rec.skip("fused kernels", f"CuPy path unavailable: {reason}")
         return 1
     dev = torch.cuda.current_device()
-    peak = bench._peak_bytes_per_s(dev) / 1e9
+    peak, source = _peak_gbps(bench, dev)
     copy = _copy_bandwidth_gbps()
-    rec.figure("bandwidth", datasheet_peak_GBps=peak, measured_copy_GBps=copy, copy_pct_of_peak=100 * copy / peak)
+    rec.figure("bandwidth", datasheet_peak_GBps=peak, peak_from=source, measured_copy_GBps=copy,
+               copy_pct_of_peak=100 * copy / peak)
     rec.skip("torch.compile column of the fused benchmark", "not a target; one compile per op and width would take "
              "most of the part's cap (run `python -m twinflow.%s` for it)" % FUSED_BENCH)
     with torch.no_grad():
