@@ -133,6 +133,15 @@ def _cuda_median_s(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _wall_median_s(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def _cuda_peak_rise_mib(fn) -> float:
     """CUDA allocator peak (allocated bytes) over one call, above what was allocated before it."""
     torch.cuda.synchronize()
@@ -144,35 +153,40 @@ def _cuda_peak_rise_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
 
-def cuda_rows(cname="1.3b", dname="bf16", shape=(1, 16, 5, 60, 104), ctx_tokens=64, repeats=5, fits=None):
+def cuda_rows(cname="1.3b", dname="bf16", shape=(1, 16, 5, 60, 104), ctx_tokens=64, repeats=5, fits=None,
+              device="cuda"):
     """Ours (folded text padding) vs diffusers on CUDA: median forward time with CUDA events, alternating the
     two models after a warm-up each; CUDA peak memory above the model; relative error. `fits(seconds, what)`
-    (the GPU acceptance run's budget) may veto the timing after the models are built; then None."""
+    (the GPU acceptance run's budget) may veto the timing after the models are built; then None.
+    (`device="cpu"` runs the same steps with wall-clock times and no memory figure: the CPU test of this code.)"""
     cfg, dtype = _config(cname), DTYPES[dname]
+    cuda = torch.device(device).type == "cuda"
+    timer = _cuda_median_s if cuda else _wall_median_s
     t0 = time.perf_counter()
-    ours, ref = build_pair(cfg, dtype, device="cuda")
+    ours, ref = build_pair(cfg, dtype, device=device)
     build_s = time.perf_counter() - t0
-    x, t, ctx, ctx_padded = _inputs(cfg, dtype, shape, ctx_tokens, "cuda")
+    x, t, ctx, ctx_padded = _inputs(cfg, dtype, shape, ctx_tokens, device)
     run_ours = lambda: ours(x, t, ctx)  # noqa: E731
     run_ref = lambda: ref(x, t, ctx_padded, return_dict=False)[0]  # noqa: E731
     with torch.inference_mode():
         want, got = run_ref().float(), run_ours().float()  # also the warm-up
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         warm_s = time.perf_counter() - t0 - build_s  # one call of each, first-call set-up included
         if fits is not None and not fits(repeats * warm_s + 3, f"DiT {cname} {dname} timing"):
             return None
         o, d = [], []
         for _ in range(repeats):
-            o.append(_cuda_median_s(run_ours, 1))
-            d.append(_cuda_median_s(run_ref, 1))
-        peak_o, peak_d = _cuda_peak_rise_mib(run_ours), _cuda_peak_rise_mib(run_ref)
+            o.append(timer(run_ours, 1))
+            d.append(timer(run_ref, 1))
+        peak_o, peak_d = (_cuda_peak_rise_mib(run_ours), _cuda_peak_rise_mib(run_ref)) if cuda else (None, None)
     ours_s, ref_s = statistics.median(o), statistics.median(d)
     pt, ph, pw = cfg.patch_size
     return {"config": cname, "layers": cfg.num_layers, "dtype": dname, "shape": "x".join(map(str, shape)),
             "tokens": shape[2] // pt * (shape[3] // ph) * (shape[4] // pw), "ctx_tokens": ctx_tokens,
             "ours_s": ours_s, "diffusers_s": ref_s, "speedup": ref_s / ours_s, "ours_peak_mib": peak_o,
             "diffusers_peak_mib": peak_d, "rel_err_vs_diffusers": ((got - want).norm() / want.norm()).item(),
-            "build_s": build_s, "device": torch.cuda.get_device_name()}
+            "build_s": build_s, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 def _cases(configs, dtypes, shape, ctx_tokens, fold_variants, sampler_step=True):

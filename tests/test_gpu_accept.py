@@ -184,3 +184,18 @@ def test_unknown_part_names_are_refused(ga):
         ga.main(["--dry-run", "--only", "nosuch"])
     with pytest.raises(SystemExit):
         ga.main(["--cap", "compile"])
+
+
+def test_the_dit_parts_measurement_code_runs_on_the_cpu_tiny():
+    """benchmarks/dit.cuda_rows (the `dit` part) with the tiny config on the CPU: the same steps as on the GPU
+    (pair built on the device, inputs, warm-up, alternating timing, budget veto), wall-clock instead of events."""
+    pytest.importorskip("diffusers")
+    from twinflow.benchmarks import dit
+
+    row = dit.cuda_rows("tiny", "fp32", (1, 16, 1, 4, 4), 4, repeats=2, device="cpu")
+    assert row["tokens"] == 4 and row["ours_s"] > 0 and row["diffusers_s"] > 0
+    assert row["rel_err_vs_diffusers"] < 1e-5  # fp32: the two models compute the same function
+    vetoed = []
+    assert dit.cuda_rows("tiny", "fp32", (1, 16, 1, 4, 4), 4, 2, lambda s, what: vetoed.append(what) and False,
+                         device="cpu") is None
+    assert vetoed == ["DiT tiny fp32 timing"]

@@ -55,7 +55,6 @@ class Part:
     what: str
     needs: tuple = ()           # importable modules the part needs on the host (else skipped, with why)
     optional: Optional[str] = None  # module that must exist for an optional part to run at all
-    command: Optional[Callable] = None  # (ctx) -> argv; default: this file's child mode
 
 
 # Order: cheap and decisive first; the compile part (the most likely to need more) last but one.
@@ -575,7 +574,7 @@ def main(argv=None) -> int:
         results = run_budgeted(parts, left, work, env, _argv_for(False), precheck=precheck, on_done=done)
         by_name = {r.name: r for r in results}
         report = {"started": started, "total_s": args.total, "elapsed_s": time.monotonic() - t_start,
-                  "commit": _commit(), "wheels": wheel_lines, "plan": [dataclasses.asdict(p) | {"command": None} for p in parts],
+                  "commit": _commit(), "wheels": wheel_lines, "plan": [dataclasses.asdict(p) for p in parts],
                   "parts": [r.to_dict() for r in results], "targets": targets(by_name),
                   "skipped": skipped_lines(results)}
         js, md = write_report(out, report)
@@ -590,6 +589,38 @@ def main(argv=None) -> int:
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+HOST_PYTHON = "python3.12"  # the GPU image's interpreter
+_COMPILE_ALL = ("import sys\nbad = []\nfor path in sys.stdin.read().split('\\0'):\n    if path:\n"
+                "        try:\n            compile(open(path, encoding='utf-8').read(), path, 'exec')\n"
+                "        except SyntaxError as exc:\n            bad.append(f'{path}:{exc.lineno}: {exc.msg}')\n"
+                "print(len(bad)); print('\\n'.join(bad))\n")
+
+
+def host_python_syntax() -> tuple:
+    """(line, problem or None): every tracked .py file compiled by the GPU host's Python version, where an
+    interpreter of that version exists on this machine (syntax only: nothing is imported)."""
+    exe = shutil.which(HOST_PYTHON)
+    try:
+        ok = exe and subprocess.run([exe, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                    capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        return f"{HOST_PYTHON} syntax check: no usable {HOST_PYTHON} on this machine; skipped", None
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard", "*.py"], cwd=ROOT,
+                                 capture_output=True).stdout
+    except OSError:
+        listing = b"\0".join(str(p.relative_to(ROOT)).encode() for p in ROOT.rglob("*.py") if ".venv" not in p.parts)
+    res = subprocess.run([exe, "-c", _COMPILE_ALL], input=listing, cwd=ROOT, capture_output=True, timeout=120)
+    out = res.stdout.decode().splitlines()
+    n = len([p for p in listing.split(b"\0") if p])
+    if res.returncode != 0 or not out or out[0] != "0":
+        return (f"{HOST_PYTHON} syntax check: FAILED", f"{HOST_PYTHON} cannot compile: "
+                + ("; ".join(out[1:6]) or res.stderr.decode()[-500:]))
+    return f"{HOST_PYTHON} syntax check: all {n} tracked .py files compile", None
 
 
 def dry_run(parts, total_s: float, tmp: Path, shim: Path) -> int:
@@ -607,6 +638,10 @@ def dry_run(parts, total_s: float, tmp: Path, shim: Path) -> int:
     print(f"a device run carries {tree:.1f} MiB of working tree + {wmib:.1f} MiB of wheels (limit {CARRY_LIMIT_MIB} MiB)")
     if tree + wmib > CARRY_LIMIT_MIB:
         problems.append(f"{tree + wmib:.1f} MiB would travel, over the {CARRY_LIMIT_MIB} MiB limit")
+    line, problem = host_python_syntax()
+    print(line)
+    if problem:
+        problems.append(problem)
     env = child_env(shim, None)
     work = tmp / "work"
     work.mkdir()
