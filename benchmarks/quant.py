@@ -178,8 +178,7 @@ def gpu_table(tokens: int = 32760, repeats: int = 20, shapes=GPU_SHAPES) -> list
     def cosine(a, b):
         return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
-    rows = []
-    for label, k, n in shapes:
+    def row(label, k, n):
         x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
         lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
@@ -200,14 +199,17 @@ def gpu_table(tokens: int = 32760, repeats: int = 20, shapes=GPU_SHAPES) -> list
         t_q8 = cuda_time(lambda: q8(x))
         y = lin(x)
         flops = 2 * tokens * k * n
-        rows.append({"shape": label, "M": tokens, "K": k, "N": n,
-                     "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
-                     "int8_tops": flops / t_int8 / 1e12,
-                     "gemm_speedup": t_bf16 / t_fp8, "int8_gemm_speedup": t_bf16 / t_int8,
-                     "linear_speedup_incl_act_quant": t_lin / t_q, "int8_linear_speedup_incl_act_quant": t_lin / t_q8,
-                     "cosine_vs_bf16": cosine(q(x), y), "int8_cosine_vs_bf16": cosine(q8(x), y)})
-        del x, w, lin, q, q8, a8, ai8
-        torch.cuda.empty_cache()
+        return {"shape": label, "M": tokens, "K": k, "N": n,
+                "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
+                "int8_tops": flops / t_int8 / 1e12,
+                "gemm_speedup": t_bf16 / t_fp8, "int8_gemm_speedup": t_bf16 / t_int8,
+                "linear_speedup_incl_act_quant": t_lin / t_q, "int8_linear_speedup_incl_act_quant": t_lin / t_q8,
+                "cosine_vs_bf16": cosine(q(x), y), "int8_cosine_vs_bf16": cosine(q8(x), y)}
+
+    rows = []
+    for label, k, n in shapes:
+        rows.append(row(label, k, n))
+        torch.cuda.empty_cache()  # this shape's tensors died with row()'s frame
     return rows
 
 

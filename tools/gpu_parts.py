@@ -11,13 +11,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,11 +234,12 @@ def _peak_gbps(bench, dev: int) -> tuple:
     (memory_clock_rate in kHz, memory_bus_width in bits, which torch 2.11 has) give the same formula."""
     try:
         return bench._peak_bytes_per_s(dev) / 1e9, "cupy device properties"
-    except KeyError:
+    except (KeyError, AttributeError):
         import torch
 
         p = torch.cuda.get_device_properties(dev)
-        return 2.0 * p.memory_clock_rate * 1e3 * p.memory_bus_width / 8 / 1e9, "torch device properties"
+        clock, width = getattr(p, "memory_clock_rate", 0), getattr(p, "memory_bus_width", 0)
+        return 2.0 * clock * 1e3 * width / 8 / 1e9, "torch device properties"
 
 
 def part_fused(rec) -> int:
@@ -256,8 +255,12 @@ def part_fused(rec) -> int:
     dev = torch.cuda.current_device()
     peak, source = _peak_gbps(bench, dev)
     copy = _copy_bandwidth_gbps()
+    if peak <= 0:
+        rec.skip("% of HBM peak", f"the device reports no memory clock / bus width ({source}); GB/s and % of the "
+                 "measured copy bandwidth are still recorded")
+        peak = None
     rec.figure("bandwidth", datasheet_peak_GBps=peak, peak_from=source, measured_copy_GBps=copy,
-               copy_pct_of_peak=100 * copy / peak)
+               copy_pct_of_peak=100 * copy / peak if peak else None)
     rec.skip("torch.compile column of the fused benchmark", "not a target; one compile per op and width would take "
              "most of the part's cap (run `python -m twinflow.%s` for it)" % FUSED_BENCH)
     with torch.no_grad():
@@ -272,7 +275,8 @@ def part_fused(rec) -> int:
                 te = bench._time_ms(lambda: ref(*a), 5, 30)
                 gbs = nbytes / (tk * 1e-3) / 1e9
                 rec.figure("fused_op", D=d, op=op, kernel_ms=tk, eager_ms=te, kernel_GBps=gbs, peak_GBps=peak,
-                           pct_peak=100 * gbs / peak, pct_measured_copy=100 * gbs / copy, x_eager=te / tk)
+                           pct_peak=100 * gbs / peak if peak else None, pct_measured_copy=100 * gbs / copy,
+                           x_eager=te / tk)
             del cases
             torch.cuda.empty_cache()
         if rec.fits(12, "one Wan DiT block (D=1536) with the kernels on vs off"):
@@ -397,7 +401,7 @@ def part_step_cache(rec) -> int:
         if res.returncode != 0 or not out.is_file():
             rec.skip("step caching", f"{' '.join(cmd[2:])} failed: {res.stderr.strip()[-300:]}")
             return 1
-        rec.figure("step_cache", **json.loads(out.read_text()))
+        rec.figure("step_cache", result=json.loads(out.read_text()))
     return 0
 
 
