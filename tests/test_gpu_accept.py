@@ -199,3 +199,25 @@ def test_the_dit_parts_measurement_code_runs_on_the_cpu_tiny():
     assert dit.cuda_rows("tiny", "fp32", (1, 16, 1, 4, 4), 4, 2, lambda s, what: vetoed.append(what) and False,
                          device="cpu") is None
     assert vetoed == ["DiT tiny fp32 timing"]
+
+
+def test_the_real_run_on_a_machine_without_cuda_reports_every_part_as_skipped(ga, tmp_path, monkeypatch):
+    """`./dev gpu` (not the dry run) end to end on the CPU, with the plan cut to the env part and one GPU part:
+    the env part runs for real (device, versions, API gates), the GPU part is not started, and the report says
+    why, with every target "not measured" but the gates."""
+    monkeypatch.setattr(ga, "PLAN", (ga.PLAN[0], next(p for p in ga.PLAN if p.name == "quant")))
+    monkeypatch.delenv("OUT", raising=False)
+    assert ga.main(["--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["partial"] is False and [p["name"] for p in report["parts"]] == ["env", "quant"]
+    env, quant = report["parts"]
+    assert env["status"] == "ok", env["log_tail"]
+    device = next(r for r in env["records"] if r.get("name") == "device")
+    assert device["cuda_available"] is False and device["torch"]
+    assert quant["status"] == "skipped" and "no CUDA device" in quant["reason"]
+    verdicts = {t["target"]: t["pass"] for t in report["targets"]}
+    assert verdicts.pop("torch API gates hold on the host's torch") is True
+    assert set(verdicts.values()) == {None}
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert "| quant | skipped |" in md and "not measured" in md
+    assert "===== env: ok" in (tmp_path / "gpu_logs.txt").read_text()

@@ -399,7 +399,9 @@ def write_report(out: Path, report: dict) -> tuple:
              f"- python {dev.get('python', '?')}, torch {dev.get('torch', '?')} (CUDA {dev.get('cuda', '?')}),"
              f" cupy {dev.get('cupy', '?')}, triton {dev.get('triton', '?')}, diffusers {dev.get('diffusers', '?')}",
              f"- run: {report['started']}, {report['elapsed_s']:.0f} s of a {report['total_s']:.0f} s budget;"
-             f" working tree {report['commit']}", "",
+             f" working tree {report['commit']}"
+             + ("; PARTIAL: written after each part, the run did not reach its end" if report.get("partial") else ""),
+             "",
              "## Targets", "", "| target | item | value | target | result | detail |", "|---|---|---|---|---|---|"]
     for t in report["targets"]:
         res = {True: "PASS", False: "FAIL", None: "not measured"}[t["pass"]]
@@ -560,6 +562,26 @@ def main(argv=None) -> int:
                         f"there is network and carry {WHEELS_DIR.name}/ along")
             return None
 
+        work = tmp / "work"
+        work.mkdir()
+        finished = []
+
+        def report_now(results, partial: bool) -> tuple:
+            by_name = {r.name: r for r in results}
+            report = {"started": started, "total_s": args.total, "elapsed_s": time.monotonic() - t_start,
+                      "partial": partial, "commit": _commit(), "wheels": wheel_lines,
+                      "plan": [dataclasses.asdict(p) for p in parts], "parts": [r.to_dict() for r in results],
+                      "targets": targets(by_name), "skipped": skipped_lines(results)
+                      + [f"{p.name}: not reached (the run was stopped)" for p in parts[len(results):] if partial]}
+            js, md = write_report(out, report)
+            logs = out / "gpu_logs.txt"
+            with open(logs, "w") as f:  # every part's full output, for what the report's tails leave out
+                for r in results:
+                    log = work / f"{r.name}.log"
+                    text = log.read_text(errors="replace") if log.is_file() else "(not started)\n"
+                    f.write(f"===== {r.name}: {r.status} {r.reason}\n{text[-1_000_000:]}\n")
+            return js, md, logs
+
         def done(r):
             if r.name == "env":
                 dev = next((f for f in r.records if f.get("name") == "device"), None)
@@ -570,23 +592,12 @@ def main(argv=None) -> int:
                   + (f" - {r.reason}" if r.reason else ""), flush=True)
             if r.status == "failed":
                 print("  " + "\n  ".join(r.log_tail.splitlines()[-15:]))
+            finished.append(r)
+            report_now(finished, partial=True)  # a run stopped from outside still leaves a report
 
-        work = tmp / "work"
-        work.mkdir()
         left = args.total - (time.monotonic() - t_start)
         results = run_budgeted(parts, left, work, env, _argv_for(False), precheck=precheck, on_done=done)
-        by_name = {r.name: r for r in results}
-        report = {"started": started, "total_s": args.total, "elapsed_s": time.monotonic() - t_start,
-                  "commit": _commit(), "wheels": wheel_lines, "plan": [dataclasses.asdict(p) for p in parts],
-                  "parts": [r.to_dict() for r in results], "targets": targets(by_name),
-                  "skipped": skipped_lines(results)}
-        js, md = write_report(out, report)
-        logs = out / "gpu_logs.txt"
-        with open(logs, "w") as f:  # every part's full output, for what the report's tails leave out
-            for r in results:
-                log = work / f"{r.name}.log"
-                text = log.read_text(errors="replace") if log.is_file() else "(not started)\n"
-                f.write(f"===== {r.name}: {r.status} {r.reason}\n{text[-2_000_000:]}\n")
+        js, md, logs = report_now(results, partial=False)
         print(md.read_text())
         print(f"wrote {js}, {md} and {logs}")
         return 0
