@@ -6,6 +6,7 @@ API gates, collects the cuda/cupy tests), and the budget logic with fake parts t
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,7 +48,17 @@ def test_dry_run_imports_every_gpu_path_and_lists_the_plan(tmp_path):
         assert f"  {part} " in out, part
     for gate in ("_scaled_mm signature", "AOTInductor packaging API", "torch.library registration"):
         assert f"ok   gate: {gate}" in out
-    assert "ok   collect the cuda/cupy tests" in out and "tests/test_kernels_cuda.py" in out
+    assert "plan: 9 parts, total budget 285 s" in out
+    for line in (l for l in out.splitlines() if l.startswith("  ") and " cap " in l):
+        assert re.match(r"  \w+ +cap +\d+ s  \S", line), line  # the time budget per part
+    assert "ok   collect the cuda/cupy tests" in out
+    spec = importlib.util.spec_from_file_location("gpu_parts_for_dry_run", ROOT / "tools" / "gpu_parts.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    assert all(f in out for f in gp.marked_test_files())
+    assert all(f"ok   import twinflow.{m}:" in out for m in gp.DRY_IMPORTS)
+    if not gp.torch_version_is_host():  # CI's torch is not the GPU host's: every gate also read against it
+        assert f"ok   every gate read against torch {gp.GPU_HOST_TORCH}" in out
     assert "FAIL" not in out
     readme = (ROOT / "README.md").read_text()
     assert all(f"./dev gpu{flag}" in readme for flag in ("", " --prepare", " --dry-run"))
@@ -175,7 +186,7 @@ def test_pytest_output_is_counted_per_result_line():
     assert "tests/test_kernels_cuda.py::test_b" in res["failed_tests"]
     assert res["skip_reasons"] == ["SKIPPED [1] tests/test_quant.py:560: needs a CUDA GPU with compute capability >= 8.9"]
     files = gp.marked_test_files()
-    assert "tests/test_kernels_cuda.py" in files and "tests/test_quant.py" in files
+    assert "tests/test_quant.py" in files and any(f.endswith("_cuda.py") for f in files)  # the kernels' parity tests
     assert "tests/test_gpu_accept.py" not in files
 
 
@@ -221,3 +232,96 @@ def test_the_real_run_on_a_machine_without_cuda_reports_every_part_as_skipped(ga
     md = (tmp_path / "gpu_report.md").read_text()
     assert "| quant | skipped |" in md and "not measured" in md
     assert "===== env: ok" in (tmp_path / "gpu_logs.txt").read_text()
+
+
+def test_the_run_stops_cleanly_within_its_total_and_reports_what_it_skipped(ga, tmp_path, monkeypatch):
+    """`./dev gpu` end to end with fake parts that overrun a 10 s total: one part stops starting cases at its
+    soft deadline (ok, its leftover cases listed as skipped), one ignores its cap and is killed when the total
+    runs out, and the last is never started; the report says all of it."""
+    tools = str(ga.TOOLS)
+
+    def argv(part, results, soft):
+        if part.name == "env":  # a CUDA device, so that the GPU parts are not skipped for lack of one
+            return _py(_record(results, type="figure", name="device", cuda_available=True, gpu="fake"))
+        if part.name == "careful":  # what a real part does: ask fits() before each case
+            return _py(f"import sys, time; sys.path.insert(0, {tools!r}); import gpu_accept as g; "
+                       f"r = g.Recorder({str(results)!r}, {soft!r})\n"
+                       "for i in range(20):\n"
+                       "    if r.fits(1.0, f'case {i}'):\n"
+                       "        time.sleep(0.25); r.figure('case', i=i)\n")
+        if part.name == "stubborn":
+            return _py(_record(results, type="figure", name="started") + "; import time; time.sleep(120)")
+        return _py(_record(results, type="figure", name="ran"))
+
+    monkeypatch.setattr(ga, "_argv_for", lambda dry: argv)
+    monkeypatch.setattr(ga, "PLAN", (ga.Part("env", 5, ""), ga.Part("careful", 4, ""), ga.Part("stubborn", 100, ""),
+                                     ga.Part("late", 5, "")))
+    monkeypatch.delenv("OUT", raising=False)
+    assert ga.main(["--out", str(tmp_path), "--total", "10"]) == 0
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    env, careful, stubborn, late = report["parts"]
+    assert env["status"] == "ok"
+    assert careful["status"] == "ok"  # it stopped itself before its 4 s cap
+    cases = [r for r in careful["records"] if r["type"] == "figure"]
+    left_out = [r["what"] for r in careful["records"] if r["type"] == "skip"]
+    assert cases and left_out and len(cases) + len(left_out) == 20
+    assert stubborn["status"] == "stopped" and "cap cut from 100 s to what was left of the total" in stubborn["reason"]
+    assert [r["name"] for r in stubborn["records"]] == ["started"]  # its figures up to the kill are kept
+    assert late["status"] == "skipped" and "total budget" in late["reason"] and not late["records"]
+    # the whole run ended at its total (plus the kill's grace), not at the stubborn part's own 100 s cap
+    assert report["elapsed_s"] < 10 + 5 and report["partial"] is False
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert f"- careful: {left_out[0]} - not started:" in md
+    assert "- stubborn: stopped - still running at its cap" in md and "- late: skipped - not started:" in md
+
+
+def test_the_gpu_run_never_installs_torch_and_carries_under_the_limit(ga, tmp_path, monkeypatch):
+    """The carried wheels never include the torch stack (refused even if one were put there), the host's own
+    packages are never replaced, and what a device run carries (tree + wheels) stays under 64 MiB."""
+    assert not [k for k in ga.WHEELS if k.lower().startswith(ga.FORBIDDEN_WHEELS)]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl", "nvidia_cublas-13.0-py3-none-any.whl",
+                 "cupy_cuda13x-14.2-cp312-cp312-manylinux2014_x86_64.whl", "pytest-8.0.0-py3-none-any.whl"):
+        (wheels / name).write_bytes(b"not a wheel")  # pip would fail on these: nothing may reach pip
+    monkeypatch.setattr(ga, "WHEELS_DIR", wheels)
+    installed, lines = ga.install_missing_wheels(tmp_path / "site")
+    assert installed == [] and not (tmp_path / "site").exists()
+    assert sum("refused" in line for line in lines) == 3 and any("not needed, the host has pytest" in l for l in lines)
+    monkeypatch.undo()
+    tree, wmib = ga.carried_mib()
+    assert 0 < tree and tree + wmib < ga.CARRY_LIMIT_MIB
+    # the `gpu` branch of ./dev runs the tool with the host's python and nothing else (no setup, no pip)
+    dev = (ROOT / "dev").read_text()
+    start = dev.index("\n  gpu)")
+    block = dev[start:dev.index('exec "$gpy" tools/gpu_accept.py "$@" ;;', start)]
+    code = [line for line in block.splitlines() if not line.strip().startswith("#")]
+    assert code and not [line for line in code if "setup" in line or "pip" in line or "install" in line]
+
+
+def test_the_fused_kernels_are_named_in_one_place():
+    """Issue 14 renames kernels/ -> fused/ (and benchmarks/kernels.py -> fused.py): the GPU parts follow from
+    the one constant gpu_parts.FUSED; this fails, naming it, while it points at a package that is not there."""
+    spec = importlib.util.spec_from_file_location("gpu_parts_fused", ROOT / "tools" / "gpu_parts.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    assert (ROOT / gp.FUSED / "ops.py").is_file(), f"tools/gpu_parts.py: FUSED = {gp.FUSED!r} is not a package here"
+    assert (ROOT / "benchmarks" / f"{gp.FUSED}.py").is_file() and gp.FUSED_BENCH == f"benchmarks.{gp.FUSED}"
+    assert f"{gp.FUSED}.ops" in gp.DRY_IMPORTS and gp.FUSED_BENCH in gp.DRY_IMPORTS
+    src = (ROOT / "tools" / "gpu_parts.py").read_text()
+    assert not re.findall(r'["\'](?:benchmarks\.)?kernels[."\']', src.replace('FUSED = "kernels"', ""))
+
+
+def test_the_host_python_check_catches_what_312_rejects(ga, tmp_path):
+    """The dry run's python3.12 check (where a 3.12 interpreter exists here): syntax newer than 3.12 and stdlib
+    modules 3.12 removed are reported; 3.12's own syntax passes."""
+    if ga._host_python() is None:
+        pytest.skip("no python3.12 on this machine (the dry run says so and skips that check)")
+    ok = tmp_path / "ok.py"
+    ok.write_text("def f[T](x: T) -> T:\n    return x\n")
+    assert ga.host_python_syntax([ok])[1] is None
+    gone, new = tmp_path / "gone.py", tmp_path / "new.py"
+    gone.write_text("import os\nfrom distutils import util\n")
+    new.write_text("try:\n    pass\nexcept ValueError, TypeError:\n    pass\n")
+    line, problem = ga.host_python_syntax([ok, gone, new])
+    assert "FAILED" in line and "gone.py:2: imports distutils" in problem and "new.py:3:" in problem

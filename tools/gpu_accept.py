@@ -606,35 +606,67 @@ def main(argv=None) -> int:
 
 
 HOST_PYTHON = "python3.12"  # the GPU image's interpreter
-_COMPILE_ALL = ("import sys\nbad = []\nfor path in sys.stdin.read().split('\\0'):\n    if path:\n"
-                "        try:\n            compile(open(path, encoding='utf-8').read(), path, 'exec')\n"
-                "        except SyntaxError as exc:\n            bad.append(f'{path}:{exc.lineno}: {exc.msg}')\n"
-                "print(len(bad)); print('\\n'.join(bad))\n")
+# Run by that interpreter over every tracked .py file: compile it (syntax), and list imports of stdlib modules this
+# (the CPU machine's) Python has but 3.12 removed (distutils, imp, asynchat, ...), which a syntax check misses.
+_COMPILE_ALL = """
+import ast, sys
+ours = set(sys.argv[1].split(","))
+gone = sorted(ours - set(sys.stdlib_module_names))
+bad = []
+for path in sys.stdin.read().split("\\0"):
+    if not path:
+        continue
+    try:
+        tree = compile(open(path, encoding="utf-8").read(), path, "exec", ast.PyCF_ONLY_AST)
+    except SyntaxError as exc:
+        bad.append(f"{path}:{exc.lineno}: {exc.msg}")
+        continue
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        for name in names:
+            if name.split(".")[0] in gone:
+                bad.append(f"{path}:{node.lineno}: imports {name}, removed from the standard library in 3.12")
+print(len(bad)); print("\\n".join(bad))
+"""
 
 
-def host_python_syntax() -> tuple:
-    """(line, problem or None): every tracked .py file compiled by the GPU host's Python version, where an
-    interpreter of that version exists on this machine (syntax only: nothing is imported)."""
-    exe = shutil.which(HOST_PYTHON)
+def _host_python() -> Optional[str]:
+    """An interpreter of the GPU host's Python version on this machine: on PATH, or a pyenv version of it."""
+    cands = [shutil.which(HOST_PYTHON)]
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    cands += sorted(str(p) for p in root.glob(f"versions/{HOST_PYTHON[6:]}*/bin/{HOST_PYTHON}"))
+    for exe in filter(None, cands):
+        try:
+            if subprocess.run([exe, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                              capture_output=True, timeout=60).returncode == 0:
+                return exe
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+def host_python_syntax(files: Optional[list] = None) -> tuple:
+    """(line, problem or None): every tracked .py file compiled by the GPU host's Python version, and its imports
+    checked against that version's standard library, where an interpreter of that version exists on this
+    machine (nothing of TwinFlow is imported or run by it). `files`: those instead of the tracked ones."""
+    exe = _host_python()
+    if not exe:
+        return f"{HOST_PYTHON} check: no usable {HOST_PYTHON} on this machine; skipped", None
     try:
-        ok = exe and subprocess.run([exe, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
-                                    capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    if not ok:
-        return f"{HOST_PYTHON} syntax check: no usable {HOST_PYTHON} on this machine; skipped", None
-    try:
-        listing = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard", "*.py"], cwd=ROOT,
-                                 capture_output=True).stdout
+        listing = b"\0".join(str(f).encode() for f in files) if files is not None else subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True).stdout
     except OSError:
         listing = b"\0".join(str(p.relative_to(ROOT)).encode() for p in ROOT.rglob("*.py") if ".venv" not in p.parts)
-    res = subprocess.run([exe, "-c", _COMPILE_ALL], input=listing, cwd=ROOT, capture_output=True, timeout=120)
+    res = subprocess.run([exe, "-c", _COMPILE_ALL, ",".join(sorted(sys.stdlib_module_names))], input=listing,
+                         cwd=ROOT, capture_output=True, timeout=120)
     out = res.stdout.decode().splitlines()
     n = len([p for p in listing.split(b"\0") if p])
     if res.returncode != 0 or not out or out[0] != "0":
-        return (f"{HOST_PYTHON} syntax check: FAILED", f"{HOST_PYTHON} cannot compile: "
+        return (f"{HOST_PYTHON} check: FAILED", f"{HOST_PYTHON} ({exe}) rejects: "
                 + ("; ".join(out[1:6]) or res.stderr.decode()[-500:]))
-    return f"{HOST_PYTHON} syntax check: all {n} tracked .py files compile", None
+    return (f"{HOST_PYTHON} check: all {n} tracked .py files compile with {exe} and import nothing 3.12 "
+            "removed from the standard library", None)
 
 
 def dry_run(parts, total_s: float, tmp: Path, shim: Path) -> int:

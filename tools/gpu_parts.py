@@ -19,8 +19,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The fused-kernel benchmark module, by one name: issue 14 renames benchmarks/kernels.py to benchmarks/fused.py.
-FUSED_BENCH = "benchmarks.kernels"
+# The fused CuPy kernels' package, named in this ONE place: issue 14 renames the top-level `kernels/` to `fused/`
+# and `benchmarks/kernels.py` to `benchmarks/fused.py`; after that merge this line becomes FUSED = "fused".
+FUSED = "kernels"
+FUSED_BENCH = f"benchmarks.{FUSED}"  # the fused kernels' benchmark module: GB/s, % of HBM peak, x eager
 # OPTIONAL (issue 18, being built in parallel): step caching. The part runs when this module exists, through
 # the benchmark module below (`--device cuda --json FILE`); adapt the two names when that work lands.
 STEP_CACHE_MODULE = "sampling.step_cache"
@@ -45,6 +47,36 @@ def _tf(name: str):
 
 def _params(fn) -> set:
     return set(inspect.signature(fn).parameters)
+
+
+# The GPU image's torch is 2.11; the CPU machines (CI) have 2.13. `gates()` runs on whatever torch is there: in the
+# dry run on 2.13, on the GPU host on 2.11 as the env part, the first part, so a 2.11 mismatch shows before any
+# part needs the API. Where 2.11 could not be run, its API was checked by READING PyTorch's documentation and
+# sources (docs/code search, December 2026); what was found, per gate, is below and printed by the dry run.
+GPU_HOST_TORCH = "2.11"
+TORCH_2_11_BY_READING = {
+    "_scaled_mm signature": "the current C++ API docs and torch 2.13 give the same aten schema (self, mat2, scale_a, "
+                            "scale_b, bias?, scale_result?, out_dtype?, use_fast_accum); 2.10 added _scaled_mm_v2 "
+                            "and F.scaled_mm beside it (torchao moved to F.scaled_mm on 2.10 nightlies), not in "
+                            "its place: _scaled_mm is still there on 2.13",
+    "_int_mm": "torch._int_mm since 2.2, present on 2.13",
+    "AOTInductor packaging API": "aoti_compile_and_package(ep, *, package_path=, inductor_configs=) and aoti_load_package "
+                                 "since 2.6 (2.6 release notes: 'new packaging APIs for AOTInductor'); "
+                                 "AOTICompiledModel.load_constants(user_managed=) NOT dated by reading (older "
+                                 "sources have load_constants(map, *, check_full_update) only): the env part checks it "
+                                 "on the host first",
+    "torch.library registration": "torch.library.custom_op(name, fn, /, *, mutates_args, device_types, schema) and "
+                                  ".register_fake since 2.4/2.5, unchanged on 2.13",
+    "torch.export / compile cache API": "export(strict=, dynamic_shapes=) since 2.3, "
+                                        "torch.compiler.save/load_cache_artifacts since 2.7",
+    "CUDA timing / graph / dynamo counters API": "long-standing (torch.cuda.graph since 1.10)",
+}
+
+
+def torch_version_is_host() -> bool:
+    import torch
+
+    return torch.__version__.startswith(GPU_HOST_TORCH + ".")
 
 
 def gates() -> list:
@@ -102,11 +134,11 @@ def gates() -> list:
         p = _params(torch.library.custom_op)
         if "mutates_args" not in p:
             raise RuntimeError(f"torch.library.custom_op{inspect.signature(torch.library.custom_op)} lacks mutates_args")
-        ops = _tf("kernels.ops")
+        ops = _tf(f"{FUSED}.ops")
         names = re.findall(r'^_register\("(\w+)"', Path(ops.__file__).read_text(), re.M)
         missing = [n for n in names if not hasattr(torch.ops.twinflow, n)]
         if missing or not names:
-            raise RuntimeError(f"torch.ops.twinflow lacks {missing or 'every op'} after importing kernels.ops")
+            raise RuntimeError(f"torch.ops.twinflow lacks {missing or 'every op'} after importing {FUSED}.ops")
         return f"{len(names)} custom ops registered with register_fake: {', '.join(names)}"
 
     def export():
@@ -248,7 +280,7 @@ def part_fused(rec) -> int:
     if not _cuda_or_skip(rec, "fused kernels"):
         return 1
     bench = _tf(FUSED_BENCH)
-    reason = _tf("kernels._runtime").unavailable_reason()
+    reason = _tf(f"{FUSED}._runtime").unavailable_reason()
     if reason:
         rec.skip("fused kernels", f"CuPy path unavailable: {reason}")
         return 1
@@ -441,8 +473,8 @@ def part_env(rec) -> int:
 # Dry run (CPU): import every GPU code path, check the gates, collect the marked tests
 # ----------------------------------------------------------------------------------------------
 
-DRY_IMPORTS = ("kernels._runtime", "kernels.ops", "kernels.norm", "kernels.rope", "kernels.int8", "kernels.vae_norm",
-               "kernels.build", FUSED_BENCH, "benchmarks.quant", "benchmarks.vae", "benchmarks.dit",
+DRY_IMPORTS = tuple(f"{FUSED}.{m}" for m in ("_runtime", "ops", "norm", "rope", "int8", "vae_norm", "build")) + (
+               FUSED_BENCH, "benchmarks.quant", "benchmarks.vae", "benchmarks.dit",
                "benchmarks.compile", "benchmarks.sampling", "compiled.backends", "compiled.runtime", "compiled.export",
                "quant.primitives", "quant.formats", "quant.linear", "models.wan_dit", "models.wan_vae",
                "sampling.dual")
@@ -473,8 +505,18 @@ def dry_imports(rec) -> int:
     rec.figure("benchmark entry points the parts call", ok=ok, detail="" if ok else "one is missing")
     vae = _tf("benchmarks.vae")
     rec.figure("VAE cases", ok=all(c in vae.CASES for c in VAE_CASES), detail=", ".join(VAE_CASES))
-    for name, ok, detail in gates():
+    checked = gates()
+    for name, ok, detail in checked:
         rec.figure(f"gate: {name}", ok=ok, detail=detail)
+    if not torch_version_is_host():
+        unread = [name for name, _, _ in checked if name not in TORCH_2_11_BY_READING]
+        rec.figure(f"every gate read against torch {GPU_HOST_TORCH} (the GPU host's)", ok=not unread,
+                   detail=f"gates with no reading in TORCH_2_11_BY_READING: {unread}" if unread else
+                   f"this torch is {torch.__version__}; torch {GPU_HOST_TORCH} is checked by reading, and run by the "
+                   "env part on the GPU host first")
+        for name, _, _ in checked:
+            if name in TORCH_2_11_BY_READING:
+                rec.note(f"torch {GPU_HOST_TORCH}, {name} (read, not run): {TORCH_2_11_BY_READING[name]}")
     try:
         _tf(STEP_CACHE_MODULE)
         rec.note(f"optional step_cache part: twinflow.{STEP_CACHE_MODULE} exists; it runs")
