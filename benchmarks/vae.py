@@ -51,6 +51,9 @@ CASES = {
     "dectiled48": ("decode", (1, 16, 2, 48, 48), "float32", "tiled"),
     "dectiled40": ("decode", (1, 16, 2, 40, 40), "float32", "tiled"),
     "smoke": ("decode", (1, 16, 2, 4, 4), "float32", None),  # seconds; checks the harness
+    # GPU (the acceptance run, tools/gpu_accept.py): 5 latent frames of a 480p clip (-> 17 frames, 832x480)
+    "dec480p5bf16": ("decode", (1, 16, 5, 60, 104), "bfloat16", None),
+    "dec480p5": ("decode", (1, 16, 5, 60, 104), "float32", None),
 }
 
 
