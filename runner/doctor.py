@@ -86,8 +86,8 @@ def hook_lines() -> list[str]:
 
 
 def doctor_lines() -> list[str]:
-    from .. import __version__
     from ..core import paths
+    from ..core.version import __version__
 
     lines = [f"twinflow {__version__} on Python {platform.python_version()} ({sys.platform})"]
     lines += torch_lines()

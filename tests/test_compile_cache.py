@@ -217,7 +217,7 @@ def test_tensorrt_kwargs_refusals():
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI: the runner adds `plan` and `cache` from compiled/cli.py
+# CLI: the runner's `plan` and `cache` commands (runner/cli.py)
 # ------------------------------------------------------------------------------------------------
 
 def test_cli_plan_and_cache(tmp_path, monkeypatch, capsys):
