@@ -106,15 +106,9 @@ def _setup_logging(verbose: int) -> None:
 def _set_kernels(mode) -> None:
     if not mode:
         return
-    try:
-        fused = importlib.import_module(f"{_root_package()}.fused")
-    except ImportError as e:
-        raise TwinFlowError(f"--kernels {mode}: the fused-kernel package cannot be imported ({e})") from None
-    set_mode = getattr(fused, "set_mode", None)
-    if set_mode is None:
-        logger.warning("--kernels %s ignored: this build has no kernel dispatcher (fused.set_mode)", mode)
-        return
-    set_mode(mode)
+    from .. import fused  # the library's dispatcher; cupy itself is imported only when a kernel runs
+
+    fused.set_mode(mode)
 
 
 def _tqdm_backend():
