@@ -39,6 +39,8 @@ def _cases(tmp: Path) -> dict:
         "benchmarks.sampling": (["--help"], 0, "--layers"),
         "benchmarks.vae": (["--cases", "smoke", "--device", "tpu"], 2, "use cpu or cuda"),  # smoke: test_vae_bench
         "tools.build_workflows": (["--check"], 0, "current: workflows/"),
+        "tools.gpu_accept": (["--help"], 0, "--dry-run"),  # the dry run itself: tests/test_gpu_accept.py
+        "tools.gpu_parts": ([], 0, ""),  # the parts gpu_accept runs: importable from anywhere, does nothing alone
         "tools.trt_smoke": ((["--help"], 0, "--vae-preset") if _has_tensorrt()
                             else (["--out", str(tmp / "trt.json")], 2, "tensorrt unavailable")),
     }
