@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", choices=("auto", "tensorrt", "inductor", "eager"), metavar="BACKEND",
                    help="insert TwinFlow Compile Model/VAE nodes with the planned profile and build them "
                         "before the first step (see `twinflow plan`)")
+    r.add_argument("--step-cache", type=_step_cache_spec, metavar="POLICY:THRESHOLD[,KEY=VALUE...]",
+                   help="step caching on every TwinFlow sampler branch of the workflow, replacing what the graph "
+                        "sets: easycache:0.2, magcache:0.12, teacache:0.2 (keys: start, end, window, max_skips, "
+                        "device, calibration; docs/sampling.md), or none to turn caching off")
 
     v = sub.add_parser("validate", help="check a workflow without running it")
     v.add_argument("workflow")
@@ -176,6 +180,16 @@ def _print_error(err: BaseException, as_json: bool, verbose: int = 0) -> None:
         print(f"error: {err}", file=sys.stderr)
 
 
+def _step_cache_spec(text: str):
+    """--step-cache value -> StepCacheConfig, or step_cache.OFF for none/off (argparse reports a bad one)."""
+    from ..sampling import step_cache
+
+    try:
+        return step_cache.parse_spec(text) or step_cache.OFF
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_run(args) -> int:
     from .api import Runner
 
@@ -193,7 +207,9 @@ def cmd_run(args) -> int:
         wf = runner.load(args.workflow)
         prompt = apply_overrides(wf.prompt, overrides, runner.registry)
         workflow, overrides = dataclasses.replace(wf, prompt=with_compile_nodes(prompt, args.compile)), None
-    with _SigintHandler():
+    from ..sampling import step_cache
+
+    with _SigintHandler(), step_cache.run_override(getattr(args, "step_cache", None)):
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
     files = [str(f) for f in result.files()]
