@@ -215,6 +215,9 @@ class TwinFlowStepCache:
                              "skipped step)"}),
             "calibration": (list(CALIBRATIONS), {"default": "auto", "tooltip": "magcache/teacache data: auto detects "
                             "Wan2.1 1.3B (dim 1536) or 14B (dim 5120) and refuses other models"}),
+            "core_compatible": ("BOOLEAN", {"default": False, "tooltip": "easycache: give skipped steps the "
+                                "prediction core ComfyUI 0.3.64's EasyCache gives on flow models, (1-sigma)(x+r), "
+                                "instead of x - sigma(x+r) (docs/sampling.md); for comparing with core only"}),
         }}
 
     RETURN_TYPES = ("TWINFLOW_MODEL,MODEL",)
@@ -223,10 +226,11 @@ class TwinFlowStepCache:
     CATEGORY = CATEGORY
 
     def apply(self, model, policy, threshold, start, end, window_unit, max_consecutive_skips, cache_device,
-              calibration):
+              calibration, core_compatible=False):
         skips = DEFAULTS.get(policy, {}).get("max_skips", 0) if max_consecutive_skips < 0 else max_consecutive_skips
         config = make_config(policy, threshold, start=start, end=None if (window_unit == "step" and end < 0) else end,
-                             window=window_unit, max_skips=skips, cache_device=cache_device, calibration=calibration)
+                             window=window_unit, max_skips=skips, cache_device=cache_device, calibration=calibration,
+                             match_core=bool(core_compatible))
         return (with_step_cache(model, config),)
 
 
