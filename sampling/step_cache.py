@@ -112,7 +112,7 @@ class StepCacheConfig:
     end: Optional[float] = None
     window: str = "percent"  # percent of the schedule (ComfyUI percent_to_sigma) | step (0-based, inclusive) | sigma
     max_skips: int = 0  # cap on consecutive skipped evaluations of a pass; 0 = none (MagCache's K)
-    cache_device: str = "compute"  # compute = the latent's device; offload = CPU memory
+    cache_device: str = "compute"  # compute = the latent's device; offload = CPU memory; or a device (cuda:1)
     calibration: str = "auto"  # magcache/teacache: auto (from the model's shape) | wan2.1-1.3b | wan2.1-14b
     ret_steps: bool = False  # teacache: the authors' --use_ret_steps variant (e0, first 5 steps computed)
     retention: float = 0.2  # magcache: fraction of the calls always computed first (the authors' retention_ratio)
@@ -137,7 +137,13 @@ class StepCacheConfig:
         if not (isinstance(self.max_skips, int) and self.max_skips >= 0):
             raise ValueError(f"step cache max_skips must be an integer >= 0 (0 = no cap), got {self.max_skips!r}")
         if self.cache_device not in CACHE_DEVICES:
-            raise ValueError(f"step cache device must be 'compute' or 'offload', got {self.cache_device!r}")
+            try:
+                dev = torch.device(self.cache_device)
+            except (RuntimeError, TypeError):
+                dev = None
+            if dev is None or dev.type == "meta":
+                raise ValueError(f"step cache device must be 'compute' (the latent's device), 'offload' (CPU "
+                                 f"memory) or a torch device such as cpu / cuda:1, got {self.cache_device!r}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"step cache calibration must be one of {', '.join(CALIBRATIONS)}, got "
                              f"{self.calibration!r}")
@@ -160,6 +166,8 @@ class StepCacheConfig:
             parts.append(f"retention {self.retention:g}")
         if self.cache_device == "offload":
             parts.append("cache offloaded to CPU")
+        elif self.cache_device != "compute":
+            parts.append(f"cache on {self.cache_device}")
         if self.match_core:
             parts.append("core-compatible skip output")
         return ", ".join(parts)
@@ -170,6 +178,8 @@ def make_config(policy: str, threshold: Optional[float] = None, **kw) -> StepCac
     if policy not in DEFAULTS:
         raise ValueError(f"unknown step cache policy {policy!r}; expected one of {', '.join(POLICIES)}")
     d = dict(DEFAULTS[policy])
+    if kw.get("window", "percent") != "percent":  # the default window is in percent: not a step or sigma bound
+        d["start"] = d["end"] = None
     if threshold is not None:
         d["threshold"] = threshold
     d.update(kw)
@@ -226,25 +236,42 @@ def parse_spec(text: str) -> Optional[StepCacheConfig]:
 # ---------------------------------------------------------------------------------------------------------
 
 OFF = "off"
-_override: list = []  # stack of StepCacheConfig | OFF
+_override: list = []  # stack of _OverrideUse
+
+
+class _OverrideUse:
+    """What `run_override` yields: how many sampler branches took the override (falsy when none did)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.branches: list = []
+
+    def __bool__(self) -> bool:
+        return bool(self.branches)
 
 
 @contextlib.contextmanager
 def run_override(config):
     """Within the block every TwinFlow sampler uses `config` (a StepCacheConfig, or OFF for no caching) on every
-    branch, instead of what its models carry. Hosts that run core samplers read `current_override()`."""
+    branch, instead of what its models carry; None leaves the models' own settings. Yields a record that is
+    falsy when no sampler branch consulted it (the CLI says so). Hosts that run core samplers read
+    `current_override()`."""
     if config is not None and config != OFF and not isinstance(config, StepCacheConfig):
         raise TypeError(f"run_override takes a StepCacheConfig or step_cache.OFF, got {type(config).__name__}")
-    _override.append(config)
+    use = _OverrideUse(config)
+    if config is None:
+        yield use
+        return
+    _override.append(use)
     try:
-        yield
+        yield use
     finally:
         _override.pop()
 
 
 def current_override():
     """The innermost run-level override: a StepCacheConfig, OFF, or None (none set)."""
-    return _override[-1] if _override else None
+    return _override[-1].config if _override else None
 
 
 def config_for(denoiser, branch: str = "") -> Optional[StepCacheConfig]:
@@ -253,6 +280,7 @@ def config_for(denoiser, branch: str = "") -> Optional[StepCacheConfig]:
     ov = current_override()
     if ov is None:
         return own
+    _override[-1].branches.append(branch or "model")
     if own is not None and own != ov:
         log_once(logger, ("step_cache_override", id(denoiser), branch), "step cache: the run's --step-cache (%s) "
                  "replaces the %s branch's own setting (%s)", "off" if ov == OFF else ov.describe(), branch or "model",
@@ -535,6 +563,7 @@ class BranchCache:
         self.forwards_computed = 0
         self.forwards_saved = 0
         self.overhead = 0.0
+        self.forward_seconds = 0.0  # hosts that time the forwards themselves (comfy_adapter) add them here
         self.calibration = None
         if config.policy == "easycache":
             self.policy: _Policy = _EasyCache(self)
@@ -543,7 +572,8 @@ class BranchCache:
             self.policy = _MagCache(self, self.calibration) if config.policy == "magcache" else \
                 _TeaCache(self, self.calibration, denoiser)
         self._step_passes: dict = {}
-        self._device = torch.device("cpu") if config.cache_device == "offload" else None
+        self._device = cache_device(config.cache_device)
+        self._device_checked = False
 
     # -- window / state queries used by the policies
     def _window(self, step: int, sigma: float) -> bool:
@@ -605,7 +635,11 @@ class BranchCache:
             if p in computed:
                 v = computed[p]
                 r = v - x  # the pass's output-minus-input residual, reused on skipped evaluations
-                self.residuals[p] = r.to(self._device) if self._device is not None else r
+                if self._device is not None:
+                    if not self._device_checked:
+                        self._note_device(r.device)
+                    r = r.to(self._device)
+                self.residuals[p] = r
                 out[p] = v
             else:
                 out[p] = self._skip_output(x, p)
@@ -614,6 +648,15 @@ class BranchCache:
         self.forwards_saved += forwards_saved
         self.overhead += time.perf_counter() - t0
         return out
+
+    def _note_device(self, compute: torch.device) -> None:
+        """Say once when the offload target is the compute device itself (nothing is moved: no silent no-op)."""
+        self._device_checked = True
+        same = compute.type == self._device.type and (compute.index or 0) == (self._device.index or 0)
+        if same:
+            log_once(logger, ("step_cache_same_device", str(compute)), "step cache: cache_device %s is the device "
+                     "the latent is on already; the cached outputs stay there (offloading saves memory only when "
+                     "sampling on a GPU)", self.config.cache_device)
 
     def _skip_output(self, x: torch.Tensor, p: str) -> torch.Tensor:
         r = self.residuals[p].to(x.device)
@@ -643,6 +686,25 @@ class BranchCache:
             actual = forward_seconds + self.overhead
             d["measured_speedup"] = round((forward_seconds + per * self.items_saved) / actual, 3) if actual > 0 else 1.0
         return d
+
+
+def cache_device(name: str) -> Optional[torch.device]:
+    """The device the cached outputs live on: None for `compute` (beside the latent), CPU for `offload`, else the
+    named device, refused with a clear error when this machine does not have it."""
+    if name == "compute":
+        return None
+    dev = torch.device("cpu" if name == "offload" else name)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise ValueError(f"step cache device {name!r} is not available: this machine has {n} CUDA device(s); "
+                             f"use compute, offload (CPU memory) or an existing cuda:N")
+    elif dev.type != "cpu":
+        ok = getattr(torch, dev.type, None)
+        if ok is None or not getattr(ok, "is_available", lambda: False)():
+            raise ValueError(f"step cache device {name!r} is not available on this machine; use compute, offload "
+                             f"(CPU memory) or cpu")
+    return dev
 
 
 def _f32(v: float) -> float:
@@ -675,8 +737,9 @@ def text_lines(caches: dict) -> list[str]:
                      f"policy overhead {d['overhead_seconds']:.4f} s")
         partial = {p: s for p, s in d["passes"].items() if s["skipped"] and s["skipped"] != d["skipped"]}
         if partial:
-            lines.append("  per pass: " + ", ".join(f"{p} skipped {s['skipped']}/{s['evaluations']}"
-                                                   for p, s in d["passes"].items()))
+            order = sorted(d["passes"], key=lambda p: (p != "cond", p != "uncond", p))  # cond, uncond, others
+            lines.append("  per pass: " + ", ".join(f"{p} skipped {d['passes'][p]['skipped']}/"
+                                                   f"{d['passes'][p]['evaluations']}" for p in order))
     return lines
 
 

@@ -314,3 +314,246 @@ def test_node_clones_and_attaches():
     assert (c.policy, c.max_skips, c.end, c.window, c.cache_device) == ("magcache", 2, None, "step", "offload")
     with pytest.raises(TypeError, match="TWINFLOW_MODEL"):
         TwinFlowStepCache().apply(object(), "easycache", 0.2, 0.15, 0.95, "percent", -1, "compute", "auto")
+
+
+# ------------------------------------------------------------------------------------------ windows, cap, device
+def flow_sigma(p, shift):
+    """ComfyUI ModelSamplingDiscreteFlow.percent_to_sigma written out (t = 1 - p, then the flow shift)."""
+    t = 1.0 - p
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def always_skip_magcache(monkeypatch, **kw):
+    """MagCache with every ratio 1 (error 0: skips wherever the window and a cached output allow), no retention."""
+    monkeypatch.setitem(sc.MAGCACHE_RATIOS, "wan2.1-1.3b", (1.0,) * (2 * STEPS))
+    return sc.make_config("magcache", 0.5, calibration="wan2.1-1.3b", retention=0.0, **{"max_skips": 0, **kw})
+
+
+def test_windows_in_steps_sigma_and_percent_select_the_skipped_steps(monkeypatch):
+    sig = [float(s) for s in sampler_sigmas("simple", STEPS, 3.0, "euler", 1.0)]
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))
+    cases = [
+        (dict(window="step", start=5, end=9), list(range(5, 10))),  # inclusive, 0-based
+        (dict(window="step", start=17, end=None), [17, 18, 19]),  # open end = last step
+        (dict(window="sigma", start=sig[4], end=sig[12]), list(range(4, 12))),  # end < sigma <= start
+        (dict(window="percent", start=0.3, end=0.6),
+         [i for i in range(STEPS) if f32(flow_sigma(0.6, 3.0)) < f32(sig[i]) <= f32(flow_sigma(0.3, 3.0))]),
+    ]
+    for kw, expect in cases:
+        cfg = always_skip_magcache(monkeypatch, **kw)
+        cache = sc.BranchCache(cfg, "s", sig, sc.percent_to_sigma_flow(3.0))
+        x = torch.zeros(1, 2, 1, 4, 4)
+        for i in range(STEPS):
+            cache.begin(i, sig[i])
+            skip = cache.plan(x, ("cond",))
+            cache.complete(x, ("cond",), {} if skip else {"cond": x + i}, items_per_pass=1)
+        assert expect and cache.passes["cond"].skipped_steps == expect, (kw, cache.passes["cond"].skipped_steps)
+
+
+def test_step_window_in_the_sampler_costs_exactly_the_computed_forwards():
+    """easycache, threshold far above any change, window steps 5..9: core's rule tracks only inside the window, so
+    steps 5 and 6 compute (first output, then the rate k) and 7, 8, 9 reuse; every other step computes."""
+    m = PosteriorMean(points(1))
+    out, rep = run1(cached(m, sc.make_config("easycache", 100.0, window="step", start=5, end=9)))
+    c = rep.cache["semantic"]
+    assert c["skipped_steps"] == [8, 9, 10] and m.calls == STEPS - 3 == c["computed"]
+    assert rep.branches["semantic"]["forwards"] == m.calls and c["forwards_saved"] == 3
+
+
+def test_teacache_caps_consecutive_skips(monkeypatch):
+    """The geometric embedding of the closed-form test, a threshold allowing 3 in a row, cap 1: skip, compute, ..."""
+    steps, rho = 20, 0.02
+    inc = float(np.polyval(sc.TEACACHE_COEFFICIENTS[("wan2.1-1.3b", "e")], rho))
+    cache = sc.BranchCache(sc.make_config("teacache", 3.5 * inc, calibration="wan2.1-1.3b", max_skips=1), "s",
+                           [0.0] * (steps + 1), lambda p: p)
+    base = torch.ones(8)
+    monkeypatch.setattr(cache.policy, "signal", lambda sigma: base * (1 + rho) ** round((1 - sigma) * steps))
+    got = drive(cache, steps)
+    assert got["cond"] == got["uncond"] == list(range(1, steps - 1, 2))
+
+
+@pytest.mark.parametrize("config", [
+    sc.make_config("teacache", 0.0, calibration="wan2.1-1.3b"),
+    sc.make_config("teacache", 5.0, calibration="wan2.1-1.3b", window="step", start=6),
+    sc.make_config("teacache", 5.0, calibration="wan2.1-14b", ret_steps=True, window="sigma", end=2.0),
+], ids=["thr0", "empty-steps", "empty-sigma"])
+def test_teacache_off_is_bit_identical_on_a_wan_dit(config):
+    d_ref, d = tiny_wan(), tiny_wan()
+    d.info["step_cache"] = config
+    lat = {"samples": torch.zeros(1, 16, 2, 4, 4)}
+    ctx = [[torch.randn(1, 7, d.text_dim, generator=torch.Generator().manual_seed(0)), {}]]
+    a, rep_a = sample(Branch(d_ref, ctx), lat, seed=1, steps=6, sampler="euler", scheduler="simple", shift=8.0)
+    b, rep = sample(Branch(d, ctx), lat, seed=1, steps=6, sampler="euler", scheduler="simple", shift=8.0)
+    assert torch.equal(a["samples"], b["samples"])
+    assert rep.branches["semantic"]["forwards"] == rep_a.branches["semantic"]["forwards"] == 6
+    assert rep.cache["semantic"]["skipped"] == 0
+
+
+def test_cache_device_is_validated_honoured_and_refused_when_absent(caplog):
+    from twinflow.core.log import forget_once
+
+    with pytest.raises(ValueError, match="compute.*offload.*torch device"):
+        sc.parse_spec("easycache:0.2,device=gpu0")
+    missing = sc.parse_spec("easycache:0.2,device=cuda:99")  # a well-formed name: refused when a run starts
+    with pytest.raises(ValueError, match="'cuda:99' is not available.*offload"):
+        sc.BranchCache(missing, "semantic", [1.0, 0.5, 0.0], lambda p: p)
+    forget_once("step_cache_same_device")
+    for name in ("offload", "cpu"):
+        cache = sc.BranchCache(sc.make_config("easycache", 0.2, cache_device=name), "s", [1.0, 0.5, 0.0],
+                               lambda p: p)
+        with caplog.at_level("INFO", logger="twinflow"):
+            drive(cache, 2, passes=("cond",))
+        assert cache.residuals["cond"].device == torch.device("cpu")
+    # on a CPU-only run the offload target is where the latent already is: said once, not silently a no-op
+    assert sum("is the device the latent is on already" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_moves_the_cached_outputs_off_the_gpu():
+    m = PosteriorMean(points(1)).cuda()
+    d = cached(m, sc.make_config("easycache", 0.6, cache_device="offload"))
+    ref, _ = run1(cached(PosteriorMean(points(1)).cuda(), sc.make_config("easycache", 0.6)))
+    seen = []
+    orig = sc.BranchCache.complete
+
+    def spy(self, x, passes, computed, **kw):
+        out = orig(self, x, passes, computed, **kw)
+        seen.extend((x.device.type, r.device.type) for r in self.residuals.values())
+        return out
+
+    sc.BranchCache.complete = spy
+    try:
+        out, rep = run1(d)
+    finally:
+        sc.BranchCache.complete = orig
+    assert seen and all(s == ("cuda", "cpu") for s in seen) and rep.cache["semantic"]["skipped"] > 0
+    torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- CFG passes (as the authors do)
+@pytest.mark.parametrize("batch_cfg", ["auto", "never"])
+def test_magcache_decides_cond_and_uncond_separately_and_skipped_passes_cost_no_forward(monkeypatch, batch_cfg):
+    """cond ratios 1 (error 0: skip), uncond ratios 0.5 (error 0.5 > threshold: never). Retention 0.2 of 2*20
+    calls keeps steps 0-3; then K = 2: cond skips two, computes one (4,5 skip, 6 computes, 7,8 skip, ...)."""
+    monkeypatch.setitem(sc.MAGCACHE_RATIOS, "wan2.1-1.3b", (1.0, 0.5) * STEPS)
+    cond_skips = [i for i in range(4, STEPS) if (i - 4) % 3 != 2]
+    ctx_p, ctx_n = [[torch.full((1, 3, 4), 0.5), {}]], [[torch.full((1, 3, 4), -0.5), {}]]
+    m = TextVelocity()
+    cfg = sc.make_config("magcache", 0.12, calibration="wan2.1-1.3b")
+    _, rep = run1(cached(m, cfg, text_dim=4), branch={"positive": ctx_p, "negative": ctx_n, "cfg": 3.0,
+                                                      "batch_cfg": batch_cfg})
+    c = rep.cache["semantic"]
+    assert c["passes"]["uncond"]["skipped"] == 0 and c["passes"]["cond"]["skipped"] == len(cond_skips)
+    assert c["skipped"] == 0  # a step is skipped only when all its passes are
+    assert c["latents_saved"] == len(cond_skips)
+    if batch_cfg == "auto":  # one batch of 2, or the uncond alone where cond is skipped
+        assert m.batches == [1 if i in cond_skips else 2 for i in range(STEPS)] and c["forwards_saved"] == 0
+    else:
+        assert len(m.batches) == 2 * STEPS - len(cond_skips) and c["forwards_saved"] == len(cond_skips)
+    assert "per pass: cond skipped 11/20, uncond skipped 0/20" in rep.text()
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def test_report_lines_carry_the_counts_the_models_saw(caplog):
+    import re
+
+    m = PosteriorMean(points(1))
+    cfg = sc.make_config("easycache", 100.0, window="step", start=5, end=9)
+    with caplog.at_level("INFO", logger="twinflow"):
+        _, rep = run1(cached(m, cfg))
+    (line,) = [ln for ln in rep.text().splitlines() if ln.startswith("step cache semantic:")]
+    assert line.startswith("step cache semantic: easycache 100, window 5..9 (step): ")
+    got = re.search(r"(\d+) of (\d+) steps computed, (\d+) skipped \(steps ([\d,]+)\); (\d+) forwards / (\d+) latents "
+                    r"saved; speed-up estimated ([\d.]+)x, measured ([\d.]+)x", line)
+    assert got, line
+    computed, total, skipped, steps, fwd, lat, est, meas = got.groups()
+    assert (int(computed), int(total), int(skipped)) == (m.calls, STEPS, STEPS - m.calls)
+    assert steps == "8,9,10" and int(fwd) == int(lat) == STEPS - m.calls
+    assert float(est) == pytest.approx(STEPS / m.calls, abs=0.005) and float(meas) > 1.0
+    assert any(line in r.getMessage() for r in caplog.records)  # the log says what the STRING output says
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def _cli_prompt(tmp_path):
+    import json
+
+    prompt = {
+        "1": {"class_type": "TwinFlowEmptyLatentVideo", "inputs": {"width": 32, "height": 32, "length": 1,
+                                                                   "batch_size": 1}},
+        "2": {"class_type": "TwinFlowLoadDiT", "inputs": {"ckpt_name": "random:tiny", "dtype": "default",
+                                                          "preset": "auto", "seed": 0}},
+        "4": {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "a fox", "width": 4096, "pad_to": 0}},
+        "7": {"class_type": "TwinFlowSampler", "inputs": {
+            "model": ["2", 0], "latent": ["1", 0], "seed": 0, "steps": 8, "cfg": 1.0, "sampler": "euler",
+            "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["4", 0]}},
+        "8": {"class_type": "TwinFlowSaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "sc"}},
+    }
+    f = tmp_path / "wf.api.json"
+    f.write_text(json.dumps(prompt))
+    return f
+
+
+@pytest.fixture
+def cli_logging():
+    """Undo what `twinflow -v` does to the package logger (level, stderr handler) after the test."""
+    import logging
+
+    root = logging.getLogger("twinflow")
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+
+
+def test_cli_step_cache_applies_to_the_sampler(tf_dirs, tmp_path, caplog, capsys, cli_logging):
+    from twinflow.runner import cli
+
+    f = _cli_prompt(tmp_path)
+    with caplog.at_level("INFO", logger="twinflow"):
+        code = cli.main(["-v", "run", str(f), "--no-progress", "--output-dir", str(tmp_path / "o"),
+                         "--step-cache", "easycache:100,window=step,start=2,end=5"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    lines = [r.getMessage() for r in caplog.records if "step cache semantic:" in r.getMessage()]
+    # tracking starts at step 2: 2 and 3 compute, 4 and 5 reuse (1-based 5,6)
+    assert lines and "6 of 8 steps computed, 2 skipped (steps 5,6)" in lines[-1], lines
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("nonsense:x", "unknown policy 'nonsense'"), ("easycache:-0.5", "threshold must be a finite number >= 0"),
+    ("easycache:0.2,max_skips=two", "max_skips='two' is not a valid int"),
+])
+def test_cli_bad_step_cache_is_one_line_error(tf_dirs, tmp_path, capsys, cli_logging, spec, fragment):
+    from twinflow.runner import cli
+
+    code = cli.main(["run", str(_cli_prompt(tmp_path)), "--no-progress", "--step-cache", spec])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "usage:" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: --step-cache: ") and fragment in line, line
+
+
+def test_cli_step_cache_with_no_sampler_says_so(tf_dirs, tmp_path, caplog, cli_logging):
+    import json
+
+    from twinflow.runner import cli
+
+    prompt = {"1": {"class_type": "TwinFlowEmptyLatentVideo", "inputs": {"width": 32, "height": 32, "length": 1,
+                                                                         "batch_size": 1}},
+              "8": {"class_type": "TwinFlowSaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "e"}}}
+    f = tmp_path / "empty.api.json"
+    f.write_text(json.dumps(prompt))
+    with caplog.at_level("INFO", logger="twinflow"):
+        code = cli.main(["run", str(f), "--no-progress", "--output-dir", str(tmp_path / "o"),
+                         "--step-cache", "easycache:0.2"])
+    assert code == 0
+    assert any("no TwinFlow sampler ran" in r.getMessage() for r in caplog.records)
+
+
+def test_a_step_or_sigma_window_does_not_inherit_the_percent_defaults():
+    c = sc.parse_spec("easycache:0.2,window=step")
+    assert (c.start, c.end) == (None, None)  # not 0.15..0.95 read as step indices (which would hold no step)
+    assert sc.parse_spec("easycache:0.2").start == 0.15
