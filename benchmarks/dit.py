@@ -93,6 +93,20 @@ def build_pair(cfg, dtype, seed=0):
     return ours.eval(), ref.eval()
 
 
+CONFIGS = ("tiny", "1.3b-2blocks")
+
+
+def dit_config(name: str):
+    """A benchmark model config: `tiny`, or `1.3b-2blocks` (Wan2.1 1.3B widths, 2 of its 30 blocks)."""
+    from twinflow.models import wan_dit
+
+    if name == "tiny":
+        return wan_dit.get_config("tiny")
+    if name == "1.3b-2blocks":
+        return wan_dit.with_config(wan_dit.get_config("wan2.1-1.3b"), num_layers=2)
+    raise SystemExit(f"unknown config {name!r}; use {' or '.join(CONFIGS)}")
+
+
 def _cases(configs, dtypes, shape, ctx_tokens, fold_variants, sampler_step=True):
     """Yield (key, ours-call, diffusers-call, rel. error) for every config x dtype x fold, and a
     "cached" case (a sampler step with the text K/V cached) after the folded one, timed while the
@@ -100,12 +114,7 @@ def _cases(configs, dtypes, shape, ctx_tokens, fold_variants, sampler_step=True)
     from twinflow.models import wan_dit
 
     for cname in configs:
-        if cname == "tiny":
-            cfg = wan_dit.get_config("tiny")
-        elif cname == "1.3b-2blocks":
-            cfg = wan_dit.with_config(wan_dit.get_config("wan2.1-1.3b"), num_layers=2)
-        else:
-            raise SystemExit(f"unknown config {cname!r}; use tiny or 1.3b-2blocks")
+        cfg = dit_config(cname)
         for dname in dtypes:
             dtype = DTYPES[dname]
             ours, ref = build_pair(cfg, dtype)
