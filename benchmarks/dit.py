@@ -111,8 +111,6 @@ def _cases(configs, dtypes, shape, ctx_tokens, fold_variants, sampler_step=True)
     """Yield (key, ours-call, diffusers-call, rel. error) for every config x dtype x fold, and a
     "cached" case (a sampler step with the text K/V cached) after the folded one, timed while the
     generator is suspended inside its text_cache() block."""
-    from twinflow.models import wan_dit
-
     for cname in configs:
         cfg = dit_config(cname)
         for dname in dtypes:

@@ -216,8 +216,9 @@ class TwinFlowStepCache:
             "calibration": (list(CALIBRATIONS), {"default": "auto", "tooltip": "magcache/teacache data: auto detects "
                             "Wan2.1 1.3B (dim 1536) or 14B (dim 5120) and refuses other models"}),
             "core_compatible": ("BOOLEAN", {"default": False, "tooltip": "easycache: give skipped steps the "
-                                "prediction core ComfyUI 0.3.64's EasyCache gives on flow models, (1-sigma)(x+r), "
-                                "instead of x - sigma(x+r) (docs/sampling.md); for comparing with core only"}),
+                                "prediction core ComfyUI 0.3.64's EasyCache gives on flow models, (1-sigma)(x+r) "
+                                "(with CFG batched: both passes' residuals added), instead of x - sigma(x+r) "
+                                "(docs/sampling.md); for comparing with core only"}),
         }}
 
     RETURN_TYPES = ("TWINFLOW_MODEL,MODEL",)

@@ -642,7 +642,7 @@ class BranchCache:
                 self.residuals[p] = r
                 out[p] = v
             else:
-                out[p] = self._skip_output(x, p)
+                out[p] = self._skip_output(x, p, passes)
         self.items_saved += items_per_pass * (len(passes) - len(computed))
         self.items_computed += items_per_pass * len(computed)
         self.forwards_saved += forwards_saved
@@ -658,9 +658,11 @@ class BranchCache:
                      "the latent is on already; the cached outputs stay there (offloading saves memory only when "
                      "sampling on a GPU)", self.config.cache_device)
 
-    def _skip_output(self, x: torch.Tensor, p: str) -> torch.Tensor:
+    def _skip_output(self, x: torch.Tensor, p: str, group: tuple) -> torch.Tensor:
         r = self.residuals[p].to(x.device)
         if self.config.match_core and self.sigma > 0:
+            if len(group) > 1:  # core adds every batch entry's cached residual to the whole batch (see below)
+                r = sum(self.residuals[q].to(x.device) for q in group)
             return _core_skip_output(x, r, self.sigma)
         return x + r
 
@@ -716,7 +718,9 @@ def _core_skip_output(x: torch.Tensor, r: torch.Tensor, sigma: float) -> torch.T
 
     In ComfyUI 0.3.64 the skip adds the cached residual to the diffusion model's input in place; for CONST models
     that input is the very tensor `apply_model` later uses as x in x0 = x - sigma*v, so a skipped step predicts
-    x0 = (1 - sigma)(x + r) instead of x - sigma(x + r). As a velocity: v = (x - (1 - sigma)(x + r)) / sigma."""
+    x0 = (1 - sigma)(x + r) instead of x - sigma(x + r). As a velocity: v = (x - (1 - sigma)(x + r)) / sigma.
+    With CFG's cond and uncond in one batch, core's `apply_cache_diff` adds each entry's residual to the whole
+    batch (`x += diff` per uuid, broadcast), so every entry gets x + r_cond + r_uncond: the caller passes that sum."""
     return (x - (1.0 - sigma) * (x + r)) / sigma
 
 

@@ -625,3 +625,39 @@ def test_step_cache_per_branch_in_dual_branch_guider(server):
     assert detail_n and detail_n == _skips_in_log(log_core, "step cache model:"), (detail_n, log_core[-2000:])
     assert not _skips_in_log(log_ours, "step cache semantic:")  # the semantic model carries no cache
     torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
+
+
+def test_step_cache_easycache_with_cfg_skips_as_core_easycache(server):
+    """The same at CFG 3 with a negative prompt (cond and uncond in one batch): core decides on one entry for both and,
+    on a skip, adds both entries' cached residuals to the batch; TwinFlow's easycache (core-compatible) through core
+    KSampler and through the TwinFlow Sampler skips as many steps and lands within 1e-4 of core's latent."""
+    thr = 0.6
+    p = _common({"class_type": "EasyCache", "inputs": {"model": ["1", 0], "reuse_threshold": thr,
+                                                        "start_percent": 0.15, "end_percent": 0.95,
+                                                        "verbose": False}})
+    p["30"] = {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "blurry", "width": 4096, "pad_to": 512}}
+
+    def ks(model):
+        k = _ksampler(5, 20, node_model=model)
+        k["inputs"].update(cfg=3.0, negative=["30", 0])
+        return k
+
+    p["5"] = ks("2")
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "scc_core"}}
+    p["7"] = _step_cache("1", thr)
+    p["8"] = ks("7")
+    p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "scc_ours_core"}}
+    p["10"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["7", 0], "latent": ["4", 0], "seed": 5, "steps": 20, "cfg": 3.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0], "negative": ["30", 0]}}
+    p["11"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "scc_ours_tf"}}
+    start = len(server.log())
+    entry = server.run(p)
+    log = server.log()[start:]
+    core_n = _skips_in_log(log, "EasyCache - skipped")
+    assert core_n and core_n[0] > 0, f"core EasyCache skipped nothing at {thr}: {core_n}\n{log[-3000:]}"
+    assert _skips_in_log(log, "step cache model:") == core_n and _skips_in_log(log, "step cache semantic:") == core_n
+    core = _latent(server, entry, "6")
+    for node in ("9", "11"):
+        rel = float((_latent(server, entry, node) - core).norm() / core.norm())
+        assert rel <= 1e-4, (node, rel)

@@ -304,6 +304,23 @@ def test_core_compatible_skip_output_formula():
     torch.testing.assert_close(x - s * v, (1 - s) * (x + r))
 
 
+def test_core_compatible_cfg_batch_adds_both_residuals():
+    """ComfyUI 0.3.64 EasyCache.apply_cache_diff on a batched cond+uncond (B = 1): `x += diff[uuid]` for each uuid on
+    the whole batch, then (flow model) x0 = x_mod - sigma * x_mod. Written out here on two entries."""
+    cache = sc.BranchCache(sc.make_config("easycache", 0.2, match_core=True), "s", [1.0, 0.4, 0.0], lambda p: p)
+    x = torch.randn(1, 2, 1, 2, 2)
+    r = {"cond": torch.randn_like(x), "uncond": torch.randn_like(x)}
+    cache.residuals.update(r)
+    cache.begin(1, 0.4)
+    out = cache.complete(x, ("uncond", "cond"), {}, items_per_pass=1)
+    batch = torch.cat([x, x])
+    for uuid in ("uncond", "cond"):  # core's loop, broadcasting each [1, ...] diff over the batch of 2
+        batch += r[uuid]
+    x0_core = batch - 0.4 * batch
+    for i, p in enumerate(("uncond", "cond")):
+        torch.testing.assert_close(x - 0.4 * out[p], x0_core[i:i + 1])
+
+
 def test_node_clones_and_attaches():
     from twinflow.nodes.sampling import TwinFlowStepCache
 
