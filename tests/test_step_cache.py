@@ -487,7 +487,8 @@ def test_report_lines_carry_the_counts_the_models_saw(caplog):
     computed, total, skipped, steps, fwd, lat, est, meas = got.groups()
     assert (int(computed), int(total), int(skipped)) == (m.calls, STEPS, STEPS - m.calls)
     assert steps == "8,9,10" and int(fwd) == int(lat) == STEPS - m.calls
-    assert float(est) == pytest.approx(STEPS / m.calls, abs=0.005) and float(meas) > 1.0
+    assert float(est) == pytest.approx(STEPS / m.calls, abs=0.005)
+    assert float(meas) > 0  # a timing (forward time per latent vs the policy's own cost): present, not asserted
     assert any(line in r.getMessage() for r in caplog.records)  # the log says what the STRING output says
 
 
