@@ -27,6 +27,9 @@ Policies (the criterion each publishes; `threshold` 0 disables skipping, so the 
     embedding (e, or e0 with `ret_steps`), skip while acc < threshold; the first and last steps computed.
 MagCache and TeaCache need the model's calibration (published for Wan2.1 T2V 1.3B and 14B only).
 
+The cached residuals live beside the latent (`compute`), in CPU memory (`offload`) or on a named device; a device
+the machine lacks is refused when the run starts (`cache_device`).
+
 Counting: a call "pass" is one prompt's forward (cond, uncond). A step of a branch is skipped when every pass
 of it is; forwards saved count latents not pushed through the model (a CFG batch of 2B is 2).
 """
