@@ -41,15 +41,19 @@ TABLE_HEADER = ("| policy | forwards saved, latents saved (N/M) | speed-up (boun
 
 
 def cpu_name() -> str:
-    """The CPU's model name (lscpu's 'Model name'), else platform's guess."""
+    """The CPU as lscpu names it (model name, family/model numbers, core count), else platform's guess."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, val = line.partition(":")
+                info.setdefault(key.strip().lower(), val.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']} model {info['model']})"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
