@@ -71,7 +71,6 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def build(a):
     """(denoiser factory, VAE, positive, negative, latent) for the run."""
     from twinflow.benchmarks.dit import dit_config
-    from twinflow.core.handles import Denoiser
     from twinflow.models import wan_dit, wan_vae
     from twinflow.models.text import conditioning, tiny_text_encode
 
@@ -90,8 +89,8 @@ def build(a):
     vae = vae.eval()
 
     def denoiser(step_cache=None):
-        d = Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim,
-                     name="dit", config=cfg, timestep_scale=1000.0, info={"latent_format": "wan21"})
+        d = wan_dit.make_denoiser(module, "dit", a.dit or f"random:{a.config}")
+        d.info["latent_format"] = "wan21"
         if step_cache is not None:
             d.info["step_cache"] = step_cache
         return d

@@ -36,9 +36,9 @@ def run1(d, steps=STEPS, sampler="euler", **kw):
 
 def tiny_wan():
     from twinflow.models.wan_dit import random_wan_dit
-    from twinflow.nodes.dit import wan_denoiser
+    from twinflow.models.wan_dit import make_denoiser
 
-    return wan_denoiser(random_wan_dit("tiny", seed=0), "tiny", "test")
+    return make_denoiser(random_wan_dit("tiny", seed=0), "tiny", "test")
 
 
 # ------------------------------------------------------------------------------------------------ off = uncached
