@@ -14,6 +14,7 @@ trained checkpoints where a run has them.
 
     python benchmarks/step_cache.py                       # 1.3B-shaped DiT (real widths, 2 blocks), CPU
     python benchmarks/step_cache.py --smoke --json r.json # tiny model, seconds: checks the script end to end
+    python -m twinflow.benchmarks.step_cache --help        # also as a module, from any directory
 
 MagCache / TeaCache use the published Wan2.1 1.3B calibration (`calibration=wan2.1-1.3b`): the 1.3B-shaped model
 has the real widths but not the real depth or weights, so their skip pattern is the published table's (MagCache)
