@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", choices=("auto", "tensorrt", "inductor", "eager"), metavar="BACKEND",
                    help="insert TwinFlow Compile Model/VAE nodes with the planned profile and build them "
                         "before the first step (see `twinflow plan`)")
+    r.add_argument("--step-cache", metavar="POLICY:THRESHOLD[,KEY=VALUE...]",
+                   help="step caching on every TwinFlow sampler branch of the workflow, replacing what the graph "
+                        "sets: easycache:0.2, magcache:0.12, teacache:0.2 (keys: start, end, window, max_skips, "
+                        "device, calibration; docs/sampling.md), or none to turn caching off")
 
     v = sub.add_parser("validate", help="check a workflow without running it")
     v.add_argument("workflow")
@@ -170,8 +174,23 @@ def _print_error(err: BaseException, as_json: bool, verbose: int = 0) -> None:
         print(f"error: {err}", file=sys.stderr)
 
 
+def _step_cache_spec(text):
+    """--step-cache value -> StepCacheConfig, step_cache.OFF for none/off, None when not given; a bad value is a
+    ValueError that `main` prints as one line (no usage dump, no traceback)."""
+    from ..sampling import step_cache
+
+    if text is None:
+        return None
+    try:
+        return step_cache.parse_spec(text) or step_cache.OFF
+    except ValueError as e:
+        raise ValueError(f"--step-cache: {e}") from None
+
+
 def cmd_run(args) -> int:
     from .api import Runner
+
+    cache_override = _step_cache_spec(getattr(args, "step_cache", None))  # before any work: a typo fails at once
 
     _set_kernels(args.kernels or args.kernels_global)
     if not args.no_progress:
@@ -187,9 +206,14 @@ def cmd_run(args) -> int:
         wf = runner.load(args.workflow)
         prompt = apply_overrides(wf.prompt, overrides, runner.registry)
         workflow, overrides = dataclasses.replace(wf, prompt=with_compile_nodes(prompt, args.compile)), None
-    with _SigintHandler():
+    from ..sampling import step_cache
+
+    with _SigintHandler(), step_cache.run_override(cache_override) as used:
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
+    if cache_override is not None and not used:
+        logging.getLogger(__name__).warning("--step-cache %s: no TwinFlow sampler ran in this workflow, so nothing "
+                                            "was cached", args.step_cache)
     files = [str(f) for f in result.files()]
     if args.json:
         print(json.dumps({"outputs": dict(result), "files": files,
