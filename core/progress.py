@@ -43,6 +43,12 @@ def add_interrupt_check(fn: Callable[[], None]) -> None:
         _extra_interrupt_checks.append(fn)
 
 
+def remove_interrupt_check(fn: Callable[[], None]) -> None:
+    """Unregister a callback added with `add_interrupt_check` (no error if it is not registered)."""
+    if fn in _extra_interrupt_checks:
+        _extra_interrupt_checks.remove(fn)
+
+
 def request_interrupt() -> None:
     """Ask every running loop to stop at its next `check_interrupt()`."""
     _interrupt.set()

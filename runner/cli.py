@@ -22,7 +22,7 @@ from ..core.errors import Interrupted, TwinFlowError, WorkflowError
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_MODULES = ("sampling.cli", "compiled.cli")  # each may define add_commands(subparsers)
+PLUGIN_MODULES = ("sampling.cli", "compiled.cli", "server.cli")  # each may define add_commands(subparsers)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
