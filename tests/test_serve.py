@@ -326,6 +326,31 @@ def test_bounded_queue_cancel_and_interrupt(tmp_path, registry):
             ws.close()
 
 
+def test_queue_clear_and_history_edits(tmp_path, registry):
+    """POST /queue {"clear": true} empties the pending queue (each cleared prompt gets a history entry), the
+    running prompt is untouched; GET /history?max_items; POST /history delete / clear (ComfyUI's shapes)."""
+    with ServerThread(_cfg(tmp_path, registry)) as st:
+        a = http(f"{st.url}/prompt", {"prompt": block_prompt("a")})[1]["prompt_id"]
+        assert Block.started.wait(30)
+        pending = [http(f"{st.url}/prompt", {"prompt": block_prompt(t)})[1]["prompt_id"] for t in "bcd"]
+        assert http(f"{st.url}/prompt")[1] == {"exec_info": {"queue_remaining": 4}}
+        assert http(f"{st.url}/queue", {"clear": True})[0] == 200
+        q = http(f"{st.url}/queue")[1]
+        assert [i[1] for i in q["queue_running"]] == [a] and q["queue_pending"] == []
+        for pid in pending:
+            entry = http(f"{st.url}/history/{pid}")[1][pid]
+            assert entry["status"]["completed"] is False and entry["outputs"] == {}
+            assert "cleared" in entry["status"]["messages"][0][1]["reason"]
+        Block.release.set()
+        assert wait_history(st.url, a)["outputs"] == {"1": {"text": ["a"]}}
+        assert list(http(f"{st.url}/history")[1]) == pending + [a]  # insertion order, as ComfyUI
+        assert list(http(f"{st.url}/history?max_items=2")[1]) == pending[2:] + [a]  # the newest
+        assert http(f"{st.url}/history", {"delete": [pending[0], "no-such-id"]})[0] == 200
+        assert list(http(f"{st.url}/history")[1]) == pending[1:] + [a]
+        assert http(f"{st.url}/history", {"clear": True})[0] == 200
+        assert http(f"{st.url}/history")[1] == {} and http(f"{st.url}/history/{a}")[1] == {}
+
+
 def test_prompt_timeout_and_failing_node_keep_the_server_serving(tmp_path, registry):
     with ServerThread(_cfg(tmp_path, registry, prompt_timeout=0.5)) as st:
         slow = http(f"{st.url}/prompt", {"prompt": block_prompt("slow")})[1]["prompt_id"]
