@@ -64,6 +64,8 @@ class ServeConfig:
     prompt_timeout: float = 0.0  # seconds; 0 = no limit
     model_cache_bytes: Optional[int] = None  # default half the machine's RAM
     warmup: Optional[str] = None  # a workflow run once before /ready says ready
+    ray: Optional[str] = None  # run prompts on Ray actors: "" = start a local Ray / $RAY_ADDRESS, else an address
+    ray_actors: int = 0  # 0 = one per GPU, or one per CPU slot
     registry: Optional[dict] = field(default=None, repr=False)
 
 
@@ -205,8 +207,19 @@ class TwinFlowServer:
         self._runner: Optional[web.AppRunner] = None
         self._paths_ctx = None
         self.port: Optional[int] = None
-        self.worker = Worker(self.registry, self.queue, self.send, model_cache=self.model_cache,
-                             prompt_timeout=config.prompt_timeout, warmup=self._load_warmup())
+        if config.ray is not None:
+            if config.warmup:
+                raise ValueError("--warmup is not supported with --ray yet (each actor would need its own warm-up); "
+                                 "leave out --warmup, /ready answers 200 once every actor is up")
+            from .ray_pool import RayWorker
+
+            self.worker = RayWorker(self.queue, self.send, address=config.ray or None, actors=config.ray_actors,
+                                    output_dir=self.dirs["output"], input_dir=self.dirs["input"],
+                                    models_dir=config.models_dir, model_cache_bytes=budget,
+                                    prompt_timeout=config.prompt_timeout)
+        else:
+            self.worker = Worker(self.registry, self.queue, self.send, model_cache=self.model_cache,
+                                 prompt_timeout=config.prompt_timeout, warmup=self._load_warmup())
 
     def _load_warmup(self):
         if not self.config.warmup:
