@@ -33,12 +33,58 @@ def add_commands(sub) -> None:
     s.add_argument("--max-history", type=int, default=10000, help="history entries kept (oldest dropped first)")
     s.add_argument("--warmup", metavar="WORKFLOW", help="run this workflow once at start; /ready answers 200 after it")
     s.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
+    _ray_args(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("batch", help="run the jobs of a JSONL file (a workflow + overrides per line), in this "
+                                     "process or on Ray actors")
+    b.add_argument("jobs", help='JSONL file: {"workflow": PATH, "overrides": {"7.seed": 3}, "id": NAME} per line')
+    b.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
+    b.add_argument("--input-dir", help="input files (default ./input or $TWINFLOW_INPUT_DIR)")
+    b.add_argument("--models-dir", help="models folder in ComfyUI layout (default ./models or $TWINFLOW_MODELS_DIR)")
+    b.add_argument("--model-cache-mb", type=float, help="memory budget of the models kept loaded between jobs")
+    _ray_args(b)
+    b.set_defaults(func=cmd_batch)
+
+
+def _ray_args(p) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run prompts on Ray actors (the 'ray' extra): no ADDRESS = $RAY_ADDRESS or a local Ray, "
+                        "else a cluster address such as ray://head:10001 or head:6379")
+    p.add_argument("--ray-actors", type=int, default=0,
+                   help="actors to start (default: one per GPU of the cluster, else one per CPU slot)")
+
+
+def _need(module: str, extra: str, what: str) -> bool:
+    if importlib.util.find_spec(module) is None:
+        print(f'error: {what} needs {module}: pip install "comfyui-twinflow[{extra}]"', file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_batch(args) -> int:
+    from ..core.errors import WorkflowError
+    from .batch import run_batch
+
+    if args.ray is not None and not _need("ray", "ray", "--ray"):
+        return EXIT_USAGE
+    budget = int(args.model_cache_mb * 2**20) if args.model_cache_mb else 2**34
+    try:
+        results = run_batch(args.jobs, output_dir=args.output_dir, input_dir=args.input_dir,
+                            models_dir=args.models_dir, ray=args.ray, ray_actors=args.ray_actors,
+                            model_cache_bytes=budget)
+    except (WorkflowError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    failed = [r for r in results if r["status"] != "success"]
+    print(f"twinflow batch: {len(results) - len(failed)}/{len(results)} jobs succeeded", file=sys.stderr)
+    return 1 if failed else EXIT_OK
 
 
 def cmd_serve(args) -> int:
-    if importlib.util.find_spec("aiohttp") is None:
-        print('error: twinflow serve needs aiohttp: pip install "comfyui-twinflow[serve]"', file=sys.stderr)
+    if not _need("aiohttp", "serve", "twinflow serve"):
+        return EXIT_USAGE
+    if args.ray is not None and not _need("ray", "ray", "twinflow serve --ray"):
         return EXIT_USAGE
     from .app import ServeConfig, TwinFlowServer, check_listen
 
@@ -60,8 +106,13 @@ def cmd_serve(args) -> int:
                          max_queue=args.max_queue, max_history=args.max_history,
                          max_upload_bytes=int(args.max_upload_mb * 2**20), prompt_timeout=args.prompt_timeout,
                          model_cache_bytes=int(args.model_cache_mb * 2**20) if args.model_cache_mb else None,
-                         warmup=args.warmup)
-    asyncio.run(_serve(TwinFlowServer(config)))
+                         warmup=args.warmup, ray=args.ray, ray_actors=args.ray_actors)
+    try:
+        server = TwinFlowServer(config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    asyncio.run(_serve(server))
     return EXIT_OK
 
 

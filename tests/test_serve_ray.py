@@ -155,3 +155,20 @@ def test_ray_outputs_equal_in_process_and_killed_actor_is_retried(tmp_path, loca
         ref_long = _run_all(st, [long])
     got_long = [(out / f["subfolder"] / f["filename"]).read_bytes() for f in files]
     assert got_long == ref_long[7][1]["10"]
+
+
+def test_batch_on_ray_equals_in_process(tmp_path, local_ray):
+    import io
+
+    from twinflow.server.batch import run_batch
+
+    p = prompt(0)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"workflow": p, "overrides": {"7.seed": s}}) + "\n" for s in (11, 12, 13)))
+    with one_thread():
+        ref = run_batch(jobs, output_dir=tmp_path / "local", models_dir=tmp_path / "models", out=io.StringIO())
+    got = run_batch(jobs, output_dir=tmp_path / "ray", models_dir=tmp_path / "models", ray="", out=io.StringIO())
+    assert [r["status"] for r in got] == ["success"] * 3 and [r["line"] for r in got] == [1, 2, 3]
+    for r, g in zip(ref, got):
+        assert len(g["files"]) == 1
+        assert Path(g["files"][0]).read_bytes() == Path(r["files"][0]).read_bytes()
