@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,9 @@ def _summary(messages) -> tuple:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    # Ray 2.x's GCS and raylets listen on every interface whatever ray.init is given (its token
+    # authentication is on by default); the API server under test listens on 127.0.0.1 only.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -172,3 +175,31 @@ def test_batch_on_ray_equals_in_process(tmp_path, local_ray):
     for r, g in zip(ref, got):
         assert len(g["files"]) == 1
         assert Path(g["files"][0]).read_bytes() == Path(r["files"][0]).read_bytes()
+
+
+def test_interrupt_a_prompt_running_on_an_actor(tmp_path, local_ray):
+    with ServerThread(_cfg(tmp_path, ray="")) as st:
+        _wait_ready(st)
+        c = ComfyClient(st.url.split("//", 1)[1], timeout=300)
+        ws = c.connect()
+        try:
+            pid = "to-interrupt"
+            c.queue_prompt(prompt(3, steps=200, size=64, frames=5), pid)
+            while True:
+                m = ws.recv()
+                if isinstance(m, str) and json.loads(m)["type"] == "progress":
+                    break
+            req = urllib.request.Request(f"{st.url}/interrupt", data=json.dumps({"prompt_id": pid}).encode())
+            assert json.loads(urllib.request.urlopen(req, timeout=60).read()) == {"interrupted": True}
+            while True:
+                m = ws.recv()
+                if isinstance(m, str) and json.loads(m) == {"type": "executing", "data": {"node": None, "prompt_id": pid}}:
+                    break
+            entry = c.get_history(pid)[pid]
+        finally:
+            ws.close()
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    assert entry["status"]["messages"][-1][1]["node_id"] == "7"
+    out = tmp_path / "output"
+    assert not any(p.is_file() for p in out.rglob("*"))  # nothing published, staging removed
