@@ -85,10 +85,14 @@ class Progress:
         node = node_id if node_id is not None else current_node()
         self._bar = _backend(self.total, desc, node) if _backend is not None else None
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, preview=None) -> None:
+        """Advance by `n`; `preview` (e.g. the sampler's denoised latent) goes to a backend that shows
+        previews (one with a `preview(value)` method); others ignore it."""
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
+            if preview is not None and hasattr(self._bar, "preview"):
+                self._bar.preview(preview)
         check_interrupt()
 
     def close(self) -> None:

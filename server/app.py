@@ -26,7 +26,6 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Optional
 
@@ -37,14 +36,13 @@ from ..core.errors import TwinFlowError, WorkflowError
 from ..runner.formats import load_workflow
 from ..runner.validate import validate_prompt
 from .models import ModelCache, with_model_cache
+from .preview import PREVIEW_FORMATS, PREVIEW_IMAGE, encode_preview  # noqa: F401 (re-exported)
 from .queue import DuplicatePromptId, PromptQueue, QueueFull
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
 
 FOLDER_TYPES = ("output", "input", "temp")
-PREVIEW_IMAGE = 1  # ComfyUI's protocol.BinaryEventTypes.PREVIEW_IMAGE
-PREVIEW_FORMATS = {"JPEG": 1, "PNG": 2}  # the 4-byte image type after the event type
 UNAUTHENTICATED = ("/health", "/ready")
 _ANNOTATED = re.compile(r"^(.*) \[(input|output|temp)\]$")
 
@@ -66,6 +64,7 @@ class ServeConfig:
     warmup: Optional[str] = None  # a workflow run once before /ready says ready
     ray: Optional[str] = None  # run prompts on Ray actors: "" = start a local Ray / $RAY_ADDRESS, else an address
     ray_actors: int = 0  # 0 = one per GPU, or one per CPU slot
+    previews: bool = False  # binary preview frames of the sampler's denoised latent at every step
     registry: Optional[dict] = field(default=None, repr=False)
 
 
@@ -123,15 +122,6 @@ def error_json(type_: str, message: str, details: str = "", status: int = 400, h
     """ComfyUI's error body: `{"error": {type, message, details, extra_info}, "node_errors": {}}`."""
     return web.json_response({"error": {"type": type_, "message": message, "details": details, "extra_info": {}},
                               "node_errors": {}}, status=status, headers=headers)
-
-
-def encode_preview(image, fmt: str = "JPEG") -> bytes:
-    """A binary WebSocket preview frame as ComfyUI sends it: event 1, image type (1 JPEG, 2 PNG), image bytes."""
-    if fmt not in PREVIEW_FORMATS:
-        raise ValueError(f"preview format {fmt!r} must be one of {sorted(PREVIEW_FORMATS)}")
-    buf = BytesIO()
-    image.save(buf, format=fmt, quality=95, compress_level=1)
-    return struct.pack(">I", PREVIEW_IMAGE) + struct.pack(">I", PREVIEW_FORMATS[fmt]) + buf.getvalue()
 
 
 class _BadRequest(Exception):
@@ -208,6 +198,9 @@ class TwinFlowServer:
         self._paths_ctx = None
         self.port: Optional[int] = None
         if config.ray is not None:
+            if config.previews:
+                raise ValueError("--previews is not supported with --ray yet (actors do not stream previews); "
+                                 "leave out --previews")
             if config.warmup:
                 raise ValueError("--warmup is not supported with --ray yet (each actor would need its own warm-up); "
                                  "leave out --warmup, /ready answers 200 once every actor is up")
@@ -219,7 +212,8 @@ class TwinFlowServer:
                                     prompt_timeout=config.prompt_timeout)
         else:
             self.worker = Worker(self.registry, self.queue, self.send, model_cache=self.model_cache,
-                                 prompt_timeout=config.prompt_timeout, warmup=self._load_warmup())
+                                 prompt_timeout=config.prompt_timeout, warmup=self._load_warmup(),
+                                 previews=config.previews)
 
     def _load_warmup(self):
         if not self.config.warmup:

@@ -33,6 +33,9 @@ def add_commands(sub) -> None:
     s.add_argument("--max-history", type=int, default=10000, help="history entries kept (oldest dropped first)")
     s.add_argument("--warmup", metavar="WORKFLOW", help="run this workflow once at start; /ready answers 200 after it")
     s.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
+    s.add_argument("--previews", action="store_true",
+                   help="send a binary JPEG preview of the sampler's denoised latent at every step (first 3 latent "
+                        "channels stretched; not a learned RGB projection; not with --ray)")
     _ray_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -106,7 +109,8 @@ def cmd_serve(args) -> int:
                          max_queue=args.max_queue, max_history=args.max_history,
                          max_upload_bytes=int(args.max_upload_mb * 2**20), prompt_timeout=args.prompt_timeout,
                          model_cache_bytes=int(args.model_cache_mb * 2**20) if args.model_cache_mb else None,
-                         warmup=args.warmup, ray=args.ray, ray_actors=args.ray_actors)
+                         warmup=args.warmup, ray=args.ray, ray_actors=args.ray_actors,
+                         previews=args.previews)
     try:
         server = TwinFlowServer(config)
     except ValueError as e:

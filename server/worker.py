@@ -52,6 +52,9 @@ class _RelayBar:
         self.value = min(self.value + n, self.total)
         self.worker._progress(self.value, self.total, self.node_id)
 
+    def preview(self, latent):
+        self.worker._preview(latent)
+
     def close(self):
         pass
 
@@ -64,7 +67,7 @@ class Worker:
     """Owns the Executor and executes queue items in one thread."""
 
     def __init__(self, registry: dict, queue: PromptQueue, send: Callable, *, model_cache: ModelCache,
-                 prompt_timeout: float = 0.0, warmup=None):
+                 prompt_timeout: float = 0.0, warmup=None, previews: bool = False):
         self.registry = registry
         self.queue = queue
         self.send = send
@@ -72,6 +75,7 @@ class Worker:
         self.prompt_timeout = float(prompt_timeout or 0.0)
         self.executor = Executor(registry)
         self.warmup = warmup  # (ValidatedPrompt, prompt, temp folder) or None
+        self.previews = previews
         self.ready = warmup is None
         self.not_ready_reason = "running the warm-up workflow" if warmup is not None else ""
         self.last_node_id: Optional[str] = None
@@ -148,6 +152,23 @@ class Worker:
         sid = cur.extra_data.get("client_id")
         self.send("progress", {"value": value, "max": total, "prompt_id": cur.prompt_id,
                                "node": node_id if node_id is not None else self.last_node_id}, sid)
+
+    def _preview(self, latent) -> None:
+        cur = self._current
+        sid = cur.extra_data.get("client_id") if cur is not None else None
+        if not self.previews or sid is None:
+            return
+        from .preview import PREVIEW_IMAGE, encode_preview, latent_preview
+
+        try:
+            frame = encode_preview(latent_preview(latent), "JPEG")
+        except Exception as e:  # a preview must never fail the prompt; say why once
+            from ..core.log import log_once
+
+            log_once(logger, ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s", e,
+                     level=logging.WARNING)
+            return
+        self.send(PREVIEW_IMAGE, frame[4:], sid)
 
     # ------------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:

@@ -291,6 +291,29 @@ def test_binary_preview_frames_as_comfyui(tmp_path):
     assert Image.open(io.BytesIO(out[8:])).getpixel((0, 0)) == (255, 0, 0)  # as the example decodes it
 
 
+def test_binary_previews_during_sampling(tmp_path):
+    """--previews: one binary PREVIEW_IMAGE (JPEG) frame per sampler step, to the prompt's client only, each
+    the size of the decoded frame (latent x 8); without it, none (ComfyUI's default --preview-method none)."""
+    from PIL import Image
+
+    for previews, expected in ((True, 3), (False, 0)):
+        with ServerThread(_cfg(tmp_path / str(previews), previews=previews)) as st:
+            c = ComfyClient(st.url.split("//", 1)[1])
+            other = ComfyClient(st.url.split("//", 1)[1])
+            ws, ws_other = c.connect(), other.connect()
+            try:
+                c.get_images(ws, small_prompt(steps=3))
+                other.get_images(ws_other, small_prompt(steps=1, seed=9))  # its own prompt: 1 step
+            finally:
+                ws.close()
+                ws_other.close()
+        assert len(c.binary_frames) == expected
+        for f in c.binary_frames:
+            assert struct.unpack(">II", f[:8]) == (1, 1)
+            assert Image.open(io.BytesIO(f[8:])).size == (32, 32)
+        assert len(other.binary_frames) == (1 if previews else 0)
+
+
 # ---------------------------------------------------------------------------------- production behaviour
 def test_bounded_queue_cancel_and_interrupt(tmp_path, registry):
     with ServerThread(_cfg(tmp_path, registry, max_queue=2)) as st:
