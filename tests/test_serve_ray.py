@@ -203,3 +203,21 @@ def test_interrupt_a_prompt_running_on_an_actor(tmp_path, local_ray):
     assert entry["status"]["messages"][-1][1]["node_id"] == "7"
     out = tmp_path / "output"
     assert not any(p.is_file() for p in out.rglob("*"))  # nothing published, staging removed
+
+
+def test_prompt_timeout_on_an_actor(tmp_path, local_ray):
+    with ServerThread(_cfg(tmp_path, ray="", prompt_timeout=1.0)) as st:
+        _wait_ready(st)
+        long = prompt(4, steps=1000, size=64, frames=5)
+        long["7"]["inputs"]["sampler"] = "euler"  # uni_pc divides by zero at 1000 steps (a sampler bug, not ours)
+        req = urllib.request.Request(f"{st.url}/prompt", data=json.dumps({"prompt": long, "prompt_id": "too-long"}).encode())
+        urllib.request.urlopen(req, timeout=60).read()
+        end = time.monotonic() + 300
+        entry = None
+        while time.monotonic() < end and entry is None:
+            entry = json.loads(urllib.request.urlopen(f"{st.url}/history/too-long", timeout=60).read()).get("too-long")
+            time.sleep(0.2)
+    assert entry is not None and entry["status"]["status_str"] == "error"
+    event, data = entry["status"]["messages"][-1]
+    assert event == "execution_error" and data["exception_type"] == "TimeoutError"
+    assert "--prompt-timeout" in data["exception_message"] and data["node_id"] in {str(i) for i in range(1, 11)}
