@@ -20,7 +20,7 @@ EXTRAS = (
     ("aiohttp", "twinflow serve (ComfyUI's HTTP + WebSocket API)", "pip install 'comfyui-twinflow[serve]'"),
     ("ray", "twinflow serve/batch --ray (prompts on Ray actors)", "pip install 'comfyui-twinflow[ray]'"),
 )
-HOOK_PACKAGES = ("kernels", "compiled", "quant", "models")
+HOOK_PACKAGES = ("fused", "compiled", "quant", "models")
 
 
 def _has(module: str) -> bool:
@@ -88,8 +88,8 @@ def hook_lines() -> list[str]:
 
 
 def doctor_lines() -> list[str]:
-    from .. import __version__
     from ..core import paths
+    from ..core.version import __version__
 
     lines = [f"twinflow {__version__} on Python {platform.python_version()} ({sys.platform})"]
     lines += torch_lines()

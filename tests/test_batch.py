@@ -59,7 +59,7 @@ def test_batch_bad_line_names_it(tmp_path):
 
 
 def test_batch_and_cli_import_neither_ray_nor_aiohttp():
-    code = ("import sys, twinflow, twinflow.server.batch, twinflow.server.cli, twinflow.server.ray_pool; "
+    code = ("import sys, twinflow, twinflow.runner.serve.batch, twinflow.runner.serve.cli, twinflow.runner.serve.ray_pool; "
             "bad = [m for m in ('ray', 'aiohttp') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("aiohttp")
 
 from twinflow.benchmarks import serve as bench  # noqa: E402
-from twinflow.server.app import ServeConfig, ServerThread  # noqa: E402
+from twinflow.runner.serve.app import ServeConfig, ServerThread  # noqa: E402
 
 
 def test_serve_benchmark_smoke_counts(tmp_path, capsys):

@@ -25,8 +25,8 @@ from serve_client import ComfyClient, WebSocket  # noqa: E402
 from twinflow.core import progress  # noqa: E402
 from twinflow.runner.api import Runner, default_registry  # noqa: E402
 from twinflow.runner.formats import load_workflow  # noqa: E402
-from twinflow.server.app import ServeConfig, ServerThread, check_listen, encode_preview  # noqa: E402
-from twinflow.server.models import ModelCache, is_loader  # noqa: E402
+from twinflow.runner.serve.app import ServeConfig, ServerThread, check_listen, encode_preview  # noqa: E402
+from twinflow.runner.serve.models import ModelCache, is_loader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "workflows" / "dual_branch_t2v.json"
@@ -538,7 +538,7 @@ def test_auth_token(tmp_path):
 def test_ray_refuses_settings_it_does_not_support(tmp_path):
     """--ray with --warmup or --previews is an error saying what to leave out, not a silent ignore
     (raised before Ray is imported, so this runs without ray)."""
-    from twinflow.server.app import TwinFlowServer
+    from twinflow.runner.serve.app import TwinFlowServer
 
     with pytest.raises(ValueError, match="--warmup is not supported with --ray"):
         TwinFlowServer(_cfg(tmp_path, ray="", warmup=block_prompt("w")))

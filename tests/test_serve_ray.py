@@ -21,7 +21,7 @@ from serve_client import ComfyClient  # noqa: E402
 
 from twinflow.runner.api import default_registry  # noqa: E402
 from twinflow.runner.formats import load_workflow  # noqa: E402
-from twinflow.server.app import ServeConfig, ServerThread  # noqa: E402
+from twinflow.runner.serve.app import ServeConfig, ServerThread  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Ray cluster and its actors start in ~30-60 s on 2 cores
 
@@ -163,7 +163,7 @@ def test_ray_outputs_equal_in_process_and_killed_actor_is_retried(tmp_path, loca
 def test_batch_on_ray_equals_in_process(tmp_path, local_ray):
     import io
 
-    from twinflow.server.batch import run_batch
+    from twinflow.runner.serve.batch import run_batch
 
     p = prompt(0)
     jobs = tmp_path / "jobs.jsonl"

@@ -31,10 +31,10 @@ from typing import Optional
 
 from aiohttp import WSMsgType, web
 
-from ..core import paths
-from ..core.errors import TwinFlowError, WorkflowError
-from ..runner.formats import load_workflow
-from ..runner.validate import validate_prompt
+from ...core import paths
+from ...core.errors import TwinFlowError, WorkflowError
+from ..formats import load_workflow
+from ..validate import validate_prompt
 from .models import ModelCache, with_model_cache
 from .preview import PREVIEW_FORMATS, PREVIEW_IMAGE, encode_preview  # noqa: F401 (re-exported)
 from .queue import DuplicatePromptId, PromptQueue, QueueFull
@@ -175,7 +175,7 @@ class TwinFlowServer:
     """The API server: an aiohttp app, the prompt queue, the worker thread and the WebSocket clients."""
 
     def __init__(self, config: ServeConfig):
-        from ..runner.api import default_registry
+        from ..api import default_registry
 
         self.config = config
         self.dirs = {
@@ -457,8 +457,8 @@ class TwinFlowServer:
         return web.Response(status=200)
 
     def _node_info(self, name: str) -> dict:
-        from .. import NODE_DISPLAY_NAME_MAPPINGS
-        from ..runner.spec import object_info
+        from ...nodes import NODE_DISPLAY_NAME_MAPPINGS
+        from ..spec import object_info
 
         return object_info(name, self.registry[name], NODE_DISPLAY_NAME_MAPPINGS.get(name))
 
@@ -477,7 +477,7 @@ class TwinFlowServer:
         return web.json_response(out, dumps=lambda o: json.dumps(o, default=str))
 
     async def system_stats(self, request):
-        from .. import __version__
+        from ...core.version import __version__
         import torch
 
         devices = []
@@ -593,7 +593,7 @@ class TwinFlowServer:
 
 def _store_upload(target: Path, data: bytes, overwrite: bool) -> Path:
     """Write an upload atomically; without `overwrite` a taken name gets ' (n)' (same bytes: reuse it)."""
-    from ..core.outputs import atomic_output
+    from ...core.outputs import atomic_output
 
     target.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:

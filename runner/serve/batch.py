@@ -15,11 +15,11 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from ..core import paths
-from ..core.errors import WorkflowError
-from ..runner.api import apply_overrides, default_registry
-from ..runner.formats import load_workflow
-from ..runner.validate import validate_prompt
+from ...core import paths
+from ...core.errors import WorkflowError
+from ..api import apply_overrides, default_registry
+from ..formats import load_workflow
+from ..validate import validate_prompt
 from .models import ModelCache, with_model_cache
 from .queue import PromptQueue
 

@@ -8,7 +8,7 @@ the history entry is written) through `send(event, data, sid)`, which must be th
 Cancel and timeout are cooperative, like ComfyUI's interrupt: a check registered with
 `core.progress.add_interrupt_check` raises between nodes and at every progress step of the running
 prompt. One Executor is kept for the server's life, so prompts get the runner's execution-cache
-semantics (only nodes whose inputs changed re-run); loaders answer from the model LRU (server/models.py).
+semantics (only nodes whose inputs changed re-run); loaders answer from the model LRU (serve/models.py).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from ..core import progress
-from ..core.errors import Interrupted, WorkflowError
-from ..runner.executor import Executor, NodeExecutionError
+from ...core import progress
+from ...core.errors import Interrupted, WorkflowError
+from ..executor import Executor, NodeExecutionError
 from .models import ModelCache
 from .queue import PromptQueue, QueueItem
 
@@ -163,7 +163,7 @@ class Worker:
         try:
             frame = encode_preview(latent_preview(latent), "JPEG")
         except Exception as e:  # a preview must never fail the prompt; say why once
-            from ..core.log import log_once
+            from ...core.log import log_once
 
             log_once(logger, ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s", e,
                      level=logging.WARNING)
@@ -182,7 +182,7 @@ class Worker:
             self._maybe_gc(item is not None)
 
     def _run_warmup(self) -> None:
-        from ..core import paths
+        from ...core import paths
 
         validated, prompt, temp = self.warmup
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`twinflow serve`: the CLI of the API server (added to `twinflow` by runner/cli.py; aiohttp imported on use)."""
+"""`twinflow serve` and `twinflow batch` (registered by runner/cli.py; aiohttp and ray imported on use)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
-def add_commands(sub) -> None:
+def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="serve ComfyUI's HTTP + WebSocket API headless (needs the 'serve' extra)")
     s.add_argument("--host", "--listen", dest="host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; anything else needs --auth-token)")
@@ -66,7 +66,7 @@ def _need(module: str, extra: str, what: str) -> bool:
 
 
 def cmd_batch(args) -> int:
-    from ..core.errors import WorkflowError
+    from ...core.errors import WorkflowError
     from .batch import run_batch
 
     if args.ray is not None and not _need("ray", "ray", "--ray"):
@@ -101,7 +101,7 @@ def cmd_serve(args) -> int:
         return EXIT_USAGE
     kernels = args.kernels or getattr(args, "kernels_global", None)
     if kernels:
-        from ..runner.cli import _set_kernels
+        from ..cli import _set_kernels
 
         _set_kernels(kernels)
     config = ServeConfig(host=args.host, port=args.port, output_dir=args.output_dir, input_dir=args.input_dir,

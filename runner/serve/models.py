@@ -14,8 +14,8 @@ import logging
 import threading
 from collections import OrderedDict
 
-from ..core.log import log_once
-from ..runner.spec import hidden_inputs, iter_inputs, return_types
+from ...core.log import log_once
+from ..spec import hidden_inputs, iter_inputs, return_types
 
 logger = logging.getLogger(__name__)
 

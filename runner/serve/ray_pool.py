@@ -29,8 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..core import paths, progress
-from ..core.errors import Interrupted
+from ...core import paths, progress
+from ...core.errors import Interrupted
 from .queue import PromptQueue, QueueItem
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class PromptActorImpl:
     """What runs inside a Ray actor: an Executor over the model-cached registry, kept for the actor's life."""
 
     def __init__(self, input_dir: Optional[str], models_dir: Optional[str], model_cache_bytes: int):
-        from ..runner.api import default_registry
-        from ..runner.executor import Executor
+        from ..api import default_registry
+        from ..executor import Executor
         from .models import ModelCache, with_model_cache
 
         self.model_cache = ModelCache(model_cache_bytes)
@@ -100,8 +100,8 @@ class PromptActorImpl:
 
     def run(self, prompt_id: str, prompt: dict, extra_data: dict, targets, staging: str):
         """Yield `(event, data)` while the prompt runs; the last is ("done" | "interrupted" | "error", data)."""
-        from ..runner.executor import NodeExecutionError
-        from ..runner.validate import validate_prompt
+        from ..executor import NodeExecutionError
+        from ..validate import validate_prompt
 
         events: pyqueue.Queue = pyqueue.Queue()
 
@@ -167,7 +167,7 @@ def _ray_errors() -> tuple:
 def publish_outputs(outputs: dict, staging: Path, output: Path) -> dict:
     """Move the files an attempt wrote from `staging` into `output` (never overwriting: a taken
     `<prefix>_<counter>_<rest>` name gets the next free counter); returns `outputs` with the final names."""
-    from ..core.outputs import next_counter
+    from ...core.outputs import next_counter
 
     result = {}
     for nid, ui in outputs.items():
