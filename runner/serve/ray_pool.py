@@ -215,7 +215,7 @@ def plan_actors(cluster: dict) -> tuple[int, dict]:
 
 
 class RayWorker:
-    """The server's worker when prompts run on Ray actors (same interface as server.worker.Worker)."""
+    """The server's worker when prompts run on Ray actors (same interface as serve.worker.Worker)."""
 
     def __init__(self, queue: PromptQueue, send: Callable, *, address: Optional[str], actors: int = 0,
                  output_dir: Path, input_dir: Optional[Path] = None, models_dir: Optional[str] = None,
