@@ -1,7 +1,7 @@
-"""The `twinflow` command line: run / validate / convert / nodes / doctor / fit-gate / plan / cache.
+"""The `twinflow` command line: run / validate / convert / nodes / doctor / fit-gate / plan / cache / serve / batch.
 
 Every subcommand is registered here, explicitly (`build_parser`); a command that needs more than a few
-lines keeps its code in its own runner module (`fit_gate.py`, `plan.py`).
+lines keeps its code in its own runner module (`fit_gate.py`, `plan.py`, `serve/cli.py`).
 
 Exit codes: 0 success; 1 a workflow, validation, model-file or node error (one clear paragraph, no
 traceback; a node that crashed with an unexpected exception also shows its traceback); 2 bad command
@@ -23,6 +23,7 @@ from pathlib import Path
 from ..core import paths, progress
 from ..core.errors import Interrupted, TwinFlowError, WorkflowError
 from . import fit_gate
+from .serve import cli as serve_cli
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="what this environment can do, and why not")
 
     fit_gate.add_parser(sub)
+    serve_cli.add_parsers(sub)  # serve, batch (their functions are set as `func`)
 
     pl = sub.add_parser("plan", help="show which sub-graphs of a workflow would compile, with which profile and "
                         "backend, cache hit/miss and build estimates (nothing runs)")

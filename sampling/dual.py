@@ -166,10 +166,16 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
         report.alphas.append((alpha, cutoff, ran))
         return x - sigma * v
 
+    last_x0: list = [None]  # the latest denoised estimate: a host may show it as a preview
+
+    def model_keep(x: torch.Tensor, i: int) -> torch.Tensor:
+        last_x0[0] = model(x, i)
+        return last_x0[0]
+
     try:
         with contextlib.ExitStack() as caches, Progress(total=n_steps, desc=desc) as bar:
             enter_text_caches(caches, semantic.denoiser, detail.denoiser if detail is not None else None)
-            x = solver(model, x, sigmas, lambda i: bar.update(1))
+            x = solver(model_keep, x, sigmas, lambda i: bar.update(1, preview=last_x0[0]))
         out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)
 
         for b in (semantic, detail):
