@@ -38,6 +38,7 @@ def _cases(tmp: Path) -> dict:
         "benchmarks.quant": (["--help"], 0, "memory"),  # `memory` itself: tests/test_quant_bench.py
         "benchmarks.sampling": (["--help"], 0, "--layers"),
         # a bad spec is refused before any model is built; the smoke run: tests/test_step_cache_bench.py
+        "benchmarks.serve": (["--help"], 0, "--clients"),  # a served run: tests/test_bench_serve.py
         "benchmarks.step_cache": (["--policies", "nonsense:1"], 2, "unknown policy 'nonsense'"),
         "benchmarks.vae": (["--cases", "smoke", "--device", "tpu"], 2, "use cpu or cuda"),  # smoke: test_vae_bench
         "tools.build_workflows": (["--check"], 0, "current: workflows/"),
