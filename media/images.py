@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..core.log import log_once
-from ..core.progress import check_interrupt
+from ..core.outputs import OutputTarget, PendingOutput, atomic_numbered, output_batch
+from ..core.progress import Progress, check_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,33 @@ def write_webp(path, frames_u8: list, fps: float, lossless: bool, quality: int, 
                    loop=0, exif=_webp_exif(images[0], meta), lossless=bool(lossless), quality=int(quality),
                    method=WEBP_METHODS[method])
 
+
+
+def save_png_frames(target: OutputTarget, images: torch.Tensor, meta: dict,
+                    progress: Optional[Progress] = None) -> list[PendingOutput]:
+    """One numbered PNG per frame of `images` [N,H,W,C], published all together or not at all."""
+    files = []
+    with output_batch():
+        for i in range(images.shape[0]):
+            with atomic_numbered(target, ".png", batch_num=i) as out:
+                write_png(out.tmp_path, to_uint8(images[i]), meta)
+            files.append(out)
+            if progress is not None:
+                progress.update(1)  # also raises Interrupted if the user stopped the run
+    return files
+
+
+def save_webp(target: OutputTarget, images: torch.Tensor, fps: float, lossless: bool, quality: int, method: str,
+              meta: dict, progress: Optional[Progress] = None) -> PendingOutput:
+    """One numbered (animated) WebP of `images` [N,H,W,C]."""
+    frames = []
+    for i in range(images.shape[0]):
+        frames.append(to_uint8(images[i]))
+        if progress is not None:
+            progress.update(1)
+    with atomic_numbered(target, ".webp") as out:
+        write_webp(out.tmp_path, frames, fps, lossless, quality, method, meta)
+    return out
 
 
 # --- decoders ----------------------------------------------------------------------------------

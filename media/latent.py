@@ -7,6 +7,7 @@ import torch
 
 from ..core.errors import CheckpointError
 from ..core.log import log_once
+from ..core.outputs import OutputTarget, PendingOutput, atomic_numbered
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,13 @@ def write_latent(path, samples: torch.Tensor, meta: dict) -> None:
                "latent_format_version_0": torch.tensor([])}
     save_file(tensors, str(path), metadata={"prompt": meta.get("prompt", ""), **meta})
 
+
+
+def save_latent(target: OutputTarget, samples: torch.Tensor, meta: dict) -> PendingOutput:
+    """One numbered `.latent` file."""
+    with atomic_numbered(target, ".latent") as out:
+        write_latent(out.tmp_path, samples, meta)
+    return out
 
 
 def read_latent_file(path) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from ..core.errors import UnsupportedError
 from ..core.log import log_once
+from ..core.outputs import OutputTarget, PendingOutput, atomic_numbered
 from ..core.progress import Progress, check_interrupt
 from .images import to_uint8
 
@@ -71,6 +72,14 @@ def write_mp4(path, frames: torch.Tensor, fps: float, crf: int, meta: dict, prog
                 progress.update(1)  # also raises Interrupted if the user stopped the run
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
+
+
+def save_mp4(target: OutputTarget, frames: torch.Tensor, fps: float, crf: int, meta: dict,
+             progress: Optional[Progress] = None) -> PendingOutput:
+    """One numbered MP4 of `frames` [T,H,W,C]."""
+    with atomic_numbered(target, ".mp4") as out:
+        write_mp4(out.tmp_path, frames, fps, crf, meta, progress=progress)
+    return out
 
 
 def _select(index: int, skip_first: int, every_nth: int) -> bool:

@@ -11,12 +11,12 @@ import torch
 
 from ..core import paths
 from ..core.inputs import file_fingerprint, list_input_files, resolve_input
-from ..core.outputs import atomic_numbered, resolve_prefix, ui_entry
+from ..core.outputs import resolve_prefix, ui_entry
 from ..core.progress import Progress
-from ..media.images import (IMAGE_EXTENSIONS, WEBP_METHODS, check_images, embedded_metadata, read_image_file,
-                            to_uint8, write_png, write_webp)
-from ..media.latent import LATENT_EXTENSIONS, read_latent_file, write_latent
-from ..media.video import VIDEO_EXTENSIONS, import_av, read_video_file, write_mp4
+from ..media import images as media_images, latent as media_latent, video as media_video
+from ..media.images import IMAGE_EXTENSIONS, WEBP_METHODS, check_images, embedded_metadata, read_image_file
+from ..media.latent import LATENT_EXTENSIONS, read_latent_file
+from ..media.video import VIDEO_EXTENSIONS, import_av, read_video_file
 
 CATEGORY = "TwinFlow/io"
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -26,7 +26,7 @@ _PREFIX_TOOLTIP = ("File name prefix, relative to the output folder; may contain
 _HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 
 
-def _saved(kind: str, target, files: list[str], **extra) -> dict:
+def _saved(kind: str, target, files: list, **extra) -> dict:
     return {"ui": {kind: [ui_entry(target, f) for f in files], **extra}, "result": ()}
 
 
@@ -69,13 +69,8 @@ class TwinFlowSaveImage:
         images = check_images(images)
         meta = embedded_metadata(prompt, extra_pnginfo)
         target = resolve_prefix(filename_prefix, paths.output_dir(), images.shape[2], images.shape[1])
-        files = []
         with Progress(images.shape[0], desc="save images") as bar:
-            for i in range(images.shape[0]):
-                with atomic_numbered(target, ".png", batch_num=i) as out:
-                    write_png(out.tmp_path, to_uint8(images[i]), meta)
-                files.append(out.filename)
-                bar.update(1)
+            files = media_images.save_png_frames(target, images, meta, progress=bar)
         return _saved("images", target, files)
 
 
@@ -105,14 +100,9 @@ class TwinFlowSaveAnimatedWEBP:
             raise ValueError(f"fps must be > 0, got {fps}")
         meta = embedded_metadata(prompt, extra_pnginfo)
         target = resolve_prefix(filename_prefix, paths.output_dir(), images.shape[2], images.shape[1])
-        frames = []
         with Progress(images.shape[0], desc="save webp") as bar:
-            for i in range(images.shape[0]):
-                frames.append(to_uint8(images[i]))
-                bar.update(1)
-        with atomic_numbered(target, ".webp") as out:
-            write_webp(out.tmp_path, frames, fps, lossless, quality, method, meta)
-        return _saved("images", target, [out.filename], animated=(images.shape[0] > 1,))
+            out = media_images.save_webp(target, images, fps, lossless, quality, method, meta, progress=bar)
+        return _saved("images", target, [out], animated=(images.shape[0] > 1,))
 
 
 class TwinFlowSaveVideo:
@@ -143,9 +133,8 @@ class TwinFlowSaveVideo:
         meta = embedded_metadata(prompt, extra_pnginfo)
         target = resolve_prefix(filename_prefix, paths.output_dir(), images.shape[2], images.shape[1])
         with Progress(images.shape[0], desc="save video") as bar:
-            with atomic_numbered(target, ".mp4") as out:
-                write_mp4(out.tmp_path, images, fps, crf, meta, progress=bar)
-        return _saved("videos", target, [out.filename], animated=(True,))
+            out = media_video.save_mp4(target, images, fps, crf, meta, progress=bar)
+        return _saved("videos", target, [out], animated=(True,))
 
 
 class TwinFlowSaveLatent:
@@ -167,9 +156,8 @@ class TwinFlowSaveLatent:
             raise TypeError("input 'samples' must be a LATENT: a dict with a 'samples' tensor")
         meta = embedded_metadata(prompt, extra_pnginfo)
         target = resolve_prefix(filename_prefix, paths.output_dir())
-        with atomic_numbered(target, ".latent") as out:
-            write_latent(out.tmp_path, samples["samples"], meta)
-        return _saved("latents", target, [out.filename])
+        out = media_latent.save_latent(target, samples["samples"], meta)
+        return _saved("latents", target, [out])
 
 
 # --- loaders -----------------------------------------------------------------------------------

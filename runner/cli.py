@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a workflow, validation, model-file or node error (one clear paragraph, no
 traceback; a node that crashed with an unexpected exception also shows its traceback); 2 bad command
-line; 130 interrupted by Ctrl-C (no partial output files: output nodes write atomically).
+line; 130 interrupted by Ctrl-C at any moment, one line (no partial output files: output nodes write
+atomically, a node's files all or none); 141 the reader of stdout went away (`| head`), silently.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_MODULES = ("sampling.cli", "compiled.cli")  # each may define add_commands(subparsers)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a Unix tool whose reader went away reports
 
 
 def _root_package() -> str:
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("workflow")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE")
     v.add_argument("--models-dir")
+    v.add_argument("--output-dir", help="the output folder `run` would use (checked: writable or creatable)")
+    v.add_argument("--output", dest="targets", action="append", metavar="NODE_ID",
+                   help="validate only for this output node (repeatable)")
     v.add_argument("--json", action="store_true")
 
     c = sub.add_parser("convert", help="convert a UI workflow to the API prompt ComfyUI's /prompt takes")
@@ -216,11 +221,18 @@ def cmd_validate(args) -> int:
     from .api import Runner
 
     runner = Runner()
-    v = runner.validate(args.workflow, overrides=args.overrides)
+    v = runner.validate(args.workflow, overrides=args.overrides, targets=args.targets, output_dir=args.output_dir)
+    mem = v.memory
     if args.json:
-        print(json.dumps({"error": None, "node_errors": {}, "outputs": v.outputs, "nodes": v.order}, indent=2))
+        plan = None if mem is None else {"device": mem.device, "need_bytes": mem.need,
+                                         "available_bytes": mem.available, "parts": mem.parts}
+        print(json.dumps({"error": None, "node_errors": {}, "outputs": v.outputs, "nodes": v.order,
+                          "memory": plan}, indent=2))
     else:
         print(f"ok: {len(v.order)} node(s) to run for output node(s) {', '.join('#' + o for o in v.outputs)}")
+        if mem is not None and mem.available is not None:
+            print(f"memory: needs at least {mem.need / 2 ** 30:.2f} GiB of {mem.available / 2 ** 30:.2f} GiB "
+                  f"available on {mem.device}")
     return EXIT_OK
 
 
@@ -274,8 +286,71 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "n
             "doctor": cmd_doctor}
 
 
+def _interrupted(as_json: bool) -> int:
+    progress.clear_interrupt()
+    msg = "interrupted: stopped before finishing; no partial outputs were kept"
+    if as_json:
+        print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
+                                    "extra_info": {}}, "node_errors": {}}))
+    else:
+        print(msg, file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _silence_closed_pipes() -> None:
+    """The reader of stdout/stderr went away (`twinflow nodes --json | head`): send whatever is still
+    buffered, and everything printed later (interpreter exit included), to the null device, as Unix tools
+    do, instead of raising BrokenPipeError again at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(null, stream.fileno())
+            except (OSError, ValueError):
+                pass
+    os.close(null)
+
+
+def _ignore_sigint() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 def main(argv=None) -> int:
-    """Entry point of the `twinflow` console script; returns the exit code."""
+    """Entry point of the `twinflow` console script; returns the exit code.
+
+    Called with no arguments (the console script, `python -m`), main is the process: once the outcome is
+    decided a further Ctrl-C is ignored, so exit handlers never print a traceback, and closed pipes are
+    silenced. A Ctrl-C at any moment (imports, parsing, the run, printing) exits 130 with one line."""
+    process = argv is None
+    as_json = "--json" in (sys.argv[1:] if argv is None else list(argv))
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C outside the run's own handling: imports, parsing, printing
+        if process:
+            _ignore_sigint()
+        try:
+            code = _interrupted(as_json)
+        except BrokenPipeError:
+            code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        code = EXIT_PIPE
+    if process:
+        _ignore_sigint()  # the outcome is decided: a Ctrl-C during exit handlers changes nothing
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            _silence_closed_pipes()
+            code = code if code != EXIT_OK else EXIT_PIPE
+    return code
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -292,14 +367,14 @@ def main(argv=None) -> int:
     try:
         return int(func(args) or 0)
     except (Interrupted, KeyboardInterrupt):
-        progress.clear_interrupt()
-        msg = "interrupted: stopped before finishing; no partial outputs were kept"
-        if as_json:
-            print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
-                                        "extra_info": {}}, "node_errors": {}}))
-        else:
-            print(msg, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(as_json)
+    except BrokenPipeError:
+        _silence_closed_pipes()
+        return EXIT_PIPE
+    except MemoryError as e:  # an allocation outside any node (nodes report theirs as a node error)
+        _print_error(TwinFlowError(f"out of memory: {e or 'an allocation failed'}; lower the resolution, "
+                                   f"length or batch size"), as_json, args.verbose)
+        return EXIT_ERROR
     except (TwinFlowError, ValueError, TypeError, OSError) as e:
         # Our boundaries raise these with a message that says what to fix (STYLE.md); -v adds the traceback.
         _print_error(e, as_json, args.verbose)

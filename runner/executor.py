@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from ..core import paths, progress
 from ..core.errors import Interrupted, TwinFlowError, WorkflowError
+from ..core.outputs import output_batch
 from .spec import hidden_inputs, is_output_node, iter_inputs, output_is_list, return_types
 from .validate import ValidatedPrompt, is_link
 
@@ -197,7 +198,8 @@ class Executor:
                             if more:
                                 requested.setdefault(nid, set()).update(more)
                                 continue
-                            entry, calls = self._run_node(nid, node, cls, values, hidden_prompt, extra_pnginfo)
+                            with output_batch():  # a node's files (over all its calls) appear together or not at all
+                                entry, calls = self._run_node(nid, node, cls, values, hidden_prompt, extra_pnginfo)
                         finally:
                             progress.set_current_node(None)
                         executed.append(nid)

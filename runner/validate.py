@@ -25,6 +25,7 @@ class ValidatedPrompt:
     prompt: dict  # a copy with constants coerced (int/float/str/bool) and {"__value__"} unwrapped
     outputs: list  # output node ids to execute
     order: list = field(default_factory=list)  # every node to run, dependencies first
+    memory: object = None  # runner.preflight.MemoryPlan once the checks before compute ran
 
 
 def is_link(value) -> bool:
