@@ -27,6 +27,11 @@ class Latent:
 
 
 @dataclass
+class Frames:
+    shape: tuple  # (B, F, H, W): decoded video frames (IMAGE)
+
+
+@dataclass
 class ModelRef:
     """Where a TWINFLOW_MODEL / TWINFLOW_VAE comes from, and any compile node on the way."""
 
@@ -124,9 +129,20 @@ def _sampler(nid, ins, g):
 
 def _vae_decode(nid, ins, g):
     lat, vae = ins.get("samples"), ins.get("vae")
-    if isinstance(lat, Latent) and isinstance(vae, ModelRef):
+    if not isinstance(lat, Latent):
+        return [None]
+    if isinstance(vae, ModelRef):
         g.use("vae_decode", vae, nid, lat.shape)
-    return [None]
+    b, _, t, h, w = lat.shape  # Wan VAE: 4x time (first frame alone), 8x space
+    return [Frames((b, 1 + 4 * (t - 1), h * 8, w * 8))]
+
+
+def _vae_encode(nid, ins, g):
+    px = ins.get("pixels")
+    if not isinstance(px, Frames):
+        return [None]
+    b, f, h, w = px.shape
+    return [Latent((b, 16, (f - 1) // 4 + 1, h // 8, w // 8))]
 
 
 def _passthrough_latent(nid, ins, g):
@@ -143,6 +159,7 @@ RULES: dict[str, Callable] = {
     "TwinFlowSampler": _sampler,
     "TwinFlowDualBranchSampler": _sampler,
     "TwinFlowVAEDecode": _vae_decode,
+    "TwinFlowVAEEncode": _vae_encode,
 }
 
 
@@ -254,12 +271,15 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
         comp = sg.model.compile
         requested = comp["backend"] if comp else (backend or "eager")
         profile = (comp or {}).get("profile") or workflow_profile(sg.shapes, kind)
+        nothing_requested = comp is None and backend is None
         if kind == "vae_decode":
             profile = Profile(batch=profile.batch, frames=Range(1, 1, 1), height=profile.height,
                               width=profile.width, text=Range(1, 1, 1))
         import torch
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         resolved, reason = backends.resolve_backend(requested, device)
+        if nothing_requested:
+            reason = "nothing requested (no compile node, no --backend): runs eager"
         module = _meta_module(sg.model)
         cache_state = "-"
         if resolved != "eager":

@@ -49,16 +49,26 @@ def pad_even(frames: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+# Reproducible H.264: the same frames give the same bytes on every machine. x264's output depends on its
+# thread count (threads=auto follows the CPUs this process may use, so a busy or differently sized machine
+# gave another file), so it encodes on one thread; the preset is pinned (not left to the library's default)
+# and `bitexact` keeps the muxer from writing its version string.
+H264_OPTIONS = {"preset": "medium", "threads": "1"}
+MP4_OPTIONS = {"movflags": "use_metadata_tags", "fflags": "+bitexact"}
+
+
 def write_mp4(path, frames: torch.Tensor, fps: float, crf: int, meta: dict, progress: Optional[Progress] = None) -> None:
-    """MP4 / H.264 (libx264 through PyAV), yuv420p, constant quality `crf`; `meta` as MP4 metadata tags."""
+    """MP4 / H.264 (libx264 through PyAV), yuv420p, constant quality `crf`; `meta` as MP4 metadata tags.
+    Byte-identical output for identical frames and settings (see H264_OPTIONS)."""
     av = import_av("Save Video (MP4/H.264)")
     frames = pad_even(frames)
     n, h, w, _ = frames.shape
     rate = Fraction(round(fps * 1000), 1000)  # as ComfyUI: millisecond-exact rational frame rate
-    with av.open(str(path), mode="w", format="mp4", options={"movflags": "use_metadata_tags"}) as container:
+    with av.open(str(path), mode="w", format="mp4", options=dict(MP4_OPTIONS)) as container:
         for key, value in meta.items():
             container.metadata[key] = value
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(int(crf))})
+        stream = container.add_stream("libx264", rate=rate, options={**H264_OPTIONS, "crf": str(int(crf))})
+        stream.codec_context.thread_count = 1
         log_once(logger, "twinflow.io.h264", "Save Video: encoding H.264 with PyAV %s (%s)", av.__version__,
                  stream.codec_context.codec.name)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel path for fused ops (default auto)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a workflow (UI or API JSON, or a ComfyUI PNG)")
-    r.add_argument("workflow", help="workflow file")
+    r = sub.add_parser("run", help="run a workflow (UI or API JSON, or a PNG/WebP/MP4 with one embedded)")
+    r.add_argument("workflow", help="workflow file: UI or API JSON, or a PNG/WebP/MP4 a Save node wrote (its "
+                                    "embedded workflow)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE",
                    help="change an input, e.g. --set 3.seed=42 --set '6.text=a red fox' (VALUE is JSON or text)")
     r.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a UI workflow to the API prompt ComfyUI's /prompt takes")
     c.add_argument("workflow")
-    c.add_argument("-o", "--output", help="write here instead of stdout")
+    c.add_argument("-o", "--output", help="write here instead of stdout (an existing file is kept: see --force)")
+    c.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     c.add_argument("--models-dir", help="models folder (file widgets list its contents)")
     c.add_argument("--json", action="store_true", help="errors as JSON")
 
@@ -97,11 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever `sys.stderr` is now (not the stream of the first call: tests and hosts swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger(_root_package())
     if not any(getattr(h, "_twinflow_cli", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         h._twinflow_cli = True
         root.addHandler(h)
@@ -245,10 +262,16 @@ def cmd_convert(args) -> int:
     if wf.format != "ui":
         print(f"note: {args.workflow} is already in API format; writing it unchanged", file=sys.stderr)
     if args.output:
+        from ..core.outputs import atomic_output
+
         out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; convert never overwrites a file: pass --force to replace it, "
+                                  f"or choose another -o")
+        if args.force and out.is_file():
+            out.unlink()
+        with atomic_output(out) as tmp:  # no half-written file under the name, and no overwrite of a newcomer
+            tmp.write_text(text + "\n", encoding="utf-8")
         print(f"wrote {out}")
     else:
         print(text)

@@ -59,9 +59,11 @@ def _node_error(nid: str, ctype: str, type_: str, message: str, input_name=None)
 
 
 def _raise(node_errors: dict, summary: str, type_: str) -> None:
-    first = next(iter(node_errors.values()))["errors"][0]["message"]
+    nid, entry = next(iter(node_errors.items()))
+    err = entry["errors"][0]
+    where = f"node #{nid} ({entry['class_type']})" + (f", input '{err['details']}'" if err["details"] else "")
     more = f" ({len(node_errors) - 1} more in node_errors)" if len(node_errors) > 1 else ""
-    raise WorkflowError(f"{summary}: {first}{more}", type=type_, node_errors=node_errors)
+    raise WorkflowError(f"{summary}: {where}: {err['message']}{more}", type=type_, node_errors=node_errors)
 
 
 # ----------------------------------------------------------------------------------------------
