@@ -64,9 +64,14 @@ def test_mp4_identical_whatever_the_number_of_cpus(tmp_path):
     # x264 picks its thread count from the CPUs the process may use; a different count gave another file
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs and sched_setaffinity to vary the encoder's thread count")
+    # a smooth moving clip with grain, 33 frames of 192x256: big enough that x264 on 2 threads encodes it
+    # differently from 1 thread (main's encoder did: checked; a 17x96x128 noise clip did not show it)
     script = ("import sys, torch\nfrom twinflow.media.video import write_mp4\n"
               "g = torch.Generator().manual_seed(0)\n"
-              "write_mp4(sys.argv[1], torch.rand(17, 96, 128, 3, generator=g), 16.0, 19, {'prompt': '{}'})\n")
+              "x = torch.rand(1, 3, 9, 24, 32, generator=g)\n"
+              "fr = torch.nn.functional.interpolate(x, size=(33, 192, 256), mode='trilinear')[0]\n"
+              "fr = (fr.permute(1, 2, 3, 0) + 0.05 * torch.rand(33, 192, 256, 3, generator=g)).clamp(0, 1)\n"
+              "write_mp4(sys.argv[1], fr, 16.0, 19, {'prompt': '{}'})\n")
     one_cpu = min(os.sched_getaffinity(0))
     runs = [(tmp_path / "all.mp4", None), (tmp_path / "one.mp4", lambda: os.sched_setaffinity(0, {one_cpu}))]
     for path, pre in runs:
