@@ -231,7 +231,11 @@ def _subgraphs(prompt: dict):
     """The compile plan's walk: ({node: outputs}, {(kind, model node, compile node): SubGraph})."""
     plan = _shape_plan()
     values, g = {}, plan._Graph()
-    for nid in plan._order(prompt):
+    try:
+        order = plan._order(prompt)
+    except ValueError:  # a link on an input the node does not declare (ignored by validation and the run)
+        order = list(prompt)  # closes a loop: check_memory's prompt is in the validated order already
+    for nid in order:
         node = prompt[nid]
         ins = {}
         for k, v in (node.get("inputs") or {}).items():
@@ -333,17 +337,19 @@ def nearest_fit(prompt: dict, device, avail: int) -> list[str]:
 
 def check_memory(validated: ValidatedPrompt, device=None) -> Optional[MemoryPlan]:
     """Refuse a run whose lower-bound peak exceeds the free memory of the compute device."""
+    # only the nodes that will run: validation checked those (links, no cycle); the rest may be anything
+    prompt = {nid: validated.prompt[nid] for nid in validated.order} if validated.order else validated.prompt
     try:
-        plan = memory_plan(validated.prompt, device)
+        plan = memory_plan(prompt, device)
     except ImportError as e:  # torch-less tooling: no plan, and say so
         logger.info("memory plan skipped: %s", e)
         return None
     if plan.fits:
         return plan
-    hints = nearest_fit(validated.prompt, plan.device, plan.available)
+    hints = nearest_fit(prompt, plan.device, plan.available)
     hint = ("; nearest settings that fit: " + " or ".join(hints)) if hints else (
         "; no smaller length or size of the workflow's empty latent fits: free memory or use a smaller model")
-    nodes = _latent_nodes(validated.prompt)
+    nodes = _latent_nodes(prompt)
     msg = (f"this run needs at least {plan.need / GIB:.2f} GiB ({plan.describe()}) and only "
            f"{plan.available / GIB:.2f} GiB is available on {plan.device}{hint}")
     raise WorkflowError(msg, type="insufficient_memory", details=plan.describe(),

@@ -140,3 +140,19 @@ def test_out_of_memory_classification():
     assert executor.out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert executor.out_of_memory(RuntimeError("shape mismatch")) is None
     assert executor.out_of_memory(ValueError("can't allocate")) is None
+
+
+def test_memory_plan_ignores_links_on_undeclared_inputs_and_nodes_that_do_not_run(tf_dirs):
+    """Found by tools/fuzz_workflows.py: a link on an input the node does not declare (validation ignores it,
+    with a warning) closing a loop, or a cycle among nodes no output needs, made the memory plan raise a
+    bare ValueError ('workflow has a cycle') out of validate."""
+    prompt = api.Runner().load(str(T2V)).prompt
+    looped = json.loads(json.dumps(prompt))
+    looped["6"]["inputs"]["y"] = ["9", 0]  # the latent node 'depends' on the decode that depends on it
+    v = api.Runner().validate(looped)
+    assert v.memory is not None and v.memory.need > 0
+    orphans = json.loads(json.dumps(prompt))
+    orphans["90"] = {"class_type": "TwinFlowVAEDecode", "inputs": {"samples": ["91", 0], "vae": ["8", 0]}}
+    orphans["91"] = {"class_type": "TwinFlowVAEEncode", "inputs": {"pixels": ["90", 0], "vae": ["8", 0]}}
+    v = api.Runner().validate(orphans, targets=["10"])
+    assert v.memory is not None and "90" not in v.order

@@ -149,7 +149,8 @@ def m_int_ids(rng, doc):
         return new
     for n in _ui_nodes(doc):
         if rng.random() < 0.5:
-            n["id"] = str(n.get("id")) if rng.random() < 0.7 else float(n.get("id") or 0)
+            i = n.get("id")
+            n["id"] = str(i) if rng.random() < 0.7 or not isinstance(i, (int, float)) else float(i)
     return doc
 
 
@@ -215,7 +216,10 @@ def generate(rng: random.Random, base: list):
     for kind in kinds:
         if isinstance(doc, str):
             break  # text: nothing structural left to mutate
-        doc = MUTATIONS[kind](rng, doc)
+        try:
+            doc = MUTATIONS[kind](rng, doc)
+        except Exception:  # a mutation that does not apply to what earlier ones left (the generator's limit)
+            kinds = [k for k in kinds if k != kind]
     return name, kinds, doc
 
 
