@@ -158,19 +158,17 @@ def check_model_files(validated: ValidatedPrompt) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _shape_plan():
-    # The compile plan's shape inference (latent shapes through samplers to decoders). Issue 14 moves the
-    # workflow-level plan into runner/ (runner/plan.py): re-point this one import there.
-    from ..compiled import plan
+    # The compile plan's shape inference (latent shapes through samplers to decoders)
+    from . import plan
 
     return plan
 
 
 def _vae_engine():
-    # The VAE's decode-memory estimator and the device's free memory. Issue 14 moves the VAE's memory
-    # planning out of models/wan_vae.py: re-point this one import there.
-    from ..models import wan_vae
+    # The VAE's decode-memory estimator and the device's free memory
+    from ..models import wan_vae_plan
 
-    return wan_vae
+    return wan_vae_plan
 
 
 @dataclass
@@ -221,10 +219,11 @@ def _dit_facts(source: str) -> tuple[int, int, int]:
 
 
 def _vae_cfg(source: str):
-    vae = _vae_engine()
+    from ..models.wan_vae import PRESETS
+
     if source.startswith("random:"):
-        return vae.PRESETS.get(source.split(":", 1)[1], vae.PRESETS["tiny"])
-    return vae.PRESETS["wan2.1"]  # every Wan2.1 VAE file has this structure
+        return PRESETS.get(source.split(":", 1)[1], PRESETS["tiny"])
+    return PRESETS["wan2.1"]  # every Wan2.1 VAE file has this structure
 
 
 def _subgraphs(prompt: dict):
