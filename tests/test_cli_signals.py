@@ -147,8 +147,8 @@ def test_sigint_during_sampling_or_twice_during_save_video(tmp_path, marker, sig
     out = tmp_path / "out"
     wf = Path(__file__).resolve().parents[1] / "workflows" / "dual_branch_t2v.json"
     env = _env(tmp_path, TWINFLOW_OUTPUT_DIR=str(out), DRIVER_TICKS="1", DRIVER_TICK_SLEEP="0.05")
-    code, err, _ = _run_until([sys.executable, str(DRIVER), "run", str(wf), "--no-progress", "--no-timings",
-                               "--set", "6.length=33"], env, marker, sigints=sigints, timeout=300)
+    code, err, _ = _run_until([sys.executable, str(DRIVER), "run", str(wf), "--no-progress", "--no-timings"], env,
+                              marker, sigints=sigints, timeout=300)
     _no_traceback(err)
     assert code == 130 and len(_interrupt_lines(err)) == 1, err[-2000:]
     out.mkdir(exist_ok=True)
