@@ -316,9 +316,12 @@ class ArtifactCache:
 # ----------------------------------------------------------------------------------------------
 
 _HOST = socket.gethostname()
+_WINDOWS = os.name == "nt"
 
 
 def _pid_alive(pid: int) -> bool:
+    if _WINDOWS:  # os.kill(pid, 0) would terminate the process there: the heartbeat lease alone decides
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

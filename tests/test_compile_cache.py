@@ -490,3 +490,12 @@ def test_vae_decode_through_standin_engines_and_refit(monkeypatch, tmp_path):
     torch.testing.assert_close(vae.decode(z), ref)  # the input VAE is untouched
     names = [k for k, _ in calls]
     assert names.count("dynamo.compile") == 2 and names.count("refit_module_weights") == 2
+
+
+def test_pid_check_never_signals_on_windows(monkeypatch):
+    """On Windows os.kill(pid, 0) terminates the process: the lock must not probe a builder that way."""
+    from twinflow.compiled import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_WINDOWS", True)
+    monkeypatch.setattr(cache_mod.os, "kill", lambda *a: (_ for _ in ()).throw(AssertionError("signalled")))
+    assert cache_mod._pid_alive(12345) is True
