@@ -499,3 +499,49 @@ def test_pid_check_never_signals_on_windows(monkeypatch):
     monkeypatch.setattr(cache_mod, "_WINDOWS", True)
     monkeypatch.setattr(cache_mod.os, "kill", lambda *a: (_ for _ in ()).throw(AssertionError("signalled")))
     assert cache_mod._pid_alive(12345) is True
+
+
+def _real_compile_racer(root, out_dir, i):
+    """compile_denoiser(inductor, AOT) on a tiny DiT, nothing replaced; counts its own AOTInductor builds."""
+    from twinflow.compiled import backends
+    from twinflow.compiled.runtime import compile_denoiser
+    from twinflow.core.handles import Denoiser
+    from twinflow.models.wan_dit import get_config, random_wan_dit, with_config
+
+    out = Path(out_dir)
+    prof = Profile.make(batch=(1, 1, 2), frames=(1, 2, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 5, 16))
+    dit = random_wan_dit(config=with_config(get_config("tiny"), num_layers=1), seed=3)
+    from twinflow.compiled import export as ex
+    real_build, real_export = backends.build_aoti_package, ex.export_dit
+
+    def counting_build(*a, **k):
+        (out / f"build-{i}").write_text("1")
+        return real_build(*a, **k)
+
+    def counting_export(*a, **k):
+        (out / f"export-{i}").write_text("1")
+        return real_export(*a, **k)
+    backends.build_aoti_package, ex.export_dit = counting_build, counting_export
+    (out / f"ready-{i}").write_text("1")
+    _wait_for(out / "go", limit_s=600)
+    _, report = compile_denoiser(Denoiser(dit, "wan_dit", 16, 4096, name="tiny"), prof, "inductor",
+                                 cache=ArtifactCache(root))
+    (out / f"report-{i}").write_text(json.dumps([report.cache, report.verdict.ok, report.backend]))
+
+
+@pytest.mark.slow
+def test_two_processes_real_aot_inductor_build_once(tmp_path):
+    """Defect 6 with the real export and AOTInductor build: two processes, one shared cache, one export and one
+    build; the other loads the package (main exported in both)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = _start(_real_compile_racer, str(tmp_path / "c"), str(out), n=2)
+    for i, p in enumerate(procs):
+        _wait_for(out / f"ready-{i}", p, limit_s=600)
+    (out / "go").write_text("1")
+    for p in procs:
+        p.join(900)
+        assert p.exitcode == 0
+    assert len(list(out.glob("build-*"))) == 1 and len(list(out.glob("export-*"))) == 1
+    reports = sorted(json.loads(p.read_text()) for p in out.glob("report-*"))
+    assert reports == [["hit", True, "inductor"], ["miss", True, "inductor"]]
