@@ -249,7 +249,42 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}"
 
 
-def fuzz(count: int, runs: int, seed: int, out_dir: Path, quiet: bool = False) -> dict:
+class CliTraceback(Exception):
+    """The CLI printed a traceback (its stderr holds it) without raising."""
+
+
+def cli_stage(doc, out_dir: Path, stats: Counter, report) -> None:
+    """`twinflow validate --json` and `twinflow convert` on the workflow as a file, as a user runs them:
+    an exception out of `main`, or a traceback in what it printed, is uncaught."""
+    import contextlib
+    import io
+
+    from twinflow.runner import cli
+
+    path = out_dir / "fuzz_workflow.json"
+    try:
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc, allow_nan=True), encoding="utf-8",
+                        errors="surrogatepass")
+    except (ValueError, RecursionError, TypeError):
+        return  # not representable as a file (the generator's doc, not the CLI's problem)
+    for argv in (["validate", str(path), "--json", "--output-dir", str(out_dir)], ["convert", str(path)]):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                code = cli.main(argv)
+        except Exception as exc:
+            report(exc)
+            continue
+        if "Traceback" in err.getvalue():
+            report(CliTraceback(err.getvalue()[-2000:]))
+            continue
+        stats[f"cli {argv[0]} exit {code}"] += 1
+    import logging
+
+    logging.getLogger("twinflow").setLevel(logging.ERROR)  # the CLI set its own level
+
+
+def fuzz(count: int, runs: int, seed: int, out_dir: Path, quiet: bool = False, cli_every: int = 5) -> dict:
     from twinflow.core.errors import TwinFlowError
     from twinflow.runner.api import Runner
 
@@ -275,6 +310,8 @@ def fuzz(count: int, runs: int, seed: int, out_dir: Path, quiet: bool = False) -
     for i in range(count):
         name, kinds, doc = generate(rng, base)
         stats["generated"] += 1
+        if cli_every and i % cli_every == 0:
+            cli_stage(doc, out_dir, stats, lambda exc, n=name, k=kinds: uncaught_at("cli", exc, n, k))
         try:  # load + convert (what `twinflow convert` writes)
             wf = runner.load(doc)
             json.dumps(wf.prompt, indent=2)
@@ -317,11 +354,13 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=10000, help="workflows to generate (default 10000)")
     p.add_argument("--runs", type=int, default=200, help="at most this many validated workflows are run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cli-every", type=int, default=5, help="every Nth workflow also goes through the CLI's "
+                   "validate --json and convert (0: never)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="twinflow-fuzz-") as tmp:
-        res = fuzz(args.count, args.runs, args.seed, Path(tmp), args.quiet)
+        res = fuzz(args.count, args.runs, args.seed, Path(tmp), args.quiet, args.cli_every)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=1))
     return 1 if res["uncaught_total"] else 0
