@@ -23,11 +23,22 @@ if not __package__:
 else:
     from .core.version import __version__
     from .comfy_adapter import is_comfyui as _is_comfyui
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
     if _is_comfyui():  # inside a running ComfyUI only: host wiring + the nodes that take core MODEL/VAE/GUIDER
         from .comfy_adapter import install as _install, nodes as _comfy_nodes
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
         _install()
         NODE_CLASS_MAPPINGS = {**NODE_CLASS_MAPPINGS, **_comfy_nodes.NODE_CLASS_MAPPINGS}
         NODE_DISPLAY_NAME_MAPPINGS = {**NODE_DISPLAY_NAME_MAPPINGS, **_comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS}
+    else:
+        # Headless (the `twinflow` CLI, `import twinflow`): the node mappings (and torch with them) load on
+        # first use, so the CLI starts without torch and handles a Ctrl-C during that import itself.
+        def __getattr__(name):
+            if name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"):
+                from . import nodes as _nodes
+
+                value = getattr(_nodes, name)
+                globals()[name] = value
+                return value
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -175,10 +175,10 @@ def _obtain(spec: GraphSpec, backend: str, cache: ArtifactCache, key: str, parts
                 logger.warning("%s: cached package %s does not load (%s: %s); rebuilding", report.label, key,
                                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
                 cache.remove(key)
-        ep = spec.exported()
         module_names = set(backends.module_state(spec.module))
 
-        def build(tmp: Path):
+        def build(tmp: Path):  # runs under the key's build lock: a process that waited for it exports nothing
+            ep = spec.exported()
             backends.build_aoti_package(ep, tmp / "model.pt2", opts)
             extra = {k: v for k, v in backends.exported_state(ep).items() if k not in module_names}
             if extra:
@@ -204,6 +204,11 @@ def _obtain(spec: GraphSpec, backend: str, cache: ArtifactCache, key: str, parts
                 fn(*spec.example_trace)
             return Artifact("inductor", fn, gm), True
         entry = cache.get_or_build(key, build, parts, label=report.label)
+        if entry.hit and (entry.path / "inductor_cache.bin").is_file():
+            # another process built it while this one waited for the lock: load its caches, compile nothing
+            backends.load_inductor_artifacts(entry.path / "inductor_cache.bin")
+            with torch.no_grad():
+                fn(*spec.example_trace)
         return Artifact("inductor", fn, gm), entry.hit
     if backend == "tensorrt":
         holder = {}

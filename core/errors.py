@@ -43,3 +43,7 @@ class UnsupportedError(TwinFlowError, RuntimeError):
 
 class Interrupted(TwinFlowError):
     """The user interrupted the run (Ctrl-C in the CLI, the Cancel button in ComfyUI)."""
+
+
+class OutOfMemory(TwinFlowError, MemoryError):
+    """An allocation failed (host or device memory); the message says how much and what to lower."""

@@ -8,6 +8,10 @@ Guarantees (see docs/io.md):
   hard-linked to its final name (`os.link` fails if the name exists, so nothing is ever overwritten,
   even by a concurrent writer: we then take the next counter). On any exception, KeyboardInterrupt or
   `Interrupted` the temp file is removed, so no partial file is ever left under a final name.
+- All or nothing: inside `output_batch()` (the runner opens one around every node; savers that write
+  several files open their own) finished files stay under their temp names until the batch ends; then
+  all of them are published, or, on any error or interrupt, none (temps removed, any name already
+  published by this batch unlinked again). Ctrl-C is deferred while a batch publishes or cleans up.
 
 Usage by a saver:
 
@@ -18,13 +22,16 @@ Usage by a saver:
 """
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
 import secrets
+import signal
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -56,12 +63,48 @@ class OutputTarget:
 
 @dataclass
 class PendingOutput:
-    """One file being written: the encoder writes `tmp_path`; after the `with` block `path`/`filename` are set."""
+    """One file being written: the encoder writes `tmp_path`; after the `with` block `path`/`filename` are set
+    (inside an `output_batch` they are provisional until the batch publishes, which may take a later counter
+    if another writer took the name meanwhile; `ui_entry` dicts made from it follow)."""
 
     tmp_path: Path
     path: Optional[Path] = None
     filename: Optional[str] = None
     counter: Optional[int] = None
+    entries: list = field(default_factory=list)  # ui dicts to keep in step with `filename`
+
+
+def check_prefix(filename_prefix) -> None:
+    """Every check on a `filename_prefix` that needs no folder (validation calls it before any compute)."""
+    prefix = _substitute_vars(filename_prefix, 1, 1) if "%" in str(filename_prefix) else filename_prefix
+    _split_prefix(prefix)
+
+
+def check_output_dir(output_dir) -> None:
+    """The output folder exists and is a writable folder, or can be created: else ValueError saying why.
+
+    Nothing is left behind: creatability is tested by creating and removing a probe folder in the nearest
+    existing parent."""
+    root = Path(output_dir).expanduser()
+    what = f"output folder {str(root)!r}"
+    probe = root
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == root else f"cannot be created: {probe} is a file"
+        raise ValueError(f"{what} {where}, not a folder; choose another --output-dir / TWINFLOW_OUTPUT_DIR")
+    try:
+        made = Path(__import__("tempfile").mkdtemp(prefix=TEMP_PREFIX, dir=probe))
+    except OSError as e:
+        verb = "is not writable" if probe == root else f"cannot be created in {probe}"
+        raise ValueError(f"{what} {verb} ({e.strerror or e}); choose another --output-dir / "
+                         f"TWINFLOW_OUTPUT_DIR") from None
+    try:
+        made.rmdir()
+    except OSError:
+        pass
 
 
 def _substitute_vars(prefix: str, width: int, height: int) -> str:
@@ -82,8 +125,11 @@ def _split_prefix(filename_prefix: str) -> tuple[list[str], str]:
     if not isinstance(filename_prefix, str):
         raise TypeError(f"filename_prefix must be a string, got {type(filename_prefix).__name__}")
     bad = f"filename_prefix {filename_prefix!r}"
-    if "\x00" in filename_prefix:
-        raise ValueError(f"{bad} contains a NUL character; use a plain name such as 'video/TwinFlow'")
+    control = sorted({c for c in filename_prefix if ord(c) < 32 or ord(c) == 127})
+    if control:
+        shown = ", ".join(repr(c) for c in control)
+        raise ValueError(f"{bad} contains control character(s) {shown} (a newline, tab or NUL makes a file name "
+                         f"that lists and scripts break on); use a plain name such as 'video/TwinFlow'")
     p = filename_prefix
     # Absolute in any OS's sense: `/x`, `\x`, `C:...`, `\\server\share`.
     if p.startswith(("/", "\\")) or (len(p) >= 2 and p[1] == ":"):
@@ -239,6 +285,116 @@ def _remove(path: Optional[Path]) -> None:
         logger.warning("could not remove temporary file %s: %s", path, e)
 
 
+# --- Ctrl-C deferral ---------------------------------------------------------------------------------
+
+@contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and deliver it to the previous handler right
+    after, so publishing or cleaning up a batch of files is never cut in half. Main thread only (elsewhere
+    Python delivers no signals, so there is nothing to defer)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except (ValueError, OSError):  # no signals here (an embedded interpreter): nothing to defer
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if got:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL or previous is None:
+                raise KeyboardInterrupt
+
+
+# --- all-or-nothing batches --------------------------------------------------------------------------
+
+class _Batch:
+    """Finished temp files waiting to be published together (see `output_batch`)."""
+
+    def __init__(self):
+        self.pending: list = []  # (target, ext, batch_num, PendingOutput)
+
+    def add(self, target: "OutputTarget", ext: str, batch_num, out: PendingOutput) -> None:
+        counter = _free_counter(target, target.counter, ext, batch_num)
+        out.counter, out.filename = counter, target.name(counter, ext, batch_num)
+        out.path = target.folder / out.filename
+        target.counter = counter + 1
+        self.pending.append((target, ext, batch_num, out))
+
+    def discard(self) -> None:
+        for _target, _ext, _bn, out in self.pending:
+            _remove(out.tmp_path)
+        self.pending.clear()
+
+    def publish(self) -> None:
+        done = []
+        try:
+            for target, ext, batch_num, out in self.pending:
+                counter = out.counter
+                for _ in range(_MAX_TRIES):
+                    name = target.name(counter, ext, batch_num)
+                    try:
+                        _publish(out.tmp_path, target.folder / name)
+                    except FileExistsError:  # taken meanwhile by another writer: the next number
+                        counter = _free_counter(target, counter + 1, ext, batch_num)
+                        continue
+                    break
+                else:
+                    raise FileExistsError(errno.EEXIST, f"no free file name for prefix {target.prefix!r} in "
+                                          f"{target.folder} after {_MAX_TRIES} tries; use another filename_prefix")
+                done.append(target.folder / name)
+                if counter != out.counter:
+                    out.counter, out.filename, out.path = counter, name, target.folder / name
+                    target.counter = max(target.counter, counter + 1)
+                    for entry in out.entries:
+                        entry["filename"] = name
+            for folder in {t.folder for t, _e, _b, _o in self.pending}:
+                _fsync_dir(folder)
+        except BaseException:
+            for path in done:  # ours, published a moment ago: take them back so the batch stays all-or-nothing
+                _remove(path)
+            raise
+        finally:
+            self.discard()
+
+
+_current_batch: contextvars.ContextVar = contextvars.ContextVar("twinflow_output_batch", default=None)
+
+
+@contextmanager
+def output_batch() -> Iterator[None]:
+    """Make every `atomic_numbered` file written inside the block appear together at its end, or none of
+    them (on any exception, `Interrupted` or KeyboardInterrupt). Nested batches join the outermost one."""
+    if _current_batch.get() is not None:
+        yield
+        return
+    batch = _Batch()
+    token = _current_batch.set(batch)
+    try:
+        yield
+    except BaseException:
+        _current_batch.reset(token)
+        with sigint_deferred():
+            batch.discard()
+        raise
+    _current_batch.reset(token)
+    with sigint_deferred():
+        batch.publish()
+
+
+def _free_counter(target: "OutputTarget", start: int, ext: str, batch_num) -> int:
+    counter = start
+    while os.path.lexists(target.folder / target.name(counter, ext, batch_num)):
+        counter += 1
+    return counter
+
+
 @contextmanager
 def atomic_output(path) -> Iterator[Path]:
     """Write one file atomically at the fixed `path`; yields the temp path the encoder must write.
@@ -257,7 +413,8 @@ def atomic_output(path) -> Iterator[Path]:
             raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {final}", str(final)) from None
         _fsync_dir(final.parent)
     finally:
-        _remove(tmp)
+        with sigint_deferred():
+            _remove(tmp)
 
 
 @contextmanager
@@ -273,6 +430,17 @@ def atomic_numbered(target: OutputTarget, ext: str, batch_num: Optional[int] = N
         raise ValueError(f"extension {ext!r} must start with '.'")
     tmp = _make_temp(target.folder, ext)
     out = PendingOutput(tmp_path=tmp)
+    batch = _current_batch.get()
+    if batch is not None:  # publish with the batch: the batch owns the temp file once it is finished
+        try:
+            yield out
+            _fsync_file(tmp)
+        except BaseException:
+            with sigint_deferred():
+                _remove(tmp)
+            raise
+        batch.add(target, ext, batch_num, out)
+        return
     try:
         yield out
         _fsync_file(tmp)
@@ -293,9 +461,15 @@ def atomic_numbered(target: OutputTarget, ext: str, batch_num: Optional[int] = N
         out.path, out.filename, out.counter = final, name, counter
         target.counter = counter + 1
     finally:
-        _remove(tmp)
+        with sigint_deferred():
+            _remove(tmp)
 
 
-def ui_entry(target: OutputTarget, filename: str) -> dict:
-    """ComfyUI's file locator for the `ui` part of a saver's result."""
+def ui_entry(target: OutputTarget, filename) -> dict:
+    """ComfyUI's file locator for the `ui` part of a saver's result; given a PendingOutput, the dict follows
+    the name its batch finally publishes."""
+    if isinstance(filename, PendingOutput):
+        entry = {"filename": filename.filename, "subfolder": target.subfolder, "type": "output"}
+        filename.entries.append(entry)
+        return entry
     return {"filename": filename, "subfolder": target.subfolder, "type": "output"}

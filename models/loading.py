@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -43,10 +44,13 @@ def _load_pickle(path: Path) -> tuple[dict, dict]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message advises `weights_only=False`, i.e. running the file's code: never quote that advice
+        found = re.search(r"unsupported (?:global: )?GLOBAL\s+([\w.]+)", str(e), re.IGNORECASE)
+        what = f" (it references {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path}: refused to load: the file contains pickled Python objects, not only tensors "
-            f"({str(e).splitlines()[0][:200]}). Only weights-only checkpoints are accepted; convert it to "
-            f"safetensors with a tool you trust."
+            f"{path}: refused to load: the file contains pickled Python objects, not only tensors{what}, and "
+            f"loading it could run code. Only weights-only checkpoints are accepted; convert it to safetensors "
+            f"with a tool you trust, or use a .safetensors download of the same model."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(

@@ -9,6 +9,7 @@ from ..core import paths
 from ..core.errors import WorkflowError
 from .executor import Executor, RunResult
 from .formats import Workflow, load_workflow
+from .preflight import preflight as check_before_compute
 from .spec import iter_inputs
 from .validate import ValidatedPrompt, validate_prompt
 
@@ -95,15 +96,26 @@ class Runner:
     def load(self, workflow) -> Workflow:
         return load_workflow(workflow, self.registry)
 
-    def validate(self, workflow, overrides=None, targets=None) -> ValidatedPrompt:
-        wf = self.load(workflow)
-        return validate_prompt(apply_overrides(wf.prompt, overrides, self.registry), self.registry, targets)
-
-    def run(self, workflow, overrides=None, output_dir=None, models_dir=None, targets=None) -> RunResult:
+    def validate(self, workflow, overrides=None, targets=None, output_dir=None, models_dir=None,
+                 preflight: bool = True) -> ValidatedPrompt:
+        """Validation plus every check before compute (`runner.preflight`: output prefixes and folder,
+        model file headers, the memory plan), exactly as `run` does them before its first node."""
         wf = self.load(workflow)
         prompt = apply_overrides(wf.prompt, overrides, self.registry)
         with paths.using(output_dir=output_dir, models_dir=models_dir):
             validated = validate_prompt(prompt, self.registry, targets)
+            if preflight:
+                validated.memory = check_before_compute(validated, self.registry)
+        return validated
+
+    def run(self, workflow, overrides=None, output_dir=None, models_dir=None, targets=None,
+            preflight: bool = True) -> RunResult:
+        wf = self.load(workflow)
+        prompt = apply_overrides(wf.prompt, overrides, self.registry)
+        with paths.using(output_dir=output_dir, models_dir=models_dir):
+            validated = validate_prompt(prompt, self.registry, targets)
+            if preflight:
+                check_before_compute(validated, self.registry)
             return self.executor.execute(validated, extra_pnginfo=wf.extra_pnginfo, original_prompt=prompt)
 
 

@@ -5,7 +5,8 @@ lines keeps its code in its own runner module (`fit_gate.py`, `plan.py`, `serve/
 
 Exit codes: 0 success; 1 a workflow, validation, model-file or node error (one clear paragraph, no
 traceback; a node that crashed with an unexpected exception also shows its traceback); 2 bad command
-line; 130 interrupted by Ctrl-C (no partial output files: output nodes write atomically).
+line; 130 interrupted by Ctrl-C at any moment, one line (no partial output files: output nodes write
+atomically, a node's files all or none); 141 the reader of stdout went away (`| head`), silently.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .serve import cli as serve_cli
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a Unix tool whose reader went away reports
 
 
 def _root_package() -> str:
@@ -45,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel path for fused ops (default auto)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a workflow (UI or API JSON, or a ComfyUI PNG)")
-    r.add_argument("workflow", help="workflow file")
+    r = sub.add_parser("run", help="run a workflow (UI or API JSON, or a PNG/WebP/MP4 with one embedded)")
+    r.add_argument("workflow", help="workflow file: UI or API JSON, or a PNG/WebP/MP4 a Save node wrote (its "
+                                    "embedded workflow)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE",
                    help="change an input, e.g. --set 3.seed=42 --set '6.text=a red fox' (VALUE is JSON or text)")
     r.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
@@ -69,11 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("workflow")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE")
     v.add_argument("--models-dir")
+    v.add_argument("--output-dir", help="the output folder `run` would use (checked: writable or creatable)")
+    v.add_argument("--output", dest="targets", action="append", metavar="NODE_ID",
+                   help="validate only for this output node (repeatable)")
     v.add_argument("--json", action="store_true")
 
     c = sub.add_parser("convert", help="convert a UI workflow to the API prompt ComfyUI's /prompt takes")
     c.add_argument("workflow")
-    c.add_argument("-o", "--output", help="write here instead of stdout")
+    c.add_argument("-o", "--output", help="write here instead of stdout (an existing file is kept: see --force)")
+    c.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     c.add_argument("--models-dir", help="models folder (file widgets list its contents)")
     c.add_argument("--json", action="store_true", help="errors as JSON")
 
@@ -98,11 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever `sys.stderr` is now (not the stream of the first call: tests and hosts swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger(_root_package())
     if not any(getattr(h, "_twinflow_cli", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         h._twinflow_cli = True
         root.addHandler(h)
@@ -236,11 +258,18 @@ def cmd_validate(args) -> int:
     from .api import Runner
 
     runner = Runner()
-    v = runner.validate(args.workflow, overrides=args.overrides)
+    v = runner.validate(args.workflow, overrides=args.overrides, targets=args.targets, output_dir=args.output_dir)
+    mem = v.memory
     if args.json:
-        print(json.dumps({"error": None, "node_errors": {}, "outputs": v.outputs, "nodes": v.order}, indent=2))
+        plan = None if mem is None else {"device": mem.device, "need_bytes": mem.need,
+                                         "available_bytes": mem.available, "parts": mem.parts}
+        print(json.dumps({"error": None, "node_errors": {}, "outputs": v.outputs, "nodes": v.order,
+                          "memory": plan}, indent=2))
     else:
         print(f"ok: {len(v.order)} node(s) to run for output node(s) {', '.join('#' + o for o in v.outputs)}")
+        if mem is not None and mem.available is not None:
+            print(f"memory: needs at least {mem.need / 2 ** 30:.2f} GiB of {mem.available / 2 ** 30:.2f} GiB "
+                  f"available on {mem.device}")
     return EXIT_OK
 
 
@@ -253,10 +282,16 @@ def cmd_convert(args) -> int:
     if wf.format != "ui":
         print(f"note: {args.workflow} is already in API format; writing it unchanged", file=sys.stderr)
     if args.output:
+        from ..core.outputs import atomic_output
+
         out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; convert never overwrites a file: pass --force to replace it, "
+                                  f"or choose another -o")
+        if args.force and out.is_file():
+            out.unlink()
+        with atomic_output(out) as tmp:  # no half-written file under the name, and no overwrite of a newcomer
+            tmp.write_text(text + "\n", encoding="utf-8")
         print(f"wrote {out}")
     else:
         print(text)
@@ -322,8 +357,71 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "n
             "doctor": cmd_doctor, "fit-gate": fit_gate.cmd_fit_gate, "plan": cmd_plan, "cache": cmd_cache}
 
 
+def _interrupted(as_json: bool) -> int:
+    progress.clear_interrupt()
+    msg = "interrupted: stopped before finishing; no partial outputs were kept"
+    if as_json:
+        print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
+                                    "extra_info": {}}, "node_errors": {}}))
+    else:
+        print(msg, file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _silence_closed_pipes() -> None:
+    """The reader of stdout/stderr went away (`twinflow nodes --json | head`): send whatever is still
+    buffered, and everything printed later (interpreter exit included), to the null device, as Unix tools
+    do, instead of raising BrokenPipeError again at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(null, stream.fileno())
+            except (OSError, ValueError):
+                pass
+    os.close(null)
+
+
+def _ignore_sigint() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 def main(argv=None) -> int:
-    """Entry point of the `twinflow` console script; returns the exit code."""
+    """Entry point of the `twinflow` console script; returns the exit code.
+
+    Called with no arguments (the console script, `python -m`), main is the process: once the outcome is
+    decided a further Ctrl-C is ignored, so exit handlers never print a traceback, and closed pipes are
+    silenced. A Ctrl-C at any moment (imports, parsing, the run, printing) exits 130 with one line."""
+    process = argv is None
+    as_json = "--json" in (sys.argv[1:] if argv is None else list(argv))
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C outside the run's own handling: imports, parsing, printing
+        if process:
+            _ignore_sigint()
+        try:
+            code = _interrupted(as_json)
+        except BrokenPipeError:
+            code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        code = EXIT_PIPE
+    if process:
+        _ignore_sigint()  # the outcome is decided: a Ctrl-C during exit handlers changes nothing
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            _silence_closed_pipes()
+            code = code if code != EXIT_OK else EXIT_PIPE
+    return code
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -340,14 +438,14 @@ def main(argv=None) -> int:
     try:
         return int(func(args) or 0)
     except (Interrupted, KeyboardInterrupt):
-        progress.clear_interrupt()
-        msg = "interrupted: stopped before finishing; no partial outputs were kept"
-        if as_json:
-            print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
-                                        "extra_info": {}}, "node_errors": {}}))
-        else:
-            print(msg, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(as_json)
+    except BrokenPipeError:
+        _silence_closed_pipes()
+        return EXIT_PIPE
+    except MemoryError as e:  # an allocation outside any node (nodes report theirs as a node error)
+        _print_error(TwinFlowError(f"out of memory: {e or 'an allocation failed'}; lower the resolution, "
+                                   f"length or batch size"), as_json, args.verbose)
+        return EXIT_ERROR
     except (TwinFlowError, ValueError, TypeError, OSError) as e:
         # Our boundaries raise these with a message that says what to fix (STYLE.md); -v adds the traceback.
         _print_error(e, as_json, args.verbose)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core import paths, progress
-from ..core.errors import Interrupted, TwinFlowError, WorkflowError
+from ..core.errors import Interrupted, OutOfMemory, TwinFlowError, WorkflowError
+from ..core.outputs import output_batch
 from .spec import hidden_inputs, is_output_node, iter_inputs, output_is_list, return_types
 from .validate import ValidatedPrompt, is_link
 
@@ -205,7 +206,8 @@ class Executor:
                             if more:
                                 requested.setdefault(nid, set()).update(more)
                                 continue
-                            entry, calls = self._run_node(nid, node, cls, values, hidden_prompt, extra_pnginfo)
+                            with output_batch():  # a node's files (over all its calls) appear together or not at all
+                                entry, calls = self._run_node(nid, node, cls, values, hidden_prompt, extra_pnginfo)
                         finally:
                             progress.set_current_node(None)
                         executed.append(nid)
@@ -375,7 +377,8 @@ class Executor:
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # attribute the failure to the node; the CLI decides how loudly to report it
-                raise NodeExecutionError(nid, ctype, e) from e
+                oom = out_of_memory(e)
+                raise NodeExecutionError(nid, ctype, oom or e) from e
             if isinstance(r, dict):
                 if "expand" in r:
                     raise WorkflowError(f"node #{nid} ({ctype}) returned a graph expansion, which the headless "
@@ -415,6 +418,20 @@ class Executor:
         if ui is None and is_output_node(cls):
             ui = {}
         return _Entry(outputs, ui), len(calls)
+
+
+def out_of_memory(e: BaseException) -> "Optional[OutOfMemory]":
+    """A clear OutOfMemory for an allocation failure (MemoryError, torch's OutOfMemoryError, the CPU
+    allocator's "can't allocate"), else None: such a failure is the workflow's size, not a bug."""
+    if isinstance(e, OutOfMemory):
+        return e
+    text = str(e)
+    first = text.splitlines()[0][:300] if text else type(e).__name__
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and ("can't allocate" in text or "out of memory" in text.lower()))):
+        return None
+    return OutOfMemory(f"out of memory ({first}); lower the width, height, length or batch size, use tiling "
+                       f"for the VAE decode, or free memory (`twinflow validate` shows the memory plan)")
 
 
 def _short(v) -> str:

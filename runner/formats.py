@@ -66,6 +66,10 @@ def read_json(path, *, what: str = "workflow") -> Any:
                             type="no_prompt", details=str(p)) from None
     if p.is_dir():
         raise WorkflowError(f"{what} path {p} is a folder; pass a .json file", type="no_prompt", details=str(p))
+    if p.suffix.lower() in (".webp",):
+        return _embedded(p, _webp_text(p), "EXIF")
+    if p.suffix.lower() in (".mp4", ".m4v", ".mov", ".mkv", ".webm"):
+        return _embedded(p, _video_text(p), "metadata tag")
     if size > MAX_FILE_BYTES:
         raise WorkflowError(f"{what} file {p} is {size} bytes; a workflow is at most {MAX_FILE_BYTES} bytes",
                             type="no_prompt", details=str(p))
@@ -125,15 +129,59 @@ def _read_png(p: Path):
             text = dict(getattr(im, "text", {}) or {})
     except (UnidentifiedImageError, OSError) as e:
         raise WorkflowError(f"{p} is not a readable PNG: {e}", type="no_prompt", details=str(p)) from None
+    return _embedded(p, text, "text chunk")
+
+
+def _embedded(p: Path, text: dict, where: str):
+    """The workflow a saver embedded (ComfyUI's keys): the API `prompt` (+ the UI `workflow` as metadata),
+    or the UI `workflow` alone."""
     if "prompt" in text:
-        body = {"prompt": parse_json_text(text["prompt"], f"{p} (prompt chunk)")}
+        body = {"prompt": parse_json_text(text["prompt"], f"{p} (prompt {where})")}
         if "workflow" in text:
-            body["extra_data"] = {"extra_pnginfo": {"workflow": parse_json_text(text["workflow"], f"{p} (workflow chunk)")}}
+            body["extra_data"] = {"extra_pnginfo": {"workflow": parse_json_text(text["workflow"],
+                                                                                 f"{p} (workflow {where})")}}
         return body
     if "workflow" in text:
-        return parse_json_text(text["workflow"], f"{p} (workflow chunk)")
-    raise WorkflowError(f"{p} has no embedded ComfyUI workflow (no 'prompt' or 'workflow' text chunk)",
+        return parse_json_text(text["workflow"], f"{p} (workflow {where})")
+    raise WorkflowError(f"{p} has no embedded ComfyUI workflow (no 'prompt' or 'workflow' {where})",
                         type="no_prompt", details=str(p))
+
+
+def _webp_text(p: Path) -> dict:
+    """ComfyUI's WebP layout (Save Animated WEBP, ours): EXIF 0x0110 "prompt:<json>", and "<key>:<json>"
+    counting down from 0x010F."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            exif = im.getexif()
+    except (UnidentifiedImageError, OSError) as e:
+        raise WorkflowError(f"{p} is not a readable WebP: {e}", type="no_prompt", details=str(p)) from None
+    text = {}
+    for tag in range(0x0110, 0x0100, -1):
+        value = exif.get(tag)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and ":" in value:
+            key, _, body = value.partition(":")
+            if key in ("prompt", "workflow"):
+                text.setdefault(key, body)
+    return text
+
+
+def _video_text(p: Path) -> dict:
+    """The `prompt` / `workflow` metadata tags of a video (Save Video writes them, as ComfyUI's SaveVideo)."""
+    try:
+        import av
+    except ImportError:
+        raise WorkflowError(f"reading the workflow embedded in {p} needs PyAV: pip install av", type="no_prompt",
+                            details=str(p)) from None
+    try:
+        with av.open(str(p)) as c:
+            meta = dict(c.metadata)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise WorkflowError(f"{p} is not a readable video: {e}", type="no_prompt", details=str(p)) from None
+    return {k: v for k, v in meta.items() if k in ("prompt", "workflow")}
 
 
 # ----------------------------------------------------------------------------------------------- detection
@@ -553,6 +601,12 @@ def ui_to_api(ui: dict, registry, *, rng: Optional[random.Random] = None) -> dic
         slots = widget_slots(cls, ctype)
         if values is not None and not isinstance(values, (list, dict)):
             raise _bad(f"UI node #{nid} ({ctype}): widgets_values must be a list, got {_json_kind(values)}")
+        defaulted = [name for i, (name, spec) in enumerate(slots) if name is not None and name not in forced.get(nid, {})
+                     and not ((name in values) if isinstance(values, dict) else (values is not None and i < len(values)))]
+        if defaulted:  # the frontend does the same silently; a hand-edited or cut file deserves a word
+            logger.warning("UI node #%s (%s): no saved value for widget(s) %s (%s); using the node's defaults",
+                           nid, ctype, ", ".join(defaulted),
+                           "no widgets_values" if values is None else f"widgets_values has {len(values)} value(s)")
         for i, (name, spec) in enumerate(slots):
             if name is None:
                 continue

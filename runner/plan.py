@@ -30,6 +30,11 @@ class Latent:
 
 
 @dataclass
+class Frames:
+    shape: tuple  # (B, F, H, W): decoded video frames (IMAGE)
+
+
+@dataclass
 class ModelRef:
     """Where a TWINFLOW_MODEL / TWINFLOW_VAE comes from, and any compile node on the way."""
 
@@ -129,9 +134,20 @@ def _sampler(nid, ins, g):
 
 def _vae_decode(nid, ins, g):
     lat, vae = ins.get("samples"), ins.get("vae")
-    if isinstance(lat, Latent) and isinstance(vae, ModelRef):
+    if not isinstance(lat, Latent):
+        return [None]
+    if isinstance(vae, ModelRef):
         g.use("vae_decode", vae, nid, lat.shape)
-    return [None]
+    b, _, t, h, w = lat.shape  # Wan VAE: 4x time (first frame alone), 8x space
+    return [Frames((b, 1 + 4 * (t - 1), h * 8, w * 8))]
+
+
+def _vae_encode(nid, ins, g):
+    px = ins.get("pixels")
+    if not isinstance(px, Frames):
+        return [None]
+    b, f, h, w = px.shape
+    return [Latent((b, 16, (f - 1) // 4 + 1, h // 8, w // 8))]
 
 
 RULES: dict[str, Callable] = {
@@ -143,6 +159,7 @@ RULES: dict[str, Callable] = {
     "TwinFlowSampler": _sampler,
     "TwinFlowDualBranchSampler": _sampler,
     "TwinFlowVAEDecode": _vae_decode,
+    "TwinFlowVAEEncode": _vae_encode,
 }
 
 
@@ -215,7 +232,10 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
         comp = sg.model.compile
         requested = comp["backend"] if comp else (backend or "eager")
         profile = (comp or {}).get("profile") or profiles.shapes_profile(sg.shapes, kind)
+        nothing_requested = comp is None and backend is None
         resolved, reason = backends.resolve_backend(requested, device)
+        if nothing_requested:
+            reason = "nothing requested (no compile node, no --backend): runs eager"
         module = _meta_module(sg.model)
         cache_state = "-"
         if resolved != "eager":

@@ -25,6 +25,7 @@ class ValidatedPrompt:
     prompt: dict  # a copy with constants coerced (int/float/str/bool) and {"__value__"} unwrapped
     outputs: list  # output node ids to execute
     order: list = field(default_factory=list)  # every node to run, dependencies first
+    memory: object = None  # runner.preflight.MemoryPlan once the checks before compute ran
 
 
 def is_link(value) -> bool:
@@ -288,6 +289,13 @@ def validate_prompt(prompt: dict, registry, targets=None) -> ValidatedPrompt:
         bad = [t for t in targets if t not in prompt]
         if bad:
             raise WorkflowError(f"requested output node(s) {', '.join(bad)} are not in the prompt", type="invalid_prompt")
+        not_outputs = [t for t in targets if t not in outputs]
+        if not_outputs:
+            listed = ", ".join(f"#{o} ({prompt[o]['class_type']})" for o in outputs) or "none"
+            t = not_outputs[0]
+            raise WorkflowError(f"--output {t}: node #{t} ({prompt[t]['class_type']}) is not an output node "
+                                f"(OUTPUT_NODE); the workflow's output nodes are {listed}", type="invalid_prompt",
+                                details=f"Node ID '#{t}'")
         outputs = [o for o in outputs if o in targets]
     if not outputs:
         raise WorkflowError("Prompt has no outputs: no node is an output node (OUTPUT_NODE = True), e.g. a Save "

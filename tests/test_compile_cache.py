@@ -93,30 +93,190 @@ def test_lru_eviction_and_clear(tmp_path):
     assert cache.clear() == 2 and cache.entries() == []
 
 
-def _racer(root, out_dir, i):
-    from twinflow.compiled.cache import ArtifactCache
+def _wait_for(path: Path, proc=None, limit_s: float = 120.0):
     import time
 
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc is None or proc.is_alive() or proc.exitcode == 0, f"child died (exit {proc.exitcode})"
+        assert time.monotonic() - t0 < limit_s, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+def _racer(root, out_dir, hold_s, i):
+    """A process that builds key 'race' through the cache: marks its build, holds it `hold_s`, writes the
+    artifact; records whether its entry was a hit and the artifact it got. Starts when out/go exists."""
+    import time
+    from twinflow.compiled.cache import ArtifactCache
+
+    out = Path(out_dir)
+    (out / f"ready-{i}").write_text("1")
+    _wait_for(out / "go")
+
     def build(tmp):
-        (Path(out_dir) / f"built-{i}").write_text("1")
-        time.sleep(0.5)  # hold the lock long enough for the other process to wait on it
-        (tmp / "a.bin").write_text("same")
+        (out / f"built-{i}").write_text("1")
+        time.sleep(hold_s)  # hold the lock: the other process arrives while this build runs
+        (tmp / "a.bin").write_text(f"artifact of {i}")
     e = ArtifactCache(root).get_or_build("race", build)
-    (Path(out_dir) / f"hit-{i}").write_text(str(e.hit))
+    (out / f"hit-{i}").write_text(str(e.hit))
+    (out / f"got-{i}").write_text((e.path / "a.bin").read_text())
 
 
-def test_two_processes_racing_build_once(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+def _start(target, *args, n=1):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_racer, args=(str(tmp_path / "c"), str(out), i)) for i in range(2)]
+    procs = [ctx.Process(target=target, args=(*args, i)) for i in range(n)]
     for p in procs:
         p.start()
+    return procs
+
+
+def test_two_processes_racing_build_once_and_both_get_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = _start(_racer, str(tmp_path / "c"), str(out), 2.0, n=2)
+    for i, p in enumerate(procs):
+        _wait_for(out / f"ready-{i}", p)
+    (out / "go").write_text("1")
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    assert len(list(out.glob("built-*"))) == 1
+    built = sorted(p.name for p in out.glob("built-*"))
+    assert len(built) == 1, built  # exactly one build
     assert sorted(p.read_text() for p in out.glob("hit-*")) == ["False", "True"]
+    builder = built[0].split("-")[1]
+    assert {p.read_text() for p in out.glob("got-*")} == {f"artifact of {builder}"}  # both got that artifact
+    assert not list((tmp_path / "c").glob(".*.lock")) and not list((tmp_path / "c").glob(".tmp-*"))
+
+
+def _killed_builder(root, out_dir, i):
+    import time
+    from twinflow.compiled.cache import ArtifactCache
+
+    out = Path(out_dir)
+
+    def build(tmp):
+        (tmp / "a.bin").write_text("half")  # a partial artifact ...
+        (out / "building").write_text("1")
+        time.sleep(600)  # ... and the builder is SIGKILLed here
+    ArtifactCache(root).get_or_build("race", build)
+
+
+def test_sigkilled_builder_leaves_no_entry_and_the_next_process_rebuilds_cleanly(tmp_path):
+    import os
+    import signal
+
+    root, out = tmp_path / "c", tmp_path / "out"
+    out.mkdir()
+    (killed,) = _start(_killed_builder, str(root), str(out))
+    _wait_for(out / "building", killed)
+    assert list(root.glob(".race.lock")) and list(root.glob(".tmp-race-*"))  # holds the lock, builds in a temp dir
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.join(30)
+    assert killed.exitcode == -signal.SIGKILL
+    cache = ArtifactCache(root)
+    assert cache.lookup("race") is None and not (root / "race").exists()  # no entry, corrupt or not
+    # the next process: the dead holder's lock is taken over (its pid is gone), its temp dir removed, one build
+    (out / "go").write_text("1")
+    (nxt,) = _start(_racer, str(root), str(out), 0.0)
+    nxt.join(120)
+    assert nxt.exitcode == 0
+    assert (out / "built-0").exists() and (out / "hit-0").read_text() == "False"
+    assert (out / "got-0").read_text() == "artifact of 0" and cache.lookup("race").hit
+    assert sorted(p.name for p in root.iterdir() if p.name != ".race.used") == ["race"]  # no lock, no temp dir
+
+
+def test_build_lock_waits_for_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    """A lock held elsewhere (another host: its pid cannot be checked) is waited for while its heartbeat is
+    fresh, and taken over once the heartbeat is older than the lease; an unreadable lock only when old."""
+    import os
+    import threading
+    import time
+    from twinflow.compiled.cache import BuildLock
+
+    path = tmp_path / ".k.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "another-host", "started": 0, "token": "x"}))
+    got = threading.Event()
+
+    def take():
+        lock = BuildLock(path, stale_s=30.0, poll_s=0.02)
+        lock.acquire()
+        got.set()
+        lock.release()
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    assert not got.wait(1.0)  # fresh heartbeat: waits
+    old = time.time() - 60
+    os.utime(path, (old, old))  # heartbeat stopped 60 s ago (> 30 s lease)
+    assert got.wait(30.0)
+    t.join(5)
+    assert not path.exists()  # released by the new holder
+    # same host, pid gone: taken over at once, whatever the heartbeat
+    dead = mp.get_context("spawn").Process(target=int)
+    dead.start()
+    dead.join()
+    path.write_text(json.dumps({"pid": dead.pid, "host": __import__("socket").gethostname(), "token": "y"}))
+    lock = BuildLock(path, stale_s=1e9)
+    lock.acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    # an empty lock (its creator died before writing it): taken over only once it is older than a few s
+    path.write_text("")
+    got.clear()
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    assert not got.wait(1.0)
+    os.utime(path, (old, old))
+    assert got.wait(30.0)
+    t.join(5)
+
+
+def _compile_racer(root, out_dir, i):
+    """compile_denoiser(inductor, AOT) on a tiny DiT with the expensive backend steps replaced by recorders
+    (export and the AOTInductor build write a marker; the 'package' runs the eager graph)."""
+    import time
+    from types import SimpleNamespace
+
+    from twinflow.compiled import backends, export as ex
+    from twinflow.compiled.runtime import compile_denoiser
+    from twinflow.core.handles import Denoiser
+    from twinflow.models.wan_dit import get_config, random_wan_dit, with_config
+
+    out = Path(out_dir)
+    prof = Profile.make(batch=(1, 1, 2), frames=(1, 2, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 5, 16))
+    dit = random_wan_dit(config=with_config(get_config("tiny"), num_layers=1), seed=3)
+
+    def export(*a, **k):
+        (out / f"export-{i}").write_text("1")
+        return SimpleNamespace(state_dict={}, constants={}), None
+
+    def build(ep, path, options=None):
+        (out / f"build-{i}").write_text("1")
+        time.sleep(2.0)  # the other process arrives while this one builds
+        Path(path).write_bytes(b"package")
+    ex.export_dit, backends.build_aoti_package = export, build
+    backends.load_aoti = lambda path, state: ex.dit_graph(dit, prof)
+    (out / f"ready-{i}").write_text("1")
+    _wait_for(out / "go")
+    _, report = compile_denoiser(Denoiser(dit, "wan_dit", 16, 4096, name="tiny"), prof, "inductor",
+                                 cache=ArtifactCache(root))
+    (out / f"report-{i}").write_text(json.dumps([report.cache, report.verdict.ok, report.backend]))
+
+
+def test_two_processes_compiling_one_model_build_and_export_once(tmp_path):
+    """Issue 15 defect 6: two runs sharing a compile cache both exported and built the same artifact. Now the
+    second waits for the first's build and loads it (no export either: that is part of the build)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = _start(_compile_racer, str(tmp_path / "c"), str(out), n=2)
+    for i, p in enumerate(procs):
+        _wait_for(out / f"ready-{i}", p)
+    (out / "go").write_text("1")
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    assert len(list(out.glob("build-*"))) == 1 and len(list(out.glob("export-*"))) == 1
+    reports = sorted(json.loads(p.read_text()) for p in out.glob("report-*"))
+    assert reports == [["hit", True, "inductor"], ["miss", True, "inductor"]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,3 +490,58 @@ def test_vae_decode_through_standin_engines_and_refit(monkeypatch, tmp_path):
     torch.testing.assert_close(vae.decode(z), ref)  # the input VAE is untouched
     names = [k for k, _ in calls]
     assert names.count("dynamo.compile") == 2 and names.count("refit_module_weights") == 2
+
+
+def test_pid_check_never_signals_on_windows(monkeypatch):
+    """On Windows os.kill(pid, 0) terminates the process: the lock must not probe a builder that way."""
+    from twinflow.compiled import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_WINDOWS", True)
+    monkeypatch.setattr(cache_mod.os, "kill", lambda *a: (_ for _ in ()).throw(AssertionError("signalled")))
+    assert cache_mod._pid_alive(12345) is True
+
+
+def _real_compile_racer(root, out_dir, i):
+    """compile_denoiser(inductor, AOT) on a tiny DiT, nothing replaced; counts its own AOTInductor builds."""
+    from twinflow.compiled import backends
+    from twinflow.compiled.runtime import compile_denoiser
+    from twinflow.core.handles import Denoiser
+    from twinflow.models.wan_dit import get_config, random_wan_dit, with_config
+
+    out = Path(out_dir)
+    prof = Profile.make(batch=(1, 1, 2), frames=(1, 2, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 5, 16))
+    dit = random_wan_dit(config=with_config(get_config("tiny"), num_layers=1), seed=3)
+    from twinflow.compiled import export as ex
+    real_build, real_export = backends.build_aoti_package, ex.export_dit
+
+    def counting_build(*a, **k):
+        (out / f"build-{i}").write_text("1")
+        return real_build(*a, **k)
+
+    def counting_export(*a, **k):
+        (out / f"export-{i}").write_text("1")
+        return real_export(*a, **k)
+    backends.build_aoti_package, ex.export_dit = counting_build, counting_export
+    (out / f"ready-{i}").write_text("1")
+    _wait_for(out / "go", limit_s=600)
+    _, report = compile_denoiser(Denoiser(dit, "wan_dit", 16, 4096, name="tiny"), prof, "inductor",
+                                 cache=ArtifactCache(root))
+    (out / f"report-{i}").write_text(json.dumps([report.cache, report.verdict.ok, report.backend]))
+
+
+@pytest.mark.slow
+def test_two_processes_real_aot_inductor_build_once(tmp_path):
+    """Defect 6 with the real export and AOTInductor build: two processes, one shared cache, one export and one
+    build; the other loads the package (main exported in both)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = _start(_real_compile_racer, str(tmp_path / "c"), str(out), n=2)
+    for i, p in enumerate(procs):
+        _wait_for(out / f"ready-{i}", p, limit_s=600)
+    (out / "go").write_text("1")
+    for p in procs:
+        p.join(900)
+        assert p.exitcode == 0
+    assert len(list(out.glob("build-*"))) == 1 and len(list(out.glob("export-*"))) == 1
+    reports = sorted(json.loads(p.read_text()) for p in out.glob("report-*"))
+    assert reports == [["hit", True, "inductor"], ["miss", True, "inductor"]]

@@ -14,6 +14,7 @@ from PIL import Image
 
 from twinflow.core import progress
 from twinflow.core.errors import CheckpointError, Interrupted, UnsupportedError
+from twinflow.media import images as media_images
 from twinflow.nodes import io as ionodes
 from twinflow.nodes.io import (
     NODE_CLASS_MAPPINGS, TwinFlowEmptyLatentVideo, TwinFlowLoadImage, TwinFlowLoadLatent, TwinFlowLoadVideo,
@@ -125,14 +126,17 @@ def test_save_image_failure_in_encoder_leaves_no_file(tf_dirs, monkeypatch, exc)
     assert _listing(tf_dirs["output"]) == []
 
 
-def test_save_image_interrupted_between_frames_keeps_only_complete_files(tf_dirs, bar_hook):
-    bar_hook.update(at=2, exc=KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), Interrupted("stop")])
+def test_save_image_interrupted_between_frames_keeps_no_frame(tf_dirs, bar_hook, exc):
+    # A frame sequence is one output: all frames or none (issue 15; it used to keep the frames before the stop).
+    bar_hook.update(at=2, exc=exc)
+    with pytest.raises(type(exc)):
         TwinFlowSaveImage().save(_frames(4, 4, 4), "x")
-    assert _listing(tf_dirs["output"]) == ["x_00001_.png", "x_00002_.png"]
-    for f in ("x_00001_.png", "x_00002_.png"):
-        with Image.open(tf_dirs["output"] / f) as im:
-            im.load()  # complete, decodable
+    assert _listing(tf_dirs["output"]) == []
+    bar_hook.update(exc=None)
+    res = TwinFlowSaveImage().save(_frames(3, 4, 4), "x")
+    assert [e["filename"] for e in res["ui"]["images"]] == [f"x_0000{i}_.png" for i in (1, 2, 3)]
+    assert _listing(tf_dirs["output"]) == [f"x_0000{i}_.png" for i in (1, 2, 3)]
 
 
 # --- Save Animated WebP ------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def test_save_webp_failure_leaves_no_file(tf_dirs, monkeypatch):
             f.write(b"RIFF....WEBP")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ionodes, "write_webp", broken)
+    monkeypatch.setattr(media_images, "write_webp", broken)
     with pytest.raises(KeyboardInterrupt):
         TwinFlowSaveAnimatedWEBP().save(_frames(2, 4, 4), "anim", 8.0, True, 80, "default")
     assert _listing(tf_dirs["output"]) == []

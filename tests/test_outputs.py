@@ -269,3 +269,86 @@ def test_published_file_has_ordinary_permissions(tmp_path):
     with atomic_numbered(t, ".bin") as out:
         out.tmp_path.write_bytes(b"1")
     assert (out.path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# --- all-or-nothing batches (issue 15) --------------------------------------------------------
+
+def test_batch_publishes_all_at_the_end(tmp_path):
+    t = resolve_prefix("b", tmp_path)
+    outs = []
+    with outputs.output_batch():
+        for i in range(3):
+            with atomic_numbered(t, ".txt") as out:
+                out.tmp_path.write_text(str(i))
+            outs.append(out)
+            assert [n for n in _files(tmp_path) if not n.startswith(".")] == []  # nothing visible yet
+    assert _files(tmp_path) == ["b_00001_.txt", "b_00002_.txt", "b_00003_.txt"]
+    assert [(tmp_path / o.filename).read_text() for o in outs] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk"), KeyboardInterrupt()])
+def test_batch_failure_keeps_nothing(tmp_path, exc):
+    t = resolve_prefix("b", tmp_path)
+    with pytest.raises(type(exc)):
+        with outputs.output_batch():
+            with atomic_numbered(t, ".txt") as out:
+                out.tmp_path.write_text("done")
+            with atomic_numbered(t, ".txt") as out:
+                out.tmp_path.write_text("half")
+                raise exc
+    assert _files(tmp_path) == []
+
+
+def test_batch_publish_failure_takes_back_what_it_published(tmp_path, monkeypatch):
+    t = resolve_prefix("b", tmp_path)
+    real = outputs._publish
+    calls = []
+
+    def publish(tmp, final):
+        calls.append(final)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, final)
+    monkeypatch.setattr(outputs, "_publish", publish)
+    with pytest.raises(OSError, match="No space"):
+        with outputs.output_batch():
+            for i in range(3):
+                with atomic_numbered(t, ".txt") as out:
+                    out.tmp_path.write_text(str(i))
+    assert len(calls) == 2 and _files(tmp_path) == []
+
+
+def test_batch_name_taken_meanwhile_moves_on_and_the_ui_entry_follows(tmp_path):
+    t = resolve_prefix("b", tmp_path)
+    with outputs.output_batch():
+        with atomic_numbered(t, ".txt") as out:
+            out.tmp_path.write_text("ours")
+        entry = outputs.ui_entry(t, out)
+        assert entry["filename"] == "b_00001_.txt"
+        (tmp_path / "b_00001_.txt").write_text("another writer")  # appears before the batch publishes
+    assert (tmp_path / "b_00001_.txt").read_text() == "another writer"
+    assert entry["filename"] == out.filename == "b_00002_.txt"
+    assert (tmp_path / "b_00002_.txt").read_text() == "ours"
+
+
+def test_control_characters_in_prefix_refused(tmp_path):
+    for bad in ("a\nb", "a\tb", "x/\x1b[31mred", "a\rb", "a\x7fb"):
+        with pytest.raises(ValueError, match="control character"):
+            resolve_prefix(bad, tmp_path)
+        with pytest.raises(ValueError, match="control character"):
+            outputs.check_prefix(bad)
+    assert _files(tmp_path) == []
+
+
+def test_check_output_dir(tmp_path):
+    outputs.check_output_dir(tmp_path)  # exists
+    outputs.check_output_dir(tmp_path / "new" / "deeper")  # creatable
+    assert not (tmp_path / "new").exists()  # ... and not created by the check
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        outputs.check_output_dir(tmp_path / "f")
+    with pytest.raises(ValueError, match="is a file"):
+        outputs.check_output_dir(tmp_path / "f" / "sub")
+    with pytest.raises(ValueError, match="cannot be created"):
+        outputs.check_output_dir("/proc/nope")
+    assert sorted(os.listdir(tmp_path)) == ["f"]

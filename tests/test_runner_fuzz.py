@@ -153,3 +153,19 @@ def random_graphs(draw):
 @given(random_graphs())
 def test_random_ui_graphs(ui):
     check(ui, execute=True)
+
+
+def test_long_fuzz_tool_small_count_no_uncaught():
+    """tools/fuzz_workflows.py (the recorded long run, docs/runner.md) at a CI size: mutated shipped
+    workflows through load, convert and validate: refusals are TwinFlowErrors, nothing else escapes."""
+    spec = importlib.util.spec_from_file_location("fuzz_workflows", Path(__file__).parents[1] / "tools" / "fuzz_workflows.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = tool.fuzz(300, 0, seed=1, out_dir=Path(tmp), quiet=True)
+    st_ = res["stats"]
+    assert res["uncaught_total"] == 0, res["uncaught"]
+    assert st_["generated"] == 300 and st_["refused at load"] + st_["refused at validate"] + st_["validated"] == 300
+    assert min(st_["refused at load"], st_["refused at validate"], st_["validated"]) > 0  # each stage is reached
