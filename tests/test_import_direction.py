@@ -2,7 +2,7 @@
 
 Every import counts, at module level or inside a function (a lazy import is still an import); relative
 imports are resolved against the file's package, `twinflow.<...>` absolute imports too. Fails on
-  * a library folder importing `nodes`, `runner`, `comfy_adapter` or `server`, or ComfyUI itself
+  * a library folder importing `nodes`, `runner` (with `runner/serve/`) or `comfy_adapter`, or ComfyUI itself
     (its top-level modules `comfy`, `folder_paths`, `server`, ... imported absolutely);
   * any cycle between top-level folders (the root `__init__.py` counts as a folder, `<root>`),
 printing the offending file:line of every import involved. The checker is unit-tested on small synthetic
@@ -18,10 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "twinflow"
 ROOT = "<root>"  # the folder name of the package's own __init__.py
-# Library folders; a name here whose folder does not exist (yet) is simply never matched (`kernels/` is being
-# renamed `fused/`, `media/` is being split out of nodes/io.py).
-LIBRARY = ("core", "models", "sampling", "quant", "compiled", "kernels", "fused", "media")
-HOSTS = ("nodes", "runner", "comfy_adapter", "server")  # the app-level folders the library must never import
+# Library folders, and the host/app folders the library must never import (every one must exist: a renamed
+# folder left here would silently stop being checked; test_every_named_folder_exists).
+LIBRARY = ("core", "models", "sampling", "quant", "compiled", "fused", "media")
+HOSTS = ("nodes", "runner", "comfy_adapter")
 COMFYUI = ("comfy", "comfy_extras", "folder_paths", "server", "execution", "nodes_comfy")
 SKIP_DIRS = {"tests", "docs", "workflows", "__pycache__"}
 
@@ -243,24 +243,22 @@ def test_checker_finds_root_runner_cycle(tmp_path):
 def test_checker_resolves_absolute_and_from_package_imports(tmp_path):
     root = _base(tmp_path, {
         "sampling/cli.py": "import twinflow.runner.cli\n",
-        "kernels/ops.py": "def f():\n    from .. import nodes\n",
+        "compiled/ops.py": "def f():\n    from .. import nodes\n",
         "media/codecs.py": "def g():\n    import folder_paths\n",
         "quant/x.py": "from twinflow.comfy_adapter import models\n",
-        "fused/ops.py": "def h():\n    from ..server import app\n", "server/app.py": "X = 1\n"})
+        "fused/ops.py": "def h():\n    from ..runner.serve import app\n", "runner/serve/app.py": "X = 1\n"})
     bad = wrong_way(root)
-    assert bad == ["fused/ops.py:2: library folder fused/ imports server",
-                   "kernels/ops.py:2: library folder kernels/ imports nodes",
+    assert bad == ["compiled/ops.py:2: library folder compiled/ imports nodes",
+                   "fused/ops.py:2: library folder fused/ imports runner",
                    "media/codecs.py:2: library folder media/ imports folder_paths",
                    "quant/x.py:1: library folder quant/ imports comfy_adapter",
                    "sampling/cli.py:1: library folder sampling/ imports runner"]
 
 
-def test_checker_library_list_tolerates_absent_folders(tmp_path):
-    """The real tree may lack `fused/`, `media/` or `kernels/` at any moment of the rename: no error, and the
-    folders that do exist are still checked."""
-    root = _base(tmp_path, {"models/x.py": "from ..runner import cli\n"})
-    assert not (root / "fused").exists() and not (root / "media").exists()
-    assert wrong_way(root) == ["models/x.py:1: library folder models/ imports runner"]
+def test_every_named_folder_exists():
+    """A folder renamed or removed but still listed here would silently drop out of the check."""
+    missing = [f for f in LIBRARY + HOSTS if not (REPO / f / "__init__.py").is_file()]
+    assert not missing, f"tests/test_import_direction.py names folders that are not packages here: {missing}"
 
 
 def test_checker_reports_file_and_line_in_the_failure_text(tmp_path):
