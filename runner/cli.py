@@ -244,12 +244,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_nodes(args) -> int:
-    from .. import NODE_DISPLAY_NAME_MAPPINGS
-    from .api import default_registry
+    from .api import default_registry, display_names
     from .spec import object_info
 
     reg = default_registry()
-    info = {name: object_info(name, cls, NODE_DISPLAY_NAME_MAPPINGS.get(name)) for name, cls in sorted(reg.items())}
+    names = display_names()
+    info = {name: object_info(name, cls, names.get(name)) for name, cls in sorted(reg.items())}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return EXIT_OK
