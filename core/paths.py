@@ -20,6 +20,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_embeddings": ("text_embeddings",),
     "twinflow": ("twinflow",),  # refiners, gate nets, quantized files, compile cache
     "latents": ("latents",),
+    "loras": ("loras",),  # ComfyUI's LoRA folder (LoraLoaderModelOnly)
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".json")
 
@@ -49,6 +50,13 @@ def set_output_dir(path) -> None:
 
 def output_dir() -> Path:
     return _output_dir if _output_dir is not None else Path(os.environ.get("TWINFLOW_OUTPUT_DIR", "output"))
+
+
+def temp_dir() -> Path:
+    """Where preview images go headless (ComfyUI's temp folder): $TWINFLOW_TEMP_DIR, else `temp/` inside the
+    output folder."""
+    env = os.environ.get("TWINFLOW_TEMP_DIR")
+    return Path(env) if env else output_dir() / "temp"
 
 
 def set_input_dir(path) -> None:

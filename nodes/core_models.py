@@ -29,6 +29,23 @@ def compute_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _fp8_storage(module, weight_dtype: str, name: str):
+    """UNETLoader's fp8 weight_dtype: Linear weights stored as fp8, computed in the model's dtype. A file that
+    is already quantized (ComfyUI fp8_scaled) keeps its own storage, as in ComfyUI."""
+    from ..core.log import log_once
+    from ..quant.checkpoint import quantized_layers
+    from ..quant.storage import cast_linears_fp8
+
+    if quantized_layers(module):
+        log_once(logger, ("unet_fp8_scaled", name), "UNETLoader %s: the file is already stored in fp8 (scaled); "
+                 "weight_dtype %s keeps its storage", name, weight_dtype)
+        return module
+    if weight_dtype == "fp8_e4m3fn_fast":
+        log_once(logger, ("unet_fp8_fast", name), "UNETLoader %s: fp8_e4m3fn_fast stores weights as fp8 e4m3fn; "
+                 "the fp8 matrix-multiply kernels are not used headless (weights are upcast per layer)", name)
+    return cast_linears_fp8(module, "fp8_e5m2" if weight_dtype == "fp8_e5m2" else "fp8_e4m3fn")
+
+
 class UNETLoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -43,9 +60,6 @@ class UNETLoader:
         from ..models import wan_dit
         from .dit import wan_denoiser
 
-        if weight_dtype != "default":
-            raise ValueError(f"UNETLoader weight_dtype {weight_dtype!r} is not supported by the headless runner yet; "
-                             f"set it to 'default' (fp8 storage needs the ComfyUI host)")
         path = paths.find_model("diffusion_models", unet_name)
         device = compute_device()
         keys = wan_dit.checkpoint_keys(path)
@@ -54,6 +68,8 @@ class UNETLoader:
                              f"runner loads Wan2.1 T2V files (use TwinFlow Load DiT for other TwinFlow models)")
         # ComfyUI's 'default': float32 on the CPU, the file's 16-bit dtype on a GPU
         module = wan_dit.load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
+        if weight_dtype != "default":
+            module = _fp8_storage(module, weight_dtype, unet_name)
         denoiser = wan_denoiser(module.to(device), unet_name, str(path))
         denoiser.info.update(sampling_shift=WAN21_SHIFT, latent_format="wan21", core=True)
         return (denoiser,)
@@ -118,6 +134,32 @@ class ModelSamplingSD3:
         return (m,)
 
 
+class LoraLoaderModelOnly:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",),
+                             "lora_name": (paths.list_models("loras"),),
+                             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_lora_model_only"
+    CATEGORY = "loaders"
+
+    def load_lora_model_only(self, model, lora_name, strength_model):
+        from ..core.handles import Denoiser
+        from ..models.lora import apply_lora
+        from ..models.loading import load_file
+
+        if not isinstance(model, Denoiser):
+            raise TypeError(f"LoraLoaderModelOnly: input 'model' must be a MODEL, got {type(model).__name__}")
+        if strength_model == 0:
+            return (model,)
+        path = paths.find_model("loras", lora_name)
+        lora_sd, _meta = load_file(path)
+        module = apply_lora(model.module, lora_sd, float(strength_model), source=str(path))
+        return (model.clone(module=module, name=f"{model.name}+{lora_name}"),)
+
+
 class CLIPTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -158,9 +200,10 @@ class ConditioningZeroOut:
         return (out,)
 
 
-NODE_CLASS_MAPPINGS = {c.__name__: c for c in (UNETLoader, CLIPLoader, VAELoader, ModelSamplingSD3, CLIPTextEncode,
-                                               ConditioningZeroOut)}
+NODE_CLASS_MAPPINGS = {c.__name__: c for c in (UNETLoader, CLIPLoader, VAELoader, ModelSamplingSD3, LoraLoaderModelOnly,
+                                               CLIPTextEncode, ConditioningZeroOut)}
 NODE_DISPLAY_NAME_MAPPINGS = {"UNETLoader": "Load Diffusion Model", "CLIPLoader": "Load CLIP",
                               "VAELoader": "Load VAE", "ModelSamplingSD3": "ModelSamplingSD3",
+                              "LoraLoaderModelOnly": "LoraLoaderModelOnly",
                               "CLIPTextEncode": "CLIP Text Encode (Prompt)",
                               "ConditioningZeroOut": "ConditioningZeroOut"}

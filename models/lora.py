@@ -1,0 +1,176 @@
+"""LoRA files for the Wan DiT: read the key layouts Wan LoRAs ship in and merge them as ComfyUI does.
+
+Layouts (one file may mix them; every tensor name is `<layer><suffix>`):
+  <layer>: `diffusion_model.blocks.0.self_attn.q` (ComfyUI), `blocks.0.self_attn.q` (bare),
+           `lora_unet_blocks_0_self_attn_q` / `lora_unet__blocks_...` (kohya), `transformer.blocks.0.attn1.to_q`
+           (diffusers names, also under `base_model.model.` / `diffusion_model.`).
+  <suffix>: `.lora_up.weight` + `.lora_down.weight` (+ `.alpha`), `.lora_B.weight` + `.lora_A.weight` (+ `.alpha`),
+            `.diff` (a full weight delta), `.diff_b` (a bias delta).
+
+Merge (comfy/weight_adapter/lora.py, comfy/lora.py): W += strength * (alpha / rank) * (up @ down) with the
+product in float32 (alpha absent: scale 1), W += strength * diff, b += strength * diff_b.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.errors import CheckpointError
+from ..core.log import log_once
+
+logger = logging.getLogger(__name__)
+
+PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"))
+OTHER = (".alpha", ".diff", ".diff_b")
+PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet__",
+            "lora_unet_", "lycoris_")
+
+
+@dataclass
+class LayerPatch:
+    """What a LoRA does to one layer (`<layer>.weight` / `<layer>.bias`)."""
+
+    up: Optional[torch.Tensor] = None
+    down: Optional[torch.Tensor] = None
+    alpha: Optional[float] = None
+    diff: Optional[torch.Tensor] = None
+    diff_b: Optional[torch.Tensor] = None
+
+    def weight_delta(self) -> Optional[torch.Tensor]:
+        """The float32 delta of the weight at strength 1."""
+        delta = None
+        if self.up is not None:
+            scale = self.alpha / self.down.shape[0] if self.alpha is not None else 1.0
+            delta = scale * torch.mm(self.up.float().flatten(1), self.down.float().flatten(1))
+        if self.diff is not None:
+            delta = self.diff.float() if delta is None else delta + self.diff.float()
+        return delta
+
+
+@dataclass
+class LoraPlan:
+    patches: dict = field(default_factory=dict)  # layer name (module path) -> LayerPatch
+    unmatched: list = field(default_factory=list)  # LoRA keys that name no layer of the model
+
+
+def _split(key: str) -> tuple[Optional[str], Optional[str]]:
+    for up, down in PAIRS:
+        for suffix in (up, down):
+            if key.endswith(suffix):
+                return key[: -len(suffix)], suffix
+    for suffix in OTHER:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return None, None
+
+
+def _resolver(module: nn.Module):
+    """layer name in any supported naming -> the module path of a layer with a weight, or None."""
+    from .wan_dit import from_diffusers_keys
+
+    layers = {name for name, m in module.named_modules() if getattr(m, "weight", None) is not None}
+    kohya = {name.replace(".", "_"): name for name in layers}
+
+    def resolve(raw: str) -> Optional[str]:
+        name = raw
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if name.startswith(p):
+                    name, changed = name[len(p):], True
+        if name in layers:
+            return name
+        if name in kohya:
+            return kohya[name]
+        mapped = next(iter(from_diffusers_keys({name + ".weight": None})))[: -len(".weight")]
+        return mapped if mapped in layers else None
+
+    return resolve
+
+
+def plan_lora(lora_sd: dict, module: nn.Module, source: str = "LoRA") -> LoraPlan:
+    """Match every tensor of a LoRA file to a layer of `module` (unmatched keys are listed, not dropped silently)."""
+    resolve = _resolver(module)
+    plan = LoraPlan()
+    for key, t in lora_sd.items():
+        base, suffix = _split(key)
+        target = resolve(base) if base is not None else None
+        if target is None:
+            plan.unmatched.append(key)
+            continue
+        p = plan.patches.setdefault(target, LayerPatch())
+        if suffix in (".lora_up.weight", ".lora_B.weight"):
+            p.up = t
+        elif suffix in (".lora_down.weight", ".lora_A.weight"):
+            p.down = t
+        elif suffix == ".alpha":
+            p.alpha = float(t.item())
+        elif suffix == ".diff":
+            p.diff = t
+        else:
+            p.diff_b = t
+    for name, p in plan.patches.items():
+        if (p.up is None) != (p.down is None):
+            raise CheckpointError(f"{source}: layer {name} has only one half of its low-rank pair "
+                                  f"({'up/B' if p.up is not None else 'down/A'}); the file is incomplete")
+    return plan
+
+
+def _check(name: str, delta: torch.Tensor, shape, what: str, source: str) -> torch.Tensor:
+    if delta.numel() != torch.Size(shape).numel():
+        raise CheckpointError(f"{source}: the {what} delta for {name} has shape {tuple(delta.shape)} but the model's "
+                              f"{what} is {tuple(shape)}; this LoRA was made for a different model size")
+    return delta.reshape(shape)
+
+
+def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = "LoRA") -> nn.Module:
+    """A copy of `module` with the LoRA merged at `strength`; the original module is not modified (unpatched
+    tensors are shared). Quantized layers (QuantLinear) that a LoRA touches become plain Linears."""
+    from ..quant.swap import shared_copy
+
+    plan = plan_lora(lora_sd, module, source)
+    if not plan.patches:
+        raise CheckpointError(f"{source}: none of its {len(lora_sd)} keys names a layer of this model (first keys: "
+                              f"{sorted(lora_sd)[:3]}); is it a LoRA for a Wan2.1/2.2 diffusion model?")
+    if plan.unmatched:
+        logger.warning("%s: %d LoRA keys match no layer and are not loaded: %s", source, len(plan.unmatched),
+                       ", ".join(plan.unmatched[:5]) + (" ..." if len(plan.unmatched) > 5 else ""))
+    out = shared_copy(module)
+    mods = dict(out.named_modules())
+    for name, p in plan.patches.items():
+        layer = mods[name]
+        weight = layer.weight
+        if not isinstance(weight, nn.Parameter) and hasattr(layer, "dequantized_weight"):
+            layer = _to_linear(out, name, layer, source)
+            weight = layer.weight
+        delta = p.weight_delta()
+        if delta is not None:
+            delta = _check(name, delta, weight.shape, "weight", source)
+            new = (weight.float() + strength * delta).to(weight.dtype)  # merged in float32, as ComfyUI
+            layer.weight = nn.Parameter(new, requires_grad=False)
+        if p.diff_b is not None:
+            if getattr(layer, "bias", None) is None:
+                raise CheckpointError(f"{source}: a bias delta for {name}, which has no bias")
+            b = layer.bias
+            db = _check(name, p.diff_b.float(), b.shape, "bias", source)
+            layer.bias = nn.Parameter((b.float() + strength * db).to(b.dtype), requires_grad=False)
+    return out
+
+
+def _to_linear(root: nn.Module, name: str, q: nn.Module, source: str) -> nn.Linear:
+    """Replace a QuantLinear by an nn.Linear with its dequantized weight (in the bias' dtype) to merge into."""
+    dtype = q.bias.dtype if q.bias is not None else torch.bfloat16
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(q.dequantized_weight(dtype), requires_grad=False)
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias, requires_grad=False)
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, lin)
+    log_once(logger, ("lora_dequant", source), "%s: layers the LoRA patches are dequantized to %s (not re-quantized)",
+             source, dtype)
+    return lin
