@@ -7,8 +7,10 @@ Layouts (one file may mix them; every tensor name is `<layer><suffix>`):
   <suffix>: `.lora_up.weight` + `.lora_down.weight` (+ `.alpha`), `.lora_B.weight` + `.lora_A.weight` (+ `.alpha`),
             `.diff` (a full weight delta), `.diff_b` (a bias delta).
 
-Merge (comfy/weight_adapter/lora.py, comfy/lora.py): W += strength * (alpha / rank) * (up @ down) with the
-product in float32 (alpha absent: scale 1), W += strength * diff, b += strength * diff_b.
+Merge (comfy/weight_adapter/lora.py, comfy/lora.py, comfy/model_patcher.py): W += (strength * alpha / rank) *
+(up @ down) in float32 (alpha absent: scale 1), W += strength * diff, b += strength * diff_b; the result is
+stored in the layer's dtype, and an fp8 layer (ComfyUI fp8_scaled files, UNETLoader fp8 modes) is re-rounded
+to fp8 under its own scale with ComfyUI's seeded stochastic rounding, so it stays fp8 as in ComfyUI.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..core.log import log_once
+from ..quant.storage import comfy_key_seed, stochastic_round_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +43,17 @@ class LayerPatch:
     diff: Optional[torch.Tensor] = None
     diff_b: Optional[torch.Tensor] = None
 
-    def weight_delta(self) -> Optional[torch.Tensor]:
-        """The float32 delta of the weight at strength 1."""
-        delta = None
+    def merge_weight(self, weight: torch.Tensor, strength: float, name: str, source: str) -> torch.Tensor:
+        """`weight` (float32) with this patch added in place, in ComfyUI's order and rounding
+        (comfy/weight_adapter/lora.py: `weight += (strength * alpha / rank) * (up @ down)`; comfy/lora.py 'diff':
+        `weight += strength * diff`)."""
         if self.up is not None:
             scale = self.alpha / self.down.shape[0] if self.alpha is not None else 1.0
-            delta = scale * torch.mm(self.up.float().flatten(1), self.down.float().flatten(1))
+            mm = torch.mm(self.up.float().flatten(1), self.down.float().flatten(1))
+            weight += (strength * scale) * _check(name, mm, weight.shape, "weight", source)
         if self.diff is not None:
-            delta = self.diff.float() if delta is None else delta + self.diff.float()
-        return delta
+            weight += strength * _check(name, self.diff.float(), weight.shape, "weight", source)
+        return weight
 
 
 @dataclass
@@ -145,14 +150,20 @@ def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = 
     for name, p in plan.patches.items():
         layer = mods[name]
         weight = layer.weight
-        if not isinstance(weight, nn.Parameter) and hasattr(layer, "dequantized_weight"):
-            layer = _to_linear(out, name, layer, source)
-            weight = layer.weight
-        delta = p.weight_delta()
-        if delta is not None:
-            delta = _check(name, delta, weight.shape, "weight", source)
-            new = (weight.float() + strength * delta).to(weight.dtype)  # merged in float32, as ComfyUI
-            layer.weight = nn.Parameter(new, requires_grad=False)
+        if p.up is not None or p.diff is not None:
+            if _comfy_fp8(layer):
+                # ComfyUI's scaled/plain fp8 layer: merge on the dequantized weight in float32, then store it
+                # back in fp8 under the same scale with the patcher's seeded stochastic rounding
+                scale = layer.weight_scale.float()
+                merged = p.merge_weight(layer.weight.float() * scale, strength, name, source)
+                layer.weight = stochastic_round_fp8(merged / scale, weight.dtype,
+                                                    comfy_key_seed(f"diffusion_model.{name}.weight"))
+            else:
+                if not isinstance(weight, nn.Parameter) and hasattr(layer, "dequantized_weight"):
+                    layer = _to_linear(out, name, layer, source)
+                    weight = layer.weight
+                merged = p.merge_weight(weight.float().clone(), strength, name, source)  # float32, as ComfyUI
+                layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
         if p.diff_b is not None:
             if getattr(layer, "bias", None) is None:
                 raise CheckpointError(f"{source}: a bias delta for {name}, which has no bias")
@@ -160,6 +171,14 @@ def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = 
             db = _check(name, p.diff_b.float(), b.shape, "bias", source)
             layer.bias = nn.Parameter((b.float() + strength * db).to(b.dtype), requires_grad=False)
     return out
+
+
+def _comfy_fp8(layer: nn.Module) -> bool:
+    """A QuantLinear holding fp8 codes under one per-tensor scale (ComfyUI's fp8_scaled / fp8 weight_dtype)."""
+    from ..quant.linear import QuantLinear
+
+    return (isinstance(layer, QuantLinear) and layer.fmt_name == "fp8_e4m3_weight_only"
+            and layer.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and layer.weight_scale.ndim == 0)
 
 
 def _to_linear(root: nn.Module, name: str, q: nn.Module, source: str) -> nn.Linear:

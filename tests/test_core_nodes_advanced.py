@@ -239,11 +239,22 @@ def test_lora_on_fp8_scaled_model_and_bad_files(models, caplog):
     q = m.module.blocks[0].self_attn.q
     assert isinstance(q, QuantLinear) and q.weight.dtype == torch.float8_e4m3fn
     lora = load_file(str(models / "loras" / cf.T2V_22_FILES["lora_high"]))
+    orig = q.weight.view(torch.uint8).clone()
     (p,) = _core("LoraLoaderModelOnly").load_lora_model_only(m, cf.T2V_22_FILES["lora_high"], 1.0)
     up, down = lora["diffusion_model.blocks.0.self_attn.q.lora_up.weight"], lora["diffusion_model.blocks.0.self_attn.q.lora_down.weight"]
-    want = q.dequantized_weight(torch.float32) + (2.0 / down.shape[0]) * (up @ down)
-    torch.testing.assert_close(p.module.blocks[0].self_attn.q.weight, want)
+    # ComfyUI (model_patcher.patch_weight_to_device + scaled_fp8_ops.set_weight): merge on weight * scale in fp32,
+    # then store (merged / scale) back in fp8 with stochastic rounding: each value lands on one of its two fp8
+    # neighbours, so it is within one fp8 step of the exact merge and the scale is unchanged
+    s = q.weight_scale
+    want = ((q.weight.float() * s + (1.0 * (2.0 / down.shape[0])) * (up @ down)) / s).clamp(-448, 448)  # saturates
+    pq = p.module.blocks[0].self_attn.q
+    assert isinstance(pq, QuantLinear) and pq.weight.dtype == torch.float8_e4m3fn and pq.weight_scale is q.weight_scale
+    lo = want.to(torch.float8_e4m3fn).float()
+    step = torch.where(want.abs() < 2 ** -6, torch.full_like(want, 2 ** -9), 2.0 ** (torch.floor(torch.log2(want.abs())) - 3))
+    assert ((pq.weight.float() - want).abs() <= step * 1.0001).all()
+    assert not torch.equal(pq.weight.float(), lo)  # rounded stochastically, not to nearest
     assert isinstance(m.module.blocks[0].self_attn.q, QuantLinear)  # the loaded model is untouched
+    assert torch.equal(m.module.blocks[0].self_attn.q.weight.view(torch.uint8), orig)
 
     save_file({"foo.lora_up.weight": torch.zeros(2, 2), "foo.lora_down.weight": torch.zeros(2, 2)},
               str(models / "loras" / "bad.safetensors"))
@@ -356,3 +367,21 @@ def test_video_wan2_2_14B_t2v_template_runs_headless(model_files, tmp_path):
     with av.open(str(mp4)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 5
     assert json.loads(json.dumps(res["80"]))["animated"] == [True]
+
+
+def test_stochastic_round_fp8_is_unbiased_and_seeded():
+    import zlib
+
+    from twinflow.quant import storage
+
+    x = torch.full((256, 256), 1.0 + 1.0 / 32)  # a quarter of the way from 1 to the next e4m3 value (1.125)
+    r = storage.stochastic_round_fp8(x, torch.float8_e4m3fn, seed=3).float()
+    assert set(r.unique().tolist()) == {1.0, 1.125}
+    assert abs(r.mean().item() - x[0, 0].item()) < 2e-3  # unbiased: E[round(x)] = x
+    torch.testing.assert_close(r, storage.stochastic_round_fp8(x, torch.float8_e4m3fn, seed=3).float(), rtol=0, atol=0)
+    assert not torch.equal(r, storage.stochastic_round_fp8(x, torch.float8_e4m3fn, seed=4).float())
+    exact = torch.tensor([[0.0, -2.0, 448.0, 2 ** -9, -3.5]])  # representable values stay put
+    assert torch.equal(storage.stochastic_round_fp8(exact, torch.float8_e4m3fn, seed=1).float(), exact)
+    key = "diffusion_model.blocks.0.self_attn.q.weight"
+    assert storage.comfy_key_seed(key) == zlib.crc32(key.encode())  # ComfyUI's string_to_seed is CRC-32
+    assert storage.comfy_key_seed("blöck") == storage._crc_chars("blöck") != zlib.crc32("blöck".encode())
