@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..core.log import log_once
-from ..quant.storage import comfy_key_seed, stochastic_round_fp8
+from ..quant.storage import FP8_BIAS_ATTR, comfy_key_seed, stochastic_round_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,15 @@ def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = 
             if getattr(layer, "bias", None) is None:
                 raise CheckpointError(f"{source}: a bias delta for {name}, which has no bias")
             b = layer.bias
-            db = _check(name, p.diff_b.float(), b.shape, "bias", source)
-            layer.bias = nn.Parameter((b.float() + strength * db).to(b.dtype), requires_grad=False)
+            merged = b.float() + strength * _check(name, p.diff_b.float(), b.shape, "bias", source)
+            fp8 = getattr(layer, FP8_BIAS_ATTR, None)
+            if fp8 is not None:  # ComfyUI keeps this bias in fp8: stochastic rounding, as for fp8 weights
+                merged = stochastic_round_fp8(merged, fp8, comfy_key_seed(f"diffusion_model.{name}.bias")).float()
+            new = merged.to(b.dtype)
+            if isinstance(b, nn.Parameter):
+                layer.bias = nn.Parameter(new, requires_grad=False)
+            else:
+                layer.bias = new
     return out
 
 

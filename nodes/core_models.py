@@ -30,15 +30,19 @@ def compute_device() -> torch.device:
 
 
 def _fp8_storage(module, weight_dtype: str, name: str):
-    """UNETLoader's fp8 weight_dtype: Linear weights stored as fp8, computed in the model's dtype. A file that
-    is already quantized (ComfyUI fp8_scaled) keeps its own storage, as in ComfyUI."""
+    """ComfyUI's fp8 storage (quant/storage.py): a ComfyUI fp8_scaled file keeps its scaled layers and its other
+    Linears are stored in the same fp8 dtype (whatever weight_dtype says, as in ComfyUI); otherwise the fp8
+    weight_dtype modes cast every Linear."""
     from ..core.log import log_once
-    from ..quant.checkpoint import quantized_layers
-    from ..quant.storage import cast_linears_fp8
+    from ..quant.storage import cast_linears_fp8, fp8_file_dtype
 
-    if quantized_layers(module):
-        log_once(logger, ("unet_fp8_scaled", name), "UNETLoader %s: the file is already stored in fp8 (scaled); "
-                 "weight_dtype %s keeps its storage", name, weight_dtype)
+    file_dtype = fp8_file_dtype(module)
+    if file_dtype is not None:
+        if weight_dtype != "default":
+            log_once(logger, ("unet_fp8_scaled", name), "UNETLoader %s: the file is already stored in fp8 (scaled); "
+                     "weight_dtype %s keeps its storage", name, weight_dtype)
+        return cast_linears_fp8(module, file_dtype)
+    if weight_dtype == "default":
         return module
     if weight_dtype == "fp8_e4m3fn_fast":
         log_once(logger, ("unet_fp8_fast", name), "UNETLoader %s: fp8_e4m3fn_fast stores weights as fp8 e4m3fn; "
@@ -68,8 +72,7 @@ class UNETLoader:
                              f"runner loads Wan2.1 T2V files (use TwinFlow Load DiT for other TwinFlow models)")
         # ComfyUI's 'default': float32 on the CPU, the file's 16-bit dtype on a GPU
         module = wan_dit.load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
-        if weight_dtype != "default":
-            module = _fp8_storage(module, weight_dtype, unet_name)
+        module = _fp8_storage(module, weight_dtype, unet_name)
         denoiser = wan_denoiser(module.to(device), unet_name, str(path))
         denoiser.info.update(sampling_shift=WAN21_SHIFT, latent_format="wan21", core=True)
         return (denoiser,)

@@ -1,5 +1,7 @@
-"""Plain fp8 weight storage (ComfyUI's UNETLoader `weight_dtype` fp8 modes): every Linear keeps its weight
-cast to float8 (no scale, as ComfyUI casts it) and computes in the input's dtype.
+"""ComfyUI's fp8 storage of a diffusion model (UNETLoader `weight_dtype` fp8 modes, fp8_scaled files): every
+Linear keeps its weight in float8 (the file's scale, else 1) and its bias rounded to float8, and computes in
+the input's dtype. Not reproduced: in the `weight_dtype` fp8 modes ComfyUI also stores the non-Linear
+parameters (patch embedding, norms, modulation) in fp8; here they stay in the compute dtype.
 
 The layers become `QuantLinear`s of the `fp8_e4m3_weight_only` format with a weight scale of 1, so they
 save, compile and report like other quantized layers. A LoRA merged into such a layer is stored back in fp8
@@ -17,23 +19,46 @@ from .swap import shared_copy
 FP8_STORAGE = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-def cast_linears_fp8(module: nn.Module, storage: str) -> nn.Module:
-    """A copy of `module` whose nn.Linear weights are stored as `storage` ('fp8_e4m3fn' | 'fp8_e5m2');
-    the original is not modified."""
-    if storage not in FP8_STORAGE:
+FP8_BIAS_ATTR = "comfy_fp8_bias"  # set on a layer whose bias holds fp8-rounded values (ComfyUI stores it in fp8)
+
+
+def cast_linears_fp8(module: nn.Module, storage) -> nn.Module:
+    """A copy of `module` whose Linears are stored as ComfyUI stores them in an fp8 model: the weight cast to
+    fp8 `storage` ('fp8_e4m3fn' | 'fp8_e5m2' or the torch dtype) under a scale of 1, the bias rounded to fp8
+    too (kept in its dtype, marked with `FP8_BIAS_ATTR`). Layers already stored in fp8 (a ComfyUI fp8_scaled
+    file) keep their weight and scale; their bias is rounded the same way. The original is not modified.
+
+    ComfyUI creates every Linear of such a model with an fp8 dtype (`comfy.ops.scaled_fp8_ops`, and the
+    fp8 `weight_dtype` modes), so state-dict loading rounds each weight and bias to the nearest fp8 value."""
+    dtype = FP8_STORAGE.get(storage, storage)
+    if dtype not in FP8_STORAGE.values():
         raise ValueError(f"unknown fp8 storage {storage!r}; expected one of {sorted(FP8_STORAGE)}")
-    dtype = FP8_STORAGE[storage]
     out = shared_copy(module)
-    for name, lin in [(n, m) for n, m in out.named_modules() if type(m) is nn.Linear]:
-        q = QuantLinear(lin.in_features, lin.out_features, "fp8_e4m3_weight_only", bias=lin.bias is not None,
-                        bias_dtype=lin.weight.dtype, device="meta")
-        q.weight = lin.weight.detach().to(dtype)  # a plain cast: values beyond the fp8 range saturate/overflow as in ComfyUI
-        q.weight_scale = torch.ones((), dtype=torch.float32, device=lin.weight.device)
-        if lin.bias is not None:
-            q.bias = lin.bias.detach()
-        parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, q)
+    for name, lin in list(out.named_modules()):
+        if type(lin) is nn.Linear:
+            q = QuantLinear(lin.in_features, lin.out_features, "fp8_e4m3_weight_only", bias=lin.bias is not None,
+                            bias_dtype=lin.weight.dtype, device="meta")
+            q.weight = lin.weight.detach().to(dtype)  # a plain cast, as copy_ into an fp8 parameter
+            q.weight_scale = torch.ones((), dtype=torch.float32, device=lin.weight.device)
+            if lin.bias is not None:
+                q.bias = lin.bias.detach()
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, q)
+        elif not (isinstance(lin, QuantLinear) and lin.weight.dtype in FP8_STORAGE.values()):
+            continue
+        layer = out.get_submodule(name)
+        if layer.bias is not None and not getattr(layer, FP8_BIAS_ATTR, None):
+            layer.bias = layer.bias.to(dtype).to(layer.bias.dtype)
+            setattr(layer, FP8_BIAS_ATTR, dtype)
     return out
+
+
+def fp8_file_dtype(module: nn.Module):
+    """The fp8 dtype of a model loaded from a ComfyUI fp8_scaled file (its scaled layers' weights), or None."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear) and m.weight.dtype in FP8_STORAGE.values():
+            return m.weight.dtype
+    return None
 
 
 def comfy_key_seed(key: str) -> int:

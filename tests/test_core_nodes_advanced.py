@@ -297,6 +297,19 @@ def test_unet_loader_fp8_scaled_file_computes_dequantized(models):
     deq = {k: (v.float() * sd[k[: -len("weight")] + "scale_weight"]) if (k[: -len("weight")] + "scale_weight") in sd else v
            for k, v in sd.items() if not k.endswith("scale_weight") and k != "scaled_fp8"}
     ref = wan_dit.wan_dit_from_state_dict(deq, dtype=torch.float32)
+    # ComfyUI (comfy.ops.scaled_fp8_ops): every Linear of the model is created in fp8, so loading rounds the
+    # weights of the file's unscaled Linears (scale 1) and every Linear's bias to the nearest fp8 value
+    scaled = {k[: -len(".scale_weight")] for k in sd if k.endswith(".scale_weight")}
+    n_unscaled = 0
+    with torch.no_grad():
+        for name, lin in ref.named_modules():
+            if isinstance(lin, torch.nn.Linear):
+                if name not in scaled:
+                    n_unscaled += 1
+                    lin.weight.copy_(lin.weight.to(torch.float8_e4m3fn).float())
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias.to(torch.float8_e4m3fn).float())
+    assert n_unscaled >= 5  # text/time embeddings, time projection, head
     x = torch.randn(1, 16, 1, 4, 4)
     t = torch.tensor([300.0])
     c = torch.randn(1, 7, ref.config.text_dim)
