@@ -14,3 +14,26 @@ for _m in _MODULES:
         assert not _name.startswith("TwinFlow") and _name not in NODE_CLASS_MAPPINGS, _name
     NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+# What `twinflow run --compile/--quantize` inserts next to core loaders: the TwinFlow Compile/Quantize nodes typed
+# with ComfyUI's MODEL / VAE, so the core samplers and decoders downstream accept them (headless, a core MODEL
+# and a TWINFLOW_MODEL are the same denoiser object). Runner only, never registered inside ComfyUI.
+from .compile import TwinFlowCompileModel, TwinFlowCompileVAE  # noqa: E402
+from .quant import TwinFlowQuantizeModel  # noqa: E402
+
+
+class TwinFlowCompileCoreModel(TwinFlowCompileModel):
+    RETURN_TYPES = ("MODEL", "STRING")
+
+
+class TwinFlowCompileCoreVAE(TwinFlowCompileVAE):
+    RETURN_TYPES = ("VAE", "STRING")
+
+
+class TwinFlowQuantizeCoreModel(TwinFlowQuantizeModel):
+    RETURN_TYPES = ("MODEL", "STRING")
+
+
+CLI_NODE_CLASS_MAPPINGS = {c.__name__: c for c in (TwinFlowCompileCoreModel, TwinFlowCompileCoreVAE,
+                                                   TwinFlowQuantizeCoreModel)}

@@ -24,9 +24,10 @@ def default_registry() -> dict:
     global _default
     if _default is None:
         from ..nodes import NODE_CLASS_MAPPINGS
+        from ..nodes.core_headless import CLI_NODE_CLASS_MAPPINGS
         from ..nodes.core_headless import NODE_CLASS_MAPPINGS as CORE
 
-        _default = {**CORE, **NODE_CLASS_MAPPINGS}
+        _default = {**CORE, **NODE_CLASS_MAPPINGS, **CLI_NODE_CLASS_MAPPINGS}
     return _default
 
 

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", choices=("auto", "tensorrt", "inductor", "eager"), metavar="BACKEND",
                    help="insert TwinFlow Compile Model/VAE nodes with the planned profile and build them "
                         "before the first step (see `twinflow plan`)")
+    r.add_argument("--quantize", metavar="FORMAT", choices=_quant_formats(),
+                   help="insert a TwinFlow Quantize Model node (this format, its accuracy report and check) before "
+                        "every sampler's model, core UNETLoader models included: " + ", ".join(_quant_formats()))
 
     v = sub.add_parser("validate", help="check a workflow without running it")
     v.add_argument("workflow")
@@ -176,6 +179,12 @@ def _print_error(err: BaseException, as_json: bool, verbose: int = 0) -> None:
         print(f"error: {err}", file=sys.stderr)
 
 
+def _quant_formats() -> tuple:
+    from ..quant.formats import FORMATS
+
+    return tuple(FORMATS)
+
+
 def cmd_run(args) -> int:
     from .api import Runner
 
@@ -184,15 +193,19 @@ def cmd_run(args) -> int:
         progress.set_backend(_tqdm_backend())
     runner = Runner()
     workflow, overrides = args.workflow, args.overrides
-    if getattr(args, "compile", None):
+    if getattr(args, "compile", None) or getattr(args, "quantize", None):
         import dataclasses
 
-        from ..compiled.plan import with_compile_nodes
+        from ..compiled.plan import with_compile_nodes, with_quantize_nodes
         from .api import apply_overrides
 
         wf = runner.load(args.workflow)
         prompt = apply_overrides(wf.prompt, overrides, runner.registry)
-        workflow, overrides = dataclasses.replace(wf, prompt=with_compile_nodes(prompt, args.compile)), None
+        if args.quantize:
+            prompt = with_quantize_nodes(prompt, args.quantize)
+        if args.compile:
+            prompt = with_compile_nodes(prompt, args.compile)
+        workflow, overrides = dataclasses.replace(wf, prompt=prompt), None
     with _SigintHandler():
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
