@@ -91,13 +91,10 @@ CORE_NODES = frozenset((
 
 # Core nodes outside the headless set whose job a TwinFlow node does (named in the refusal).
 TWINFLOW_EQUIVALENTS = {
-    "KSamplerAdvanced": "TwinFlowSampler", "SamplerCustom": "TwinFlowSampler",
-    "SamplerCustomAdvanced": "TwinFlowSampler", "VAEEncode": "TwinFlowVAEEncode",
-    "VAEDecodeTiled": "TwinFlowVAEDecode (tiling: custom)", "LoadImage": "TwinFlowLoadImage",
-    "LoadVideo": "TwinFlowLoadVideo", "LoadLatent": "TwinFlowLoadLatent", "SaveLatent": "TwinFlowSaveLatent",
-    "SaveAnimatedWEBP": "TwinFlowSaveAnimatedWEBP", "SaveWEBM": "TwinFlowSaveVideo", "PreviewImage": "TwinFlowSaveImage",
-    "EmptyMochiLatentVideo": "TwinFlowEmptyLatentVideo", "EmptyLatentImage": "TwinFlowEmptyLatentVideo (length 1)",
-    "TorchCompileModel": "TwinFlowCompileModel", "CheckpointLoaderSimple": "TwinFlowLoadDiT + TwinFlowLoadVAE",
+    "SamplerCustom": "TwinFlowSampler", "LoadVideo": "TwinFlowLoadVideo", "LoadLatent": "TwinFlowLoadLatent",
+    "SaveLatent": "TwinFlowSaveLatent", "SaveWEBM": "TwinFlowSaveVideo", "EmptyMochiLatentVideo": "TwinFlowEmptyLatentVideo",
+    "EmptyLatentImage": "TwinFlowEmptyLatentVideo (length 1)", "TorchCompileModel": "TwinFlowCompileModel",
+    "CheckpointLoaderSimple": "TwinFlowLoadDiT + TwinFlowLoadVAE",
 }
 
 

@@ -311,10 +311,29 @@ def test_core_node_outside_the_set_is_refused_with_a_hint():
     from twinflow.runner.api import default_registry
     from twinflow.runner.core_nodes import unknown_class_hint
 
+    from twinflow.runner.core_nodes import CORE_NODES, TWINFLOW_EQUIVALENTS
+
     reg = default_registry()
-    assert "TwinFlowSaveAnimatedWEBP" in unknown_class_hint("SaveAnimatedWEBP", reg)
+    msg = unknown_class_hint("SaveLatent", reg)
+    assert "'SaveLatent' is a ComfyUI core node" in msg and "TwinFlowSaveLatent" in msg
     msg = unknown_class_hint("CLIPVisionLoader", reg)
     assert "needs the ComfyUI host" in msg and "CLIPVisionLoader" in msg
+    for core, twin in TWINFLOW_EQUIVALENTS.items():  # only nodes outside the set, only real TwinFlow nodes
+        assert core in CORE_NODES and core not in reg and twin.split()[0] in reg, core
+
+
+def test_workflow_with_a_core_node_outside_the_set_is_refused_naming_the_node(tmp_path):
+    from twinflow.core.errors import WorkflowError
+    from twinflow.runner.api import Runner
+
+    prompt = {"5": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "x.safetensors"}},
+              "6": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "a"}},
+              "7": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 16, "height": 16, "length": 1,
+                                                                        "batch_size": 1}}}
+    with pytest.raises(Exception) as e:
+        Runner().run(prompt, output_dir=tmp_path)
+    text = str(e.value) + json.dumps(getattr(e.value, "to_json", lambda: {})(), default=str)
+    assert "SaveLatent" in text and "TwinFlowSaveLatent" in text
 
 
 # ------------------------------------------------------------------------------ the template, end to end
