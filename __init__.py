@@ -4,8 +4,6 @@ As a ComfyUI pack this file is the entry point: ComfyUI imports the folder by pa
 `NODE_CLASS_MAPPINGS`. As the `twinflow` package it also offers `run_workflow`. Importing it is cheap:
 no cupy, torch_tensorrt, diffusers or transformers are imported here.
 """
-__version__ = "0.1.0"
-
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "run_workflow", "__version__"]
 
 
@@ -23,6 +21,7 @@ if not __package__:
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 else:
+    from .core.version import __version__
     from .comfy_adapter import is_comfyui as _is_comfyui
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 

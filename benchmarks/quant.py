@@ -2,7 +2,7 @@
 
     python -m twinflow.benchmarks.quant memory            # exact bytes, 1.3B- and 14B-shaped (meta tensors)
     python -m twinflow.benchmarks.quant cpu [--tokens N] [--shape "14B attn"]  # int8 vs fp32 (aten, oneDNN)
-    python -m twinflow.benchmarks.quant gpu [--json F]    # fp8 torch._scaled_mm vs bf16 at Wan shapes (CUDA)
+    python -m twinflow.benchmarks.quant gpu [--json F]    # fp8 _scaled_mm / int8 _int_mm vs bf16 at Wan shapes (CUDA)
 
 Timings are reported as ratios against peers measured in the same run (CPU: interleaved, best of repeats;
 GPU: mean over repeats).
@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from ..models.wan_dit import PRESETS, WanAttentionBlock, WanDiT, keep_fp32
-from ..quant.formats import FORMATS, QuantOptions, get_format
-from ..quant.linear import QuantLinear
-from ..quant.swap import select_layers
+from twinflow.models.wan_dit import PRESETS, WanAttentionBlock, WanDiT, keep_fp32
+from twinflow.quant.formats import FORMATS, QuantOptions, get_format
+from twinflow.quant.linear import QuantLinear
+from twinflow.quant.swap import select_layers
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +148,21 @@ def cpu_table(tokens: int = 512, repeats: int = 5, shapes=CPU_SHAPES) -> list[di
     return rows
 
 
-@torch.no_grad()
-def gpu_table(tokens: int = 32760, repeats: int = 20) -> list[dict]:
-    """fp8 row-wise `torch._scaled_mm` vs bf16 `torch.mm` at Wan shapes (CUDA, compute capability >= 8.9).
+GPU_SHAPES = CPU_SHAPES  # (label, K, N) of the Wan 1.3B and 14B linears
 
-    Also times the full fp8_e4m3_dynamic QuantLinear (activation quantization included) against a bf16
-    nn.Linear. Target from the issue: >= 1.6x on the GEMM alone on an H100.
+
+@torch.no_grad()
+def gpu_table(tokens: int = 32760, repeats: int = 20, shapes=GPU_SHAPES) -> list[dict]:
+    """fp8 row-wise `torch._scaled_mm` and int8 `torch._int_mm` vs bf16 `torch.mm` at Wan shapes (CUDA,
+    compute capability >= 8.9 for fp8).
+
+    Also times the full fp8_e4m3_dynamic and int8_dynamic QuantLinears (activation quantization included)
+    against a bf16 nn.Linear. Target from the issue: fp8 >= 1.6x on the GEMM alone on an H100.
     """
     if not torch.cuda.is_available():
         raise SystemExit("gpu benchmark: no CUDA device here; run it on a GPU host (compute capability >= 8.9)")
     FORMATS["fp8_e4m3_dynamic"].check_device("cuda")
     dev = torch.device("cuda")
-    shapes = [("1.3B attn", 1536, 1536), ("1.3B ffn.0", 1536, 8960), ("1.3B ffn.2", 8960, 1536),
-              ("14B attn", 5120, 5120), ("14B ffn.0", 5120, 13824), ("14B ffn.2", 13824, 5120)]
 
     def cuda_time(fn):
         for _ in range(3):
@@ -173,27 +175,41 @@ def gpu_table(tokens: int = 32760, repeats: int = 20) -> list[dict]:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / repeats / 1e3
 
-    rows = []
-    for label, k, n in shapes:
+    def cosine(a, b):
+        return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+    def row(label, k, n):
         x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
         lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
         lin.weight.copy_(w)
         q = QuantLinear.from_linear(lin, "fp8_e4m3_dynamic", {"per_channel": True})
+        q8 = QuantLinear.from_linear(lin, "int8_dynamic", {})
         a8 = x.to(torch.float8_e4m3fn)
         sa = torch.ones(tokens, 1, device=dev)
         sb = torch.ones(1, n, device=dev)
         w8t = q.weight.t()
+        ai8 = torch.randint(-127, 128, (tokens, k), device=dev, dtype=torch.int8)
+        wi8t = q8.weight.t()
         t_bf16 = cuda_time(lambda: torch.mm(x, w.t()))
         t_fp8 = cuda_time(lambda: torch._scaled_mm(a8, w8t, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+        t_int8 = cuda_time(lambda: torch._int_mm(ai8, wi8t))
         t_lin = cuda_time(lambda: lin(x))
         t_q = cuda_time(lambda: q(x))
-        y, yq = lin(x).float(), q(x).float()
+        t_q8 = cuda_time(lambda: q8(x))
+        y = lin(x)
         flops = 2 * tokens * k * n
-        rows.append({"shape": label, "M": tokens, "K": k, "N": n,
-                     "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
-                     "gemm_speedup": t_bf16 / t_fp8, "linear_speedup_incl_act_quant": t_lin / t_q,
-                     "cosine_vs_bf16": torch.nn.functional.cosine_similarity(y.flatten(), yq.flatten(), dim=0).item()})
+        return {"shape": label, "M": tokens, "K": k, "N": n,
+                "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
+                "int8_tops": flops / t_int8 / 1e12,
+                "gemm_speedup": t_bf16 / t_fp8, "int8_gemm_speedup": t_bf16 / t_int8,
+                "linear_speedup_incl_act_quant": t_lin / t_q, "int8_linear_speedup_incl_act_quant": t_lin / t_q8,
+                "cosine_vs_bf16": cosine(q(x), y), "int8_cosine_vs_bf16": cosine(q8(x), y)}
+
+    rows = []
+    for label, k, n in shapes:
+        rows.append(row(label, k, n))
+        torch.cuda.empty_cache()  # this shape's tensors died with row()'s frame
     return rows
 
 

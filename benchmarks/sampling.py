@@ -24,7 +24,7 @@ def _sync(device):
 
 
 def _denoiser(module, name):
-    from ..core.handles import Denoiser
+    from twinflow.core.handles import Denoiser
 
     cfg = module.config
     return Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim, name=name,
@@ -42,10 +42,10 @@ def _step_times(make_run, repeats):
 
 
 def bench_dual_overhead(module, device, latent_shape, steps, repeats, dtype):
-    from ..models.text import conditioning, tiny_text_encode
-    from ..sampling.dual import sample
-    from ..sampling.gates import GateSchedule
-    from ..sampling.guidance import Branch
+    from twinflow.models.text import conditioning, tiny_text_encode
+    from twinflow.sampling.dual import sample
+    from twinflow.sampling.gates import GateSchedule
+    from twinflow.sampling.guidance import Branch
 
     S = _denoiser(module, "semantic")
     D = _denoiser(module, "detail")  # same weights: alpha = 0 must cost what the detail model alone costs
@@ -85,9 +85,9 @@ class _Zero(torch.nn.Module):
 
 def bench_loop_overhead(device, latent_shape, steps, repeats):
     """Seconds per step of the sampler itself (model cost zero): single vs dual alpha=1 vs dual alpha=0."""
-    from ..sampling.dual import sample
-    from ..sampling.gates import GateSchedule
-    from ..sampling.guidance import Branch
+    from twinflow.sampling.dual import sample
+    from twinflow.sampling.gates import GateSchedule
+    from twinflow.sampling.guidance import Branch
 
     z = _Zero().to(device)
     S, D = _denoiser(z, "s"), _denoiser(z, "d")
@@ -110,7 +110,7 @@ def bench_loop_overhead(device, latent_shape, steps, repeats):
 
 
 def bench_fft(shape, device, repeats):
-    from ..sampling.fusion import fuse
+    from twinflow.sampling.fusion import fuse
 
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(shape, generator=g).to(device)
@@ -130,7 +130,7 @@ def bench_fft(shape, device, repeats):
 
 
 def bench_forward(module, device, latent_shape, repeats, dtype):
-    from ..models.text import tiny_text_encode
+    from twinflow.models.text import tiny_text_encode
 
     x = torch.randn(latent_shape, device=device, dtype=dtype)
     t = torch.full((latent_shape[0],), 500.0, device=device)
@@ -148,7 +148,7 @@ def bench_forward(module, device, latent_shape, repeats, dtype):
 
 
 def main(argv=None):
-    from ..models import wan_dit
+    from twinflow.models import wan_dit
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -149,8 +149,7 @@ def wrap_model(patcher, name: str = "") -> Denoiser:
 
 def rebuild_wan_dit(patcher) -> Denoiser:
     """Our `WanDiT` (TWINFLOW_MODEL family wan_dit) built from a core MODEL's weights (patches baked in)."""
-    from ..models.wan_dit import wan_dit_from_state_dict
-    from ..nodes.dit import wan_denoiser
+    from ..models.wan_dit import make_denoiser, wan_dit_from_state_dict
 
     cached = _dit_cache.get(patcher)
     if cached is not None:
@@ -163,7 +162,7 @@ def rebuild_wan_dit(patcher) -> Denoiser:
                                f"Quantize/Compile need float weights. Load it with weight_dtype 'default' in Load "
                                f"Diffusion Model, or load the file with TwinFlow Load DiT")
     module = wan_dit_from_state_dict(dict(sd), "ComfyUI MODEL state dict")
-    den = wan_denoiser(module, f"comfy:{type(_diffusion_model(patcher)).__name__}", "ComfyUI MODEL (rebuilt)")
+    den = make_denoiser(module, f"comfy:{type(_diffusion_model(patcher)).__name__}", "ComfyUI MODEL (rebuilt)")
     log_once(logger, ("comfy_adapter.rebuild", id(patcher)), "TwinFlow: rebuilt core MODEL as a TwinFlow WanDiT from "
              "its state dict (quantize/compile rewrite our module's layers)")
     _dit_cache[patcher] = den

@@ -1,4 +1,5 @@
-"""TwinFlow compiled: one torch.export path -> eager | inductor | tensorrt, artifact cache, workflow plan."""
+"""TwinFlow compiled: one torch.export path -> eager | inductor | tensorrt, artifact cache, profiles (the
+workflow compile plan that uses them is the runner's: runner/plan.py)."""
 
 
 def doctor_lines() -> list:

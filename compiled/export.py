@@ -13,10 +13,11 @@ Why graph modules instead of exporting the models as they are:
     Python `math.log` of a symbolic size would specialise it. The bias is computed eagerly by
     `prepare_text` (cheap) and fed as an input. With no padding (L = 512) the extra token gets -inf,
     which contributes exactly nothing to the softmax, so one graph covers every length.
-  * `WanVAE` streams frames through a per-module `_State` keyed by `id(module)`. `_FlatState` fills
-    the same slots from a flat tuple of tensors and reads them back, so the graph runs the model's
-    own per-frame code (no copy of the decoder), with a zero tensor standing for "no frame yet"
-    (a zero frame adds exactly 0 to a causal conv tap sum in float32).
+  * `WanVAE` streams frames through its public step functions (`decode_step` / `encode_step`) with a
+    `CausalState` of per-module caches. The graph fills that state from a flat tuple of tensors and
+    reads it back (`CausalState.load_flat` / `flat`), so it runs the model's own per-frame code (no
+    copy of the decoder), with a zero tensor standing for "no frame yet" (a zero frame adds exactly 0
+    to a causal conv tap sum in float32).
 
 Shapes in a profile are in latent units: frames = latent frames, height/width = latent pixels
 (video pixels / 8), text = real text tokens (the graph's text axis is text + 1).
@@ -310,61 +311,16 @@ def export_dit(dit: nn.Module, profile: Profile, graph: Optional["WanDiTGraph"] 
 # VAE chunk steps
 # ----------------------------------------------------------------------------------------------
 
-class _FlatState:
-    """A `wan_vae._State` whose slots come from, and go back to, a flat tuple of tensors."""
-
-    def __init__(self, modules: list, values: Optional[tuple], zeros):
-        self.slots: dict = {}
-        self._modules = modules
-        for i, m in enumerate(modules):
-            if values is None:
-                self.slots[id(m)] = [None, None]
-            else:
-                self.slots[id(m)] = [values[2 * i], values[2 * i + 1]]
-        self._zeros = zeros
-
-    def slot(self, module: nn.Module) -> list:
-        return self.slots.setdefault(id(module), [None, None])
-
-    def flat(self) -> tuple:
-        out = []
-        for i, m in enumerate(self._modules):
-            s = self.slots[id(m)]
-            out += [s[0] if s[0] is not None else self._zeros(i, 0), s[1] if s[1] is not None else self._zeros(i, 1)]
-        return tuple(out)
-
-
-def _slot_modules(root: nn.Module) -> list:
-    """The modules that keep streaming state, in a fixed order: 3-tap causal convs and temporal resamplers."""
-    from ..models.wan_vae import CausalConv3d, Resample
-
-    # a temporal downsampler keeps its frames in its own slot and calls its time conv's taps directly
-    stateless = {id(m.time_conv) for m in root.modules() if isinstance(m, Resample) and m.mode == "downsample3d"}
-    mods = []
-    for m in root.modules():
-        if isinstance(m, CausalConv3d) and m.weight.shape[2] == 3 and id(m) not in stateless:
-            mods.append(m)
-        elif isinstance(m, Resample) and m.mode == "downsample3d":
-            mods.append(m)
-    return mods
-
-
-def _slot_geometry(vae, root: nn.Module, modules: list, run) -> list:
-    """(channels, spatial divisor or multiplier) of each slot, found by one eager probe on a small input."""
-    from ..models.wan_vae import _State
-
-    st = _State()
+def _state_geometry(vae, modules: list, probe) -> list:
+    """(channels, rows, cols) of each module's slot, found by one eager probe on a small input."""
+    st = vae.init_state()
     with torch.inference_mode():
-        run(st)
+        probe(st)
     geo = []
     for m in modules:
-        s = st.slots.get(id(m), [None, None])
+        s = st.slot(m)
         ref = s[1] if s[1] is not None else s[0]
-        if ref is None:
-            # never touched by the probe: a temporal resampler's time conv; same as its input channels
-            geo.append(None)
-        else:
-            geo.append((ref.shape[1], ref.shape[2], ref.shape[3]))
+        geo.append((ref.shape[1], ref.shape[2], ref.shape[3]))
     return geo
 
 
@@ -373,7 +329,8 @@ class WanVAEDecodeStep(nn.Module):
 
     first=True:  forward(z [B,z,h,w])          -> (frames [B,3,1,8h,8w], *cache)
     first=False: forward(z [B,z,h,w], *cache)  -> (frames [B,3,r,8h,8w], *cache)   r = temporal ratio
-    The cache is 2 tensors per 3-tap causal conv of the decoder (previous two inputs, zeros = none)."""
+    The cache is 2 tensors per 3-tap causal conv of the decoder (previous two inputs, zeros = none): the
+    `CausalState` of `vae.decode_step` as flat tensors (`CausalState.load_flat` / `flat`)."""
 
     PROBE = 2  # latent pixels of the probe that measures cache geometry
 
@@ -381,16 +338,16 @@ class WanVAEDecodeStep(nn.Module):
         super().__init__()
         self.vae = vae
         self.first = first
-        self.modules_ = _slot_modules(vae.decoder)
+        self.modules_ = vae.state_modules("decoder")
         p = self.PROBE
 
         def probe(st):
             z = torch.zeros(1, vae.cfg.z_dim, p, p, device=vae.device, dtype=vae.dtype)
-            for i in range(2):
-                for _ in vae._decode_latent(vae.conv2.pointwise(z), st, first=i == 0, last=False):
+            for _ in range(2):
+                for _frame in vae.decode_step(z, st):
                     pass
 
-        geo = _slot_geometry(vae, vae.decoder, self.modules_, probe)
+        geo = _state_geometry(vae, self.modules_, probe)
         # scale of each slot relative to the latent size (upsampling only: integer multiples)
         self.geometry = [(c, hh // p, ww // p) for (c, hh, ww) in geo]
 
@@ -409,9 +366,12 @@ class WanVAEDecodeStep(nn.Module):
             c, ky, kx = self.geometry[i]
             return z.new_zeros(b, c, h * ky, w * kx)
 
-        st = _FlatState(self.modules_, None if self.first else cache, zeros)
-        frames = list(vae._decode_latent(vae.conv2.pointwise(z), st, first=self.first, last=False))
-        return (torch.stack(frames, dim=2),) + st.flat()
+        st = vae.init_state()
+        if not self.first:
+            st.load_flat(self.modules_, cache)
+            st.started = True
+        frames = list(vae.decode_step(z, st))
+        return (torch.stack(frames, dim=2),) + st.flat(self.modules_, zeros)
 
 
 class WanVAEEncodeStep(nn.Module):
@@ -428,17 +388,16 @@ class WanVAEEncodeStep(nn.Module):
         super().__init__()
         self.vae = vae
         self.first = first
-        self.modules_ = _slot_modules(vae.encoder)
+        self.modules_ = vae.state_modules("encoder")
         p = self.PROBE
         r = vae.cfg.temporal_ratio
 
         def probe(st):
             x = torch.zeros(1, vae.cfg.in_channels, p, p, device=vae.device, dtype=vae.dtype)
             for _ in range(1 + r):
-                for _y in vae._encode_frame(x, st, keep=True):
-                    pass
+                vae.encode_step(x, st)
 
-        geo = _slot_geometry(vae, vae.encoder, self.modules_, probe)
+        geo = _state_geometry(vae, self.modules_, probe)
         self.geometry = [(c, p // hh, p // ww) for (c, hh, ww) in geo]  # divisors of the frame size
 
     def cache_shapes(self, b: int, hh: int, ww: int) -> list:
@@ -447,25 +406,16 @@ class WanVAEEncodeStep(nn.Module):
     def forward(self, video, *cache):
         vae = self.vae
         b, _, t, hh, ww = video.shape
-        zdim = vae.cfg.z_dim
 
         def zeros(i, j):
             c, dy, dx = self.geometry[i]
             return video.new_zeros(b, c, hh // dy, ww // dx)
 
-        st = _FlatState(self.modules_, None if self.first else cache, zeros)
+        st = vae.init_state()
         if not self.first:
-            from ..models.wan_vae import Resample
-            for m in self.modules_:
-                if isinstance(m, Resample):
-                    st.slots[id(m)][1] = None  # no pending frame at a chunk boundary
-        outs = []
-        for i in range(t):
-            for y in vae._encode_frame(video[:, :, i], st, keep=True):
-                outs.append(y)
-        # only the mu half of the quant conv (log_var is never used at inference)
-        mu = torch.nn.functional.conv2d(outs[-1], vae.conv1.weight[:zdim, :, 0], vae.conv1.bias[:zdim])
-        return (mu,) + st.flat()
+            st.load_flat(self.modules_, cache)  # a chunk boundary: no downsampler has a pending frame
+        mus = [mu for i in range(t) if (mu := vae.encode_step(video[:, :, i], st)) is not None]
+        return (mus[-1],) + st.flat(self.modules_, zeros)
 
 
 def vae_decode_example(step: WanVAEDecodeStep, profile: Profile, opt: bool = False):
@@ -482,7 +432,7 @@ def vae_decode_example(step: WanVAEDecodeStep, profile: Profile, opt: bool = Fal
 def export_vae_decode_step(vae: nn.Module, profile: Profile, first: bool,
                            step: Optional[WanVAEDecodeStep] = None):
     """`torch.export` one decode step (first latent frame, or a later one) over batch/height/width."""
-    if not hasattr(vae, "decoder") or not hasattr(vae, "_decode_latent"):
+    if not hasattr(vae, "decoder") or not hasattr(vae, "decode_step"):
         raise TypeError(f"export_vae_decode_step needs a models.wan_vae.WanVAE, got {type(vae).__name__}")
     step = step if step is not None else WanVAEDecodeStep(vae, first).eval()
     args = vae_decode_example(step, profile)
@@ -542,7 +492,7 @@ def vae_encode_example(step: WanVAEEncodeStep, profile: Profile, opt: bool = Fal
 
 def export_vae_encode_step(vae: nn.Module, profile: Profile, first: bool):
     """`torch.export` one encode chunk (1 frame first, then temporal-ratio frames) over batch/height/width."""
-    if not hasattr(vae, "encoder") or not hasattr(vae, "_encode_frame"):
+    if not hasattr(vae, "encoder") or not hasattr(vae, "encode_step"):
         raise TypeError(f"export_vae_encode_step needs a models.wan_vae.WanVAE, got {type(vae).__name__}")
     step = WanVAEEncodeStep(vae, first).eval()
     args = vae_encode_example(step, profile)

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 _PKG = Path(__file__).resolve().parents[1]
 # The source files whose code is traced into each graph: any edit invalidates cached artifacts.
 SOURCES = {
-    "wan_dit": ("models/wan_dit.py", "compiled/export.py", "kernels/ops.py", "kernels/norm.py", "kernels/rope.py"),
-    "wan_vae": ("models/wan_vae.py", "compiled/export.py", "kernels/ops.py", "kernels/vae_norm.py"),
+    "wan_dit": ("models/wan_dit.py", "compiled/export.py", "fused/ops.py", "fused/norm.py", "fused/rope.py"),
+    "wan_vae": ("models/wan_vae.py", "compiled/export.py", "fused/ops.py", "fused/vae_norm.py"),
 }
 
 
@@ -83,7 +83,7 @@ def source_fingerprint(module: nn.Module, family: str) -> str:
 
 
 def kernel_set() -> str:
-    from ..kernels import ops
+    from ..fused import ops
 
     return f"{ops.get_mode()}:{','.join(ops.OPS)}"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 # Our folder kinds -> the sub-folders searched (first is canonical; ComfyUI aliases follow).
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -135,3 +135,22 @@ def find_model(kind: str, name: str) -> Path:
         f"{kind} file {name!r} not found. Searched: {', '.join(searched)}{hint}. "
         f"Put the file there or point --models-dir / TWINFLOW_MODELS_DIR at your models folder."
     )
+
+
+# Model names: a file in a models folder, or `random:<preset>` (seeded random weights of a built-in preset:
+# demos, CI). Every loader, the compile plan and the CLI model specs parse the prefix here.
+RANDOM_PREFIX = "random:"
+
+
+def random_preset(name: str, valid: Iterable[str], what: str = "preset",
+                  offered: Optional[Iterable[str]] = None) -> Optional[str]:
+    """The preset of a `random:<preset>` model name, or None for a file name.
+
+    Raises ValueError when the preset is not in `valid`, listing the `offered` names (default: `valid`)."""
+    if not isinstance(name, str) or not name.startswith(RANDOM_PREFIX):
+        return None
+    preset = name[len(RANDOM_PREFIX):]
+    if preset not in valid:
+        shown = [RANDOM_PREFIX + p for p in (valid if offered is None else offered)]
+        raise ValueError(f"unknown random {what} {name!r}; expected one of {shown}")
+    return preset

@@ -2,7 +2,7 @@
 
 Read top to bottom: sin-cos tables, embedders, block, final layer, model, configs/presets, loading.
 Weight names are exactly those of the original checkpoints (`facebookresearch/DiT` `DiT-XL-2-256x256.pt`,
-Open-Sora v1 `DiT-XL-2` video), see ../shared/reference/dit_xl2_256_keys.tsv and opensora_v1_dit_xl2_keys.tsv.
+Open-Sora v1 `DiT-XL-2` video), see tests/fixtures/reference/dit_xl2_256_keys.tsv and opensora_v1_dit_xl2_keys.tsv.
 
 Calling convention (`core.handles.Denoiser`): `module(x, timestep, context)`.
 - x: [B, C, H, W] (2D layout) or [B, C, T, H, W]. A 2D model given 5D input denoises every frame on its
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.log import log_once
-from ..kernels import ops
+from ..fused import ops
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # Modulation and residuals in fp32 (kernels.ops): the gates multiply large activations.
+        # Modulation and residuals in fp32 (fused.ops): the gates multiply large activations.
         mod = self.adaLN_modulation(c).float().unsqueeze(1)  # (B, 1, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
         h = ops.ln_modulate(x, shift_a, scale_a, eps=1e-6).to(x.dtype)

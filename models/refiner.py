@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.log import log_once
-from ..kernels import ops
+from ..fused import ops
 from .loading import build_and_load, convert_dtype, load_file
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import importlib.util
 import logging
 import math
 import re
@@ -163,15 +162,6 @@ def require_transformers():
     except ImportError:
         raise ImportError(f"the umT5 text encoder needs the optional packages transformers and sentencepiece: "
                           f"run `{INSTALL_HINT}` (or use TwinFlow Load Text Embeddings / the tiny encoder)") from None
-    # transformers probes for a top-level `kernels` package (the HF kernel hub) and imports it. If TwinFlow's own
-    # folder is on sys.path as a top-level directory (e.g. `python -m ...` run inside it), our `kernels/` is found
-    # instead and the probe crashes deep inside transformers: say so plainly.
-    spec = importlib.util.find_spec("kernels")
-    ours = Path(__file__).resolve().parents[1] / "kernels"
-    if spec is not None and spec.origin and Path(spec.origin).resolve().parent == ours:
-        raise ImportError(f"TwinFlow's folder {ours.parent} is on sys.path as a top-level directory, so transformers "
-                          f"would import TwinFlow's kernels/ as the Hugging Face `kernels` package. Run from another "
-                          f"directory (or with `python -P`).")
     return transformers
 
 

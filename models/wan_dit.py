@@ -17,7 +17,7 @@ Numerics (fp32 islands): the official code runs under `autocast(bf16)` but force
 the modulation sums, the gated residual adds and the head into fp32. Because `x + y * e[2]` is done
 under fp32 autocast, the residual stream itself becomes fp32 after the first block. We reproduce
 that without autocast: the residual stream `x` is kept in float32, every norm/modulation/residual op
-computes in float32 (`kernels.ops`), and only the inputs of the large linears and attention are cast
+computes in float32 (`fused.ops`), and only the inputs of the large linears and attention are cast
 to the compute dtype (the dtype of `patch_embedding.weight`). The time embedding, time projection,
 modulation tables and head are kept in float32 when loading in a lower precision.
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..core import cpu_linear
 from ..core.errors import CheckpointError, UnsupportedError
 from ..core.log import log_once
-from ..kernels import ops
+from ..fused import ops
 from . import loading
 
 logger = logging.getLogger(__name__)
@@ -673,11 +673,11 @@ def _file_dtype(sd: dict, source: str) -> torch.dtype:
 
 
 def wan_dit_from_state_dict(sd: dict, source: str = "state dict", dtype: Optional[torch.dtype] = None,
-                            config: Optional[WanDiTConfig] = None, meta: Optional[dict] = None) -> WanDiT:
-    """Build a WanDiT from an (official, diffusers or prefixed) state dict; strict key/shape check."""
-    meta = meta or {}
-    if _is_quantized(meta, sd):
-        return _load_quantized(sd, source, config, meta)
+                            config: Optional[WanDiTConfig] = None) -> WanDiT:
+    """Build a WanDiT from an (official, diffusers or prefixed) plain state dict; strict key/shape check.
+
+    Quantized files (int8/fp8 codes + scales) load through `quant.load.wan_dit_from_state_dict`, which
+    recognises them and uses `wan_dit_on_meta` below; here their scale tensors are unexpected keys."""
     sd = normalize_state_dict(sd, source)
     detected = detect_config(sd, source) if config is None else config
     dtype = dtype if dtype is not None else _file_dtype(sd, source)
@@ -688,47 +688,19 @@ def wan_dit_from_state_dict(sd: dict, source: str = "state dict", dtype: Optiona
     return module
 
 
-def _load_quantized(sd: dict, source: str, config, meta: dict) -> WanDiT:
-    """A quantized file (TwinFlow record or ComfyUI scaled fp8): quant.checkpoint swaps the listed linears
-    for QuantLinear and loads the stored codes and scales as they are (no re-quantization)."""
-    from ..quant import checkpoint as qckpt
-
+def wan_dit_on_meta(sd: dict, source: str = "state dict", config: Optional[WanDiTConfig] = None,
+                    meta: Optional[dict] = None) -> tuple[WanDiT, dict, str]:
+    """`(WanDiT on the meta device, state dict without its key prefix, the prefix)` for a loader that fills
+    the layers itself (quantized files: `quant.load`). Official key layout only; the config is `config`,
+    else the file's `twinflow_config` metadata, else detected from tensor shapes."""
     if checkpoint_family(sd) != "wan_dit":
         raise _wrong_family_error(source, checkpoint_family(sd), sd.keys())
     sd, prefix = loading.strip_prefix(sd, "head.modulation", ("model.diffusion_model.", "diffusion_model."))
-    if prefix:
-        meta = {k: _strip_layer_names(v, prefix) if k in (qckpt.TWINFLOW_KEY, qckpt.COMFY_META_KEY) else v
-                for k, v in meta.items()}
     if config is None:
-        config = _config_from_meta(meta, source) if "twinflow_config" in meta else detect_config(sd, source)
+        config = _config_from_meta(meta, source) if "twinflow_config" in (meta or {}) else detect_config(sd, source)
     with torch.device("meta"):
         module = WanDiT(config)
-    qckpt.load_quantized_into(module, sd, meta, source=source)
-    logger.info("%s: quantized Wan2.1 DiT %s loaded without re-quantizing", source, preset_name(config))
-    return module.eval().requires_grad_(False)
-
-
-def _strip_layer_names(raw: str, prefix: str) -> str:
-    """Remove a key prefix from the layer names of a quantization record (JSON text)."""
-    try:
-        record = json.loads(raw)
-    except (TypeError, ValueError):
-        return raw  # the quant loader reports invalid JSON with the file name
-    layers = record.get("layers") if isinstance(record, dict) else None
-    if isinstance(layers, dict):
-        record["layers"] = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in layers.items()}
-    return json.dumps(record)
-
-
-def _is_quantized(meta: dict, sd: dict) -> bool:
-    try:
-        from ..quant import checkpoint as qckpt
-    except ImportError:  # the quant part is optional; without it, only the TwinFlow record is recognised
-        if "twinflow_quant" in meta:
-            raise UnsupportedError("a TwinFlow-quantized checkpoint (metadata 'twinflow_quant'), but the quant "
-                                   "package cannot be imported here") from None
-        return False
-    return qckpt.is_quantized(meta, sd)
+    return module, sd, prefix
 
 
 def _float_dtype(layer: nn.Module, fallback: torch.dtype = torch.float32) -> torch.dtype:
@@ -748,8 +720,19 @@ def _config_from_meta(meta: dict, source: str) -> WanDiTConfig:
     return WanDiTConfig(**data)
 
 
+def read_wan_dit_file(path_or_index) -> tuple[dict, dict]:
+    """`(state_dict, metadata)` of a Wan DiT file, after a key check that names the family it holds instead."""
+    path = Path(path_or_index)
+    keys = checkpoint_keys(path) if path.is_file() else None
+    if keys is not None:
+        family = checkpoint_family(keys)
+        if family not in ("wan_dit", "wan_dit_diffusers"):
+            raise _wrong_family_error(str(path), family, keys)
+    return loading.load_file(path)
+
+
 def load_wan_dit(path_or_index, dtype: Optional[torch.dtype] = None, preset: Optional[str] = None) -> WanDiT:
-    """Load a Wan2.1 T2V DiT from a file.
+    """Load a Wan2.1 T2V DiT from a plain (unquantized) file; `quant.load.load_wan_dit` reads both kinds.
 
     Args:
         path_or_index: `.safetensors`/`.sft`, a weights-only `.pth`/`.pt`/`.ckpt`/`.bin`, or a shard index
@@ -763,15 +746,9 @@ def load_wan_dit(path_or_index, dtype: Optional[torch.dtype] = None, preset: Opt
     Raises:
         CheckpointError (missing/corrupt/wrong-family file, key or shape mismatch), UnsupportedError (I2V).
     """
-    path = Path(path_or_index)
-    keys = checkpoint_keys(path) if path.is_file() else None
-    if keys is not None:
-        family = checkpoint_family(keys)
-        if family not in ("wan_dit", "wan_dit_diffusers"):
-            raise _wrong_family_error(str(path), family, keys)
-    sd, meta = loading.load_file(path)
+    sd, _ = read_wan_dit_file(path_or_index)
     config = get_config(preset) if preset else None
-    return wan_dit_from_state_dict(sd, str(path), dtype=dtype, config=config, meta=meta)
+    return wan_dit_from_state_dict(sd, str(Path(path_or_index)), dtype=dtype, config=config)
 
 
 def random_wan_dit(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -814,3 +791,13 @@ def save_wan_dit(module: WanDiT, path, metadata: Optional[dict] = None) -> None:
 def with_config(cfg: WanDiTConfig, **changes) -> WanDiTConfig:
     """A copy of a config with some fields changed (validated)."""
     return replace(cfg, **changes)
+
+
+def make_denoiser(module: WanDiT, name: str = "", source: str = ""):
+    """Wrap as the `TWINFLOW_MODEL` handle (family "wan_dit"; timestep = sigma * 1000, as the official code)."""
+    from ..core.handles import Denoiser
+
+    cfg = module.config
+    return Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim,
+                    name=name or preset_name(cfg), config=cfg, timestep_scale=1000.0,
+                    info={"source": source, "preset": preset_name(cfg)})

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._inputs import as_model, as_vae
+
 CATEGORY = "TwinFlow/compile"
 BACKENDS = ["auto", "tensorrt", "inductor", "eager"]
 DTYPES = ["default", "fp32", "fp16", "bf16"]
@@ -37,36 +39,16 @@ def _common_inputs(extra: dict) -> dict:
     }
 
 
-def _profile(kind: str, profile: str, kw: dict, fallback_latent=None):
-    from ..compiled.export import Profile, Range
-    from ..compiled.plan import DEFAULT_TEXT
+def _profile(kind: str, profile: str, kw: dict, latent=None):
+    """The node's profile: its custom ranges, or the shapes of the connected latent (compiled.profiles)."""
+    from ..compiled.profiles import custom_profile, latent_profile
 
     if profile == "custom":
-        def r(name, div=1):
-            lo, opt, hi = (int(kw[f"{k}_{name}"]) for k in ("min", "opt", "max"))
-            if not lo <= opt <= hi:
-                raise ValueError(f"custom profile {name}: need min <= opt <= max, got {lo}, {opt}, {hi}")
-            return Range(max(1, lo // div), max(1, opt // div), max(1, hi // div))
-        frames = Range(*((int(kw[f"{k}_frames"]) - 1) // 4 + 1 for k in ("min", "opt", "max")))
-        h, w = r("height", 8), r("width", 8)
-        if kind == "dit":  # the DiT patchifies by 2: round latent sizes to even
-            h = Range(*(max(2, v - v % 2) for v in (h.min, h.opt, h.max)))
-            w = Range(*(max(2, v - v % 2) for v in (w.min, w.opt, w.max)))
-        return Profile(batch=r("batch"), frames=frames if kind == "dit" else Range(1, 1, 1), height=h, width=w,
-                       text=DEFAULT_TEXT if kind == "dit" else Range(1, 1, 1))
-    if fallback_latent is None:
+        return custom_profile(kind, kw)
+    if latent is None:
         raise ValueError("profile 'from workflow' needs the 'latent' input connected (the latent this model will "
                          "sample), or choose profile 'custom'")
-    b, _, t, h, w = fallback_latent["samples"].shape
-    # CFG runs cond+uncond as one batch: cover B..2B
-    return Profile(batch=Range(b, b, 2 * b), frames=Range(t, t, t) if kind == "dit" else Range(1, 1, 1),
-                   height=Range(h, h, h), width=Range(w, w, w), text=DEFAULT_TEXT if kind == "dit" else Range(1, 1, 1))
-
-
-def _dtype(name):
-    import torch
-
-    return {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return latent_profile(kind, tuple(latent["samples"].shape))
 
 
 class TwinFlowCompileModel:
@@ -89,12 +71,11 @@ class TwinFlowCompileModel:
 
     def compile(self, model, backend, profile, dtype, latent=None, **kw):
         from ..compiled.runtime import compile_denoiser
+        from ..models.loading import parse_dtype
 
-        from ..comfy_adapter.models import as_denoiser
-
-        model = as_denoiser(model, need_module=True)
+        model = as_model(model, need_module=True)
         prof = _profile("dit", profile, kw, latent)
-        new, report = compile_denoiser(model, prof, backend, dtype=_dtype(dtype))
+        new, report = compile_denoiser(model, prof, backend, dtype=parse_dtype(dtype))
         status = report.line()
         return {"ui": {"text": [status]}, "result": (new, status)}  # the status shows in ComfyUI too
 
@@ -117,15 +98,8 @@ class TwinFlowCompileVAE:
     def compile(self, vae, backend, profile, latent=None, **kw):
         from ..compiled.runtime import compile_vae
 
-        from ..comfy_adapter.models import as_wan_vae
-
-        vae = as_wan_vae(vae)
+        vae = as_vae(vae)
         prof = _profile("vae", profile, kw, latent)
-        if latent is not None and profile != "custom":
-            from ..compiled.export import Range
-            b = prof.batch.min
-            prof = type(prof)(batch=Range(b, b, b), frames=prof.frames, height=prof.height, width=prof.width,
-                              text=prof.text)
         new, reports = compile_vae(vae, prof, backend)
         status = " | ".join(r.line() for r in reports)
         return {"ui": {"text": [status]}, "result": (new, status)}
@@ -140,14 +114,14 @@ class KernelModeModule(torch.nn.Module):
         self.mode = mode
 
     def forward(self, *args, **kwargs):
-        from .. import kernels
+        from .. import fused
 
-        before = kernels.get_mode()
-        kernels.set_mode(self.mode)
+        before = fused.get_mode()
+        fused.set_mode(self.mode)
         try:
             return self.inner(*args, **kwargs)
         finally:
-            kernels.set_mode(before)
+            fused.set_mode(before)
 
 
 class TwinFlowKernelMode:
@@ -160,7 +134,7 @@ class TwinFlowKernelMode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..kernels import MODES
+        from ..fused import MODES
 
         return {"required": {
             "model": ("TWINFLOW_MODEL", {"tooltip": "The model whose forward should use this kernel mode."}),
@@ -174,7 +148,7 @@ class TwinFlowKernelMode:
     CATEGORY = CATEGORY
 
     def apply(self, model, mode):
-        from ..kernels import doctor_lines, set_mode, get_mode
+        from ..fused import doctor_lines, set_mode, get_mode
 
         before = get_mode()
         set_mode(mode)  # validates the name; report the paths this mode gives here

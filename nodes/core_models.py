@@ -62,7 +62,7 @@ class UNETLoader:
 
     def load_unet(self, unet_name, weight_dtype):
         from ..models import wan_dit
-        from .dit import wan_denoiser
+        from ..quant.load import load_wan_dit
 
         path = paths.find_model("diffusion_models", unet_name)
         device = compute_device()
@@ -71,9 +71,10 @@ class UNETLoader:
             raise ValueError(f"UNETLoader: {unet_name} is not a Wan2.1 text-to-video diffusion model; the headless "
                              f"runner loads Wan2.1 T2V files (use TwinFlow Load DiT for other TwinFlow models)")
         # ComfyUI's 'default': float32 on the CPU, the file's 16-bit dtype on a GPU
-        module = wan_dit.load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
+        # quant.load: plain files and ComfyUI fp8_scaled ones (stored codes and scales)
+        module = load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
         module = _fp8_storage(module, weight_dtype, unet_name)
-        denoiser = wan_denoiser(module.to(device), unet_name, str(path))
+        denoiser = wan_dit.make_denoiser(module.to(device), unet_name, str(path))
         denoiser.info.update(sampling_shift=WAN21_SHIFT, latent_format="wan21", core=True)
         return (denoiser,)
 
@@ -150,7 +151,7 @@ class LoraLoaderModelOnly:
 
     def load_lora_model_only(self, model, lora_name, strength_model):
         from ..core.handles import Denoiser
-        from ..models.lora import apply_lora
+        from ..quant.lora import apply_lora
         from ..models.loading import load_file
 
         if not isinstance(model, Denoiser):

@@ -1,6 +1,7 @@
 """TwinFlow nodes: dit — load a diffusion transformer as a `TWINFLOW_MODEL` (core.handles.Denoiser).
 
-Wan2.1 T2V checkpoints load through `models.wan_dit`; files with the adaLN-Zero DiT layout (DiT-XL/2,
+Wan2.1 T2V checkpoints load through `quant.load` (plain or quantized files; `models.wan_dit` builds the
+model and its Denoiser); files with the adaLN-Zero DiT layout (DiT-XL/2,
 Open-Sora v1) are recognised by their keys and handed to `models.dit`.
 """
 from __future__ import annotations
@@ -11,23 +12,12 @@ import torch
 
 from ..core import paths
 from ..core.errors import CheckpointError
-from ..core.handles import Denoiser
 from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 logger = logging.getLogger(__name__)
 
 RANDOM_PRESETS = ("tiny", "wan2.1-1.3b")  # random 14B weights (56 GB in fp32) are not offered
 PRESET_CHOICES = ("auto", "tiny", "wan2.1-1.3b", "wan2.1-14b")
-
-
-def wan_denoiser(module, name: str, source: str) -> Denoiser:
-    """Wrap a `models.wan_dit.WanDiT` as the TWINFLOW_MODEL handle."""
-    from ..models.wan_dit import preset_name
-
-    cfg = module.config
-    return Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim, name=name,
-                    config=cfg, timestep_scale=1000.0,
-                    info={"source": source, "preset": preset_name(cfg)})
 
 
 class TwinFlowLoadDiT:
@@ -64,20 +54,22 @@ class TwinFlowLoadDiT:
 
         torch_dtype = loading.parse_dtype(dtype)
         forced = None if preset == "auto" else preset
-        name = random_preset(ckpt_name, RANDOM_PRESETS, wan_dit.PRESETS, "preset")
+        name = random_preset(ckpt_name, wan_dit.PRESETS, "preset", RANDOM_PRESETS)
         if name is not None:
             if forced is not None and forced != name:
                 raise ValueError(f"preset override {forced!r} conflicts with {ckpt_name!r}; set preset to 'auto' or "
                                  f"pick random:{forced}")
             module = wan_dit.random_wan_dit(name, seed=seed, dtype=torch_dtype or torch.float32)
-            return (wan_denoiser(module, ckpt_name, f"random seed {seed}"),)
+            return (wan_dit.make_denoiser(module, ckpt_name, f"random seed {seed}"),)
 
         path = paths.find_model("diffusion_models", ckpt_name)
         keys = wan_dit.checkpoint_keys(path)
         if keys is not None and wan_dit.checkpoint_family(keys) == "dit":
             return (self._load_adaln(path, ckpt_name, torch_dtype, forced),)
-        module = wan_dit.load_wan_dit(path, dtype=torch_dtype, preset=forced)
-        return (wan_denoiser(module, ckpt_name, str(path)),)
+        from ..quant.load import load_wan_dit  # plain or quantized (the quant part decides)
+
+        module = load_wan_dit(path, dtype=torch_dtype, preset=forced)
+        return (wan_dit.make_denoiser(module, ckpt_name, str(path)),)
 
     @staticmethod
     def _load_adaln(path, name, torch_dtype, forced):

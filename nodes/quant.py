@@ -9,7 +9,7 @@ import logging
 import re
 
 from ..core import paths
-from ..core.handles import Denoiser
+from ._inputs import as_model
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +25,6 @@ def _parse_sigmas(text: str) -> tuple[float, ...]:
         raise ValueError(f"report_sigmas {text!r}: expected 3-5 comma-separated numbers in (0, 1], "
                          f"e.g. '0.95, 0.75, 0.5, 0.25, 0.05'") from None
     return vals
-
-
-def _check_model(model) -> Denoiser:
-    from ..comfy_adapter.models import as_denoiser, is_model_patcher
-
-    if isinstance(model, Denoiser) or is_model_patcher(model):
-        model = as_denoiser(model, need_module=True)  # a core MODEL becomes a TwinFlow WanDiT (weights shared)
-    if not isinstance(model, Denoiser):
-        raise TypeError(f"model must be a TWINFLOW_MODEL (core.handles.Denoiser), got {type(model).__name__}; "
-                        f"connect a TwinFlow model loader")
-    return model
 
 
 class TwinFlowQuantizeModel:
@@ -91,7 +80,7 @@ class TwinFlowQuantizeModel:
         from ..quant.report import quantize_denoiser
         from ..quant.swap import Recipe, parse_patterns
 
-        model = _check_model(model)
+        model = as_model(model, need_module=True)
         if fp8_scale not in SCALE_CHOICES:
             raise ValueError(f"fp8_scale {fp8_scale!r}: expected one of {SCALE_CHOICES}")
         per_channel = None if fp8_scale == "auto" else fp8_scale == "per_channel"
@@ -140,7 +129,7 @@ class TwinFlowSaveQuantized:
         from ..core.outputs import atomic_numbered, resolve_prefix, ui_entry
         from ..quant.checkpoint import quantized_state_dict
 
-        model = _check_model(model)
+        model = as_model(model, need_module=True)
         if layout not in LAYOUT_CHOICES:
             raise ValueError(f"layout {layout!r}: expected one of {LAYOUT_CHOICES}")
         recipe = (model.info.get("quant") or {}).get("recipe")

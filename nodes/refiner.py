@@ -44,7 +44,7 @@ class TwinFlowLoadRefiner:
         from ..models import loading, refiner
 
         torch_dtype = loading.parse_dtype(dtype)
-        preset = random_preset(refiner_name, RANDOM_PRESETS, refiner.PRESETS, "refiner")
+        preset = random_preset(refiner_name, refiner.PRESETS, "refiner", RANDOM_PRESETS)
         if preset is not None:
             model, cfg = refiner.random_refiner(preset, seed=int(seed), dtype=torch_dtype)
             return (refiner.make_denoiser(model, cfg, name=refiner_name, source=f"random seed {seed}"),)

@@ -4,7 +4,6 @@ Thin classes: widgets -> one library call in `sampling/`. Both samplers run `sam
 """
 from __future__ import annotations
 
-from ..comfy_adapter.models import as_denoiser
 from ..core import paths
 from ..sampling.dual import sample
 from ..sampling.gates import GATE_KINDS, GATE_NET_PRESETS, GateNet, GateSchedule, load_gate_net, parse_floats, \
@@ -13,6 +12,8 @@ from ..sampling.guidance import Branch
 from ..sampling.noise import SEED_MAX
 from ..sampling.schedules import SCHEDULERS, sampler_sigmas
 from ..sampling.solvers import SAMPLER_NAMES
+from ._inputs import as_model
+from ._loaders import model_names, random_preset
 
 CATEGORY = "TwinFlow/sampling"
 
@@ -83,7 +84,7 @@ class TwinFlowLoadGateNet:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = [f"random:{p}" for p in GATE_NET_PRESETS] + paths.list_models("twinflow")
+        files = model_names("twinflow", GATE_NET_PRESETS)
         return {"required": {"gate_net_name": (files, {"tooltip": "file in models/twinflow/"})}}
 
     RETURN_TYPES = ("TWINFLOW_GATE_NET",)
@@ -92,12 +93,10 @@ class TwinFlowLoadGateNet:
     CATEGORY = CATEGORY
 
     def load(self, gate_net_name):
-        if gate_net_name.startswith("random:"):
+        preset = random_preset(gate_net_name, GATE_NET_PRESETS, "gate net")
+        if preset is not None:
             import torch
 
-            preset = gate_net_name.split(":", 1)[1]
-            if preset not in GATE_NET_PRESETS:
-                raise ValueError(f"unknown gate net preset {preset!r}; expected one of {sorted(GATE_NET_PRESETS)}")
             with torch.random.fork_rng(devices=[]):  # seeded weights without touching the global RNG
                 torch.manual_seed(0)
                 net = GateNet(GATE_NET_PRESETS[preset]).eval()
@@ -131,7 +130,7 @@ class TwinFlowSampler:
     CATEGORY = CATEGORY
 
     def run(self, model, latent, seed, steps, cfg, sampler, scheduler, shift, denoise, positive=None, negative=None):
-        branch = Branch(as_denoiser(model), positive, negative, cfg, name="semantic")
+        branch = Branch(as_model(model), positive, negative, cfg, name="semantic")
         out, report = sample(branch, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler,
                              shift=shift, denoise=denoise)
         return (out, report.text())
@@ -175,8 +174,8 @@ class TwinFlowDualBranchSampler:
 
     def run(self, semantic, detail, gate, latent, seed, steps, cfg_semantic, cfg_detail, sampler, scheduler, shift,
             denoise, split, positive=None, negative=None, positive_detail=None, negative_detail=None):
-        s = Branch(as_denoiser(semantic), positive, negative, cfg_semantic, name="semantic")
-        d = Branch(as_denoiser(detail), positive_detail if positive_detail is not None else positive,
+        s = Branch(as_model(semantic, name="semantic"), positive, negative, cfg_semantic, name="semantic")
+        d = Branch(as_model(detail, name="detail"), positive_detail if positive_detail is not None else positive,
                    negative_detail if negative_detail is not None else negative, cfg_detail, name="detail")
         out, report = sample(s, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler, shift=shift,
                              denoise=denoise, detail=d, gate=gate, over_time=(split == "THW"))

@@ -5,31 +5,17 @@ Formats are ComfyUI's: IMAGE is float32 [N, H, W, 3] in 0..1 with video frames s
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..core import paths
+from ..core.layout import images_to_video, latent_video, video_to_images
+from ._inputs import as_vae
 from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
-
-logger = logging.getLogger(__name__)
 
 CATEGORY = "TwinFlow/vae"
 RANDOM_PRESETS = ("tiny", "wan2.1")
 TILING_CHOICES = ("auto", "off", "custom")
 MAX_RESOLUTION = 16384
-
-
-def _check_vae(vae):
-    from ..comfy_adapter.models import as_wan_vae, is_core_vae
-    from ..models.wan_vae import WanVAE
-
-    if is_core_vae(vae):
-        vae = as_wan_vae(vae)  # a core VAE (Load VAE) holding a Wan2.1 VAE; weights shared
-
-    if not isinstance(vae, WanVAE):
-        raise TypeError(f"input 'vae' must be a TWINFLOW_VAE (from TwinFlow Load VAE), got {type(vae).__name__}")
-    return vae
 
 
 class TwinFlowLoadVAE:
@@ -60,7 +46,7 @@ class TwinFlowLoadVAE:
         from ..models import loading, wan_vae
 
         torch_dtype = loading.parse_dtype(dtype)
-        preset = random_preset(vae_name, RANDOM_PRESETS, wan_vae.PRESETS, "VAE")
+        preset = random_preset(vae_name, wan_vae.PRESETS, "VAE", RANDOM_PRESETS)
         if preset is not None:
             return (wan_vae.random_wan_vae(preset, seed=int(seed), dtype=torch_dtype or torch.float32),)
         path = paths.find_model("vae", vae_name)
@@ -100,23 +86,9 @@ class TwinFlowVAEEncode:
                    "row bands for tall frames")
 
     def encode(self, vae, pixels, row_bands=0):
-        vae = _check_vae(vae)
+        vae = as_vae(vae)
         _check_row_bands(row_bands)
-        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[-1] < 3 or pixels.shape[0] < 1:
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"input 'pixels' must be an IMAGE tensor [N, H, W, 3] in 0..1, got {shape}")
-        r = vae.cfg.spatial_ratio
-        n, h, w, _ = pixels.shape
-        h8, w8 = (h // r) * r, (w // r) * r
-        if h8 == 0 or w8 == 0:
-            raise ValueError(f"input 'pixels' is {h}x{w}; the Wan VAE needs at least {r}x{r}")
-        if (h8, w8) != (h, w):
-            # centred crop to a multiple of 8, as ComfyUI's VAEEncode does
-            y0, x0 = (h % r) // 2, (w % r) // 2
-            logger.info("TwinFlow VAE Encode: cropping %dx%d to %dx%d (multiples of %d)", h, w, h8, w8, r)
-            pixels = pixels[:, y0:y0 + h8, x0:x0 + w8]
-        video = pixels[..., :3].movedim(-1, 0).unsqueeze(0)  # (1, 3, N, H, W)
-        video = video.to(torch.float32) * 2.0 - 1.0
+        video = images_to_video(pixels, vae.cfg.spatial_ratio)  # (1, 3, N, H, W) in -1..1
         samples = vae.encode(video, bands=row_bands or None)
         return ({"samples": samples.to(torch.float32)},)
 
@@ -161,15 +133,8 @@ class TwinFlowVAEDecode:
                    "for tall frames, optional tiling.")
 
     def decode(self, vae, samples, tiling="auto", tile_size=512, overlap=64, row_bands=0):
-        vae = _check_vae(vae)
-        if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor):
-            raise TypeError("input 'samples' must be a LATENT dict with a 'samples' tensor")
-        z = samples["samples"]
-        if z.ndim == 4:  # an image latent [B, C, H, W]
-            z = z.unsqueeze(2)
-        if z.ndim != 5 or z.shape[1] != vae.cfg.z_dim:
-            raise ValueError(f"input 'samples' must be Wan latents [B, {vae.cfg.z_dim}, T, H, W], "
-                             f"got {tuple(samples['samples'].shape)}")
+        vae = as_vae(vae)
+        z = latent_video(samples, vae.cfg.z_dim)
         if tiling not in TILING_CHOICES:
             raise ValueError(f"tiling must be one of {TILING_CHOICES}, got {tiling!r}")
         r = vae.cfg.spatial_ratio
@@ -180,10 +145,7 @@ class TwinFlowVAEDecode:
         else:
             _check_row_bands(row_bands)
             video = vae.decode(z, tiling=tiling, bands=row_bands or None)
-        b, c, t, h, w = video.shape
-        images = ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0)  # (B, 3, T, H, W)
-        images = images.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).contiguous()
-        return (images,)
+        return (video_to_images(video),)
 
 
 NODE_CLASS_MAPPINGS = {

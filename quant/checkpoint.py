@@ -57,6 +57,26 @@ def is_quantized(metadata: Optional[dict], state_dict) -> bool:
     return any(_is_marker(k) or k.endswith(".comfy_quant") or k.endswith(".scale_weight") for k in state_dict)
 
 
+def strip_record_prefix(metadata: Optional[dict], prefix: str) -> dict:
+    """The metadata with a key prefix (e.g. `model.diffusion_model.`) removed from the layer names of its
+    quantization records, for a loader that stripped the prefix from the tensors."""
+    meta = dict(metadata or {})
+    if not prefix:
+        return meta
+    for key in (TWINFLOW_KEY, COMFY_META_KEY):
+        if key not in meta:
+            continue
+        try:
+            record = json.loads(meta[key])
+        except (TypeError, ValueError):
+            continue  # read_layers reports invalid JSON with the file name
+        layers = record.get("layers") if isinstance(record, dict) else None
+        if isinstance(layers, dict):
+            record["layers"] = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in layers.items()}
+            meta[key] = json.dumps(record)
+    return meta
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading: every layout -> (state dict in TwinFlow names, {layer: (format, layer_opts)})
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..core.log import log_once
-from ..kernels.ops import int8_gemm_epilogue, quantize_int8_per_token
+from ..fused.ops import int8_gemm_epilogue, quantize_int8_per_token
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""The `twinflow` command line: run / validate / convert / nodes / doctor (+ commands other parts add).
+"""The `twinflow` command line: run / validate / convert / nodes / doctor / fit-gate / plan / cache.
+
+Every subcommand is registered here, explicitly (`build_parser`); a command that needs more than a few
+lines keeps its code in its own runner module (`fit_gate.py`, `plan.py`).
 
 Exit codes: 0 success; 1 a workflow, validation, model-file or node error (one clear paragraph, no
 traceback; a node that crashed with an unexpected exception also shows its traceback); 2 bad command
@@ -19,10 +22,10 @@ from pathlib import Path
 
 from ..core import paths, progress
 from ..core.errors import Interrupted, TwinFlowError, WorkflowError
+from . import fit_gate
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_MODULES = ("sampling.cli", "compiled.cli")  # each may define add_commands(subparsers)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -30,23 +33,8 @@ def _root_package() -> str:
     return __package__.rsplit(".", 1)[0]
 
 
-def _add_plugin_commands(sub) -> None:
-    for name in PLUGIN_MODULES:
-        full = f"{_root_package()}.{name}"
-        try:
-            if importlib.util.find_spec(full) is None:
-                continue
-            mod = importlib.import_module(full)
-        except ImportError as e:
-            logger.warning("CLI commands of %s are unavailable: %s", full, e)
-            continue
-        add = getattr(mod, "add_commands", None)
-        if add is not None:
-            add(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..core.version import __version__
 
     p = argparse.ArgumentParser(prog="twinflow", description="Run ComfyUI-format workflows of TwinFlow nodes "
                                 "headless, and inspect this environment.")
@@ -91,7 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="ComfyUI /object_info format")
 
     sub.add_parser("doctor", help="what this environment can do, and why not")
-    _add_plugin_commands(sub)
+
+    fit_gate.add_parser(sub)
+
+    pl = sub.add_parser("plan", help="show which sub-graphs of a workflow would compile, with which profile and "
+                        "backend, cache hit/miss and build estimates (nothing runs)")
+    pl.add_argument("workflow", help="workflow file (UI or API JSON)")
+    pl.add_argument("--backend", choices=("auto", "tensorrt", "inductor", "eager"), default=None,
+                    help="backend for sub-graphs without a Compile node (as `run --compile` would use)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    ca = sub.add_parser("cache", help="list or clear the compile artifact cache")
+    ca.add_argument("action", choices=("ls", "clear"))
+    ca.add_argument("--dir", default=None, help="cache directory (default: $TWINFLOW_CACHE_DIR or the user cache dir)")
     return p
 
 
@@ -109,15 +109,9 @@ def _setup_logging(verbose: int) -> None:
 def _set_kernels(mode) -> None:
     if not mode:
         return
-    try:
-        kernels = importlib.import_module(f"{_root_package()}.kernels")
-    except ImportError as e:
-        raise TwinFlowError(f"--kernels {mode}: the kernels package cannot be imported ({e})") from None
-    set_mode = getattr(kernels, "set_mode", None)
-    if set_mode is None:
-        logger.warning("--kernels %s ignored: this build has no kernel dispatcher (kernels.set_mode)", mode)
-        return
-    set_mode(mode)
+    from .. import fused  # the library's dispatcher; cupy itself is imported only when a kernel runs
+
+    fused.set_mode(mode)
 
 
 def _tqdm_backend():
@@ -196,8 +190,8 @@ def cmd_run(args) -> int:
     if getattr(args, "compile", None) or getattr(args, "quantize", None):
         import dataclasses
 
-        from ..compiled.plan import with_compile_nodes, with_quantize_nodes
         from .api import apply_overrides
+        from .plan import with_compile_nodes, with_quantize_nodes
 
         wf = runner.load(args.workflow)
         prompt = apply_overrides(wf.prompt, overrides, runner.registry)
@@ -283,8 +277,36 @@ def cmd_doctor(args) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args) -> int:
+    from .formats import load_workflow
+    from .plan import format_plan, plan_workflow
+
+    wf = load_workflow(args.workflow)
+    plan = plan_workflow(wf.prompt, backend=args.backend)
+    sys.stdout.write((json.dumps(plan, indent=1) if args.json else format_plan(plan)) + "\n")
+    return EXIT_OK
+
+
+def cmd_cache(args) -> int:
+    import time
+
+    from ..compiled.cache import ArtifactCache
+
+    cache = ArtifactCache(args.dir)
+    if args.action == "clear":
+        n = cache.clear()
+        sys.stdout.write(f"removed {n} entries from {cache.root}\n")
+        return EXIT_OK
+    entries = cache.entries()
+    sys.stdout.write(f"{cache.root}: {len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.1f} MB\n")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+        sys.stdout.write(f"  {e['key']}  {e['backend'] or '?':9s} {e['bytes'] / 1e6:9.1f} MB  used {used}  {e['label']}\n")
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "nodes": cmd_nodes,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "fit-gate": fit_gate.cmd_fit_gate, "plan": cmd_plan, "cache": cmd_cache}
 
 
 def main(argv=None) -> int:

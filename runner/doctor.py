@@ -18,7 +18,7 @@ EXTRAS = (
     ("diffusers", "reference checks in the tests", "pip install 'diffusers==0.42.1'"),
     ("onnxruntime", "ONNX export checks", "pip install 'comfyui-twinflow[onnx]'"),
 )
-HOOK_PACKAGES = ("kernels", "compiled", "quant", "models")
+HOOK_PACKAGES = ("fused", "compiled", "quant", "models")
 
 
 def _has(module: str) -> bool:
@@ -86,8 +86,8 @@ def hook_lines() -> list[str]:
 
 
 def doctor_lines() -> list[str]:
-    from .. import __version__
     from ..core import paths
+    from ..core.version import __version__
 
     lines = [f"twinflow {__version__} on Python {platform.python_version()} ({sys.platform})"]
     lines += torch_lines()

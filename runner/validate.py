@@ -214,7 +214,7 @@ def _custom_validation(cls, ctype, node_id, inputs, coerced, specs, v_args, v_kw
     return out
 
 
-def _find_cycles(graph: dict, roots: list) -> dict:
+def find_cycles(graph: dict, roots: list) -> dict:
     """Iterative DFS from the outputs; returns {node: cycle path string} for nodes on a cycle."""
     color, on_cycle = {}, {}
     for root in roots:
@@ -310,7 +310,7 @@ def validate_prompt(prompt: dict, registry, targets=None) -> ValidatedPrompt:
         if errors:
             node_errors[nid] = {"errors": errors, "dependent_outputs": [], "class_type": work[nid]["class_type"]}
         pending.extend(u for u in upstream if u not in seen)
-    for nid, cyc in _find_cycles(graph, outputs).items():
+    for nid, cyc in find_cycles(graph, outputs).items():
         path = " -> ".join(f"{n} ({work[n]['class_type']})" for n in cyc)
         entry = node_errors.setdefault(nid, {"errors": [], "dependent_outputs": [], "class_type": work[nid]["class_type"]})
         entry["errors"].append(_err("dependency_cycle", "Dependency cycle detected", path, node_id=nid,

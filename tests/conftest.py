@@ -1,15 +1,8 @@
 """Shared test setup: deterministic torch, isolated model/output folders, hypothesis profile."""
 import os
-import sys
-from pathlib import Path
 
-# The repo root is the `twinflow` package; it must not be importable as top-level modules, or our
-# `kernels/` would shadow the PyPI `kernels` package that diffusers/transformers look for.
-_ROOT = str(Path(__file__).resolve().parents[1])
-sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT) and os.path.abspath(p) != _ROOT]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 try:
     from hypothesis import settings

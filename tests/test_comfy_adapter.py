@@ -218,7 +218,7 @@ def test_install_routes_paths_progress_and_interrupt(tmp_path):
 
 # --------------------------------------------------------------------------------------------- converters
 def test_as_denoiser_passes_ours_through(tiny_dit):
-    from twinflow.nodes.dit import wan_denoiser
+    from twinflow.models.wan_dit import make_denoiser as wan_denoiser
 
     d = wan_denoiser(tiny_dit, "x", "y")
     assert M.as_denoiser(d) is d and M.as_denoiser(d, need_module=True) is d
@@ -245,7 +245,7 @@ def test_wrapped_core_model_velocity_equals_the_module(tiny_dit, loads):
 
 def test_wrapped_core_model_samples_like_our_module(tiny_dit, loads):
     """The whole sampling loop on the wrapped core model equals the loop on our module (uni_pc, 3 steps)."""
-    from twinflow.nodes.dit import wan_denoiser
+    from twinflow.models.wan_dit import make_denoiser as wan_denoiser
     from twinflow.sampling.dual import sample
     from twinflow.sampling.guidance import Branch
 

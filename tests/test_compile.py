@@ -246,7 +246,7 @@ def _prompt(compile_backend=None, cfg=1.0):
 
 
 def test_plan_shapes_backends_and_cache(tmp_path):
-    from twinflow.compiled.plan import format_plan, plan_workflow
+    from twinflow.runner.plan import format_plan, plan_workflow
 
     plan = plan_workflow(_prompt("inductor", cfg=4.0), cache=ArtifactCache(tmp_path))
     den = [p for p in plan if p["kind"] == "denoiser"][0]
@@ -309,7 +309,7 @@ def test_vae_encode_chunks_match_encode_and_rest_step_exports():
 
 
 def test_run_compile_inserts_valid_compile_nodes():
-    from twinflow.compiled.plan import plan_workflow, with_compile_nodes
+    from twinflow.runner.plan import plan_workflow, with_compile_nodes
     from twinflow.runner.validate import validate_prompt
     import twinflow
 

@@ -46,6 +46,16 @@ def _write(tmp: Path, text="artifact"):
     return {"kind": "fake"}
 
 
+def test_fingerprinted_sources_exist():
+    """The cache key hashes these files; a renamed or split file left in the list would silently stop
+    invalidating artifacts (the fingerprint hashes a placeholder for a missing file)."""
+    from twinflow.compiled import runtime
+
+    pkg = Path(runtime.__file__).resolve().parents[1]
+    missing = [rel for rels in runtime.SOURCES.values() for rel in rels if not (pkg / rel).is_file()]
+    assert not missing, f"compiled.runtime.SOURCES lists files that do not exist: {missing}"
+
+
 def test_build_once_then_hit_and_corruption_rebuilds(tmp_path, caplog):
     cache = ArtifactCache(tmp_path)
     calls = []
@@ -207,7 +217,7 @@ def test_tensorrt_kwargs_refusals():
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI: the runner adds `plan` and `cache` from compiled/cli.py
+# CLI: the runner's `plan` and `cache` commands (runner/cli.py)
 # ------------------------------------------------------------------------------------------------
 
 def test_cli_plan_and_cache(tmp_path, monkeypatch, capsys):

@@ -36,7 +36,7 @@ def _prompt(template, overrides):
 
 
 def test_plan_lists_denoiser_with_cfg_batch_and_vae_decode_of_text_to_video_wan():
-    from twinflow.compiled.plan import format_plan, plan_workflow
+    from twinflow.runner.plan import format_plan, plan_workflow
 
     _r, _wf, prompt = _prompt("text_to_video_wan.json", SIZE_21)
     plan = {p["kind"]: p for p in plan_workflow(prompt, backend="inductor")}
@@ -52,7 +52,7 @@ def test_plan_lists_denoiser_with_cfg_batch_and_vae_decode_of_text_to_video_wan(
 
 
 def test_plan_lists_both_experts_of_the_wan2_2_template_and_skips_the_bypassed_group():
-    from twinflow.compiled.plan import plan_workflow
+    from twinflow.runner.plan import plan_workflow
 
     _r, _wf, prompt = _prompt("video_wan2_2_14B_t2v.json", SIZE_22)
     plan = plan_workflow(prompt)
@@ -86,7 +86,7 @@ def _latent(res, node):
 
 
 def test_run_compile_eager_and_quantize_apply_to_core_loaders(model_files, tmp_path):
-    from twinflow.compiled.plan import with_compile_nodes, with_quantize_nodes
+    from twinflow.runner.plan import with_compile_nodes, with_quantize_nodes
     from twinflow.quant.linear import QuantLinear
 
     runner, wf, prompt = _prompt("text_to_video_wan.json", SIZE_21)
@@ -105,6 +105,7 @@ def test_run_compile_eager_and_quantize_apply_to_core_loaders(model_files, tmp_p
 
     quant = with_quantize_nodes(prompt, "int8_weight_only")
     assert quant["3"]["inputs"]["model"] == ["twinflow_quantize_1", 0]
+    assert quant["twinflow_quantize_1"]["inputs"]["force"] is False  # the node's own accuracy check stays on
     both = with_compile_nodes(quant, "eager")  # the compile node compiles the quantized model
     assert both["twinflow_compile_1"]["inputs"]["model"] == ["twinflow_quantize_1", 0]
     res = runner.run(dataclasses.replace(wf, prompt=quant), output_dir=tmp_path / "c", models_dir=model_files)
@@ -128,10 +129,3 @@ def test_cli_run_quantize_and_compile_on_the_unchanged_template(model_files, tmp
     assert main(args) == 0
     assert list((tmp_path / "out" / "video").glob("ComfyUI_*.mp4"))
 
-
-def test_quantize_defaults_are_the_nodes_defaults():
-    from twinflow.compiled.plan import QUANTIZE_DEFAULTS
-    from twinflow.nodes.quant import TwinFlowQuantizeModel
-
-    req = TwinFlowQuantizeModel.INPUT_TYPES()["required"]
-    assert {k: req[k][1]["default"] for k in QUANTIZE_DEFAULTS} == QUANTIZE_DEFAULTS

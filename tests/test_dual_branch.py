@@ -236,7 +236,7 @@ def test_nodes_run_and_match_library():
 
 def test_real_tiny_wan_dit_with_tiny_refiner():
     from twinflow.models import refiner, wan_dit, text
-    from twinflow.nodes.dit import wan_denoiser
+    from twinflow.models.wan_dit import make_denoiser as wan_denoiser
 
     S = wan_denoiser(wan_dit.random_wan_dit("tiny"), "wan tiny", "random:tiny")
     R = refiner.make_denoiser(*refiner.random_refiner("tiny"), name="refiner tiny")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from twinflow import kernels
+from twinflow import fused
 from twinflow.core.handles import Denoiser
 from twinflow.nodes.compile import TwinFlowKernelMode
 
@@ -13,7 +13,7 @@ class _Probe(torch.nn.Module):
         self.seen = []
 
     def forward(self, x, t, ctx):
-        self.seen.append(kernels.get_mode())
+        self.seen.append(fused.get_mode())
         return x * 2
 
 
@@ -23,10 +23,10 @@ def test_mode_applies_inside_forward_only():
     out = TwinFlowKernelMode().apply(den, "torch")
     new, status = out["result"]
     assert den.module is probe and new.module is not probe  # input handle untouched
-    before = kernels.get_mode()
+    before = fused.get_mode()
     x = torch.ones(1, 16, 1, 2, 2)
     torch.testing.assert_close(new.velocity(x, torch.tensor(0.5), None), x * 2)
-    assert probe.seen == ["torch"] and kernels.get_mode() == before
+    assert probe.seen == ["torch"] and fused.get_mode() == before
     assert "kernels" in status.lower() and new.info["kernels"] == "torch"
 
 

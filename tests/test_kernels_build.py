@@ -5,7 +5,7 @@ cleanly without them.
 """
 import pytest
 
-from twinflow.kernels import build
+from twinflow.fused import build
 
 NVRTC = build.find_nvrtc()
 NVCC = build.find_nvcc()

@@ -6,7 +6,7 @@ Skipped without CUDA + CuPy; run them whenever a GPU is available.
 import pytest
 import torch
 
-from twinflow.kernels import _runtime, int8, norm, ops, rope, vae_norm
+from twinflow.fused import _runtime, int8, norm, ops, rope, vae_norm
 
 pytestmark = [pytest.mark.cuda, pytest.mark.cupy]
 

@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from twinflow.core.log import forget_once
-from twinflow.kernels import _plan, _runtime, int8, norm, ops, rope, vae_norm
+from twinflow.fused import _plan, _runtime, int8, norm, ops, rope, vae_norm
 
 CT_DTYPES = {"float": torch.float32, "__half": torch.float16, "__nv_bfloat16": torch.bfloat16,
              "signed char": torch.int8, "int": torch.int32}
@@ -272,10 +272,10 @@ def test_dispatch_routes_supported_inputs_to_the_kernel(cupy_usable, fake, bound
 
 
 def test_dispatch_falls_back_with_reason(cupy_usable, fake, boundary, caplog):
-    forget_once("twinflow.kernels")
+    forget_once("twinflow.fused")
     xt = cuda((2, 64, 3)).transpose(1, 2)
     m = cuda((2, 1, 64), torch.float32)
-    with caplog.at_level(logging.INFO, logger="twinflow.kernels.ops"):
+    with caplog.at_level(logging.INFO, logger="twinflow.fused.ops"):
         ops.ln_modulate(xt, m, m)
         path, reason = ops.op_status()["ln_modulate"]
         assert path == "torch" and "not contiguous" in reason
@@ -344,7 +344,7 @@ def test_launch_boundary_glue_with_a_stand_in_cupy(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_benchmark_says_it_needs_a_gpu(capsys):
-    from twinflow.benchmarks import kernels as bench
+    from twinflow.benchmarks import fused as bench
 
     assert bench.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out

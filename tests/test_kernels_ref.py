@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twinflow.core.log import forget_once
-from twinflow.kernels import ops
+from twinflow.fused import ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROW_SHAPES = [(1, 1, 1), (2, 3, 7), (1, 5, 33), (3, 2, 64), (2, 1, 130)]
@@ -243,9 +243,9 @@ def test_cpu_dispatch_is_bit_identical_to_reference(mode):
 
 
 def test_fallback_reason_logged_once(caplog):
-    forget_once("twinflow.kernels")
+    forget_once("twinflow.fused")
     x, s = rand((1, 2, 8), torch.float32), rand((1, 1, 8), torch.float32)
-    with caplog.at_level(logging.INFO, logger="twinflow.kernels.ops"):
+    with caplog.at_level(logging.INFO, logger="twinflow.fused.ops"):
         for _ in range(3):
             ops.ln_modulate(x, s, s)
     msgs = [r.getMessage() for r in caplog.records if "ln_modulate" in r.getMessage()]
@@ -260,12 +260,12 @@ def test_set_mode_validates():
 
 
 def test_doctor_lines_name_every_op():
-    from twinflow.kernels import doctor_lines
+    from twinflow.fused import doctor_lines
 
     lines = doctor_lines()
-    assert lines[0].startswith("kernels: mode")
+    assert lines[0].startswith("fused kernels: mode")
     for op in ops.OPS:
-        assert any(f"kernels: {op}:" in line for line in lines)
+        assert any(f"fused kernels: {op}:" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,11 +349,11 @@ def test_second_import_under_another_name_reuses_the_ops(tmp_path):
     root = Path(ops.__file__).resolve().parents[1]
     code = (
         "import importlib.util, sys, torch\n"
-        "import twinflow.kernels.ops as a\n"
+        "import twinflow.fused.ops as a\n"
         f"spec = importlib.util.spec_from_file_location('tf_copy', {str(root / '__init__.py')!r},"
         f" submodule_search_locations=[{str(root)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['tf_copy'] = m; spec.loader.exec_module(m)\n"
-        "import importlib; b = importlib.import_module('tf_copy.kernels.ops')\n"
+        "import importlib; b = importlib.import_module('tf_copy.fused.ops')\n"
         "assert a is not b\n"
         "x = torch.randn(2, 3, 8); s = torch.randn(2, 1, 8)\n"
         "assert torch.equal(b.ln_modulate(x, s, s), a.ln_modulate_ref(x, s, s))\n"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from twinflow.core.errors import CheckpointError, UnsupportedError
 from twinflow.models import loading
 from twinflow.models.wan_dit import WanDiT, random_wan_dit
-from twinflow.nodes.dit import wan_denoiser
+from twinflow.models.wan_dit import make_denoiser as wan_denoiser
 from twinflow.quant import primitives as P
 from twinflow.quant.checkpoint import is_quantized, load_quantized_into, quantized_state_dict, save_quantized
 from twinflow.quant.formats import FORMATS, QuantOptions, get_format
@@ -424,12 +424,16 @@ def test_comfy_scaled_fp8_files_load(tiny, tmp_path, layout):
     ref = _comfy_reference(tiny, w8s)
     v_ref = _velocity(ref)
     torch.testing.assert_close(_velocity(loaded), v_ref, rtol=1e-5, atol=1e-5)
-    # and through the Wan DiT loader, which detects the layout and hands the file to quant.checkpoint
-    from twinflow.models.wan_dit import load_wan_dit
+    # and through the quant-level Wan DiT loader, which detects the layout; the model's own loader reads plain
+    # files only and refuses this one, naming the scale tensors it does not know
+    from twinflow.models import wan_dit
+    from twinflow.quant.load import load_wan_dit
 
     via_loader = load_wan_dit(path)
     assert isinstance(via_loader.blocks[0].ffn[2], QuantLinear)
     torch.testing.assert_close(_velocity(via_loader), v_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="scale"):
+        wan_dit.load_wan_dit(path)
 
 
 def test_legacy_without_marker_and_dtype_casts(tiny):
@@ -514,8 +518,11 @@ def test_missing_scale_reported(tiny):
 # ---------------------------------------------------------------------------------------------- nodes
 
 def test_nodes_quantize_and_save(den, tf_dirs):
-    from twinflow.models.wan_dit import load_wan_dit
+    import shutil
+
+    from twinflow.nodes.dit import TwinFlowLoadDiT
     from twinflow.nodes.quant import TwinFlowQuantizeModel, TwinFlowSaveQuantized
+    from twinflow.quant.load import load_wan_dit
 
     out = TwinFlowQuantizeModel().quantize(den, format="int8_weight_only", report_sigmas="0.9, 0.5, 0.1")
     qmodel, text = out["result"]
@@ -526,9 +533,14 @@ def test_nodes_quantize_and_save(den, tf_dirs):
     p1 = saver.save(qmodel, "quant/tiny")["result"][0]
     p2 = saver.save(qmodel, "quant/tiny")["result"][0]
     assert p1 != p2 and str(tf_dirs["output"]) in p1
-    loaded = load_wan_dit(p1)  # the DiT loader hands the file to quant.checkpoint
+    loaded = load_wan_dit(p1)  # the quant-level loader hands the file to quant.checkpoint
     assert isinstance(loaded.blocks[0].ffn[0], QuantLinear)
     torch.testing.assert_close(_velocity(loaded), _velocity(qmodel.module), rtol=1e-4, atol=1e-4)
+    (tf_dirs["models"] / "diffusion_models").mkdir()
+    shutil.copy(p1, tf_dirs["models"] / "diffusion_models" / "q.safetensors")
+    (node_model,) = TwinFlowLoadDiT().load("q.safetensors")  # the loader node reads it the same way
+    assert node_model.family == "wan_dit" and isinstance(node_model.module.blocks[0].ffn[0], QuantLinear)
+    torch.testing.assert_close(_velocity(node_model.module), _velocity(qmodel.module), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no quantized layers"):
         saver.save(den, "quant/plain")
     with pytest.raises(ValueError, match="fp8_scale applies to the fp8 formats"):

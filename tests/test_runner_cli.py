@@ -152,6 +152,7 @@ def test_nodes_json_is_object_info(test_nodes, capsys):
 def test_doctor_version_usage(capsys):
     code, out, _ = run(["doctor"], capsys)
     assert code == 0 and "torch:" in out and "cupy:" in out and ("GPU" in out)
+    assert "\nfused kernels: mode " in out  # the fused package's doctor hook is found under its name
     code, out, _ = run(["--version"], capsys)
     assert code == 0 and out.startswith("twinflow ")
     code, _, err = run(["run"], capsys)

@@ -101,26 +101,8 @@ def test_tiny_node():
 # ---------------------------------------------------------------------------------------------- umT5
 
 
-@pytest.fixture(autouse=True)
-def _repo_root_off_sys_path(monkeypatch):
-    """`python -m pytest` in the repo root puts it on sys.path; transformers would then import our kernels/
-    as the Hugging Face `kernels` package (see models.text.require_transformers)."""
-    root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root])
-
-
 @pytest.fixture(scope="module")
 def umt5_folder(tmp_path_factory):
-    root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
-    try:
-        return _make_umt5_folder(tmp_path_factory)
-    finally:
-        sys.path[:] = saved
-
-
-def _make_umt5_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     spm = pytest.importorskip("sentencepiece")
     folder = tmp_path_factory.mktemp("models") / "text_encoders" / "umt5-tiny"

@@ -1,5 +1,6 @@
 """The shipped workflows: the quickstart runs end to end through the CLI, and the generated files are
 exactly what tools/build_workflows.py writes (so they never drift from the nodes' INPUT_TYPES)."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,11 +29,9 @@ def test_quickstart_runs_end_to_end_through_the_cli(tmp_path):
 
 
 def test_generated_workflows_are_current():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import build_workflows
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "tools" / "build_workflows.py")
+    build_workflows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_workflows)
     for name, spec in build_workflows.WORKFLOWS.items():
         on_disk = json.loads((ROOT / "workflows" / name).read_text())
         assert on_disk == build_workflows.build(spec), f"workflows/{name} is stale: run tools/build_workflows.py"

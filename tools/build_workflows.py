@@ -3,7 +3,8 @@
 The ComfyUI frontend stores a node's widget values positionally (`widgets_values`), including the
 values of widgets it never sends (`control_after_generate`), so hand-editing them is error-prone.
 This tool lays each workflow out from our node classes' `INPUT_TYPES`, exactly as the frontend saves
-it (format version 0.4). Run: `python tools/build_workflows.py` (rewrites workflows/*.json).
+it (format version 0.4). Run: `python tools/build_workflows.py` (rewrites workflows/*.json; from any
+directory, with TwinFlow installed); `--check` writes nothing and exits 1 if a file is stale.
 """
 from __future__ import annotations
 
@@ -129,12 +130,30 @@ WORKFLOWS = {
 
 
 def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 and name the stale files if workflows/*.json differ from what "
+                         "this tool would write")
+    args = ap.parse_args(argv)
     out_dir = ROOT / "workflows"
-    out_dir.mkdir(exist_ok=True)
+    stale = []
     for name, spec in WORKFLOWS.items():
-        text = json.dumps(build(spec), indent=1) + "\n"
-        (out_dir / name).write_text(text)
+        wf = build(spec)
+        path = out_dir / name
+        if args.check:
+            if not path.is_file() or json.loads(path.read_text()) != wf:
+                stale.append(f"workflows/{name}")
+            continue
+        out_dir.mkdir(exist_ok=True)
+        path.write_text(json.dumps(wf, indent=1) + "\n")
         print(f"wrote workflows/{name}", file=sys.stderr)
+    if stale:
+        print(f"stale (run `python tools/build_workflows.py` to rewrite): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    if args.check:
+        print("current: " + ", ".join(f"workflows/{name}" for name in WORKFLOWS), file=sys.stderr)
     return 0
 
 

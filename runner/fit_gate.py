@@ -3,9 +3,10 @@
     twinflow fit-gate --semantic wan:random:tiny --detail refiner:random:tiny --latents latents/ \
         --out models/twinflow/gate.safetensors --prompt "a cat"
 
-Model specs: `wan:<file>` (Wan2.1 DiT; diffusion_models folder or a path), `refiner:<file>` (TwinFlow detail
-refiner; twinflow folder or a path), or `wan:random:<preset>` / `refiner:random:<preset>` (seeded random
-weights, for trying the pipeline). Runs on `--device` (cuda when available, else cpu).
+Model specs: `wan:<file>` (Wan2.1 DiT, plain or quantized; diffusion_models folder or a path),
+`refiner:<file>` (TwinFlow detail refiner; twinflow folder or a path), or `wan:random:<preset>` /
+`refiner:random:<preset>` (seeded random weights, for trying the pipeline). Runs on `--device` (cuda when
+available, else cpu). Each family builds its Denoiser with its own `make_denoiser`, as the loader nodes do.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _resolve(kind: str, name: str) -> Path:
 
 def load_denoiser(spec: str, device: str, dtype=None):
     """'wan:random:tiny' | 'wan:<file>' | 'refiner:random:<preset>' | 'refiner:<file>' -> Denoiser."""
-    from ..core.handles import Denoiser
+    from ..core.paths import random_preset
 
     family, _, name = spec.partition(":")
     if family not in ("wan", "refiner") or not name:
@@ -35,21 +36,25 @@ def load_denoiser(spec: str, device: str, dtype=None):
     if family == "wan":
         from ..models import wan_dit
 
-        if name.startswith("random:"):
-            module = wan_dit.random_wan_dit(name.split(":", 1)[1])
+        preset = random_preset(name, wan_dit.PRESETS, "preset")
+        if preset is not None:
+            module, source = wan_dit.random_wan_dit(preset), "random seed 0"
         else:
-            module = wan_dit.load_wan_dit(_resolve("diffusion_models", name), dtype=dtype)
-        cfg = module.config
-        d = Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim, name=spec,
-                     config=cfg)
+            from ..quant.load import load_wan_dit
+
+            path = _resolve("diffusion_models", name)
+            module, source = load_wan_dit(path, dtype=dtype), str(path)
+        d = wan_dit.make_denoiser(module, name=spec, source=source)
     else:
         from ..models import refiner
 
-        if name.startswith("random:"):
-            module, cfg = refiner.random_refiner(name.split(":", 1)[1])
+        preset = random_preset(name, refiner.PRESETS, "refiner")
+        if preset is not None:
+            (module, cfg), source = refiner.random_refiner(preset), "random seed 0"
         else:
-            module, cfg = refiner.load_refiner(_resolve("twinflow", name), dtype=dtype)
-        d = refiner.make_denoiser(module, cfg, name=spec)
+            path = _resolve("twinflow", name)
+            (module, cfg), source = refiner.load_refiner(path, dtype=dtype), str(path)
+        d = refiner.make_denoiser(module, cfg, name=spec, source=source)
     d.module.to(device)
     return d
 
@@ -70,11 +75,11 @@ def _context(args, d):
                      f"demo weights)")
 
 
-def run_fit_gate(args) -> int:
+def cmd_fit_gate(args) -> int:
     import torch
 
-    from .fit import fit_gate
-    from .gates import GATE_NET_PRESETS
+    from ..sampling.fit import fit_gate
+    from ..sampling.gates import GATE_NET_PRESETS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     s = load_denoiser(args.semantic, device)
@@ -90,11 +95,11 @@ def run_fit_gate(args) -> int:
     return 0
 
 
-def add_commands(subparsers) -> None:
-    """Called by runner/cli.py: adds `fit-gate`."""
-    from .gates import GATE_NET_PRESETS
+def add_parser(sub) -> None:
+    """The `fit-gate` subcommand (registered by runner/cli.py)."""
+    from ..sampling.gates import GATE_NET_PRESETS
 
-    p = subparsers.add_parser("fit-gate", help="fit the dual-branch gate (alpha per sigma + gate MLP) on latents")
+    p = sub.add_parser("fit-gate", help="fit the dual-branch gate (alpha per sigma + gate MLP) on latents")
     p.add_argument("--semantic", required=True, help="semantic model spec, e.g. wan:wan2.1_t2v_14B_bf16.safetensors")
     p.add_argument("--detail", required=True, help="detail model spec, e.g. wan:wan2.1_t2v_1.3B_bf16.safetensors")
     p.add_argument("--latents", required=True, help="folder of clean latents (.safetensors, e.g. ComfyUI Save Latent)")
@@ -108,4 +113,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--iters", type=int, default=400, help="Adam iterations for the MLP (default 400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=run_fit_gate)

@@ -89,10 +89,10 @@ def _record(op: str, reason: Optional[str]) -> None:
     path = "torch" if reason else "cupy"
     _last[op] = (path, reason)
     if reason is None:
-        log_once(logger, ("twinflow.kernels", op, "cupy"), "kernels: %s runs the CuPy kernel", op)
+        log_once(logger, ("twinflow.fused", op, "cupy"), "kernels: %s runs the CuPy kernel", op)
     else:
         level = logging.WARNING if _mode == "cupy" else logging.INFO
-        log_once(logger, ("twinflow.kernels", op, reason), "kernels: %s runs the torch reference: %s",
+        log_once(logger, ("twinflow.fused", op, reason), "kernels: %s runs the torch reference: %s",
                  op, reason, level=level)
 
 
@@ -298,18 +298,18 @@ def doctor_lines() -> list:
         unavailable = _runtime.unavailable_reason()
     except Exception as exc:  # doctor must not raise, whatever a broken CuPy install does
         unavailable = f"probe failed: {type(exc).__name__}: {exc}"
-    lines = [f"kernels: mode {_mode!r}; CuPy path "
+    lines = [f"fused kernels: mode {_mode!r}; CuPy path "
              + ("available" if not unavailable else f"unavailable ({unavailable})")]
     for op in OPS:
         if op in _last:
             path, reason = _last[op]
-            lines.append(f"kernels: {op}: last call ran the {'CuPy kernel' if path == 'cupy' else 'torch reference'}"
+            lines.append(f"fused kernels: {op}: last call ran the {'CuPy kernel' if path == 'cupy' else 'torch reference'}"
                          + (f" ({reason})" if reason else ""))
         elif _mode == "torch":
-            lines.append(f"kernels: {op}: torch reference (mode 'torch')")
+            lines.append(f"fused kernels: {op}: torch reference (mode 'torch')")
         elif unavailable:
-            lines.append(f"kernels: {op}: torch reference ({unavailable})")
+            lines.append(f"fused kernels: {op}: torch reference ({unavailable})")
         else:
-            lines.append(f"kernels: {op}: CuPy kernel for CUDA fp32/fp16/bf16 contiguous inputs, "
+            lines.append(f"fused kernels: {op}: CuPy kernel for CUDA fp32/fp16/bf16 contiguous inputs, "
                          "else the torch reference (not called yet)")
     return lines

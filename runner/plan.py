@@ -1,24 +1,27 @@
-"""Compile plan from a workflow: shape inference through the node graph, before anything runs.
+"""Compile plan of a workflow: shape inference through the node graph, before anything runs.
 
 Each relevant node class declares its output values from its inputs and widget values in `RULES`
 (keyed by class_type, so the node classes stay thin): Empty Latent Video -> LATENT shape -> sampler
--> decode. `plan_workflow(api_prompt)` walks the graph in dependency order and returns, per
-sub-graph (a denoiser per sampler branch, a VAE decode), the profile, the backend that would run,
-cache hit/miss where the model's layout is known without loading it (random presets), and rough
-build-time and memory estimates.
+-> decode. `plan_workflow(api_prompt)` walks the graph in the runner's dependency order
+(`validate.topological_order`) and returns, per sub-graph (a denoiser per sampler branch, a VAE decode),
+the profile, the backend that would run, cache hit/miss where the model's layout is known without loading
+it (random presets), and rough build-time and memory estimates. The shape math is `compiled.profiles`;
+`with_compile_nodes` is `twinflow run --compile`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-from . import backends
-from .export import Profile, Range
+from ..compiled import profiles
+from ..compiled.export import Profile
+from ..core.errors import WorkflowError
+from ..core.paths import random_preset
+from .validate import find_cycles, topological_order
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TEXT = Range(1, 64, 512)  # real umT5 tokens; unknown until the text encoder runs
 
 
 @dataclass
@@ -95,13 +98,13 @@ def _model_patch(nid, ins, g):
     return [replace(m, tail=nid) if isinstance(m, ModelRef) and m.compile is None else None]
 
 
-def _compile_profile(ins) -> Optional[Profile]:
+def _compile_profile(nid, kind, ins) -> Optional[Profile]:
     if ins.get("profile", "from workflow") != "custom":
         return None
-    def r(name, div=1):
-        return Range(int(ins[f"min_{name}"]) // div, int(ins[f"opt_{name}"]) // div, int(ins[f"max_{name}"]) // div)
-    frames = Range(*(((int(ins[f"{k}_frames"]) - 1) // 4 + 1) for k in ("min", "opt", "max")))
-    return Profile(batch=r("batch"), frames=frames, height=r("height", 8), width=r("width", 8), text=DEFAULT_TEXT)
+    try:
+        return profiles.custom_profile(kind, ins)
+    except (KeyError, ValueError) as e:
+        raise WorkflowError(f"node {nid}: its custom compile profile is invalid: {e}") from None
 
 
 def _compile_model(nid, ins, g):
@@ -109,7 +112,8 @@ def _compile_model(nid, ins, g):
     if not isinstance(m, ModelRef):
         return [None, None]
     return [ModelRef(m.node, m.kind, m.source, ins.get("dtype", m.dtype) if ins.get("dtype", "default") != "default"
-                     else m.dtype, {"node": nid, "backend": ins.get("backend", "auto"), "profile": _compile_profile(ins)}),
+                     else m.dtype, {"node": nid, "backend": ins.get("backend", "auto"),
+                                    "profile": _compile_profile(nid, m.kind, ins)}),
             None]
 
 
@@ -118,7 +122,8 @@ def _compile_vae(nid, ins, g):
     if not isinstance(m, ModelRef):
         return [None, None]
     return [ModelRef(m.node, m.kind, m.source, m.dtype,
-                     {"node": nid, "backend": ins.get("backend", "auto"), "profile": _compile_profile(ins)}), None]
+                     {"node": nid, "backend": ins.get("backend", "auto"),
+                      "profile": _compile_profile(nid, m.kind, ins)}), None]
 
 
 def _cfg_batch(b: int, cfg, negative) -> list[int]:
@@ -146,11 +151,6 @@ def _vae_decode(nid, ins, g):
     if isinstance(lat, Latent) and isinstance(vae, ModelRef):
         g.use("vae_decode", vae, nid, lat.shape)
     return [None]
-
-
-def _passthrough_latent(nid, ins, g):
-    lat = ins.get("latent") or ins.get("samples")
-    return [lat if isinstance(lat, Latent) else None]
 
 
 RULES: dict[str, Callable] = {
@@ -197,72 +197,32 @@ class _Graph:
 
 
 def _order(prompt: dict) -> list[str]:
-    deps = {nid: {str(v[0]) for v in (n.get("inputs") or {}).values() if _link(v)} for nid, n in prompt.items()}
-    done, out = set(), []
-
-    def visit(nid, stack=()):
-        if nid in done:
-            return
-        if nid in stack:
-            raise ValueError(f"workflow has a cycle through node {nid}")
-        for d in sorted(deps.get(nid, ())):
-            if d in prompt:
-                visit(d, stack + (nid,))
-        done.add(nid)
-        out.append(nid)
-    for nid in sorted(prompt, key=lambda s: (len(s), s)):
-        visit(nid)
-    return out
-
-
-def workflow_profile(shapes: list, kind: str) -> Profile:
-    """The profile covering every shape a sub-graph sees (opt = the first, i.e. the main call)."""
-    bs, ts, hs, ws = zip(*[(s[0], s[2], s[3], s[4]) for s in shapes])
-    def r(vals):
-        return Range(min(vals), vals[0], max(vals))
-    frames = r(ts) if kind == "denoiser" else Range(1, 1, 1)
-    return Profile(batch=r(bs), frames=frames, height=r(hs), width=r(ws), text=DEFAULT_TEXT)
+    """Every node, dependencies first (the runner's order), from the node ids in numeric-like order."""
+    graph = {nid: sorted({str(v[0]) for v in (n.get("inputs") or {}).values() if _link(v)} & set(prompt))
+             for nid, n in prompt.items()}
+    roots = sorted(prompt, key=lambda s: (len(s), s))
+    cyc = find_cycles(graph, roots)
+    if cyc:
+        raise ValueError(f"workflow has a cycle through node {next(iter(cyc))}")
+    return topological_order(graph, roots)
 
 
 def _meta_module(model: ModelRef):
     """The module on the meta device when its layout is known without files (random presets)."""
-    import torch
+    from ..models import wan_dit, wan_vae
 
-    if not model.source.startswith("random:"):
-        return None
-    preset = model.source.split(":", 1)[1]
-    with torch.device("meta"):
-        if model.kind == "dit":
-            from ..models.wan_dit import WanDiT, get_config
-            return WanDiT(get_config(preset))
-        from ..models.wan_vae import PRESETS, WanVAE
-        return WanVAE(PRESETS[preset])
-
-
-def _estimates(module, kind: str, backend: str, profile: Profile) -> dict:
-    """Rough build time (s) and peak memory (bytes): order-of-magnitude guidance, not measurements."""
-    if module is None or backend == "eager":
-        return {}
-    n_params = sum(p.numel() for p in module.parameters())
-    layers = getattr(getattr(module, "config", None), "num_layers", 8)
-    dynamic = sum(not getattr(profile, a).static for a in ("batch", "frames", "height", "width"))
-    per = {"inductor": (20.0, 1.5), "tensorrt": (60.0, 8.0)}.get(backend, (0.0, 0.0))
-    build_s = per[0] + per[1] * layers * (1 + 0.25 * dynamic)
-    weight_bytes = 2 * n_params if backend == "tensorrt" else 4 * n_params
-    if kind == "denoiser":
-        tokens = profile.batch.max * profile.frames.max * (profile.height.max // 2) * (profile.width.max // 2)
-        dim = getattr(module.config, "dim", 1024)
-        act = tokens * dim * 4 * 8
-    else:
-        act = profile.batch.max * profile.height.max * profile.width.max * 64 * 96 * 4 * 8
-    return {"build_s": round(build_s), "memory_bytes": int(weight_bytes * (2 if backend == "tensorrt" else 1) + act)}
+    presets = wan_dit.PRESETS if model.kind == "dit" else wan_vae.PRESETS
+    preset = random_preset(model.source, presets, "preset" if model.kind == "dit" else "VAE")
+    return None if preset is None else profiles.meta_module(model.kind, preset)
 
 
 def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -> list[dict]:
     """One dict per sub-graph: kind, model node, used_by, profile, requested/resolved backend, reason,
     cache ("hit" | "miss" | "unknown (...)"), estimates. `backend` applies to sub-graphs without a
     compile node (the `twinflow run --compile` case); None leaves them eager."""
-    from ..core.errors import WorkflowError
+    import torch
+
+    from ..compiled import backends
 
     if not isinstance(api_prompt, dict):
         raise WorkflowError("plan_workflow needs an API prompt dict {node_id: {class_type, inputs}}")
@@ -284,16 +244,12 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
         rule = RULES.get(ct)
         values[nid] = rule(nid, ins, g) if rule else None
     out = []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for (kind, feed, cnode), sg in g.subgraphs.items():
         model_node = sg.model.node
         comp = sg.model.compile
         requested = comp["backend"] if comp else (backend or "eager")
-        profile = (comp or {}).get("profile") or workflow_profile(sg.shapes, kind)
-        if kind == "vae_decode":
-            profile = Profile(batch=profile.batch, frames=Range(1, 1, 1), height=profile.height,
-                              width=profile.width, text=Range(1, 1, 1))
-        import torch
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        profile = (comp or {}).get("profile") or profiles.shapes_profile(sg.shapes, kind)
         resolved, reason = backends.resolve_backend(requested, device)
         module = _meta_module(sg.model)
         cache_state = "-"
@@ -301,18 +257,13 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
             if module is None:
                 cache_state = "unknown (model layout known only after loading the file)"
             else:
-                from .cache import ArtifactCache
-                from .runtime import artifact_key
-                c = cache or ArtifactCache()
-                parts = ["dit"] if kind == "denoiser" else ["vae-decode-first", "vae-decode-rest"]
-                fam = "wan_dit" if kind == "denoiser" else "wan_vae"
-                keys = [artifact_key(module, fam, profile, resolved, None, None, p)[0] for p in parts]
-                cache_state = "hit" if all(c.contains(k) for k in keys) else "miss"
+                cache_state = profiles.cache_state(module, "dit" if kind == "denoiser" else "vae", profile, resolved,
+                                                   cache)
         out.append({"kind": kind, "model_node": model_node, "feed_node": feed, "model": sg.model.source,
                     "compile_node": cnode,
                     "used_by": sorted(set(sg.used_by)), "shapes": sorted(set(sg.shapes)), "profile": profile.to_dict(),
                     "requested": requested, "backend": resolved, "reason": reason, "cache": cache_state,
-                    **_estimates(module, "denoiser" if kind == "denoiser" else "vae", resolved, profile)})
+                    **profiles.estimates(module, "denoiser" if kind == "denoiser" else "vae", resolved, profile)})
     return out
 
 
@@ -335,8 +286,6 @@ def with_compile_nodes(api_prompt: dict, backend: str) -> dict:
     """A copy of the prompt with a TwinFlowCompileModel / TwinFlowCompileVAE node (custom profile from the
     plan) between every loader and the samplers / decoders it feeds that have no compile node yet; used
     by `twinflow run --compile BACKEND`, so the builds run (with progress) before the first step."""
-    import copy
-
     plan = plan_workflow(api_prompt, backend=backend)
     prompt = copy.deepcopy(api_prompt)
     n = 0
@@ -347,11 +296,7 @@ def with_compile_nodes(api_prompt: dict, backend: str) -> dict:
         nid = f"twinflow_compile_{n}"
         while nid in prompt:
             nid += "_"
-        b, f, h, w = (p["profile"][k] for k in ("batch", "frames", "height", "width"))
-        widgets = {"backend": backend, "profile": "custom"}
-        for i, k in enumerate(("min", "opt", "max")):
-            widgets.update({f"{k}_batch": b[i], f"{k}_frames": 1 + 4 * (f[i] - 1), f"{k}_height": h[i] * 8,
-                            f"{k}_width": w[i] * 8})
+        widgets = {"backend": backend, "profile": "custom", **profiles.profile_widgets(Profile.make(**p["profile"]))}
         is_dit = p["kind"] == "denoiser"
         if is_dit:
             widgets["dtype"] = "default"
@@ -372,17 +317,18 @@ def _rewire(prompt: dict, users, old: str, new: str) -> None:
                 prompt[user]["inputs"][k] = [new, 0]
 
 
-# TwinFlowQuantizeModel's widget defaults (tests/test_core_plan.py checks them against the node)
-QUANTIZE_DEFAULTS = {"group_size": 0, "fp8_scale": "auto", "smoothquant_alpha": 0.0, "include": "", "exclude": "",
-                     "min_cosine": 0.0, "force": False, "report_seed": 0, "report_sigmas": "0.95, 0.75, 0.5, 0.25, 0.05"}
+def _quantize_defaults() -> dict:
+    """TwinFlowQuantizeModel's widget defaults (its report and accuracy check as the node gives them)."""
+    from ..nodes.quant import TwinFlowQuantizeModel
+
+    req = TwinFlowQuantizeModel.INPUT_TYPES()["required"]
+    return {k: spec[1]["default"] for k, spec in req.items() if k not in ("model", "format")}
 
 
 def with_quantize_nodes(api_prompt: dict, fmt: str) -> dict:
     """A copy of the prompt with a TwinFlowQuantizeModel node (format `fmt`, its default report and accuracy
     check) between every denoiser and the samplers it feeds (after ModelSamplingSD3 / LoRA patches); used by
     `twinflow run --quantize FORMAT`. Run before `with_compile_nodes`, so a compile compiles the quantized model."""
-    import copy
-
     prompt = copy.deepcopy(api_prompt)
     n = 0
     for p in plan_workflow(api_prompt):
@@ -395,7 +341,7 @@ def with_quantize_nodes(api_prompt: dict, fmt: str) -> dict:
         feed = p.get("feed_node", p["model_node"])
         core = api_prompt[p["model_node"]].get("class_type") in CORE_LOADERS
         ctype = "TwinFlowQuantizeCoreModel" if core else "TwinFlowQuantizeModel"
-        prompt[nid] = {"class_type": ctype, "inputs": {"model": [feed, 0], "format": fmt, **QUANTIZE_DEFAULTS},
+        prompt[nid] = {"class_type": ctype, "inputs": {"model": [feed, 0], "format": fmt, **_quantize_defaults()},
                        "_meta": {"title": f"quantize ({fmt})"}}
         _rewire(prompt, p["used_by"], feed, nid)
     return prompt

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..core.log import log_once
-from ..quant.storage import FP8_BIAS_ATTR, comfy_key_seed, stochastic_round_fp8
+from .storage import FP8_BIAS_ATTR, comfy_key_seed, stochastic_round_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _split(key: str) -> tuple[Optional[str], Optional[str]]:
 
 def _resolver(module: nn.Module):
     """layer name in any supported naming -> the module path of a layer with a weight, or None."""
-    from .wan_dit import from_diffusers_keys
+    from ..models.wan_dit import from_diffusers_keys
 
     layers = {name for name, m in module.named_modules() if getattr(m, "weight", None) is not None}
     kohya = {name.replace(".", "_"): name for name in layers}
@@ -136,7 +136,7 @@ def _check(name: str, delta: torch.Tensor, shape, what: str, source: str) -> tor
 def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = "LoRA") -> nn.Module:
     """A copy of `module` with the LoRA merged at `strength`; the original module is not modified (unpatched
     tensors are shared). Quantized layers (QuantLinear) that a LoRA touches become plain Linears."""
-    from ..quant.swap import shared_copy
+    from .swap import shared_copy
 
     plan = plan_lora(lora_sd, module, source)
     if not plan.patches:
@@ -182,7 +182,7 @@ def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = 
 
 def _comfy_fp8(layer: nn.Module) -> bool:
     """A QuantLinear holding fp8 codes under one per-tensor scale (ComfyUI's fp8_scaled / fp8 weight_dtype)."""
-    from ..quant.linear import QuantLinear
+    from .linear import QuantLinear
 
     return (isinstance(layer, QuantLinear) and layer.fmt_name == "fp8_e4m3_weight_only"
             and layer.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and layer.weight_scale.ndim == 0)

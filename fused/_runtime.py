@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 
 # Extra NVRTC options our modules pass to cupy.RawModule. CuPy adds its own (--std=c++17, include
-# dirs, -ftz=true, -arch=sm_XX, --device-as-default-execution-space); `kernels.build` reproduces
+# dirs, -ftz=true, -arch=sm_XX, --device-as-default-execution-space); `fused.build` reproduces
 # the full list for the CI compile check. No --use_fast_math: the norms use rsqrtf/expf/tanhf at
 # their accurate defaults, and -ftz=true is already what CuPy compiles with.
 NVRTC_OPTIONS: tuple = ()
@@ -30,7 +30,7 @@ CUPY_INSTALL_HINT = "install it with `pip install cupy-cuda13x` (the `cupy` extr
 
 @functools.lru_cache(maxsize=None)
 def source(module: str) -> str:
-    """The CUDA source of kernel module `module` (`kernels/<module>.cu`) with common.cuh prepended."""
+    """The CUDA source of kernel module `module` (`fused/<module>.cu`) with common.cuh prepended."""
     common = (HERE / "common.cuh").read_text()
     body = (HERE / f"{module}.cu").read_text()
     return f"{common}\n// ---- {module}.cu ----\n{body}"
@@ -81,7 +81,7 @@ def _function(module: str, name_expressions: tuple, kernel: str, device_index: i
     """The compiled kernel `kernel` (a name expression) of `module` on a device; compiled once.
 
     All instantiations of a module are compiled together (RawModule name_expressions), which is
-    also how the CI compile check compiles them (kernels/build.py). CuPy caches modules per
+    also how the CI compile check compiles them (fused/build.py). CuPy caches modules per
     device, so the lookup runs with that device current.
     """
     key = (module, device_index, kernel)

@@ -13,7 +13,7 @@ def doctor_lines() -> list:
 
         return lines()
     except Exception as exc:  # the doctor reports problems, it does not raise them
-        return [f"kernels: doctor failed ({type(exc).__name__}: {exc})"]
+        return [f"fused kernels: doctor failed ({type(exc).__name__}: {exc})"]
 
 
 __all__ = ["MODES", "OPS", "doctor_lines", "get_mode", "op_status", "set_mode"]

@@ -1,6 +1,6 @@
 """Compile every kernel instantiation without a GPU: NVRTC with the options CuPy uses, and nvcc's
 ptxas with `-v` for registers, spills and shared memory. CI runs these checks (tests/test_kernels_build.py);
-`python -m twinflow.kernels.build` prints the report.
+`python -m twinflow.fused.build` prints the report.
 
 Why both: CuPy compiles with NVRTC, which has no host C++ headers and differs from nvcc in what it
 accepts (`#include <cstdint>` passes nvcc, fails NVRTC); only ptxas reports spills and registers.

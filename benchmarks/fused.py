@@ -3,7 +3,7 @@ its torch reference run eagerly and compiled with torch.compile (inductor), at W
 D=1536, 14B: D=5120; 32,760 tokens = 21 latent frames x 30 x 52 patches at 480p). With `--block`,
 also one Wan DiT block end to end with the kernels on and off.
 
-    python -m twinflow.benchmarks.kernels [--dims 1536 5120] [--tokens 32760] [--block] [--json out.json]
+    python -m twinflow.benchmarks.fused [--dims 1536 5120] [--tokens 32760] [--block] [--json out.json]
 
 GPU only (CUDA + CuPy): on a machine without them it says so and exits with status 2. Bandwidth
 counts the minimum HBM traffic of each op (every input read once, every output written once).
@@ -45,7 +45,7 @@ def _cases(d: int, tokens: int):
     """(name, kernel fn, reference fn, args, bytes moved) at one Wan width."""
     import torch
 
-    from ..kernels import int8, norm, ops, rope, vae_norm
+    from twinflow.fused import int8, norm, ops, rope, vae_norm
 
     dev, bf, f32 = "cuda", torch.bfloat16, torch.float32
     x32 = torch.randn(1, tokens, d, device=dev)                 # fp32 residual stream
@@ -82,8 +82,8 @@ def _block(d: int, tokens: int, warmup: int, iters: int) -> dict:
     """One Wan DiT block (bf16 weights, fp32 residual stream) with the kernels on and off."""
     import torch
 
-    from ..kernels import ops
-    from ..models.wan_dit import WanAttentionBlock, WanDiTConfig
+    from twinflow.fused import ops
+    from twinflow.models.wan_dit import WanAttentionBlock, WanDiTConfig
 
     cfg = WanDiTConfig(dim=d, ffn_dim=8960 if d == 1536 else 13824, num_heads=d // 128)
     blk = WanAttentionBlock(cfg).to("cuda")
@@ -118,14 +118,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ..kernels import _runtime
+    from twinflow.fused import _runtime
 
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU; this machine has none (torch sees no CUDA device).")
+        print("benchmarks/fused.py needs a CUDA GPU; this machine has none (torch sees no CUDA device).")
         return 2
     reason = _runtime.unavailable_reason()
     if reason:
-        print(f"benchmarks/kernels.py needs CuPy on the GPU: {reason}")
+        print(f"benchmarks/fused.py needs CuPy on the GPU: {reason}")
         return 2
 
     dev = torch.cuda.current_device()
