@@ -134,3 +134,32 @@ def test_wan2_2_two_expert_split_matches_comfyui(oracle, lora, tmp_path):
 def test_wan2_2_split_uni_pc_matches_comfyui(oracle, tmp_path):
     over = SIZE_22 + ["81.sampler_name=uni_pc", "78.sampler_name=uni_pc"]
     _run_both(oracle, "video_wan2_2_14B_t2v.json", over, "78", "87", tmp_path)
+
+
+def test_stochastic_rounding_and_key_seed_equal_comfyuis():
+    """quant.storage's fp8 re-rounding of LoRA-patched weights against ComfyUI's own comfy/float.py (it imports
+    only torch, so it is loaded from the checkout by path) and the patcher's string_to_seed (run in ComfyUI's
+    interpreter: comfy/model_patcher.py imports the rest of ComfyUI)."""
+    import subprocess
+
+    from test_comfyui_integration import _comfy_python
+
+    from twinflow.quant import storage
+
+    spec = importlib.util.spec_from_file_location("comfy_float", Path(COMFYUI) / "comfy" / "float.py")
+    comfy_float = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(comfy_float)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        x = torch.cat([torch.randn(64, 48, generator=g) * 3, torch.randn(8, 48, generator=g) * 1e-3,
+                       torch.full((2, 48), 600.0), torch.zeros(1, 48)])
+        ours = storage.stochastic_round_fp8(x, dtype, seed=1234)
+        theirs = comfy_float.stochastic_rounding(x, dtype, seed=1234)
+        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), dtype
+    keys = ["diffusion_model.blocks.0.self_attn.q.weight", "diffusion_model.head.head.bias"]
+    code = ("import sys, json; sys.argv=['x','--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+            "from comfy.model_patcher import string_to_seed; print(json.dumps([string_to_seed(k) for k in %r]))" % keys)
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON") or _comfy_python(), "-c", code], cwd=COMFYUI,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [storage.comfy_key_seed(k) for k in keys]
