@@ -78,28 +78,40 @@ def oracle(tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _template_prompt(template: str, overrides: list) -> dict:
+    from twinflow.runner.api import Runner, apply_overrides
+
+    runner = Runner()
+    return apply_overrides(runner.load(cf.template(template)).prompt, overrides, runner.registry)
+
+
 def _run_both(oracle, template: str, overrides: list, latent_node: str, decode_node: str, tmp_path):
+    return _run_prompt(oracle, _template_prompt(template, overrides), latent_node, decode_node, tmp_path,
+                       label=f"{template} {overrides}")
+
+
+def _run_prompt(oracle, prompt: dict, latent_node: str, decode_node: str, tmp_path, label: str = ""):
+    """Run one API prompt in ComfyUI (plus a SaveLatent and a SaveImage to observe it) and in the Runner."""
+    import copy
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
     from twinflow.runner.api import Runner
-    from twinflow.runner.api import apply_overrides
 
     srv, models, _files = oracle
-    ui = cf.template(template)
-    runner = Runner()
-    prompt = apply_overrides(runner.load(ui).prompt, overrides, runner.registry)
-    prompt["tf_oracle_latent"] = {"class_type": "SaveLatent",
-                                  "inputs": {"samples": [latent_node, 0], "filename_prefix": "oracle/latent"}}
-    prompt["tf_oracle_images"] = {"class_type": "SaveImage",
-                                  "inputs": {"images": [decode_node, 0], "filename_prefix": "oracle/frames"}}
-    entry = srv.run(prompt)
-    from safetensors.torch import load_file
-    from PIL import Image
-
+    observed = copy.deepcopy(prompt)
+    observed["tf_oracle_latent"] = {"class_type": "SaveLatent",
+                                    "inputs": {"samples": [latent_node, 0], "filename_prefix": "oracle/latent"}}
+    observed["tf_oracle_images"] = {"class_type": "SaveImage",
+                                    "inputs": {"images": [decode_node, 0], "filename_prefix": "oracle/frames"}}
+    entry = srv.run(observed)
     item = entry["outputs"]["tf_oracle_latent"]["latents"][0]
     c_lat = load_file(str(srv.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"].float()
     c_img = np.stack([np.asarray(Image.open(srv.base / "output" / i["subfolder"] / i["filename"]).convert("RGB"))
                       for i in entry["outputs"]["tf_oracle_images"]["images"]])
 
-    res = runner.run(ui, overrides=overrides, output_dir=tmp_path / "out", models_dir=models)
+    res = Runner().run(copy.deepcopy(prompt), output_dir=tmp_path / "out", models_dir=models)
     t_lat = res.results[latent_node][0][0]["samples"].float()
     t_img = res.results[decode_node][0][0]
     assert t_lat.shape == c_lat.shape, (t_lat.shape, c_lat.shape)
@@ -110,7 +122,7 @@ def _run_both(oracle, template: str, overrides: list, latent_node: str, decode_n
     assert t_u8.shape == c_img.shape
     diff = np.abs(t_u8.astype(int) - c_img.astype(int)).max()
     assert diff <= 1, f"decoded frames differ by {diff}/255"
-    print(f"\n{template} {overrides}: latent rel diff {rel:.2e}, frames max diff {diff}/255")
+    print(f"\n{label}: latent rel diff {rel:.2e}, frames max diff {diff}/255")
     return rel, diff
 
 
@@ -120,6 +132,25 @@ SIZE_21 = ["40.width=32", "40.height=32", "40.length=5", "3.steps=3", "3.seed=12
 @pytest.mark.parametrize("sampler", ["uni_pc", "euler"])
 def test_text_to_video_wan_matches_comfyui(oracle, sampler, tmp_path):
     _run_both(oracle, "text_to_video_wan.json", SIZE_21 + [f"3.sampler_name={sampler}"], "3", "8", tmp_path)
+
+
+def test_sampler_custom_advanced_graph_matches_comfyui(oracle, tmp_path):
+    """The template's KSampler replaced by SamplerCustomAdvanced + RandomNoise + CFGGuider + KSamplerSelect +
+    BasicScheduler (ComfyUI's custom-sampling nodes), same settings."""
+    prompt = _template_prompt("text_to_video_wan.json", SIZE_21)
+    ks = prompt.pop("3")["inputs"]
+    prompt.update({
+        "sca_noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 123}},
+        "sca_guider": {"class_type": "CFGGuider", "inputs": {"model": ks["model"], "positive": ks["positive"],
+                                                             "negative": ks["negative"], "cfg": ks["cfg"]}},
+        "sca_sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sca_sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ks["model"], "scheduler": "simple",
+                                                                   "steps": 3, "denoise": 1.0}},
+        "3": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["sca_noise", 0], "guider": ["sca_guider", 0], "sampler": ["sca_sampler", 0],
+            "sigmas": ["sca_sigmas", 0], "latent_image": ks["latent_image"]}},
+    })
+    _run_prompt(oracle, prompt, "3", "8", tmp_path, label="SamplerCustomAdvanced")
 
 
 SIZE_22 = ["74.width=32", "74.height=32", "74.length=5", "81.noise_seed=77"]
