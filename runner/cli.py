@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change an input, e.g. --set 3.seed=42 --set '6.text=a red fox' (VALUE is JSON or text)")
     r.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
     r.add_argument("--models-dir", help="models folder in ComfyUI layout (default ./models or $TWINFLOW_MODELS_DIR)")
+    r.add_argument("--extra-model-paths", metavar="YAML",
+                   help="also search the folders of a ComfyUI extra_model_paths.yaml (or $TWINFLOW_EXTRA_MODEL_PATHS)")
     r.add_argument("--json", action="store_true", help="print results / errors as JSON (ComfyUI error format)")
     r.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
     r.add_argument("--output", dest="targets", action="append", metavar="NODE_ID",
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("workflow")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID.input=VALUE")
     v.add_argument("--models-dir")
+    v.add_argument("--extra-model-paths", metavar="YAML",
+                   help="also search the folders of a ComfyUI extra_model_paths.yaml (or $TWINFLOW_EXTRA_MODEL_PATHS)")
     v.add_argument("--json", action="store_true")
 
     c = sub.add_parser("convert", help="convert a UI workflow to the API prompt ComfyUI's /prompt takes")
@@ -319,6 +323,8 @@ def main(argv=None) -> int:
     _setup_logging(args.verbose)
     if getattr(args, "models_dir", None):
         paths.set_models_dir(args.models_dir)
+    if getattr(args, "extra_model_paths", None):
+        paths.set_extra_model_paths(args.extra_model_paths)
     func = getattr(args, "func", None) or COMMANDS.get(args.command)
     if func is None:
         parser.print_help(sys.stderr)

@@ -129,3 +129,67 @@ def test_cli_run_quantize_and_compile_on_the_unchanged_template(model_files, tmp
     assert main(args) == 0
     assert list((tmp_path / "out" / "video").glob("ComfyUI_*.mp4"))
 
+
+
+def test_extra_model_paths_yaml_read_as_comfyui_reads_it(tmp_path, monkeypatch):
+    """ComfyUI's extra_model_paths.yaml (utils/extra_config.py): base_path relative to the YAML's folder, one
+    path per line, ComfyUI folder names (`unet`, `clip` are the legacy names) mapped to ours."""
+    from twinflow.core import paths
+
+    (tmp_path / "cfg").mkdir()
+    for d in ("shared/unets", "shared/te_a", "shared/te_b", "abs_vae", "other"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "shared/unets/u.safetensors").write_bytes(b"x")
+    (tmp_path / "shared/te_b/t.safetensors").write_bytes(b"x")
+    (tmp_path / "abs_vae/v.safetensors").write_bytes(b"x")
+    yml = tmp_path / "cfg" / "extra_model_paths.yaml"
+    yml.write_text(f"""
+comfyui:
+    base_path: ../shared
+    is_default: true
+    unet: unets/
+    clip: |
+        te_a/
+        te_b/
+    upscale_models: nowhere/
+other:
+    vae: {tmp_path / 'abs_vae'}
+""")
+    folders = paths.extra_model_folders(yml)
+    assert folders == {"diffusion_models": [tmp_path / "shared/unets"],
+                       "text_encoders": [tmp_path / "shared/te_a", tmp_path / "shared/te_b"],
+                       "vae": [tmp_path / "abs_vae"]}
+    monkeypatch.setenv("TWINFLOW_EXTRA_MODEL_PATHS", str(yml))
+    with paths.using(models_dir=tmp_path / "other"):
+        assert paths.find_model("diffusion_models", "u.safetensors") == tmp_path / "shared/unets/u.safetensors"
+        assert paths.find_model("text_encoders", "t.safetensors") == tmp_path / "shared/te_b/t.safetensors"
+        assert paths.list_models("vae") == ["v.safetensors"]
+        with pytest.raises(FileNotFoundError, match="te_a"):  # the error lists the YAML's folders too
+            paths.find_model("text_encoders", "missing.safetensors")
+    monkeypatch.setenv("TWINFLOW_EXTRA_MODEL_PATHS", str(tmp_path / "nope.yaml"))
+    with pytest.raises(FileNotFoundError, match="extra model paths file"):
+        paths.list_models("vae")
+
+
+def test_template_runs_with_models_found_through_extra_model_paths(model_files, tmp_path):
+    """The CLI's --extra-model-paths: the template's files live outside --models-dir, listed by a YAML."""
+    pytest.importorskip("av")
+    from twinflow.core import paths
+    from twinflow.runner.cli import main
+
+    yml = tmp_path / "extra_model_paths.yaml"
+    yml.write_text(f"mine:\n    base_path: {model_files}\n    unet: diffusion_models/\n    clip: text_encoders/\n"
+                   f"    vae: vae/\n")
+    wf = tmp_path / "t2v.json"
+    wf.write_text(json.dumps(cf.template("text_to_video_wan.json")))
+    (tmp_path / "empty").mkdir()
+    args = ["run", str(wf), "--models-dir", str(tmp_path / "empty"), "--extra-model-paths", str(yml),
+            "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    for o in SIZE_21:
+        args += ["--set", o]
+    try:
+        assert main(args) == 0
+    finally:
+        paths.set_extra_model_paths(None)
+        paths.set_models_dir(None)
+    assert list((tmp_path / "out" / "video").glob("ComfyUI_*.mp4"))
