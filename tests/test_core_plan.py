@@ -193,3 +193,19 @@ def test_template_runs_with_models_found_through_extra_model_paths(model_files, 
         paths.set_extra_model_paths(None)
         paths.set_models_dir(None)
     assert list((tmp_path / "out" / "video").glob("ComfyUI_*.mp4"))
+
+
+def test_run_compile_eager_on_the_wan2_2_template_equals_eager(model_files, tmp_path):
+    """Both experts (fp8_scaled + LoRA) compiled after their patches; the split's result equals the plain run."""
+    import dataclasses
+
+    from twinflow.runner.plan import with_compile_nodes
+
+    runner, wf, prompt = _prompt("video_wan2_2_14B_t2v.json", SIZE_22)
+    plain = runner.run(wf, overrides=SIZE_22, output_dir=tmp_path / "a", models_dir=model_files)
+    compiled = with_compile_nodes(prompt, "eager")
+    inserted = {k: v for k, v in compiled.items() if k.startswith("twinflow_compile_")}
+    assert sorted(v["class_type"] for v in inserted.values()) == ["TwinFlowCompileCoreModel"] * 2 + ["TwinFlowCompileCoreVAE"]
+    assert {compiled["81"]["inputs"]["model"][0], compiled["78"]["inputs"]["model"][0]} <= set(inserted)
+    res = runner.run(dataclasses.replace(wf, prompt=compiled), output_dir=tmp_path / "b", models_dir=model_files)
+    torch.testing.assert_close(_latent(res, "78"), _latent(plain, "78"), rtol=1e-4, atol=1e-5)
