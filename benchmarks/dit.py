@@ -98,7 +98,8 @@ def build_pair(cfg, dtype, seed=0, device="cpu"):
     return ours.eval(), ref.eval()
 
 
-def _config(cname):
+def dit_config(cname):
+    """A benchmark model config: tiny, 1.3b-2blocks (Wan2.1 1.3B widths, 2 of its 30 blocks) or 1.3b."""
     from twinflow.models import wan_dit
 
     if cname == "tiny":
@@ -158,7 +159,7 @@ def cuda_rows(cname="1.3b", dname="bf16", shape=(1, 16, 5, 60, 104), ctx_tokens=
     two models after a warm-up each; CUDA peak memory above the model; relative error. `fits(seconds, what)`
     (the GPU acceptance run's budget) may veto the timing after the models are built; then None.
     (`device="cpu"` runs the same steps with wall-clock times and no memory figure: the CPU test of this code.)"""
-    cfg, dtype = _config(cname), DTYPES[dname]
+    cfg, dtype = dit_config(cname), DTYPES[dname]
     cuda = torch.device(device).type == "cuda"
     timer = _cuda_median_s if cuda else _wall_median_s
     t0 = time.perf_counter()
@@ -193,7 +194,7 @@ def _cases(configs, dtypes, shape, ctx_tokens, fold_variants, sampler_step=True)
     "cached" case (a sampler step with the text K/V cached) after the folded one, timed while the
     generator is suspended inside its text_cache() block."""
     for cname in configs:
-        cfg = _config(cname)
+        cfg = dit_config(cname)
         for dname in dtypes:
             dtype = DTYPES[dname]
             ours, ref = build_pair(cfg, dtype)

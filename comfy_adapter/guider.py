@@ -70,8 +70,11 @@ def guider_class():
     if _CLASS is not None:
         return _CLASS
     import comfy.model_patcher
+    import comfy.patcher_extension
     import comfy.sampler_helpers
     import comfy.samplers
+
+    from . import step_cache
 
     class TwinFlowDualBranchGuider(comfy.samplers.CFGGuider):
         """Semantic MODEL = this guider's model_patcher; the detail MODEL is loaded and conditioned alongside."""
@@ -84,6 +87,7 @@ def guider_class():
             self.cfg_detail = cfg_detail
             self.over_time = over_time
             self.evaluations: list = []
+            self.twinflow_branch_name = "semantic"  # the name the step cache reports this model's skips under
 
         def set_conds(self, positive, negative, positive_detail=None, negative_detail=None):
             conds = {"positive": positive, "negative": negative,
@@ -117,11 +121,21 @@ def guider_class():
                                                              denoise_mask, seed)
             # The detail model keeps its own model options (its patches and wrappers), plus the sigma grid.
             opts = comfy.model_patcher.create_model_options_clone(self.detail_patcher.model_options)
-            opts.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+            to = opts.setdefault("transformer_options", {})
+            to["sample_sigmas"] = sigmas
+            # the detail patcher's own wrappers (e.g. TwinFlow Step Cache's), as prepare_model_patcher merges the
+            # semantic model's; its step cache gets its own run state (one cache per branch)
+            comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), self.detail_patcher.wrappers,
+                                                       copy_dict1=False)
+            self.detail_cache = step_cache.start_run(to, sigmas, self.detail_patcher.get_model_object(
+                "model_sampling"), getattr(self.detail_patcher.model, "diffusion_model", None), "detail")
             self.detail_model_options = opts
             self.evaluations = []
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                        disable_pbar, seed)
+            try:
+                return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                            disable_pbar, seed)
+            finally:
+                step_cache.finish_run(self.detail_cache)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
             sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")

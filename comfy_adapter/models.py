@@ -92,6 +92,10 @@ class ComfyApplyModel(nn.Module):
         device = getattr(patcher, "load_device", None) or torch.device("cpu")
         self.anchor = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
 
+    def time_source(self) -> nn.Module:
+        """The core Wan model, whose time embedding and shape the step cache's teacache/magcache read."""
+        return self.patcher.model.diffusion_model
+
     def transformer_options(self) -> dict:
         """The patcher's transformer options with its wrappers merged in, as ComfyUI's sampling passes them."""
         opts = dict(self.patcher.model_options.get("transformer_options", {}))
@@ -137,6 +141,9 @@ def wrap_model(patcher, name: str = "") -> Denoiser:
         raise UnsupportedError(f"the MODEL input takes {in_ch} channels and predicts {out_ch} (an image-to-video or "
                                f"control model needing extra inputs); TwinFlow samplers run Wan2.1 text-to-video")
     info = {"source": "ComfyUI MODEL (apply_model)", "latent_channels": out_ch}
+    cache = patcher.model_options.get("transformer_options", {}).get("twinflow_step_cache")
+    if cache is not None:  # from TwinFlow Step Cache: our sampler caches at its loop (comfy_adapter/step_cache.py)
+        info["step_cache"] = cache
     fmt = _latent_format_name(patcher)
     if fmt is not None:
         info["latent_format"] = fmt

@@ -43,6 +43,12 @@ def add_interrupt_check(fn: Callable[[], None]) -> None:
         _extra_interrupt_checks.append(fn)
 
 
+def remove_interrupt_check(fn: Callable[[], None]) -> None:
+    """Unregister a callback added with `add_interrupt_check` (no error if it is not registered)."""
+    if fn in _extra_interrupt_checks:
+        _extra_interrupt_checks.remove(fn)
+
+
 def request_interrupt() -> None:
     """Ask every running loop to stop at its next `check_interrupt()`."""
     _interrupt.set()
@@ -79,10 +85,14 @@ class Progress:
         node = node_id if node_id is not None else current_node()
         self._bar = _backend(self.total, desc, node) if _backend is not None else None
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, preview=None) -> None:
+        """Advance by `n`; `preview` (e.g. the sampler's denoised latent) goes to a backend that shows
+        previews (one with a `preview(value)` method); others ignore it."""
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
+            if preview is not None and hasattr(self._bar, "preview"):
+                self._bar.preview(preview)
         check_interrupt()
 
     def close(self) -> None:

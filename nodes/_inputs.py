@@ -34,6 +34,22 @@ def as_model(obj, *, need_module: bool = False, name: str = "model") -> Denoiser
                     f"{type(obj).__name__}; a core MODEL is accepted inside ComfyUI only")
 
 
+def with_step_cache(obj, config, *, name: str = "model"):
+    """A copy of input `name` that samples with the step cache `config`: a TWINFLOW_MODEL carries it in its info
+    (the TwinFlow samplers build one cache per branch from it); a core MODEL is cloned with the adapter's wrappers
+    (core samplers, and the TwinFlow ones, cache with it). The input is not changed."""
+    if isinstance(obj, Denoiser):
+        new = obj.clone()
+        new.info["step_cache"] = config
+        return new
+    if _adapter() is not None:
+        from ..comfy_adapter import step_cache
+
+        return step_cache.with_step_cache(obj, config)
+    raise TypeError(f"TwinFlow Step Cache: input '{name}' must be a TWINFLOW_MODEL or, inside ComfyUI, a core MODEL; "
+                    f"got {type(obj).__name__}")
+
+
 def as_vae(obj, *, name: str = "vae"):
     """A TWINFLOW_VAE (`models.wan_vae.WanVAE`) from input `name`: ours unchanged, a core VAE converted by
     the adapter (weights shared)."""

@@ -12,7 +12,8 @@ from ..sampling.guidance import Branch
 from ..sampling.noise import SEED_MAX
 from ..sampling.schedules import SCHEDULERS, sampler_sigmas
 from ..sampling.solvers import SAMPLER_NAMES
-from ._inputs import as_model
+from ..sampling.step_cache import CALIBRATIONS, DEFAULTS, POLICIES, WINDOW_UNITS, make_config
+from ._inputs import as_model, with_step_cache
 from ._loaders import model_names, random_preset
 
 CATEGORY = "TwinFlow/sampling"
@@ -182,15 +183,67 @@ class TwinFlowDualBranchSampler:
         return (out, report.text())
 
 
+class TwinFlowStepCache:
+    DESCRIPTION = ("Skip denoiser forwards whose output barely changes and reuse the cached one (easycache = ComfyUI "
+                   "core's EasyCache criterion, calibration-free; magcache / teacache = the authors' published Wan2.1 "
+                   "1.3B/14B calibration). Each sampler branch keeps its own cache; the sampler report says what was "
+                   "skipped. Works on TwinFlow models and, inside ComfyUI, on core MODELs (core samplers too).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("TWINFLOW_MODEL,MODEL", {"tooltip": "the model to cache (TwinFlow or core MODEL)"}),
+            "policy": (list(POLICIES), {"default": "easycache", "tooltip": "easycache: calibration-free (core's "
+                       "criterion and defaults); magcache / teacache: need Wan2.1 T2V 1.3B or 14B"}),
+            "threshold": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 3.0, "step": 0.005, "tooltip": "higher = more "
+                          "skips, more deviation; 0 = never skip. Published defaults: easycache 0.2, magcache 0.12, "
+                          "teacache 0.2 (its README: 0.08 for 1.3B)"}),
+            "start": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 10000.0, "step": 0.01, "tooltip": "first point "
+                      "where skipping may happen (unit: window_unit); easycache's default 0.15 of the schedule"}),
+            "end": ("FLOAT", {"default": 0.95, "min": -1.0, "max": 10000.0, "step": 0.01, "tooltip": "last point "
+                    "where skipping may happen (percent: 0.95; step: inclusive, -1 = last step; sigma: skip while "
+                    "sigma > end)"}),
+            "window_unit": (list(WINDOW_UNITS), {"default": "percent", "tooltip": "percent of the schedule (as core, "
+                            "mapped to sigma by the model's shift), 0-based step index, or sigma"}),
+            "max_consecutive_skips": ("INT", {"default": -1, "min": -1, "max": 1000, "step": 1, "tooltip": "cap on "
+                                      "skips in a row per pass; -1 = the policy's default (magcache 2, else none), "
+                                      "0 = no cap"}),
+            "cache_device": (["compute", "offload"], {"default": "compute", "tooltip": "keep the cached outputs "
+                             "beside the latent (compute) or in CPU memory (offload: saves GPU memory, one copy per "
+                             "skipped step)"}),
+            "calibration": (list(CALIBRATIONS), {"default": "auto", "tooltip": "magcache/teacache data: auto detects "
+                            "Wan2.1 1.3B (dim 1536) or 14B (dim 5120) and refuses other models"}),
+            "core_compatible": ("BOOLEAN", {"default": False, "tooltip": "easycache: give skipped steps the "
+                                "prediction core ComfyUI 0.3.64's EasyCache gives on flow models, (1-sigma)(x+r) "
+                                "(with CFG batched: both passes' residuals added), instead of x - sigma(x+r) "
+                                "(docs/sampling.md); for comparing with core only"}),
+        }}
+
+    RETURN_TYPES = ("TWINFLOW_MODEL,MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, policy, threshold, start, end, window_unit, max_consecutive_skips, cache_device,
+              calibration, core_compatible=False):
+        skips = DEFAULTS.get(policy, {}).get("max_skips", 0) if max_consecutive_skips < 0 else max_consecutive_skips
+        config = make_config(policy, threshold, start=start, end=None if (window_unit == "step" and end < 0) else end,
+                             window=window_unit, max_skips=skips, cache_device=cache_device, calibration=calibration,
+                             match_core=bool(core_compatible))
+        return (with_step_cache(model, config),)
+
+
 NODE_CLASS_MAPPINGS = {
     "TwinFlowGateSchedule": TwinFlowGateSchedule,
     "TwinFlowLoadGateNet": TwinFlowLoadGateNet,
     "TwinFlowSampler": TwinFlowSampler,
     "TwinFlowDualBranchSampler": TwinFlowDualBranchSampler,
+    "TwinFlowStepCache": TwinFlowStepCache,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TwinFlowGateSchedule": "TwinFlow Gate Schedule",
     "TwinFlowLoadGateNet": "TwinFlow Load Gate Net",
     "TwinFlowSampler": "TwinFlow Sampler",
     "TwinFlowDualBranchSampler": "TwinFlow Dual-Branch Sampler",
+    "TwinFlowStepCache": "TwinFlow Step Cache",
 }

@@ -1,7 +1,7 @@
-"""The `twinflow` command line: run / validate / convert / nodes / doctor / fit-gate / plan / cache.
+"""The `twinflow` command line: run / validate / convert / nodes / doctor / fit-gate / plan / cache / serve / batch.
 
 Every subcommand is registered here, explicitly (`build_parser`); a command that needs more than a few
-lines keeps its code in its own runner module (`fit_gate.py`, `plan.py`).
+lines keeps its code in its own runner module (`fit_gate.py`, `plan.py`, `serve/cli.py`).
 
 Exit codes: 0 success; 1 a workflow, validation, model-file or node error (one clear paragraph, no
 traceback; a node that crashed with an unexpected exception also shows its traceback); 2 bad command
@@ -23,6 +23,7 @@ from pathlib import Path
 from ..core import paths, progress
 from ..core.errors import Interrupted, TwinFlowError, WorkflowError
 from . import fit_gate
+from .serve import cli as serve_cli
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quantize", metavar="FORMAT", choices=_quant_formats(),
                    help="insert a TwinFlow Quantize Model node (this format, its accuracy report and check) before "
                         "every sampler's model, core UNETLoader models included: " + ", ".join(_quant_formats()))
+    r.add_argument("--step-cache", metavar="POLICY:THRESHOLD[,KEY=VALUE...]",
+                   help="step caching on every TwinFlow sampler branch of the workflow, replacing what the graph "
+                        "sets: easycache:0.2, magcache:0.12, teacache:0.2 (keys: start, end, window, max_skips, "
+                        "device, calibration; docs/sampling.md), or none to turn caching off")
 
     v = sub.add_parser("validate", help="check a workflow without running it")
     v.add_argument("workflow")
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="what this environment can do, and why not")
 
     fit_gate.add_parser(sub)
+    serve_cli.add_parsers(sub)  # serve, batch (their functions are set as `func`)
 
     pl = sub.add_parser("plan", help="show which sub-graphs of a workflow would compile, with which profile and "
                         "backend, cache hit/miss and build estimates (nothing runs)")
@@ -183,8 +189,23 @@ def _quant_formats() -> tuple:
     return tuple(FORMATS)
 
 
+def _step_cache_spec(text):
+    """--step-cache value -> StepCacheConfig, step_cache.OFF for none/off, None when not given; a bad value is a
+    ValueError that `main` prints as one line (no usage dump, no traceback)."""
+    from ..sampling import step_cache
+
+    if text is None:
+        return None
+    try:
+        return step_cache.parse_spec(text) or step_cache.OFF
+    except ValueError as e:
+        raise ValueError(f"--step-cache: {e}") from None
+
+
 def cmd_run(args) -> int:
     from .api import Runner
+
+    cache_override = _step_cache_spec(getattr(args, "step_cache", None))  # before any work: a typo fails at once
 
     _set_kernels(args.kernels or args.kernels_global)
     if not args.no_progress:
@@ -204,9 +225,14 @@ def cmd_run(args) -> int:
         if args.compile:
             prompt = with_compile_nodes(prompt, args.compile)
         workflow, overrides = dataclasses.replace(wf, prompt=prompt), None
-    with _SigintHandler():
+    from ..sampling import step_cache
+
+    with _SigintHandler(), step_cache.run_override(cache_override) as used:
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
+    if cache_override is not None and not used:
+        logging.getLogger(__name__).warning("--step-cache %s: no TwinFlow sampler ran in this workflow, so nothing "
+                                            "was cached", args.step_cache)
     files = [str(f) for f in result.files()]
     if args.json:
         print(json.dumps({"outputs": dict(result), "files": files,

@@ -17,6 +17,8 @@ EXTRAS = (
     ("transformers", "UMT5 text encoder", "pip install 'comfyui-twinflow[text]'"),
     ("diffusers", "reference checks in the tests", "pip install 'diffusers==0.42.1'"),
     ("onnxruntime", "ONNX export checks", "pip install 'comfyui-twinflow[onnx]'"),
+    ("aiohttp", "twinflow serve (ComfyUI's HTTP + WebSocket API)", "pip install 'comfyui-twinflow[serve]'"),
+    ("ray", "twinflow serve/batch --ray (prompts on Ray actors)", "pip install 'comfyui-twinflow[ray]'"),
 )
 HOOK_PACKAGES = ("fused", "compiled", "quant", "models")
 

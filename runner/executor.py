@@ -154,8 +154,13 @@ class Executor:
         self._objects.clear()
 
     def execute(self, validated: ValidatedPrompt, *, extra_pnginfo: Optional[dict] = None,
-                original_prompt: Optional[dict] = None) -> RunResult:
+                original_prompt: Optional[dict] = None, listener=None) -> RunResult:
+        """Run the prompt. `listener(event, data)`, when given, is called as ComfyUI's server messages are
+        sent: ("execution_cached", {"nodes"}), ("executing", {"node"}) before a node runs and
+        ("executed", {"node", "output", "cached"}) after a node with a ui dict ran or was reused."""
         import torch  # lazy: the runner's import stays cheap
+
+        emit = listener if listener is not None else (lambda event, data: None)
 
         prompt = validated.prompt
         hidden_prompt = original_prompt if original_prompt is not None else prompt
@@ -165,6 +170,7 @@ class Executor:
             node = prompt[nid]
             sigs[nid] = self._signature(nid, node, self.registry[node["class_type"]], sigs)
         cached = [nid for nid in validated.order if sigs[nid] in self._cache]  # ComfyUI's "execution_cached"
+        emit("execution_cached", {"nodes": list(cached)})
         values: dict[str, _Entry] = {}
         executed, timings = [], []
         requested: dict[str, set] = {}  # lazy inputs check_lazy_status asked for, per node
@@ -190,6 +196,8 @@ class Executor:
                         if wanted:
                             stack.extend(w for w in wanted if w not in values)
                             continue
+                        if nid not in requested:  # once per node, also when lazy inputs send it back
+                            emit("executing", {"node": nid})
                         progress.set_current_node(nid)
                         try:
                             more = self._lazy_requests(nid, node, cls, values, requested, hidden_prompt,
@@ -205,6 +213,8 @@ class Executor:
                         calls = 0
                     stack.pop()
                     values[nid] = entry
+                    if entry.ui is not None:
+                        emit("executed", {"node": nid, "output": entry.ui, "cached": calls == 0})
                     timings.append(NodeTiming(nid, ctype, time.perf_counter() - start, calls == 0, calls))
                     logger.info("node #%s %s: %s in %.3f s", nid, ctype, "cached" if calls == 0 else "ran",
                                 timings[-1].seconds)

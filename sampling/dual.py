@@ -29,6 +29,7 @@ from .guidance import Branch
 from .noise import latent_format_for, prepare_noise
 from .schedules import sampler_sigmas
 from .solvers import get_solver
+from .step_cache import BranchCache, config_for, percent_to_sigma_flow, text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class RunReport:
     sigmas: list = field(default_factory=list)
     alphas: list = field(default_factory=list)  # (alpha, cutoff, ran) per model evaluation; ran in {S, D, S+D}
     branches: dict = field(default_factory=dict)  # name -> {forwards, items, seconds, model}
+    cache: dict = field(default_factory=dict)  # name -> step cache summary (step_cache.BranchCache.summary) or None
     fuse_seconds: float = 0.0
     total_seconds: float = 0.0
 
@@ -57,6 +59,7 @@ class RunReport:
         for name, b in self.branches.items():
             lines.append(f"{name} ({b['model']}): {b['forwards']} forwards ({b['items']} latents), "
                          f"{b['seconds']:.3f} s")
+        lines.extend(text_lines(self.cache))
         lines.append(f"fusion: {self.fuse_seconds:.3f} s; total {self.total_seconds:.3f} s")
         if self.alphas:
             lines.append("per step (alpha, cutoff, branches): " + "; ".join(
@@ -127,6 +130,10 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
     for b in (semantic, detail):
         if b is not None:
             b.prepare(batch)
+            # one cache per branch: a branch's skips never use another branch's history
+            cfg = config_for(b.denoiser, b.name)
+            b.cache = BranchCache(cfg, b.name, sigmas, percent_to_sigma_flow(float(shift)), b.denoiser) \
+                if cfg is not None else None
     x0 = samples.to(device=device, dtype=torch.float32)
     if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
         x0 = fmt.process_in(x0)
@@ -139,17 +146,17 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
         check_interrupt()
         sigma = float(sigmas[i])
         if detail is None:
-            v, ran = semantic.velocity(x, sigma), "S"
+            v, ran = semantic.velocity(x, sigma, i), "S"
             report.alphas.append((1.0, 0.0, ran))
             return x - sigma * v
         alpha, cutoff = gate(i, sigma, n_steps)
         if alpha >= 1.0:
-            v, ran = semantic.velocity(x, sigma), "S"
+            v, ran = semantic.velocity(x, sigma, i), "S"
         elif alpha <= 0.0 and cutoff <= 0.0:
-            v, ran = detail.velocity(x, sigma), "D"
+            v, ran = detail.velocity(x, sigma, i), "D"
         else:
-            v_s = semantic.velocity(x, sigma)
-            v_d = detail.velocity(x, sigma)
+            v_s = semantic.velocity(x, sigma, i)
+            v_d = detail.velocity(x, sigma, i)  # a skipped detail step returns its cached output: no forward
             t0 = time.perf_counter()
             v = fuse(v_s, v_d, alpha, cutoff, width, over_time)
             if v.is_cuda:
@@ -159,16 +166,29 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
         report.alphas.append((alpha, cutoff, ran))
         return x - sigma * v
 
-    with contextlib.ExitStack() as caches, Progress(total=n_steps, desc=desc) as bar:
-        enter_text_caches(caches, semantic.denoiser, detail.denoiser if detail is not None else None)
-        x = solver(model, x, sigmas, lambda i: bar.update(1))
-    out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)
+    last_x0: list = [None]  # the latest denoised estimate: a host may show it as a preview
 
-    for b in (semantic, detail):
-        if b is not None:
-            report.branches[b.name] = {"forwards": b.stats.forwards, "items": b.stats.items,
-                                       "seconds": round(b.stats.seconds, 4),
-                                       "model": b.denoiser.name or b.denoiser.family}
+    def model_keep(x: torch.Tensor, i: int) -> torch.Tensor:
+        last_x0[0] = model(x, i)
+        return last_x0[0]
+
+    try:
+        with contextlib.ExitStack() as caches, Progress(total=n_steps, desc=desc) as bar:
+            enter_text_caches(caches, semantic.denoiser, detail.denoiser if detail is not None else None)
+            x = solver(model_keep, x, sigmas, lambda i: bar.update(1, preview=last_x0[0]))
+        out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)
+
+        for b in (semantic, detail):
+            if b is not None:
+                report.branches[b.name] = {"forwards": b.stats.forwards, "items": b.stats.items,
+                                           "seconds": round(b.stats.seconds, 4),
+                                           "model": b.denoiser.name or b.denoiser.family}
+                c = b.cache
+                report.cache[b.name] = None if c is None else c.summary(max(0.0, b.stats.seconds - c.overhead))
+    finally:
+        for b in (semantic, detail):
+            if b is not None:
+                b.cache = None  # drop the cached residuals with the run
     report.fuse_seconds = round(fuse_time[0], 4)
     report.total_seconds = round(time.perf_counter() - t_start, 4)
     logger.info("%s", report.text())

@@ -18,6 +18,7 @@ import torch
 
 from ..core.handles import Denoiser
 from ..core.log import log_once
+from .step_cache import BranchCache
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Branch:
     name: str = "semantic"
     batch_cfg: str = "auto"  # "auto" | "never"
     stats: BranchStats = field(default_factory=BranchStats)
+    cache: Optional[BranchCache] = None  # this run's step cache (sampling/step_cache.py), set by the sampler
 
     def __post_init__(self):
         if not isinstance(self.denoiser, Denoiser):
@@ -137,30 +139,61 @@ class Branch:
                  p.shape[1], n.shape[1])
         return None
 
-    @torch.no_grad()
-    def velocity(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """CFG-guided velocity at `sigma` for latent x [B, C, T, H, W] (float32 out)."""
-        t0 = time.perf_counter()
-        s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
+    def _forward_count(self) -> int:
+        """Forwards one uncached evaluation makes (a batched CFG pair is one)."""
         if not self._guided:
-            v = self._mean(x, s, self._pos)
-        else:
-            v_c = v_u = None
+            return len(self._pos)
+        if self._batched and self._batch_pair() is not None:
+            return 1
+        return len(self._pos) + len(self._neg)
+
+    def _passes(self, x: torch.Tensor, s: torch.Tensor, need: tuple) -> dict:
+        """Velocities of the passes in `need` ("cond", "uncond"): one batched forward for both when possible."""
+        if need == ("cond", "uncond"):
             pair = self._batch_pair() if self._batched else None
             if pair is not None:
                 b = x.shape[0]
                 try:
                     pos, neg = (c.expand(b, -1, -1) for c in pair)
                     both = self._forward(torch.cat([x, x]), torch.cat([s, s]), torch.cat([pos, neg]))
-                    v_c, v_u = both[:b], both[b:]
+                    return {"cond": both[:b], "uncond": both[b:]}
                 except torch.cuda.OutOfMemoryError:
                     self._batched = False
                     log_once(logger, ("cfg_unbatched", self.name), "%s branch: out of memory with cond+uncond "
                              "batched; running them as two forwards from now on", self.name, level=logging.WARNING)
-            if v_c is None:
-                v_c = self._mean(x, s, self._pos)
-                v_u = self._mean(x, s, self._neg)
-            v = v_u + self.cfg * (v_c - v_u)
+        return {p: self._mean(x, s, self._pos if p == "cond" else self._neg) for p in need}
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, sigma: float, step: Optional[int] = None) -> torch.Tensor:
+        """CFG-guided velocity at `sigma` for latent x [B, C, T, H, W] (float32 out).
+
+        With a step cache attached (`self.cache`, set by the sampler) and `step` given, the cache decides per
+        pass whether to skip the forward; a skipped pass costs no forward."""
+        t0 = time.perf_counter()
+        s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
+        passes = ("cond", "uncond") if self._guided else ("cond",)
+        cache = self.cache if step is not None else None
+        if cache is None:
+            outs = self._passes(x, s, passes)
+        else:
+            cache.begin(step, float(sigma))
+            n_uncached = self._forward_count()
+            before = self.stats.forwards
+            batched = self._guided and self._batched and self._batch_pair() is not None
+            groups = [passes] if (batched or not self._guided) else [("uncond",), ("cond",)]
+            outs = {}
+            for g in groups:
+                skip = cache.plan(x, g)
+                need = tuple(p for p in g if p not in skip)
+                computed = self._passes(x, s, need) if need else {}
+                outs.update(cache.complete(x, g, computed, items_per_pass=x.shape[0]))
+            made = self.stats.forwards - before
+            cache.count_forwards(made)
+            cache.forwards_saved += max(0, n_uncached - made)
+        if self._guided:
+            v = outs["uncond"] + self.cfg * (outs["cond"] - outs["uncond"])
+        else:
+            v = outs["cond"]
         if x.is_cuda:
             torch.cuda.synchronize(x.device)  # honest per-branch times
         self.stats.seconds += time.perf_counter() - t0

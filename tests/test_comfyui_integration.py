@@ -555,3 +555,121 @@ def test_dual_branch_guider_equals_twinflow_dual_branch_sampler(server):
     guided, ours = _latent(server, entry, "12"), _latent(server, entry, "23")
     assert guided.abs().max() > 0.1
     torch.testing.assert_close(ours, guided, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ step cache
+def _skips_in_log(text: str, marker: str) -> list[int]:
+    """Skipped-step counts in log lines containing `marker` (core: 'EasyCache - skipped N/M'; ours: 'N skipped')."""
+    import re
+
+    out = []
+    for ln in text.splitlines():
+        if marker not in ln:
+            continue
+        m = re.search(r"skipped (\d+)/\d+ steps", ln) or re.search(r"computed, (\d+) skipped", ln)
+        if m:
+            out.append(int(m.group(1)))
+    return out
+
+
+def _step_cache(model: str, threshold: float, core_compatible: bool = True) -> dict:
+    return {"class_type": "TwinFlowStepCache", "inputs": {
+        "model": [model, 0], "policy": "easycache", "threshold": threshold, "start": 0.15, "end": 0.95,
+        "window_unit": "percent", "max_consecutive_skips": -1, "cache_device": "compute", "calibration": "auto",
+        "core_compatible": core_compatible}}
+
+
+def test_step_cache_easycache_skips_as_core_easycache(server):
+    """Core EasyCache -> KSampler (the oracle) against TwinFlow Step Cache (easycache, core-compatible skip output)
+    -> core KSampler (our ComfyUI wrappers) and -> TwinFlow Sampler (our sampler loop): same model, euler, simple,
+    20 steps. At 0.6 core skips steps of the random 2-block DiT (it skips none at 0.3); all three skip as many, and
+    the latents agree within 1e-4."""
+    thr = 0.6
+    p = _common({"class_type": "EasyCache", "inputs": {"model": ["1", 0], "reuse_threshold": thr,
+                                                        "start_percent": 0.15, "end_percent": 0.95,
+                                                        "verbose": False}})
+    p["5"] = {**_ksampler(5, 20, node_model="2")}
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "sc_core"}}
+    p["7"] = _step_cache("1", thr)
+    p["8"] = _ksampler(5, 20, node_model="7")
+    p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "sc_ours_core"}}
+    p["10"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["7", 0], "latent": ["4", 0], "seed": 5, "steps": 20, "cfg": 1.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0]}}
+    p["11"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "sc_ours_tf"}}
+    p["12"] = _ksampler(5, 20)
+    p["13"] = {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "sc_nocache"}}
+    start = len(server.log())
+    entry = server.run(p)
+    log = server.log()[start:]
+    core_n = _skips_in_log(log, "EasyCache - skipped")
+    ours_core = _skips_in_log(log, "step cache model:")
+    ours_tf = _skips_in_log(log, "step cache semantic:")
+    assert core_n and core_n[0] > 0, f"core EasyCache skipped nothing at {thr}: {core_n}\n{log[-3000:]}"
+    assert ours_core == core_n and ours_tf == core_n, (core_n, ours_core, ours_tf)
+    core = _latent(server, entry, "6")
+    plain = _latent(server, entry, "13")
+    assert not torch.equal(core, plain)  # the skips changed the result, so agreement below means something
+    for node in ("9", "11"):
+        ours = _latent(server, entry, node)
+        rel = float((ours - core).norm() / core.norm())
+        assert rel <= 1e-4, (node, rel)
+
+
+def test_step_cache_per_branch_in_dual_branch_guider(server):
+    """A step-cached detail MODEL in TwinFlow's Dual-Branch Guider at alpha 0 equals core CFGGuider on the same cached
+    model (CFG 2, both passes through our wrapper), and the log reports the detail branch's cache on its own."""
+    thr = 0.6
+    ours_graph = _guider_graph("constant", 0.0, 0.0)
+    core_graph = _guider_graph("constant", 0.0, 0.0, guider="core_detail")
+    for g in (ours_graph, core_graph):
+        g["20"] = _step_cache("2", thr, core_compatible=False)
+        g["10"]["inputs"]["steps"] = 20
+        g["9"]["inputs"]["sampler_name"] = "euler"
+    ours_graph["7"]["inputs"]["detail"] = ["20", 0]
+    core_graph["7"]["inputs"]["model"] = ["20", 0]
+    start = len(server.log())
+    ours = _latent(server, server.run(ours_graph), "12")
+    log_ours = server.log()[start:]
+    core = _latent(server, server.run(core_graph), "12")
+    log_core = server.log()[start + len(log_ours):]
+    detail_n = _skips_in_log(log_ours, "step cache detail:")
+    assert detail_n and detail_n == _skips_in_log(log_core, "step cache model:"), (detail_n, log_core[-2000:])
+    assert not _skips_in_log(log_ours, "step cache semantic:")  # the semantic model carries no cache
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
+
+
+def test_step_cache_easycache_with_cfg_skips_as_core_easycache(server):
+    """The same at CFG 3 with a negative prompt (cond and uncond in one batch): core decides on one entry for both and,
+    on a skip, adds both entries' cached residuals to the batch; TwinFlow's easycache (core-compatible) through core
+    KSampler and through the TwinFlow Sampler skips as many steps and lands within 1e-4 of core's latent."""
+    thr = 0.6
+    p = _common({"class_type": "EasyCache", "inputs": {"model": ["1", 0], "reuse_threshold": thr,
+                                                        "start_percent": 0.15, "end_percent": 0.95,
+                                                        "verbose": False}})
+    p["30"] = {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "blurry", "width": 4096, "pad_to": 512}}
+
+    def ks(model):
+        k = _ksampler(5, 20, node_model=model)
+        k["inputs"].update(cfg=3.0, negative=["30", 0])
+        return k
+
+    p["5"] = ks("2")
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "scc_core"}}
+    p["7"] = _step_cache("1", thr)
+    p["8"] = ks("7")
+    p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "scc_ours_core"}}
+    p["10"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["7", 0], "latent": ["4", 0], "seed": 5, "steps": 20, "cfg": 3.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 8.0, "denoise": 1.0, "positive": ["3", 0], "negative": ["30", 0]}}
+    p["11"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "scc_ours_tf"}}
+    start = len(server.log())
+    entry = server.run(p)
+    log = server.log()[start:]
+    core_n = _skips_in_log(log, "EasyCache - skipped")
+    assert core_n and core_n[0] > 0, f"core EasyCache skipped nothing at {thr}: {core_n}\n{log[-3000:]}"
+    assert _skips_in_log(log, "step cache model:") == core_n and _skips_in_log(log, "step cache semantic:") == core_n
+    core = _latent(server, entry, "6")
+    for node in ("9", "11"):
+        rel = float((_latent(server, entry, node) - core).norm() / core.norm())
+        assert rel <= 1e-4, (node, rel)

@@ -37,6 +37,9 @@ def _cases(tmp: Path) -> dict:
         "benchmarks.fused": ((["--help"], 0, "--block") if torch.cuda.is_available() else ([], 2, "needs a CUDA GPU")),
         "benchmarks.quant": (["--help"], 0, "memory"),  # `memory` itself: tests/test_quant_bench.py
         "benchmarks.sampling": (["--help"], 0, "--layers"),
+        # a bad spec is refused before any model is built; the smoke run: tests/test_step_cache_bench.py
+        "benchmarks.serve": (["--help"], 0, "--clients"),  # a served run: tests/test_bench_serve.py
+        "benchmarks.step_cache": (["--policies", "nonsense:1"], 2, "unknown policy 'nonsense'"),
         "benchmarks.vae": (["--cases", "smoke", "--device", "tpu"], 2, "use cpu or cuda"),  # smoke: test_vae_bench
         "tools.build_workflows": (["--check"], 0, "current: workflows/"),
         "tools.gpu_accept": (["--help"], 0, "--dry-run"),  # the dry run itself: tests/test_gpu_accept.py
