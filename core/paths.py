@@ -1,7 +1,8 @@
 """Where model files are found and where outputs go.
 
 Headless: a models directory with ComfyUI's layout (`vae/`, `diffusion_models/`, `text_encoders/`,
-`checkpoints/`, ...): `--models-dir`, else `$TWINFLOW_MODELS_DIR`, else `./models`. Inside ComfyUI the
+`checkpoints/`, ...): `--models-dir`, else `$TWINFLOW_MODELS_DIR`, else `./models`; plus the folders of a
+ComfyUI `extra_model_paths.yaml` given by `--extra-model-paths` / `$TWINFLOW_EXTRA_MODEL_PATHS`. Inside ComfyUI the
 adapter installs a resolver backed by `folder_paths`, so the same loader nodes list ComfyUI's files.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_embeddings": ("text_embeddings",),
     "twinflow": ("twinflow",),  # refiners, gate nets, quantized files, compile cache
     "latents": ("latents",),
+    "loras": ("loras",),  # ComfyUI's LoRA folder (LoraLoaderModelOnly)
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".json")
 
@@ -49,6 +51,13 @@ def set_output_dir(path) -> None:
 
 def output_dir() -> Path:
     return _output_dir if _output_dir is not None else Path(os.environ.get("TWINFLOW_OUTPUT_DIR", "output"))
+
+
+def temp_dir() -> Path:
+    """Where preview images go headless (ComfyUI's temp folder): $TWINFLOW_TEMP_DIR, else `temp/` inside the
+    output folder."""
+    env = os.environ.get("TWINFLOW_TEMP_DIR")
+    return Path(env) if env else output_dir() / "temp"
 
 
 def set_input_dir(path) -> None:
@@ -84,11 +93,65 @@ def set_host_hooks(list_hook=None, find_hook=None) -> None:
     _list_hook, _find_hook = list_hook, find_hook
 
 
+_extra_paths_file: Optional[Path] = None
+
+
+def set_extra_model_paths(path) -> None:
+    """Also search the folders of a ComfyUI `extra_model_paths.yaml` (None: $TWINFLOW_EXTRA_MODEL_PATHS, if set)."""
+    global _extra_paths_file
+    _extra_paths_file = Path(path) if path is not None else None
+
+
+def extra_model_folders(yaml_path=None) -> dict[str, list[Path]]:
+    """kind -> folders listed for it in a ComfyUI `extra_model_paths.yaml`, read as ComfyUI reads it
+    (utils/extra_config.py): per section an optional `base_path` (relative to the YAML's folder), then one
+    key per ComfyUI folder name whose value holds one path per line (joined to base_path). ComfyUI's folder
+    names are mapped to ours (`unet` -> diffusion_models, `clip` -> text_encoders); others are ignored."""
+    path = yaml_path or _extra_paths_file or os.environ.get("TWINFLOW_EXTRA_MODEL_PATHS")
+    if not path:
+        return {}
+    path = Path(path).expanduser()
+    try:
+        import yaml
+    except ImportError:
+        raise RuntimeError(f"reading {path} needs PyYAML (pip install pyyaml)") from None
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"extra model paths file {path} not found (--extra-model-paths / "
+                                f"TWINFLOW_EXTRA_MODEL_PATHS)") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected sections of folder names (ComfyUI's extra_model_paths.yaml format)")
+    here = path.resolve().parent
+    kind_of = {sub: kind for kind, subs in MODEL_FOLDERS.items() for sub in subs}
+    out: dict[str, list[Path]] = {}
+    for section, entries in config.items():
+        if not isinstance(entries, dict):
+            raise ValueError(f"{path}: section {section!r} must map folder names to paths")
+        base = entries.get("base_path")
+        if base:
+            base = Path(os.path.expandvars(str(base))).expanduser()
+            base = base if base.is_absolute() else here / base
+        for name, value in entries.items():
+            if name in ("base_path", "is_default") or name not in kind_of or value is None:
+                continue
+            for line in str(value).split("\n"):
+                line = os.path.expandvars(line.strip())
+                if not line:
+                    continue
+                p = Path(line).expanduser()
+                p = base / p if base else (p if p.is_absolute() else here / p)
+                out.setdefault(kind_of[name], []).append(Path(os.path.normpath(p)))
+    return out
+
+
 def _folders(kind: str) -> list[Path]:
     if kind not in MODEL_FOLDERS:
         raise ValueError(f"unknown model folder kind {kind!r}; expected one of {sorted(MODEL_FOLDERS)}")
     root = models_dir()
-    return [root / sub for sub in MODEL_FOLDERS[kind]]
+    return [root / sub for sub in MODEL_FOLDERS[kind]] + extra_model_folders().get(kind, [])
 
 
 def list_models(kind: str) -> list[str]:

@@ -16,11 +16,28 @@ from .validate import ValidatedPrompt, validate_prompt
 logger = logging.getLogger(__name__)
 
 
-def default_registry():
-    """TwinFlow's own nodes (imported on first use)."""
-    from ..nodes import NODE_CLASS_MAPPINGS
+_default: Optional[dict] = None
 
-    return NODE_CLASS_MAPPINGS
+
+def default_registry() -> dict:
+    """TwinFlow's own nodes plus ComfyUI's core node set that runs headless (imported on first use; the same
+    dict on every call, so the process-wide Runner cache finds it)."""
+    global _default
+    if _default is None:
+        from ..nodes import NODE_CLASS_MAPPINGS
+        from ..nodes.core_headless import CLI_NODE_CLASS_MAPPINGS
+        from ..nodes.core_headless import NODE_CLASS_MAPPINGS as CORE
+
+        _default = {**CORE, **NODE_CLASS_MAPPINGS, **CLI_NODE_CLASS_MAPPINGS}
+    return _default
+
+
+def display_names() -> dict:
+    """Display names of every node in `default_registry()`."""
+    from ..nodes import NODE_DISPLAY_NAME_MAPPINGS
+    from ..nodes.core_headless import NODE_DISPLAY_NAME_MAPPINGS as CORE
+
+    return {**CORE, **NODE_DISPLAY_NAME_MAPPINGS}
 
 
 def parse_overrides(overrides) -> dict:
@@ -131,7 +148,7 @@ def run_workflow(workflow, overrides=None, output_dir=None, models_dir=None, reg
         overrides: input values to change: `{"3.seed": 42}`, `{"3": {"seed": 42}}` or ["3.seed=42"].
         output_dir / models_dir: folders for this run (default `core.paths`: ./output, ./models or
             $TWINFLOW_OUTPUT_DIR / $TWINFLOW_MODELS_DIR); restored afterwards.
-        registry: `{class_type: node class}`; default TwinFlow's NODE_CLASS_MAPPINGS.
+        registry: `{class_type: node class}`; default TwinFlow's nodes plus the headless core node set.
         targets: run only these output node ids (ComfyUI's partial execution).
         cache: reuse the process-wide Runner of this registry, so a second call re-executes only the
             nodes whose inputs changed (as ComfyUI does between prompts); False runs everything fresh.

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change an input, e.g. --set 3.seed=42 --set '6.text=a red fox' (VALUE is JSON or text)")
     r.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
     r.add_argument("--models-dir", help="models folder in ComfyUI layout (default ./models or $TWINFLOW_MODELS_DIR)")
+    r.add_argument("--extra-model-paths", metavar="YAML",
+                   help="also search the folders of a ComfyUI extra_model_paths.yaml (or $TWINFLOW_EXTRA_MODEL_PATHS)")
     r.add_argument("--json", action="store_true", help="print results / errors as JSON (ComfyUI error format)")
     r.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
     r.add_argument("--output", dest="targets", action="append", metavar="NODE_ID",
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", choices=("auto", "tensorrt", "inductor", "eager"), metavar="BACKEND",
                    help="insert TwinFlow Compile Model/VAE nodes with the planned profile and build them "
                         "before the first step (see `twinflow plan`)")
+    r.add_argument("--quantize", metavar="FORMAT", choices=_quant_formats(),
+                   help="insert a TwinFlow Quantize Model node (this format, its accuracy report and check) before "
+                        "every sampler's model, core UNETLoader models included: " + ", ".join(_quant_formats()))
     r.add_argument("--step-cache", metavar="POLICY:THRESHOLD[,KEY=VALUE...]",
                    help="step caching on every TwinFlow sampler branch of the workflow, replacing what the graph "
                         "sets: easycache:0.2, magcache:0.12, teacache:0.2 (keys: start, end, window, max_skips, "
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output-dir", help="the output folder `run` would use (checked: writable or creatable)")
     v.add_argument("--output", dest="targets", action="append", metavar="NODE_ID",
                    help="validate only for this output node (repeatable)")
+    v.add_argument("--extra-model-paths", metavar="YAML",
+                   help="also search the folders of a ComfyUI extra_model_paths.yaml (or $TWINFLOW_EXTRA_MODEL_PATHS)")
     v.add_argument("--json", action="store_true")
 
     c = sub.add_parser("convert", help="convert a UI workflow to the API prompt ComfyUI's /prompt takes")
@@ -198,6 +205,12 @@ def _print_error(err: BaseException, as_json: bool, verbose: int = 0) -> None:
         print(f"error: {err}", file=sys.stderr)
 
 
+def _quant_formats() -> tuple:
+    from ..quant.formats import FORMATS
+
+    return tuple(FORMATS)
+
+
 def _step_cache_spec(text):
     """--step-cache value -> StepCacheConfig, step_cache.OFF for none/off, None when not given; a bad value is a
     ValueError that `main` prints as one line (no usage dump, no traceback)."""
@@ -221,15 +234,19 @@ def cmd_run(args) -> int:
         progress.set_backend(_tqdm_backend())
     runner = Runner()
     workflow, overrides = args.workflow, args.overrides
-    if getattr(args, "compile", None):
+    if getattr(args, "compile", None) or getattr(args, "quantize", None):
         import dataclasses
 
         from .api import apply_overrides
-        from .plan import with_compile_nodes
+        from .plan import with_compile_nodes, with_quantize_nodes
 
         wf = runner.load(args.workflow)
         prompt = apply_overrides(wf.prompt, overrides, runner.registry)
-        workflow, overrides = dataclasses.replace(wf, prompt=with_compile_nodes(prompt, args.compile)), None
+        if args.quantize:
+            prompt = with_quantize_nodes(prompt, args.quantize)
+        if args.compile:
+            prompt = with_compile_nodes(prompt, args.compile)
+        workflow, overrides = dataclasses.replace(wf, prompt=prompt), None
     from ..sampling import step_cache
 
     with _SigintHandler(), step_cache.run_override(cache_override) as used:
@@ -299,12 +316,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_nodes(args) -> int:
-    from ..nodes import NODE_DISPLAY_NAME_MAPPINGS
-    from .api import default_registry
+    from .api import default_registry, display_names
     from .spec import object_info
 
     reg = default_registry()
-    info = {name: object_info(name, cls, NODE_DISPLAY_NAME_MAPPINGS.get(name)) for name, cls in sorted(reg.items())}
+    names = display_names()
+    info = {name: object_info(name, cls, names.get(name)) for name, cls in sorted(reg.items())}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return EXIT_OK
@@ -430,6 +447,8 @@ def _main(argv) -> int:
     _setup_logging(args.verbose)
     if getattr(args, "models_dir", None):
         paths.set_models_dir(args.models_dir)
+    if getattr(args, "extra_model_paths", None):
+        paths.set_extra_model_paths(args.extra_model_paths)
     func = getattr(args, "func", None) or COMMANDS.get(args.command)
     if func is None:
         parser.print_help(sys.stderr)

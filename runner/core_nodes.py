@@ -89,6 +89,15 @@ CORE_NODES = frozenset((
 ))
 
 
+# Core nodes outside the headless set whose job a TwinFlow node does (named in the refusal).
+TWINFLOW_EQUIVALENTS = {
+    "SamplerCustom": "TwinFlowSampler", "LoadVideo": "TwinFlowLoadVideo", "LoadLatent": "TwinFlowLoadLatent",
+    "SaveLatent": "TwinFlowSaveLatent", "SaveWEBM": "TwinFlowSaveVideo", "EmptyMochiLatentVideo": "TwinFlowEmptyLatentVideo",
+    "EmptyLatentImage": "TwinFlowEmptyLatentVideo (length 1)", "TorchCompileModel": "TwinFlowCompileModel",
+    "CheckpointLoaderSimple": "TwinFlowLoadDiT + TwinFlowLoadVAE",
+}
+
+
 def is_core_node(class_type) -> bool:
     """Whether `class_type` is a node that ships with ComfyUI itself."""
     return isinstance(class_type, str) and class_type in CORE_NODES
@@ -97,8 +106,13 @@ def is_core_node(class_type) -> bool:
 def unknown_class_hint(class_type, known) -> str:
     """One sentence explaining why `class_type` is unknown here and what to do about it."""
     if is_core_node(class_type):
-        return (f"{class_type!r} is a ComfyUI core node; the headless runner only executes TwinFlow nodes, "
-                f"so run this workflow inside ComfyUI (or replace the node with its TwinFlow equivalent).")
+        twin = TWINFLOW_EQUIVALENTS.get(class_type)
+        if twin:
+            return (f"{class_type!r} is a ComfyUI core node that the headless runner does not execute; replace it "
+                    f"with {twin}, which does the same job, or run this workflow inside ComfyUI.")
+        return (f"{class_type!r} is a ComfyUI core node that the headless runner does not execute (it runs the core "
+                f"Wan text-to-video set: `twinflow nodes` lists it); it needs the ComfyUI host, so run this "
+                f"workflow inside ComfyUI.")
     close = difflib.get_close_matches(str(class_type), list(known), n=3, cutoff=0.6)
     if close:
         return f"unknown node class {class_type!r}; did you mean {', '.join(close)}?"

@@ -85,7 +85,7 @@ class RunResult(dict):
                  roots: Optional[dict] = None):
         super().__init__(outputs)
         # the folders of this run (a later change of core.paths must not change where its files are)
-        self.roots = roots or {"output": paths.output_dir(), "input": paths.input_dir()}
+        self.roots = roots or {"output": paths.output_dir(), "input": paths.input_dir(), "temp": paths.temp_dir()}
         self.results = results
         self.executed = executed
         self.cached = cached

@@ -238,9 +238,9 @@ def load_workflow(source, registry=None, *, rng: Optional[random.Random] = None)
 def _default_registry(registry):
     if registry is not None:
         return registry
-    from ..nodes import NODE_CLASS_MAPPINGS
+    from .api import default_registry
 
-    return NODE_CLASS_MAPPINGS
+    return default_registry()
 
 
 def check_api_shape(prompt) -> None:

@@ -43,6 +43,12 @@ class ModelRef:
     source: str  # widget value (file name or random:<preset>)
     dtype: str = "default"
     compile: Optional[dict] = None  # {"node", "backend", "profile": None | Profile}
+    tail: Optional[str] = None  # the node whose output 0 carries the model as its users see it (ModelSamplingSD3,
+    #                              LoraLoaderModelOnly after a core UNETLoader); None: the loader itself
+
+    @property
+    def feed(self) -> str:
+        return self.tail or self.node
 
 
 @dataclass
@@ -84,6 +90,19 @@ def _load_vae(nid, ins, g):
     return [ModelRef(nid, "vae", str(ins.get("vae_name", "")), str(ins.get("dtype", "default")))]
 
 
+def _core_unet(nid, ins, g):
+    return [ModelRef(nid, "dit", str(ins.get("unet_name", "")), str(ins.get("weight_dtype", "default")))]
+
+
+def _model_patch(nid, ins, g):
+    """ModelSamplingSD3 / LoraLoaderModelOnly / TwinFlowQuantizeModel: the same denoiser (a LoRA changes its weights, so what
+    compiles is the patched model: the compile node goes after the last patch)."""
+    from dataclasses import replace
+
+    m = ins.get("model")
+    return [replace(m, tail=nid) if isinstance(m, ModelRef) and m.compile is None else None]
+
+
 def _compile_profile(nid, kind, ins) -> Optional[Profile]:
     if ins.get("profile", "from workflow") != "custom":
         return None
@@ -118,7 +137,7 @@ def _cfg_batch(b: int, cfg, negative) -> list[int]:
 
 
 def _sampler(nid, ins, g):
-    lat = ins.get("latent")
+    lat = ins.get("latent", ins.get("latent_image"))  # TwinFlow samplers / core KSampler(Advanced)
     if not isinstance(lat, Latent):
         return [None, None]
     b = lat.shape[0]
@@ -160,7 +179,23 @@ RULES: dict[str, Callable] = {
     "TwinFlowDualBranchSampler": _sampler,
     "TwinFlowVAEDecode": _vae_decode,
     "TwinFlowVAEEncode": _vae_encode,
+    # ComfyUI's core Wan nodes (the headless core node set)
+    "UNETLoader": _core_unet,
+    "VAELoader": _load_vae,
+    "ModelSamplingSD3": _model_patch,
+    "LoraLoaderModelOnly": _model_patch,
+    "EmptyHunyuanLatentVideo": _empty_latent,
+    "KSampler": _sampler,
+    "KSamplerAdvanced": _sampler,
+    "VAEDecode": _vae_decode,
+    "VAEDecodeTiled": _vae_decode,
+    "VAEEncode": _vae_encode,
+    "TwinFlowQuantizeModel": _model_patch,  # what `run --quantize` inserts
+    "TwinFlowQuantizeCoreModel": _model_patch,
+    "TwinFlowCompileCoreModel": _compile_model,
+    "TwinFlowCompileCoreVAE": _compile_vae,
 }
+CORE_LOADERS = ("UNETLoader", "VAELoader")  # models from these feed core nodes: insert the MODEL/VAE-typed variants
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +208,7 @@ class _Graph:
 
     def use(self, kind: str, model: ModelRef, user: str, shape: tuple) -> None:
         ckey = model.compile["node"] if model.compile else None
-        key = (kind, model.node, ckey)
+        key = (kind, model.feed, ckey)
         sg = self.subgraphs.setdefault(key, SubGraph(kind, model))
         sg.used_by.append(user)
         sg.shapes.append(tuple(shape))
@@ -228,7 +263,8 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
         values[nid] = rule(nid, ins, g) if rule else None
     out = []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for (kind, model_node, cnode), sg in g.subgraphs.items():
+    for (kind, feed, cnode), sg in g.subgraphs.items():
+        model_node = sg.model.node
         comp = sg.model.compile
         requested = comp["backend"] if comp else (backend or "eager")
         profile = (comp or {}).get("profile") or profiles.shapes_profile(sg.shapes, kind)
@@ -244,7 +280,8 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
             else:
                 cache_state = profiles.cache_state(module, "dit" if kind == "denoiser" else "vae", profile, resolved,
                                                    cache)
-        out.append({"kind": kind, "model_node": model_node, "model": sg.model.source, "compile_node": cnode,
+        out.append({"kind": kind, "model_node": model_node, "feed_node": feed, "model": sg.model.source,
+                    "compile_node": cnode,
                     "used_by": sorted(set(sg.used_by)), "shapes": sorted(set(sg.shapes)), "profile": profile.to_dict(),
                     "requested": requested, "backend": resolved, "reason": reason, "cache": cache_state,
                     **profiles.estimates(module, "denoiser" if kind == "denoiser" else "vae", resolved, profile)})
@@ -253,14 +290,15 @@ def plan_workflow(api_prompt: dict, backend: Optional[str] = None, cache=None) -
 
 def format_plan(plan: list[dict]) -> str:
     if not plan:
-        return "no compilable sub-graphs (no sampler or VAE decode fed by TwinFlow loaders)"
+        return "no compilable sub-graphs (no sampler or VAE decode fed by TwinFlow or core Wan loaders)"
     lines = []
     for p in plan:
         prof = ", ".join(f"{k} {a}..{o}..{b}" for k, (a, o, b) in p["profile"].items())
         est = ""
         if "build_s" in p:
             est = f"; estimate ~{p['build_s']} s build, ~{p['memory_bytes'] / 2 ** 30:.1f} GiB"
-        lines.append(f"{p['kind']} of node {p['model_node']} ({p['model']}) used by {', '.join(p['used_by'])}: "
+        via = f" via {p['feed_node']}" if p.get("feed_node", p["model_node"]) != p["model_node"] else ""
+        lines.append(f"{p['kind']} of node {p['model_node']} ({p['model']}){via} used by {', '.join(p['used_by'])}: "
                      f"{p['backend']} ({p['reason']}); profile {prof}; cache {p['cache']}{est}")
     return "\n".join(lines)
 
@@ -284,10 +322,47 @@ def with_compile_nodes(api_prompt: dict, backend: str) -> dict:
         if is_dit:
             widgets["dtype"] = "default"
         ctype, port = ("TwinFlowCompileModel", "model") if is_dit else ("TwinFlowCompileVAE", "vae")
-        prompt[nid] = {"class_type": ctype, "inputs": {port: [p["model_node"], 0], **widgets},
+        if api_prompt[p["model_node"]].get("class_type") in CORE_LOADERS:
+            ctype = ctype.replace("Compile", "CompileCore")
+        feed = p.get("feed_node", p["model_node"])
+        prompt[nid] = {"class_type": ctype, "inputs": {port: [feed, 0], **widgets},
                        "_meta": {"title": f"compile ({backend})"}}
-        for user in p["used_by"]:
-            for k, v in prompt[user]["inputs"].items():
-                if _link(v) and str(v[0]) == str(p["model_node"]) and int(v[1]) == 0:
-                    prompt[user]["inputs"][k] = [nid, 0]
+        _rewire(prompt, p["used_by"], feed, nid)
+    return prompt
+
+
+def _rewire(prompt: dict, users, old: str, new: str) -> None:
+    for user in users:
+        for k, v in prompt[user]["inputs"].items():
+            if _link(v) and str(v[0]) == str(old) and int(v[1]) == 0:
+                prompt[user]["inputs"][k] = [new, 0]
+
+
+def _quantize_defaults() -> dict:
+    """TwinFlowQuantizeModel's widget defaults (its report and accuracy check as the node gives them)."""
+    from ..nodes.quant import TwinFlowQuantizeModel
+
+    req = TwinFlowQuantizeModel.INPUT_TYPES()["required"]
+    return {k: spec[1]["default"] for k, spec in req.items() if k not in ("model", "format")}
+
+
+def with_quantize_nodes(api_prompt: dict, fmt: str) -> dict:
+    """A copy of the prompt with a TwinFlowQuantizeModel node (format `fmt`, its default report and accuracy
+    check) between every denoiser and the samplers it feeds (after ModelSamplingSD3 / LoRA patches); used by
+    `twinflow run --quantize FORMAT`. Run before `with_compile_nodes`, so a compile compiles the quantized model."""
+    prompt = copy.deepcopy(api_prompt)
+    n = 0
+    for p in plan_workflow(api_prompt):
+        if p["kind"] != "denoiser" or p["compile_node"] is not None:
+            continue
+        n += 1
+        nid = f"twinflow_quantize_{n}"
+        while nid in prompt:
+            nid += "_"
+        feed = p.get("feed_node", p["model_node"])
+        core = api_prompt[p["model_node"]].get("class_type") in CORE_LOADERS
+        ctype = "TwinFlowQuantizeCoreModel" if core else "TwinFlowQuantizeModel"
+        prompt[nid] = {"class_type": ctype, "inputs": {"model": [feed, 0], "format": fmt, **_quantize_defaults()},
+                       "_meta": {"title": f"quantize ({fmt})"}}
+        _rewire(prompt, p["used_by"], feed, nid)
     return prompt

@@ -62,8 +62,10 @@ def _free_port() -> int:
 class Server:
     """A ComfyUI process on loopback with its own base directory."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, root=None, args=()):
         self.base = base
+        self.root = str(root or COMFYUI)  # the checkout to run (a test may run a copy of it)
+        self.args = list(args)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "comfyui.log"
@@ -72,10 +74,10 @@ class Server:
     def start(self):
         py = os.environ.get("COMFYUI_PYTHON") or _comfy_python()
         cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-               str(self.base), "--disable-api-nodes", "--disable-auto-launch"]
+               str(self.base), "--disable-api-nodes", "--disable-auto-launch", *self.args]
         self._log = open(self.log_path, "w")
         env = {k: v for k, v in os.environ.items() if k not in ("TWINFLOW_MODELS_DIR", "TWINFLOW_OUTPUT_DIR")}
-        self.proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -298,6 +300,16 @@ def test_object_info_lists_every_node_with_metadata(object_info):
 
 
 # ---------------------------------------------------------------------------------------------- workflows
+def test_core_nodes_keep_coming_from_comfyui(object_info):
+    """The headless core node set is the runner's only: inside ComfyUI each of those class names is still
+    ComfyUI's own node (no duplicate registration by the pack)."""
+    from twinflow.nodes.core_headless import NODE_CLASS_MAPPINGS as CORE
+
+    for name in CORE:
+        module = object_info[name]["python_module"]
+        assert module == "nodes" or module.startswith("comfy_extras"), (name, module)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)
 def test_repo_workflow_runs_through_prompt(server, path):
     from twinflow.runner.formats import load_workflow
