@@ -253,7 +253,7 @@ def cmd_run(args) -> int:
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
     if cache_override is not None and not used:
-        logging.getLogger(__name__).warning("--step-cache %s: no TwinFlow sampler ran in this workflow, so nothing "
+        logging.getLogger(__name__).warning("--step-cache %s: no sampler ran in this workflow, so nothing "
                                             "was cached", args.step_cache)
     files = [str(f) for f in result.files()]
     if args.json:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +23,9 @@ from .guidance import Branch
 from .noise import latent_format_for
 from .schedules import sampler_sigmas
 from .solvers import get_solver
+from .step_cache import BranchCache, config_for, percent_to_sigma_flow, text_lines
+
+logger = logging.getLogger(__name__)
 
 
 def advanced_sigmas(scheduler: str, steps: int, shift: float, sampler: str, *, start_step: int = 0,
@@ -68,16 +72,32 @@ def sample(branch: Branch, latent: dict, noise: torch.Tensor, sigmas: torch.Tens
     x = s0 * noise.to(device=device, dtype=torch.float32) + (1.0 - s0) * x0
     last = {}
 
+    # a step cache (TwinFlow Step Cache on the model, or `twinflow run --step-cache`) as in the TwinFlow samplers
+    cfg = config_for(branch.denoiser, branch.name)
+    if cfg is not None:
+        shift = branch.denoiser.info.get("sampling_shift")
+        if shift is None:
+            raise ValueError(f"{desc}: step caching needs the model's sampling shift (ModelSamplingSD3 or a Wan "
+                             f"model from UNETLoader)")
+        branch.cache = BranchCache(cfg, branch.name, sigmas, percent_to_sigma_flow(float(shift)), branch.denoiser)
+
     def model(x: torch.Tensor, i: int) -> torch.Tensor:
         check_interrupt()
         sigma = float(sigmas[i])
-        den = x - sigma * branch.velocity(x, sigma)
+        den = x - sigma * branch.velocity(x, sigma, i)
         last["x0"] = den
         return den
 
-    with contextlib.ExitStack() as caches, Progress(total=len(sigmas) - 1, desc=desc) as bar:
-        enter_text_caches(caches, branch.denoiser)
-        x = solver(model, x, sigmas, lambda i: bar.update(1))
+    try:
+        with contextlib.ExitStack() as caches, Progress(total=len(sigmas) - 1, desc=desc) as bar:
+            enter_text_caches(caches, branch.denoiser)
+            x = solver(model, x, sigmas, lambda i: bar.update(1))
+        c = branch.cache
+        if c is not None:
+            for line in text_lines({branch.name: c.summary(max(0.0, branch.stats.seconds - c.overhead))}):
+                logger.info("%s: %s", desc, line)
+    finally:
+        branch.cache = None  # drop the cached residuals with the run
     x = x / (1.0 - float(sigmas[-1]))  # inverse_noise_scaling (identity when the run ends at sigma 0)
     out = {**latent, "samples": fmt.process_out(x).to(device="cpu", dtype=torch.float32)}
     den = {**latent, "samples": fmt.process_out(last["x0"]).to(device="cpu", dtype=torch.float32)} if last else out

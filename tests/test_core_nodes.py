@@ -7,6 +7,7 @@ end-to-end test skips with a reason when it is not installed.
 """
 import importlib.util
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -358,3 +359,47 @@ def test_text_to_video_wan_template_runs_headless(model_files, tmp_path, capsys)
         s = c.streams.video[0]
         assert (s.width, s.height, s.average_rate) == (64, 48, 16)
         assert sum(1 for _ in c.decode(video=0)) == 5
+
+
+# ------------------------------------------------------------------------------- step caching (issue 18)
+def _counting(model) -> list:
+    """Count the DiT module's forwards (one per call, a batched CFG pair counts once)."""
+    calls, real = [], model.module.forward
+    model.module.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    return calls
+
+
+def _ks(model, lat, d, steps=8):
+    pos = torch.randn(1, 512, d, generator=torch.Generator().manual_seed(1)) * (torch.arange(512) < 9).view(1, -1, 1)
+    neg = torch.randn(1, 512, d, generator=torch.Generator().manual_seed(2)) * (torch.arange(512) < 5).view(1, -1, 1)
+    (out,) = _core("KSampler").sample(model, 42, steps, 4.0, "euler", "simple", [[pos, {}]], [[neg, {}]], lat, 1.0)
+    return out["samples"]
+
+
+def test_ksampler_step_cache_off_is_bit_identical_and_skips_cost_no_forward(models, caplog):
+    # `twinflow run --step-cache` reaches the core KSampler: threshold 0 changes nothing (same bits, same forwards);
+    # a threshold that skips saves exactly the forwards of the skipped steps, and the log says which.
+    import logging
+
+    from twinflow.sampling import step_cache
+
+    model, = _core("UNETLoader").load_unet(cf.T2V_FILES["unet"], "default")
+    (lat,) = _core("EmptyHunyuanLatentVideo").generate(64, 48, 5, 1)
+    d = model.config.text_dim
+    calls = _counting(model)
+    plain = _ks(model, lat, d)
+    n_plain = len(calls)
+    assert n_plain > 0
+    calls.clear()
+    with step_cache.run_override(step_cache.parse_spec("easycache:0")) as used:
+        off = _ks(model, lat, d)
+    assert used and torch.equal(off, plain) and len(calls) == n_plain
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="twinflow.sampling.ksampler"), \
+            step_cache.run_override(step_cache.parse_spec("magcache:10,calibration=wan2.1-1.3b,start=0,end=1,max_skips=3")):
+        cached = _ks(model, lat, d)
+    line = next(r.getMessage() for r in caplog.records if "step cache" in r.getMessage())
+    skipped = int(line.split(" skipped (")[0].rsplit(" ", 1)[1])
+    assert skipped > 0 and line.startswith("KSampler: step cache KSampler: magcache")
+    saved = int(re.search(r"; (\d+) forwards / ", line).group(1))
+    assert saved > 0 and len(calls) == n_plain - saved and not torch.equal(cached, plain)
