@@ -42,6 +42,7 @@ def _cases(tmp: Path) -> dict:
         "benchmarks.step_cache": (["--policies", "nonsense:1"], 2, "unknown policy 'nonsense'"),
         "benchmarks.vae": (["--cases", "smoke", "--device", "tpu"], 2, "use cpu or cuda"),  # smoke: test_vae_bench
         "tools.build_workflows": (["--check"], 0, "current: workflows/"),
+        "tools.fuzz_workflows": (["--help"], 0, "--count"),  # a run: tests/test_runner_fuzz.py
         "tools.gpu_accept": (["--help"], 0, "--dry-run"),  # the dry run itself: tests/test_gpu_accept.py
         "tools.gpu_parts": ([], 0, ""),  # the parts gpu_accept runs: importable from anywhere, does nothing alone
         "tools.trt_smoke": ((["--help"], 0, "--vae-preset") if _has_tensorrt()
