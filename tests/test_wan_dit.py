@@ -484,7 +484,9 @@ def test_quantized_file_loads_back(tmp_path, tiny, fmt, layout, prefix):
         qckpt.save_quantized(quantized, path, layout=layout, prefix=prefix)
     except AttributeError as e:  # a defect on the writing side, reported to quant/
         pytest.skip(f"quant.checkpoint.save_quantized failed for {fmt}/{layout}: {e}")
-    loaded = W.load_wan_dit(path)
+    from twinflow.quant.load import load_wan_dit  # models.wan_dit reads plain files; quant.load reads both
+
+    loaded = load_wan_dit(path)
     assert isinstance(loaded.blocks[1].ffn[0], QuantLinear)
     assert isinstance(loaded.patch_embedding, torch.nn.Conv3d)
     with torch.no_grad():
