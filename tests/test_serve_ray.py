@@ -1,5 +1,5 @@
 """`twinflow serve --ray`: prompts run on Ray actors of a local cluster (2 CPU slots, loopback), with the
-in-process server as the oracle: byte-identical output files for the same prompts, the same message
+in-process server as the oracle (the cluster listens on loopback only: checked): byte-identical output files for the same prompts, the same message
 sequence, and an actor killed mid-prompt (SIGKILL to its process) costs a retry, never a lost prompt or a
 file written twice. Skipped without ray (the `ray` extra) or aiohttp (the `serve` extra)."""
 from __future__ import annotations
@@ -95,13 +95,80 @@ def _summary(messages) -> tuple:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # Ray 2.x's GCS and raylets listen on every interface whatever ray.init is given (its token
-    # authentication is on by default); the API server under test listens on 127.0.0.1 only.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from twinflow.runner.serve.ray_pool import init_local_ray
+
+    init_local_ray(num_cpus=2)  # what `twinflow serve --ray` without an address starts: loopback only
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _descendants(root: int) -> set:
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _listening_sockets() -> dict:
+    """{socket inode: (ip, port)} of every listening TCP socket (IPv4 and IPv6) of this network namespace."""
+    import ipaddress
+
+    found = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            hexip, port = f[1].split(":")
+            raw = bytes.fromhex(hexip)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if v6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            found[int(f[9])] = (ip, int(port, 16))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_local_ray_listens_on_loopback_only(tmp_path, local_ray):
+    """Every TCP listener of the local cluster's processes (GCS, raylet, agents, the actors, this driver's
+    core worker) is on a loopback address: nothing of the cluster is reachable from another machine."""
+    with ServerThread(_cfg(tmp_path, ray="")) as st:
+        _wait_ready(st)
+        actor_pids = set(ray.get([a.pid.remote() for a in st.server.worker.actors]))
+        sockets = _listening_sockets()
+        seen = []
+        for pid in _descendants(os.getpid()):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and int(target[8:-1]) in sockets:
+                    seen.append((pid, name, *sockets[int(target[8:-1])]))
+    names = {n for _, n, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and actor_pids <= {p for p, *_ in seen}, seen  # the scan sees them
+    public = [s for s in seen if not s[2].is_loopback]
+    assert public == [], f"Ray processes listening beyond loopback: {public}"
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
 def test_ray_outputs_equal_in_process_and_killed_actor_is_retried(tmp_path, local_ray):

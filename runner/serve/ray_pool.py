@@ -206,6 +206,36 @@ def publish_outputs(outputs: dict, staging: Path, output: Path) -> dict:
     return result
 
 
+def init_local_ray(**kwargs) -> None:
+    """Start a local, single-machine Ray whose every process listens on the loopback interface only.
+
+    Ray 2.x binds its GCS, raylet, object manager and workers to the node's IP, and `ray.init` turns a
+    loopback `_node_ip_address` into the machine's routable address (services.resolve_ip_for_localhost).
+    What keeps it on 127.0.0.1 is the switch Ray itself uses on macOS/Windows, where it runs local-only:
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (read into ray_constants.ENABLE_RAY_CLUSTER), set only while
+    the cluster starts. The node IP is checked afterwards: anything else is an error, not a warning."""
+    import ray
+    from ray._private import ray_constants
+
+    env_name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    prev_env, prev_const = os.environ.get(env_name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[env_name] = "0"  # the processes Ray starts read it too
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = prev_const
+        if prev_env is None:
+            os.environ.pop(env_name, None)
+        else:
+            os.environ[env_name] = prev_env
+    ip = ray.util.get_node_ip_address()
+    if ip not in ("127.0.0.1", "::1"):
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray started on {ip}, not on loopback (this Ray version does not honour "
+                           f"{env_name}=0); start Ray yourself and pass its address to --ray")
+
+
 def plan_actors(cluster: dict) -> tuple[int, dict]:
     """One actor per GPU when the cluster has GPUs, else one per CPU slot: (count, actor options)."""
     gpus = int(cluster.get("GPU", 0))
@@ -246,7 +276,11 @@ class RayWorker:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=self.address or None, include_dashboard=False, log_to_driver=False)
+            address = self.address or os.environ.get("RAY_ADDRESS") or None
+            if address is None:  # a Ray of this machine only: loopback, like the server's default --listen
+                init_local_ray()
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
             self._owns_ray = True
         self._starter = threading.Thread(target=self._start_actors, name="twinflow-ray-start", daemon=True)
         self._starter.start()
