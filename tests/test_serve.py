@@ -536,14 +536,12 @@ def test_auth_token(tmp_path):
 
 
 def test_ray_refuses_settings_it_does_not_support(tmp_path):
-    """--ray with --warmup or --previews is an error saying what to leave out, not a silent ignore
+    """--ray with --warmup is an error saying what to leave out, not a silent ignore
     (raised before Ray is imported, so this runs without ray)."""
     from twinflow.runner.serve.app import TwinFlowServer
 
     with pytest.raises(ValueError, match="--warmup is not supported with --ray"):
         TwinFlowServer(_cfg(tmp_path, ray="", warmup=block_prompt("w")))
-    with pytest.raises(ValueError, match="--previews is not supported with --ray"):
-        TwinFlowServer(_cfg(tmp_path, ray="", previews=True))
 
 
 def test_cli_refuses_public_address_without_token(capsys, monkeypatch):

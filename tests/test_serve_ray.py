@@ -288,3 +288,45 @@ def test_prompt_timeout_on_an_actor(tmp_path, local_ray):
     event, data = entry["status"]["messages"][-1]
     assert event == "execution_error" and data["exception_type"] == "TimeoutError"
     assert "--prompt-timeout" in data["exception_message"] and data["node_id"] in {str(i) for i in range(1, 11)}
+
+
+def _sequence(st, p, pid) -> list:
+    """Every message a ComfyUI client gets for prompt `pid`, in order: JSON ones without their timestamps
+    (and without the queue `status` broadcasts), binary ones as bytes."""
+    c = ComfyClient(st.url.split("//", 1)[1], timeout=300)
+    ws = c.connect()
+    seq = []
+    try:
+        c.queue_prompt(p, pid)
+        while True:
+            m = ws.recv()
+            if isinstance(m, bytes):
+                seq.append(m)
+                continue
+            m = json.loads(m)
+            if m["type"] == "status":
+                continue
+            m["data"].pop("timestamp", None)
+            seq.append(m)
+            if m == {"type": "executing", "data": {"node": None, "prompt_id": pid}}:
+                return seq
+    finally:
+        ws.close()
+
+
+def test_progress_and_previews_relayed_from_actors(tmp_path, local_ray):
+    """With --previews, a client of the Ray server gets the very messages of the in-process server, in the
+    same order: executing / progress per sampler step / a binary JPEG frame per step (the same bytes) /
+    executed / execution_success (fresh caches on both sides, so the same nodes run)."""
+    p = prompt(5, steps=3)
+    with one_thread(), ServerThread(_cfg(tmp_path / "local", previews=True)) as st:
+        ref = _sequence(st, p, "relayed")
+    with ServerThread(_cfg(tmp_path / "ray", ray="", previews=True)) as st:
+        _wait_ready(st)
+        got = _sequence(st, p, "relayed")
+    steps = [m for m in ref if isinstance(m, dict) and m["type"] == "progress" and m["data"]["node"] == "7"]
+    frames = [m for m in ref if isinstance(m, bytes)]
+    assert len(steps) == 3 and len(frames) == 3 and frames[0][:4] == b"\x00\x00\x00\x01"  # JPEG frames
+    assert [m if isinstance(m, dict) else ("binary", len(m)) for m in got] == \
+        [m if isinstance(m, dict) else ("binary", len(m)) for m in ref]
+    assert got == ref  # and the preview frames are the same bytes

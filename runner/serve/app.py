@@ -198,9 +198,6 @@ class TwinFlowServer:
         self._paths_ctx = None
         self.port: Optional[int] = None
         if config.ray is not None:
-            if config.previews:
-                raise ValueError("--previews is not supported with --ray yet (actors do not stream previews); "
-                                 "leave out --previews")
             if config.warmup:
                 raise ValueError("--warmup is not supported with --ray yet (each actor would need its own warm-up); "
                                  "leave out --warmup, /ready answers 200 once every actor is up")
@@ -209,7 +206,7 @@ class TwinFlowServer:
             self.worker = RayWorker(self.queue, self.send, address=config.ray or None, actors=config.ray_actors,
                                     output_dir=self.dirs["output"], input_dir=self.dirs["input"],
                                     models_dir=config.models_dir, model_cache_bytes=budget,
-                                    prompt_timeout=config.prompt_timeout)
+                                    prompt_timeout=config.prompt_timeout, previews=config.previews)
         else:
             self.worker = Worker(self.registry, self.queue, self.send, model_cache=self.model_cache,
                                  prompt_timeout=config.prompt_timeout, warmup=self._load_warmup(),

@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
     s.add_argument("--previews", action="store_true",
                    help="send a binary JPEG preview of the sampler's denoised latent at every step (first 3 latent "
-                        "channels stretched; not a learned RGB projection; not with --ray)")
+                        "channels stretched; not a learned RGB projection; relayed from the actors with --ray)")
     _ray_args(s)
     s.set_defaults(func=cmd_serve)
 

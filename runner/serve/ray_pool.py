@@ -10,7 +10,8 @@ Outputs: an attempt writes into a staging folder `<output>/.twinflow-ray/<prompt
 output folder must be storage shared by the server and every actor's node). Only a successful attempt's
 files are published into the output folder (renamed to the next free counter when a name is taken, never
 overwriting), and only then are `executed` messages sent and the history written - so an attempt that
-dies leaves nothing behind and a retried prompt is never written twice.
+dies leaves nothing behind and a retried prompt is never written twice. With previews on, the actor
+encodes the JPEG frame of each sampler step and the server relays it as a binary message.
 
 Failures: when an actor dies mid-prompt (process killed, node lost), the prompt's history gets an
 `execution_error` message naming the dead actor, a fresh actor takes the slot, and the prompt is retried
@@ -31,6 +32,7 @@ from typing import Callable, Optional
 
 from ...core import paths, progress
 from ...core.errors import Interrupted
+from .preview import PREVIEW_IMAGE
 from .queue import PromptQueue, QueueItem
 
 logger = logging.getLogger(__name__)
@@ -45,12 +47,31 @@ def _ms() -> int:
 
 
 class _QueueBar:
-    def __init__(self, events, total, node_id):
+    """A progress bar of the actor: its steps (and, with previews on, a JPEG frame of the sampler's
+    denoised latent per step, built here as the in-process worker builds it) go into the event stream."""
+
+    def __init__(self, events, total, node_id, previews: bool = False):
         self.events, self.total, self.node_id, self.value = events, max(int(total), 1), node_id, 0
+        self.previews = previews
 
     def update(self, n):
         self.value = min(self.value + n, self.total)
         self.events.put(("progress", {"value": self.value, "max": self.total, "node": self.node_id}))
+
+    def preview(self, latent):
+        if not self.previews:
+            return
+        from .preview import encode_preview, latent_preview
+
+        try:
+            frame = encode_preview(latent_preview(latent), "JPEG")
+        except Exception as e:  # a preview must never fail the prompt; say why once
+            from ...core.log import log_once
+
+            log_once(logger, ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s", e,
+                     level=logging.WARNING)
+            return
+        self.events.put(("preview", frame[4:]))  # the image type + image; the server adds the event type
 
     def close(self):
         pass
@@ -59,7 +80,8 @@ class _QueueBar:
 class PromptActorImpl:
     """What runs inside a Ray actor: an Executor over the model-cached registry, kept for the actor's life."""
 
-    def __init__(self, input_dir: Optional[str], models_dir: Optional[str], model_cache_bytes: int):
+    def __init__(self, input_dir: Optional[str], models_dir: Optional[str], model_cache_bytes: int,
+                 previews: bool = False):
         from ..api import default_registry
         from ..executor import Executor
         from .models import ModelCache, with_model_cache
@@ -68,6 +90,7 @@ class PromptActorImpl:
         self.registry = with_model_cache(default_registry(), self.model_cache)
         self.executor = Executor(self.registry)
         self.input_dir, self.models_dir = input_dir, models_dir
+        self.previews = previews
         self._current: Optional[str] = None
         self._cancel: Optional[tuple] = None
         progress.add_interrupt_check(self._check)
@@ -126,7 +149,8 @@ class PromptActorImpl:
                                       "traceback": traceback.format_exc().splitlines(), "node_id": None}))
 
         self._current, self._cancel = prompt_id, None
-        progress.set_backend(lambda total, desc, node_id: _QueueBar(events, total, node_id))
+        previews = self.previews and extra_data.get("client_id") is not None  # as in-process: to the client only
+        progress.set_backend(lambda total, desc, node_id: _QueueBar(events, total, node_id, previews))
         thread = threading.Thread(target=work, name=f"twinflow-actor-{prompt_id}")
         thread.start()
         try:
@@ -249,12 +273,13 @@ class RayWorker:
 
     def __init__(self, queue: PromptQueue, send: Callable, *, address: Optional[str], actors: int = 0,
                  output_dir: Path, input_dir: Optional[Path] = None, models_dir: Optional[str] = None,
-                 model_cache_bytes: int = 2**34, prompt_timeout: float = 0.0):
+                 model_cache_bytes: int = 2**34, prompt_timeout: float = 0.0, previews: bool = False):
         self.queue, self.send = queue, send
         self.address, self.n_actors = address, actors
         self.output_dir = Path(output_dir)
         self.input_dir, self.models_dir = input_dir, models_dir
         self.model_cache_bytes, self.prompt_timeout = model_cache_bytes, float(prompt_timeout or 0.0)
+        self.previews = previews
         self.ready = False
         self.not_ready_reason = "starting the Ray actors"
         self.last_node_id: Optional[str] = None
@@ -306,7 +331,7 @@ class RayWorker:
 
     def _new_actor(self):
         return _actor_class().options(**self._options).remote(
-            str(self.input_dir) if self.input_dir else None, self.models_dir, self.model_cache_bytes)
+            str(self.input_dir) if self.input_dir else None, self.models_dir, self.model_cache_bytes, self.previews)
 
     def stop(self, timeout: float = 30.0) -> None:
         import ray
@@ -410,6 +435,9 @@ class RayWorker:
                     elif event == "progress":
                         if sid is not None:
                             self.send("progress", {**data, "node": data["node"] or last, "prompt_id": pid}, sid)
+                    elif event == "preview":
+                        if sid is not None:
+                            self.send(PREVIEW_IMAGE, data, sid)
                     elif event == "executed":
                         if data["output"]:
                             raw_outputs[data["node"]] = data["output"]
