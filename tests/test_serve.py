@@ -535,15 +535,6 @@ def test_auth_token(tmp_path):
         ws.close()
 
 
-def test_ray_refuses_settings_it_does_not_support(tmp_path):
-    """--ray with --warmup is an error saying what to leave out, not a silent ignore
-    (raised before Ray is imported, so this runs without ray)."""
-    from twinflow.runner.serve.app import TwinFlowServer
-
-    with pytest.raises(ValueError, match="--warmup is not supported with --ray"):
-        TwinFlowServer(_cfg(tmp_path, ray="", warmup=block_prompt("w")))
-
-
 def test_cli_refuses_public_address_without_token(capsys, monkeypatch):
     from twinflow.runner.cli import main
 

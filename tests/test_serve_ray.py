@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -330,3 +331,31 @@ def test_progress_and_previews_relayed_from_actors(tmp_path, local_ray):
     assert [m if isinstance(m, dict) else ("binary", len(m)) for m in got] == \
         [m if isinstance(m, dict) else ("binary", len(m)) for m in ref]
     assert got == ref  # and the preview frames are the same bytes
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_warmup_runs_on_every_actor_before_ready(tmp_path, local_ray):
+    """--warmup with --ray: each actor runs the warm-up workflow (outputs in the temp folder) before /ready
+    answers 200; the first real prompt then finds the loaders in the actor's execution cache."""
+    with ServerThread(_cfg(tmp_path, ray="", warmup=prompt(9))) as st:
+        status, body = _get(f"{st.url}/ready")
+        assert status == 503 and body["ready"] is False and body["reason"], body
+        _wait_ready(st)
+        assert _get(f"{st.url}/ready") == (200, {"ready": True})
+        stats = st.server.worker.actor_stats()
+        assert [a["warmups"] for a in stats] == [1, 1] and all(a["model_cache"]["misses"] == 3 for a in stats), stats
+        warm_files = sorted(p.name for p in (tmp_path / "temp" / "ray").iterdir())
+        assert len(warm_files) == 2, warm_files  # one warm-up image per actor, in the temp folder
+        assert not (tmp_path / "output" / "ray").exists()
+        messages = _run_all(st, [prompt(10)])[10][0]
+    cached = next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
+    ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"] is not None]
+    assert {"1", "2"} <= set(cached) and not {"1", "2"} & set(ran)  # the models were already loaded
+

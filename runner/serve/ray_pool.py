@@ -91,8 +91,10 @@ class PromptActorImpl:
         self.executor = Executor(self.registry)
         self.input_dir, self.models_dir = input_dir, models_dir
         self.previews = previews
+        self.warmups = 0
         self._current: Optional[str] = None
         self._cancel: Optional[tuple] = None
+        self._pending_free: Optional[tuple] = None
         progress.add_interrupt_check(self._check)
 
     def pid(self) -> int:
@@ -104,7 +106,29 @@ class PromptActorImpl:
         self._cancel = (prompt_id, timeout_s)
         return True
 
+    def stats(self) -> dict:
+        """This actor's process, warm-ups run and model LRU (entries, hits, misses = loads)."""
+        return {"pid": os.getpid(), "warmups": self.warmups, "model_cache": self.model_cache.stats()}
+
+    def warmup(self, prompt: dict, temp_dir: str) -> float:
+        """Run the server's --warmup workflow here (outputs to its temp folder); the seconds it took."""
+        from ..validate import validate_prompt
+
+        start = time.perf_counter()
+        with paths.using(output_dir=temp_dir, input_dir=self.input_dir, models_dir=self.models_dir):
+            self.executor.execute(validate_prompt(prompt, self.registry), original_prompt=prompt)
+        self.warmups += 1
+        return time.perf_counter() - start
+
     def free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's /free for this actor; while a prompt runs, it applies when that prompt ends."""
+        if self._current is not None:
+            prev = self._pending_free or (False, False)
+            self._pending_free = (prev[0] or unload_models, prev[1] or free_memory)
+            return
+        self._free(unload_models, free_memory)
+
+    def _free(self, unload_models: bool, free_memory: bool) -> None:
         import gc
 
         if unload_models or free_memory:
@@ -162,6 +186,9 @@ class PromptActorImpl:
         finally:
             thread.join()
             self._current, self._cancel = None, None
+            pending, self._pending_free = self._pending_free, None
+            if pending is not None:
+                self._free(*pending)
 
 
 class _Timeout(Interrupted):
@@ -273,13 +300,15 @@ class RayWorker:
 
     def __init__(self, queue: PromptQueue, send: Callable, *, address: Optional[str], actors: int = 0,
                  output_dir: Path, input_dir: Optional[Path] = None, models_dir: Optional[str] = None,
-                 model_cache_bytes: int = 2**34, prompt_timeout: float = 0.0, previews: bool = False):
+                 model_cache_bytes: int = 2**34, prompt_timeout: float = 0.0, previews: bool = False,
+                 warmup: Optional[tuple] = None):
         self.queue, self.send = queue, send
         self.address, self.n_actors = address, actors
         self.output_dir = Path(output_dir)
         self.input_dir, self.models_dir = input_dir, models_dir
         self.model_cache_bytes, self.prompt_timeout = model_cache_bytes, float(prompt_timeout or 0.0)
         self.previews = previews
+        self.warmup = warmup  # (API prompt, temp folder) run on every actor before /ready, or None
         self.ready = False
         self.not_ready_reason = "starting the Ray actors"
         self.last_node_id: Optional[str] = None
@@ -323,11 +352,46 @@ class RayWorker:
             self.not_ready_reason, self._failed = f"starting the Ray actors failed: {e}", True
             return
         logger.info("twinflow serve: %d Ray actor(s) %s, processes %s", count, self._options, pids)
+        warm_error = None
+        if self.warmup is not None:
+            self.not_ready_reason = f"running the warm-up workflow on {count} Ray actor(s)"
+            start = time.perf_counter()
+            for slot, actor in enumerate(self.actors):
+                warm_error = warm_error or self._warm(actor, slot)
+            if warm_error is None:
+                logger.info("warm-up workflow done on %d actor(s) in %.2f s; ready", count, time.perf_counter() - start)
         for slot in range(count):
             t = threading.Thread(target=self._loop, args=(slot,), name=f"twinflow-ray-slot-{slot}", daemon=True)
             t.start()
             self._threads.append(t)
+        if warm_error is not None:  # as in-process: the server serves on, but never reports ready
+            self.not_ready_reason = warm_error
+            return
         self.ready, self.not_ready_reason = True, ""
+
+    def _warm(self, actor, slot: int) -> Optional[str]:
+        """Run the warm-up workflow on `actor`; None, or why it failed."""
+        import ray
+
+        try:
+            ray.get(actor.warmup.remote(*self.warmup))
+            return None
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            logger.error("warm-up workflow failed on Ray slot %d: %s", slot, cause)
+            return f"the warm-up workflow failed on a Ray actor: {type(cause).__name__}: {cause}"
+
+    def actor_stats(self, timeout: float = 30.0) -> list:
+        """Each actor's `stats()` (process, warm-ups, model LRU); an actor that does not answer -> its error."""
+        import ray
+
+        out = []
+        for a in list(self.actors):
+            try:
+                out.append(ray.get(a.stats.remote(), timeout=timeout))
+            except Exception as e:
+                out.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+        return out
 
     def _new_actor(self):
         return _actor_class().options(**self._options).remote(
@@ -456,6 +520,8 @@ class RayWorker:
                 with self._lock:
                     self.running.pop(pid, None)
                     self.actors[slot] = self._new_actor()
+                if self.warmup is not None:  # the fresh actor warms up as its predecessor did
+                    self._warm(self.actors[slot], slot)
                 self.retries += 1
                 continue
             finally:
