@@ -359,3 +359,31 @@ def test_warmup_runs_on_every_actor_before_ready(tmp_path, local_ray):
     ran = [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"] is not None]
     assert {"1", "2"} <= set(cached) and not {"1", "2"} & set(ran)  # the models were already loaded
 
+
+def test_free_unloads_the_actors_models(tmp_path, local_ray):
+    """POST /free with --ray frees the actors' model LRU and execution cache: the next prompt loads again."""
+    with ServerThread(_cfg(tmp_path, ray="", ray_actors=1)) as st:
+        _wait_ready(st)
+
+        def cache():
+            return st.server.worker.actor_stats()[0]["model_cache"]
+
+        def ran(messages):
+            return {m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"] is not None}
+
+        first = _run_all(st, [prompt(1)])[1][0]
+        loads = cache()["misses"]
+        assert loads == 3 and {"1", "2"} <= ran(first)
+        again = _run_all(st, [prompt(2)])[2][0]
+        assert cache()["misses"] == loads and not {"1", "2"} & ran(again)  # kept warm between prompts
+        req = urllib.request.Request(f"{st.url}/free", data=json.dumps({"unload_models": True,
+                                                                         "free_memory": True}).encode())
+        assert urllib.request.urlopen(req, timeout=60).status == 200
+        end = time.monotonic() + 120
+        while cache()["entries"] and time.monotonic() < end:
+            time.sleep(0.2)
+        assert cache()["entries"] == 0
+        after = _run_all(st, [prompt(3)])[3][0]
+        assert {"1", "2"} <= ran(after) and cache()["misses"] == 2 * loads  # loaded again
+        status, body = _get(f"{st.url}/system_stats")
+        assert status == 200 and body["twinflow"]["ray_actors"][0]["model_cache"]["misses"] == 2 * loads
