@@ -387,3 +387,20 @@ def test_free_unloads_the_actors_models(tmp_path, local_ray):
         assert {"1", "2"} <= ran(after) and cache()["misses"] == 2 * loads  # loaded again
         status, body = _get(f"{st.url}/system_stats")
         assert status == 200 and body["twinflow"]["ray_actors"][0]["model_cache"]["misses"] == 2 * loads
+
+
+def test_failed_warmup_on_an_actor_keeps_ready_503(tmp_path, local_ray):
+    """A warm-up that fails in the actors (here: its output folder is taken by a file) is not ignored: /ready
+    stays 503 naming the failure, as in-process; the server still serves prompts."""
+    (tmp_path / "temp").mkdir()
+    (tmp_path / "temp" / "ray").write_text("not a folder")
+    with ServerThread(_cfg(tmp_path, ray="", ray_actors=1, warmup=prompt(9))) as st:
+        end = time.monotonic() + 300
+        while "failed" not in st.server.worker.not_ready_reason and time.monotonic() < end:
+            assert not st.server.worker.ready
+            time.sleep(0.2)
+        status, body = _get(f"{st.url}/ready")
+        assert status == 503 and "warm-up workflow failed on a Ray actor" in body["reason"], body
+        assert not st.server.worker.ready and st.server.worker.alive
+        got = _run_all(st, [prompt(11)])[11]
+        assert len(got[1]["10"]) == 1  # prompts still run

@@ -52,8 +52,9 @@ def add_parsers(sub) -> None:
 
 def _ray_args(p) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run prompts on Ray actors (the 'ray' extra): no ADDRESS = $RAY_ADDRESS or a local Ray, "
-                        "else a cluster address such as ray://head:10001 or head:6379")
+                   help="run prompts on Ray actors (the 'ray' extra): no ADDRESS = $RAY_ADDRESS, else a new local Ray "
+                        "listening on loopback only; else a cluster address such as head:6379 or ray://head:10001 "
+                        "('auto' = the Ray started with `ray start` on this machine)")
     p.add_argument("--ray-actors", type=int, default=0,
                    help="actors to start (default: one per GPU of the cluster, else one per CPU slot)")
 

@@ -417,9 +417,9 @@ class RayWorker:
     def alive(self) -> bool:
         if self._failed or self._starter is None:
             return False
-        if not self.ready:
+        if not self._threads:  # the actors are still coming up
             return self._starter.is_alive()
-        return all(t.is_alive() for t in self._threads)
+        return all(t.is_alive() for t in self._threads)  # (a failed warm-up leaves them serving, not ready)
 
     @property
     def current(self) -> Optional[QueueItem]:
