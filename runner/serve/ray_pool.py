@@ -95,6 +95,7 @@ class PromptActorImpl:
         self._current: Optional[str] = None
         self._cancel: Optional[tuple] = None
         self._pending_free: Optional[tuple] = None
+        self._free_lock = threading.Lock()  # free() comes on another actor thread than run()
         progress.add_interrupt_check(self._check)
 
     def pid(self) -> int:
@@ -122,11 +123,12 @@ class PromptActorImpl:
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
         """ComfyUI's /free for this actor; while a prompt runs, it applies when that prompt ends."""
-        if self._current is not None:
-            prev = self._pending_free or (False, False)
-            self._pending_free = (prev[0] or unload_models, prev[1] or free_memory)
-            return
-        self._free(unload_models, free_memory)
+        with self._free_lock:
+            if self._current is not None:
+                prev = self._pending_free or (False, False)
+                self._pending_free = (prev[0] or unload_models, prev[1] or free_memory)
+                return
+            self._free(unload_models, free_memory)  # under the lock: a prompt starting now waits for it
 
     def _free(self, unload_models: bool, free_memory: bool) -> None:
         import gc
@@ -172,7 +174,8 @@ class PromptActorImpl:
                 events.put(("error", {"exception_type": type(e).__name__, "exception_message": str(e),
                                       "traceback": traceback.format_exc().splitlines(), "node_id": None}))
 
-        self._current, self._cancel = prompt_id, None
+        with self._free_lock:
+            self._current, self._cancel = prompt_id, None
         previews = self.previews and extra_data.get("client_id") is not None  # as in-process: to the client only
         progress.set_backend(lambda total, desc, node_id: _QueueBar(events, total, node_id, previews))
         thread = threading.Thread(target=work, name=f"twinflow-actor-{prompt_id}")
@@ -185,10 +188,11 @@ class PromptActorImpl:
                     break
         finally:
             thread.join()
-            self._current, self._cancel = None, None
-            pending, self._pending_free = self._pending_free, None
-            if pending is not None:
-                self._free(*pending)
+            with self._free_lock:
+                self._current, self._cancel = None, None
+                pending, self._pending_free = self._pending_free, None
+                if pending is not None:
+                    self._free(*pending)
 
 
 class _Timeout(Interrupted):
