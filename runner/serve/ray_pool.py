@@ -274,6 +274,7 @@ def init_local_ray(**kwargs) -> None:
 
     env_name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     prev_env, prev_const = os.environ.get(env_name), ray_constants.ENABLE_RAY_CLUSTER
+    before = {(addr, port) for _, addr, port in _public_listeners()}  # e.g. the API server on --listen 0.0.0.0
     os.environ[env_name] = "0"  # the processes Ray starts read it too
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -289,6 +290,62 @@ def init_local_ray(**kwargs) -> None:
         ray.shutdown()
         raise RuntimeError(f"the local Ray started on {ip}, not on loopback (this Ray version does not honour "
                            f"{env_name}=0); start Ray yourself and pass its address to --ray")
+    public = [x for x in _public_listeners() if x[1:] not in before]
+    if public:  # Ray before ray-project/ray#59852 (2026) binds its gRPC servers to every interface
+        logger.warning("the local Ray listens beyond loopback (this Ray version binds to every interface "
+                       "whatever the node IP): %s; keep these ports firewalled or upgrade Ray",
+                       ", ".join(f"{name} {addr}:{port}" for name, addr, port in public))
+
+
+def _public_listeners() -> list:
+    """(process name, address, port) of the TCP listeners of this process and its descendants (the local
+    Ray's GCS, raylet, agents, workers) that are not on a loopback address; [] where /proc is missing."""
+    import ipaddress
+
+    if not os.path.exists("/proc/net/tcp"):
+        return []
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A":  # listening
+                hexip, port = f[1].split(":")
+                raw = bytes.fromhex(hexip)
+                ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                ip = getattr(ip, "ipv4_mapped", None) or ip
+                if not ip.is_loopback:
+                    sockets[int(f[9])] = (str(ip), int(port, 16))
+    if not sockets:
+        return []
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    found, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in sockets:
+                found.append((name, *sockets[int(target[8:-1])]))
+    return found
 
 
 def plan_actors(cluster: dict) -> tuple[int, dict]:
