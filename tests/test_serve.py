@@ -535,17 +535,6 @@ def test_auth_token(tmp_path):
         ws.close()
 
 
-def test_ray_refuses_settings_it_does_not_support(tmp_path):
-    """--ray with --warmup or --previews is an error saying what to leave out, not a silent ignore
-    (raised before Ray is imported, so this runs without ray)."""
-    from twinflow.runner.serve.app import TwinFlowServer
-
-    with pytest.raises(ValueError, match="--warmup is not supported with --ray"):
-        TwinFlowServer(_cfg(tmp_path, ray="", warmup=block_prompt("w")))
-    with pytest.raises(ValueError, match="--previews is not supported with --ray"):
-        TwinFlowServer(_cfg(tmp_path, ray="", previews=True))
-
-
 def test_cli_refuses_public_address_without_token(capsys, monkeypatch):
     from twinflow.runner.cli import main
 
@@ -560,3 +549,20 @@ def test_foreign_origin_is_refused(_shared_server):
     status, _ = http(f"{_shared_server}/queue", headers={"Origin": "http://evil.example", "Host": host})
     assert status == 403
     assert http(f"{_shared_server}/queue", headers={"Origin": f"http://{host}"})[0] == 200
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_public_listener_scan_used_to_warn_about_a_local_ray():
+    """ray_pool._public_listeners (init_local_ray warns with it when a Ray binds beyond loopback) finds a
+    socket listening on every interface in this process, and not one on 127.0.0.1."""
+    import socket
+
+    from twinflow.runner.serve.ray_pool import _public_listeners
+
+    with socket.socket() as public, socket.socket() as local:
+        public.bind(("0.0.0.0", 0))
+        local.bind(("127.0.0.1", 0))
+        public.listen()
+        local.listen()
+        found = {port for _, _, port in _public_listeners()}
+        assert public.getsockname()[1] in found and local.getsockname()[1] not in found

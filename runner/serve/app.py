@@ -198,18 +198,15 @@ class TwinFlowServer:
         self._paths_ctx = None
         self.port: Optional[int] = None
         if config.ray is not None:
-            if config.previews:
-                raise ValueError("--previews is not supported with --ray yet (actors do not stream previews); "
-                                 "leave out --previews")
-            if config.warmup:
-                raise ValueError("--warmup is not supported with --ray yet (each actor would need its own warm-up); "
-                                 "leave out --warmup, /ready answers 200 once every actor is up")
             from .ray_pool import RayWorker
+
+            warmup = self._load_warmup()  # validated here, so a bad file is an error at start
 
             self.worker = RayWorker(self.queue, self.send, address=config.ray or None, actors=config.ray_actors,
                                     output_dir=self.dirs["output"], input_dir=self.dirs["input"],
                                     models_dir=config.models_dir, model_cache_bytes=budget,
-                                    prompt_timeout=config.prompt_timeout)
+                                    prompt_timeout=config.prompt_timeout, previews=config.previews,
+                                    warmup=(warmup[1], str(warmup[2])) if warmup is not None else None)
         else:
             self.worker = Worker(self.registry, self.queue, self.send, model_cache=self.model_cache,
                                  prompt_timeout=config.prompt_timeout, warmup=self._load_warmup(),
@@ -500,6 +497,8 @@ class TwinFlowServer:
                          "prompts_done": self.worker.prompts_done, "queue_remaining": self.queue.remaining(),
                          "ready": self.worker.ready},
         }
+        if hasattr(self.worker, "actor_stats"):  # --ray: the models live in the actors
+            stats["twinflow"]["ray_actors"] = await asyncio.get_running_loop().run_in_executor(None, self.worker.actor_stats)
         return web.json_response(stats)
 
     async def health(self, request):

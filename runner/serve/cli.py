@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--kernels", choices=("auto", "cupy", "torch"), help="kernel path for fused ops")
     s.add_argument("--previews", action="store_true",
                    help="send a binary JPEG preview of the sampler's denoised latent at every step (first 3 latent "
-                        "channels stretched; not a learned RGB projection; not with --ray)")
+                        "channels stretched; not a learned RGB projection; relayed from the actors with --ray)")
     _ray_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -52,8 +52,9 @@ def add_parsers(sub) -> None:
 
 def _ray_args(p) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run prompts on Ray actors (the 'ray' extra): no ADDRESS = $RAY_ADDRESS or a local Ray, "
-                        "else a cluster address such as ray://head:10001 or head:6379")
+                   help="run prompts on Ray actors (the 'ray' extra): no ADDRESS = $RAY_ADDRESS, else a new local Ray "
+                        "listening on loopback only; else a cluster address such as head:6379 or ray://head:10001 "
+                        "('auto' = the Ray started with `ray start` on this machine)")
     p.add_argument("--ray-actors", type=int, default=0,
                    help="actors to start (default: one per GPU of the cluster, else one per CPU slot)")
 

@@ -10,7 +10,8 @@ Outputs: an attempt writes into a staging folder `<output>/.twinflow-ray/<prompt
 output folder must be storage shared by the server and every actor's node). Only a successful attempt's
 files are published into the output folder (renamed to the next free counter when a name is taken, never
 overwriting), and only then are `executed` messages sent and the history written - so an attempt that
-dies leaves nothing behind and a retried prompt is never written twice.
+dies leaves nothing behind and a retried prompt is never written twice. With previews on, the actor
+encodes the JPEG frame of each sampler step and the server relays it as a binary message.
 
 Failures: when an actor dies mid-prompt (process killed, node lost), the prompt's history gets an
 `execution_error` message naming the dead actor, a fresh actor takes the slot, and the prompt is retried
@@ -31,6 +32,7 @@ from typing import Callable, Optional
 
 from ...core import paths, progress
 from ...core.errors import Interrupted
+from .preview import PREVIEW_IMAGE
 from .queue import PromptQueue, QueueItem
 
 logger = logging.getLogger(__name__)
@@ -45,12 +47,31 @@ def _ms() -> int:
 
 
 class _QueueBar:
-    def __init__(self, events, total, node_id):
+    """A progress bar of the actor: its steps (and, with previews on, a JPEG frame of the sampler's
+    denoised latent per step, built here as the in-process worker builds it) go into the event stream."""
+
+    def __init__(self, events, total, node_id, previews: bool = False):
         self.events, self.total, self.node_id, self.value = events, max(int(total), 1), node_id, 0
+        self.previews = previews
 
     def update(self, n):
         self.value = min(self.value + n, self.total)
         self.events.put(("progress", {"value": self.value, "max": self.total, "node": self.node_id}))
+
+    def preview(self, latent):
+        if not self.previews:
+            return
+        from .preview import encode_preview, latent_preview
+
+        try:
+            frame = encode_preview(latent_preview(latent), "JPEG")
+        except Exception as e:  # a preview must never fail the prompt; say why once
+            from ...core.log import log_once
+
+            log_once(logger, ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s", e,
+                     level=logging.WARNING)
+            return
+        self.events.put(("preview", frame[4:]))  # the image type + image; the server adds the event type
 
     def close(self):
         pass
@@ -59,7 +80,8 @@ class _QueueBar:
 class PromptActorImpl:
     """What runs inside a Ray actor: an Executor over the model-cached registry, kept for the actor's life."""
 
-    def __init__(self, input_dir: Optional[str], models_dir: Optional[str], model_cache_bytes: int):
+    def __init__(self, input_dir: Optional[str], models_dir: Optional[str], model_cache_bytes: int,
+                 previews: bool = False):
         from ..api import default_registry
         from ..executor import Executor
         from .models import ModelCache, with_model_cache
@@ -68,8 +90,12 @@ class PromptActorImpl:
         self.registry = with_model_cache(default_registry(), self.model_cache)
         self.executor = Executor(self.registry)
         self.input_dir, self.models_dir = input_dir, models_dir
+        self.previews = previews
+        self.warmups = 0
         self._current: Optional[str] = None
         self._cancel: Optional[tuple] = None
+        self._pending_free: Optional[tuple] = None
+        self._free_lock = threading.Lock()  # free() comes on another actor thread than run()
         progress.add_interrupt_check(self._check)
 
     def pid(self) -> int:
@@ -81,7 +107,30 @@ class PromptActorImpl:
         self._cancel = (prompt_id, timeout_s)
         return True
 
+    def stats(self) -> dict:
+        """This actor's process, warm-ups run and model LRU (entries, hits, misses = loads)."""
+        return {"pid": os.getpid(), "warmups": self.warmups, "model_cache": self.model_cache.stats()}
+
+    def warmup(self, prompt: dict, temp_dir: str) -> float:
+        """Run the server's --warmup workflow here (outputs to its temp folder); the seconds it took."""
+        from ..validate import validate_prompt
+
+        start = time.perf_counter()
+        with paths.using(output_dir=temp_dir, input_dir=self.input_dir, models_dir=self.models_dir):
+            self.executor.execute(validate_prompt(prompt, self.registry), original_prompt=prompt)
+        self.warmups += 1
+        return time.perf_counter() - start
+
     def free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's /free for this actor; while a prompt runs, it applies when that prompt ends."""
+        with self._free_lock:
+            if self._current is not None:
+                prev = self._pending_free or (False, False)
+                self._pending_free = (prev[0] or unload_models, prev[1] or free_memory)
+                return
+            self._free(unload_models, free_memory)  # under the lock: a prompt starting now waits for it
+
+    def _free(self, unload_models: bool, free_memory: bool) -> None:
         import gc
 
         if unload_models or free_memory:
@@ -125,8 +174,10 @@ class PromptActorImpl:
                 events.put(("error", {"exception_type": type(e).__name__, "exception_message": str(e),
                                       "traceback": traceback.format_exc().splitlines(), "node_id": None}))
 
-        self._current, self._cancel = prompt_id, None
-        progress.set_backend(lambda total, desc, node_id: _QueueBar(events, total, node_id))
+        with self._free_lock:
+            self._current, self._cancel = prompt_id, None
+        previews = self.previews and extra_data.get("client_id") is not None  # as in-process: to the client only
+        progress.set_backend(lambda total, desc, node_id: _QueueBar(events, total, node_id, previews))
         thread = threading.Thread(target=work, name=f"twinflow-actor-{prompt_id}")
         thread.start()
         try:
@@ -137,7 +188,11 @@ class PromptActorImpl:
                     break
         finally:
             thread.join()
-            self._current, self._cancel = None, None
+            with self._free_lock:
+                self._current, self._cancel = None, None
+                pending, self._pending_free = self._pending_free, None
+                if pending is not None:
+                    self._free(*pending)
 
 
 class _Timeout(Interrupted):
@@ -206,6 +261,93 @@ def publish_outputs(outputs: dict, staging: Path, output: Path) -> dict:
     return result
 
 
+def init_local_ray(**kwargs) -> None:
+    """Start a local, single-machine Ray whose every process listens on the loopback interface only.
+
+    Ray 2.x binds its GCS, raylet, object manager and workers to the node's IP, and `ray.init` turns a
+    loopback `_node_ip_address` into the machine's routable address (services.resolve_ip_for_localhost).
+    What keeps it on 127.0.0.1 is the switch Ray itself uses on macOS/Windows, where it runs local-only:
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (read into ray_constants.ENABLE_RAY_CLUSTER), set only while
+    the cluster starts. The node IP is checked afterwards: anything else is an error, not a warning."""
+    import ray
+    from ray._private import ray_constants
+
+    env_name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    prev_env, prev_const = os.environ.get(env_name), ray_constants.ENABLE_RAY_CLUSTER
+    before = {(addr, port) for _, addr, port in _public_listeners()}  # e.g. the API server on --listen 0.0.0.0
+    os.environ[env_name] = "0"  # the processes Ray starts read it too
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = prev_const
+        if prev_env is None:
+            os.environ.pop(env_name, None)
+        else:
+            os.environ[env_name] = prev_env
+    ip = ray.util.get_node_ip_address()
+    if ip not in ("127.0.0.1", "::1"):
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray started on {ip}, not on loopback (this Ray version does not honour "
+                           f"{env_name}=0); start Ray yourself and pass its address to --ray")
+    public = [x for x in _public_listeners() if x[1:] not in before]
+    if public:  # Ray before ray-project/ray#59852 (2026) binds its gRPC servers to every interface
+        logger.warning("the local Ray listens beyond loopback (this Ray version binds to every interface "
+                       "whatever the node IP): %s; keep these ports firewalled or upgrade Ray",
+                       ", ".join(f"{name} {addr}:{port}" for name, addr, port in public))
+
+
+def _public_listeners() -> list:
+    """(process name, address, port) of the TCP listeners of this process and its descendants (the local
+    Ray's GCS, raylet, agents, workers) that are not on a loopback address; [] where /proc is missing."""
+    import ipaddress
+
+    if not os.path.exists("/proc/net/tcp"):
+        return []
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A":  # listening
+                hexip, port = f[1].split(":")
+                raw = bytes.fromhex(hexip)
+                ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                ip = getattr(ip, "ipv4_mapped", None) or ip
+                if not ip.is_loopback:
+                    sockets[int(f[9])] = (str(ip), int(port, 16))
+    if not sockets:
+        return []
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    found, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in sockets:
+                found.append((name, *sockets[int(target[8:-1])]))
+    return found
+
+
 def plan_actors(cluster: dict) -> tuple[int, dict]:
     """One actor per GPU when the cluster has GPUs, else one per CPU slot: (count, actor options)."""
     gpus = int(cluster.get("GPU", 0))
@@ -219,12 +361,15 @@ class RayWorker:
 
     def __init__(self, queue: PromptQueue, send: Callable, *, address: Optional[str], actors: int = 0,
                  output_dir: Path, input_dir: Optional[Path] = None, models_dir: Optional[str] = None,
-                 model_cache_bytes: int = 2**34, prompt_timeout: float = 0.0):
+                 model_cache_bytes: int = 2**34, prompt_timeout: float = 0.0, previews: bool = False,
+                 warmup: Optional[tuple] = None):
         self.queue, self.send = queue, send
         self.address, self.n_actors = address, actors
         self.output_dir = Path(output_dir)
         self.input_dir, self.models_dir = input_dir, models_dir
         self.model_cache_bytes, self.prompt_timeout = model_cache_bytes, float(prompt_timeout or 0.0)
+        self.previews = previews
+        self.warmup = warmup  # (API prompt, temp folder) run on every actor before /ready, or None
         self.ready = False
         self.not_ready_reason = "starting the Ray actors"
         self.last_node_id: Optional[str] = None
@@ -246,7 +391,11 @@ class RayWorker:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=self.address or None, include_dashboard=False, log_to_driver=False)
+            address = self.address or os.environ.get("RAY_ADDRESS") or None
+            if address is None:  # a Ray of this machine only: loopback, like the server's default --listen
+                init_local_ray()
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
             self._owns_ray = True
         self._starter = threading.Thread(target=self._start_actors, name="twinflow-ray-start", daemon=True)
         self._starter.start()
@@ -264,15 +413,50 @@ class RayWorker:
             self.not_ready_reason, self._failed = f"starting the Ray actors failed: {e}", True
             return
         logger.info("twinflow serve: %d Ray actor(s) %s, processes %s", count, self._options, pids)
+        warm_error = None
+        if self.warmup is not None:
+            self.not_ready_reason = f"running the warm-up workflow on {count} Ray actor(s)"
+            start = time.perf_counter()
+            for slot, actor in enumerate(self.actors):
+                warm_error = warm_error or self._warm(actor, slot)
+            if warm_error is None:
+                logger.info("warm-up workflow done on %d actor(s) in %.2f s; ready", count, time.perf_counter() - start)
         for slot in range(count):
             t = threading.Thread(target=self._loop, args=(slot,), name=f"twinflow-ray-slot-{slot}", daemon=True)
             t.start()
             self._threads.append(t)
+        if warm_error is not None:  # as in-process: the server serves on, but never reports ready
+            self.not_ready_reason = warm_error
+            return
         self.ready, self.not_ready_reason = True, ""
+
+    def _warm(self, actor, slot: int) -> Optional[str]:
+        """Run the warm-up workflow on `actor`; None, or why it failed."""
+        import ray
+
+        try:
+            ray.get(actor.warmup.remote(*self.warmup))
+            return None
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            logger.error("warm-up workflow failed on Ray slot %d: %s", slot, cause)
+            return f"the warm-up workflow failed on a Ray actor: {type(cause).__name__}: {cause}"
+
+    def actor_stats(self, timeout: float = 30.0) -> list:
+        """Each actor's `stats()` (process, warm-ups, model LRU); an actor that does not answer -> its error."""
+        import ray
+
+        out = []
+        for a in list(self.actors):
+            try:
+                out.append(ray.get(a.stats.remote(), timeout=timeout))
+            except Exception as e:
+                out.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+        return out
 
     def _new_actor(self):
         return _actor_class().options(**self._options).remote(
-            str(self.input_dir) if self.input_dir else None, self.models_dir, self.model_cache_bytes)
+            str(self.input_dir) if self.input_dir else None, self.models_dir, self.model_cache_bytes, self.previews)
 
     def stop(self, timeout: float = 30.0) -> None:
         import ray
@@ -294,9 +478,9 @@ class RayWorker:
     def alive(self) -> bool:
         if self._failed or self._starter is None:
             return False
-        if not self.ready:
+        if not self._threads:  # the actors are still coming up
             return self._starter.is_alive()
-        return all(t.is_alive() for t in self._threads)
+        return all(t.is_alive() for t in self._threads)  # (a failed warm-up leaves them serving, not ready)
 
     @property
     def current(self) -> Optional[QueueItem]:
@@ -376,6 +560,9 @@ class RayWorker:
                     elif event == "progress":
                         if sid is not None:
                             self.send("progress", {**data, "node": data["node"] or last, "prompt_id": pid}, sid)
+                    elif event == "preview":
+                        if sid is not None:
+                            self.send(PREVIEW_IMAGE, data, sid)
                     elif event == "executed":
                         if data["output"]:
                             raw_outputs[data["node"]] = data["output"]
@@ -394,6 +581,8 @@ class RayWorker:
                 with self._lock:
                     self.running.pop(pid, None)
                     self.actors[slot] = self._new_actor()
+                if self.warmup is not None:  # the fresh actor warms up as its predecessor did
+                    self._warm(self.actors[slot], slot)
                 self.retries += 1
                 continue
             finally:
