@@ -74,6 +74,24 @@ def _check_flow(patcher) -> None:
             f"Remove a ModelSamplingDiscrete/EPS patch or use a core sampler")
 
 
+def sampling_shift(patcher) -> tuple[float, bool]:
+    """(shift, patched) of a core MODEL's flow sampling object: what core samplers build their sigmas from.
+
+    `patched` is True when a node (ModelSamplingSD3, ...) replaced the model's own `model_sampling`. TwinFlow's
+    sigma grid is ComfyUI's flow grid sigma = shift*t / (1 + (shift-1)*t) with timestep multiplier 1000 (Wan);
+    another multiplier or a sampling object without a `shift` is refused rather than sampled on a wrong grid."""
+    ms = patcher.get_model_object("model_sampling")
+    shift = getattr(ms, "shift", None)
+    mult = getattr(ms, "multiplier", 1000)
+    if not isinstance(shift, (int, float)) or float(mult) != 1000.0:
+        raise UnsupportedError(
+            f"the MODEL input's model sampling {type(ms).__name__} (shift {shift!r}, multiplier {mult!r}) is not "
+            f"the flow schedule TwinFlow samplers build (ModelSamplingSD3-style, multiplier 1000); patch the model "
+            f"with ModelSamplingSD3 or use a core sampler")
+    patched = "model_sampling" in patcher.object_patches if hasattr(patcher, "object_patches") else False
+    return float(shift), bool(patched)
+
+
 def _latent_format_name(patcher) -> Optional[str]:
     lf = getattr(patcher.model, "latent_format", None)
     name = type(lf).__name__ if lf is not None else ""
@@ -140,7 +158,10 @@ def wrap_model(patcher, name: str = "") -> Denoiser:
     if in_ch != out_ch:
         raise UnsupportedError(f"the MODEL input takes {in_ch} channels and predicts {out_ch} (an image-to-video or "
                                f"control model needing extra inputs); TwinFlow samplers run Wan2.1 text-to-video")
-    info = {"source": "ComfyUI MODEL (apply_model)", "latent_channels": out_ch}
+    shift, patched = sampling_shift(patcher)
+    # the model's sigma schedule, as core KSampler reads it (a widget shift of 0 on our samplers means "this")
+    info = {"source": "ComfyUI MODEL (apply_model)", "latent_channels": out_ch, "sampling_shift": shift,
+            "sampling_shift_source": "ModelSamplingSD3 patch" if patched else "the model's default"}
     cache = patcher.model_options.get("transformer_options", {}).get("twinflow_step_cache")
     if cache is not None:  # from TwinFlow Step Cache: our sampler caches at its loop (comfy_adapter/step_cache.py)
         info["step_cache"] = cache

@@ -370,6 +370,29 @@ def test_core_model_in_twinflow_sampler_matches_core_ksampler(server, mode):
     torch.testing.assert_close(ours, core, rtol=tol, atol=tol)
 
 
+def test_twinflow_sampler_honours_model_sampling_sd3_shift(server):
+    """ModelSamplingSD3 (shift 3 / shift 8) -> TwinFlow Sampler with shift 0 ("from the model") follows the patch
+    as core KSampler does: the two shifts differ, and each equals core KSampler on the same patched model."""
+    p = _common({"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}})
+    p["12"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}}
+    for shift_node, tag in (("2", "s3"), ("12", "s8")):
+        n = "5" if tag == "s3" else "15"
+        p[n] = {"class_type": "TwinFlowSampler", "inputs": {
+            "model": [shift_node, 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 1.0, "sampler": "euler",
+            "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0]}}
+        p[str(int(n) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [n, 0],
+                                                                     "filename_prefix": f"tf_msd3_{tag}"}}
+        k = "7" if tag == "s3" else "17"
+        p[k] = _ksampler(7, 3, node_model=shift_node)
+        p[str(int(k) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [k, 0],
+                                                                     "filename_prefix": f"core_msd3_{tag}"}}
+    entry = server.run(p)
+    ours3, core3, ours8, core8 = (_latent(server, entry, n) for n in ("6", "8", "16", "18"))
+    assert (ours3 - ours8).abs().max() > 1e-2, "shift 3 and shift 8 gave the same latent: the patch was ignored"
+    torch.testing.assert_close(ours3, core3, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours8, core8, rtol=1e-4, atol=1e-4)
+
+
 def test_core_objects_direct_into_widened_inputs(server, object_info):
     """Core MODEL straight into TwinFlow Sampler / Dual-Branch Sampler / Quantize, core VAE into TwinFlow VAE Decode
     (once those inputs accept "TWINFLOW_MODEL,MODEL" / "TWINFLOW_VAE,VAE")."""
