@@ -393,6 +393,28 @@ def test_twinflow_sampler_honours_model_sampling_sd3_shift(server):
     torch.testing.assert_close(ours8, core8, rtol=1e-4, atol=1e-4)
 
 
+def test_twinflow_sampler_applies_cfg_zero_star_as_core_ksampler(server):
+    """CFGZeroStar (a sampler_post_cfg_function patch) at cfg 4: TwinFlow Sampler on the patched core MODEL equals
+    core KSampler on it, and differs from the unpatched model (the patch is applied, not ignored)."""
+    p = _common({"class_type": "CFGZeroStar", "inputs": {"model": ["1", 0]}})
+    p["9"] = {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "blurry, static", "width": 4096,
+                                                                   "pad_to": 512}}
+    for n, model, tag in (("5", "2", "zs"), ("15", "1", "plain")):
+        p[n] = {"class_type": "TwinFlowSampler", "inputs": {
+            "model": [model, 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 4.0, "sampler": "euler",
+            "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0], "negative": ["9", 0]}}
+        p[str(int(n) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [n, 0],
+                                                                     "filename_prefix": f"tf_cfg_{tag}"}}
+    p["7"] = {"class_type": "KSampler", "inputs": {
+        "model": ["2", 0], "seed": 7, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+        "denoise": 1.0, "positive": ["3", 0], "negative": ["9", 0], "latent_image": ["4", 0]}}
+    p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "core_cfg_zs"}}
+    entry = server.run(p)
+    ours, core, plain = (_latent(server, entry, n) for n in ("6", "8", "16"))
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3, "CFGZeroStar changed nothing: the test cannot tell applied from ignored"
+
+
 def test_core_objects_direct_into_widened_inputs(server, object_info):
     """Core MODEL straight into TwinFlow Sampler / Dual-Branch Sampler / Quantize, core VAE into TwinFlow VAE Decode
     (once those inputs accept "TWINFLOW_MODEL,MODEL" / "TWINFLOW_VAE,VAE")."""
