@@ -462,3 +462,24 @@ def test_pyproject_registry_metadata_and_requirements_agree():
     req = [ln for ln in (root / "requirements.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert "torch" not in names(req) and "torchvision" not in names(req)
     assert names(req) == names(project["dependencies"]) - {"torch"}
+
+
+def test_error_types_keep_the_package_import_path_under_a_hosts_module_name():
+    """ComfyUI imports a pack under its folder path; our error types still name themselves twinflow.core.errors.*
+    (ComfyUI's execution.full_type_name shows module + qualname in the UI)."""
+    import importlib.util
+    import pickle
+
+    from twinflow.core import errors
+
+    spec = importlib.util.spec_from_file_location("/x/custom_nodes/tf_pack.core.errors", errors.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Sub(mod.UnsupportedError):  # defined outside the package: left alone
+        pass
+
+    assert mod.UnsupportedError.__module__ == mod.TwinFlowError.__module__ == "twinflow.core.errors"
+    assert Sub.__module__ == __name__
+    assert errors.UnsupportedError.__module__ == "twinflow.core.errors"
+    assert isinstance(pickle.loads(pickle.dumps(errors.UnsupportedError("x"))), errors.UnsupportedError)

@@ -415,6 +415,21 @@ def test_twinflow_sampler_applies_cfg_zero_star_as_core_ksampler(server):
     assert (ours - plain).abs().max() > 1e-3, "CFGZeroStar changed nothing: the test cannot tell applied from ignored"
 
 
+def test_errors_show_their_short_type_name(server):
+    """A TwinFlow error reaches ComfyUI's history (what the UI shows) as twinflow.core.errors.<Type>, not under
+    the module name ComfyUI derives from the pack's folder path."""
+    p = _common({"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "eps",
+                                                                   "zsnr": False}})
+    p["5"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["2", 0], "latent": ["4", 0], "seed": 7, "steps": 2, "cfg": 1.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0]}}
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "tf_err"}}
+    entry = server.run(p, expect="execution_error")
+    err = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
+    assert err["node_id"] == "5" and "flow-matching" in err["exception_message"], err
+    assert err["exception_type"] == "twinflow.core.errors.UnsupportedError", err["exception_type"]
+
+
 def test_core_objects_direct_into_widened_inputs(server, object_info):
     """Core MODEL straight into TwinFlow Sampler / Dual-Branch Sampler / Quantize, core VAE into TwinFlow VAE Decode
     (once those inputs accept "TWINFLOW_MODEL,MODEL" / "TWINFLOW_VAE,VAE")."""
