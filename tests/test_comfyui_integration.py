@@ -160,6 +160,7 @@ class MiniWebSocket:
         assert b" 101 " in head.split(b"\r\n", 1)[0], head
         self.sock.settimeout(None)
         self.messages: list = []
+        self.binary: list = []  # binary frames: 4-byte event type, then the payload (previews: image type + image)
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
 
@@ -184,6 +185,8 @@ class MiniWebSocket:
                 payload = self._exact(n)
                 if b0 & 0x0F == 1:  # text frame (binary frames are previews)
                     self.messages.append(json.loads(payload))
+                elif b0 & 0x0F == 2:
+                    self.binary.append(payload)
                 elif b0 & 0x0F == 8:
                     return
         except (OSError, ConnectionError, ValueError):
@@ -733,3 +736,47 @@ def test_step_cache_easycache_with_cfg_skips_as_core_easycache(server):
     for node in ("9", "11"):
         rel = float((_latent(server, entry, node) - core).norm() / core.norm())
         assert rel <= 1e-4, (node, rel)
+
+
+def test_twinflow_sampler_sends_step_previews_as_core_ksampler(server, tmp_path):
+    """With --preview-method latent2rgb, TwinFlow Sampler sends one preview image per step over the WebSocket as
+    core KSampler does (ComfyUI's previewer with Wan21's latent_rgb_factors), and its last preview equals
+    KSampler's on the same model and seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "custom_nodes").mkdir()
+    os.symlink(PACK, tmp_path / "custom_nodes" / "twinflow", target_is_directory=True)
+    os.symlink(server.base / "models", tmp_path / "models", target_is_directory=True)
+    srv = Server(tmp_path, args=["--preview-method", "latent2rgb"])
+    srv.start()
+    try:
+        ws = MiniWebSocket(srv.port, "twinflow-tests")
+        try:
+            previews = {}
+            for tag, sampler in (("tf", {"class_type": "TwinFlowSampler", "inputs": {
+                    "model": ["1", 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 1.0, "sampler": "euler",
+                    "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0]}}),
+                                 ("core", _ksampler(7, 3))):
+                p = _common(sampler)
+                p["4"]["inputs"].update(width=64, height=64)  # an 8x8 preview
+                p["5"] = p.pop("2")
+                p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"pv_{tag}"}}
+                before = len(ws.binary)
+                pid = srv.submit(p)
+                srv.wait(pid)
+                ws.wait_end(pid)
+                frames = ws.binary[before:]
+                previews[tag] = [f for f in frames if int.from_bytes(f[:4], "big") == 1]  # PREVIEW_IMAGE
+        finally:
+            ws.close()
+    finally:
+        srv.stop()
+    assert len(previews["core"]) == 3, "core KSampler sent no previews: the oracle is not set up"
+    assert len(previews["tf"]) == 3, f"TwinFlow Sampler sent {len(previews['tf'])} previews for 3 steps"
+    imgs = {k: np.asarray(Image.open(io.BytesIO(v[-1][8:])).convert("RGB"), dtype=np.int16)
+            for k, v in previews.items()}
+    assert imgs["tf"].shape == imgs["core"].shape and imgs["tf"].std() > 0
+    assert np.abs(imgs["tf"] - imgs["core"]).max() <= 2
