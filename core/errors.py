@@ -8,7 +8,7 @@ the builtin type a caller would expect (`ValueError`, `RuntimeError`), so `excep
 
 # The package's import name here: "twinflow" when installed, but a host may load the folder under another
 # name (ComfyUI names a custom-node pack by its file path, so errors would show in its UI as
-# "/home/.../custom_nodes/twinflow.core.errors.UnsupportedError"). Our error types report the package's
+# "<folder>/custom_nodes/twinflow.core.errors.UnsupportedError"). Our error types report the package's
 # import path instead, which is what `import twinflow` resolves to.
 _LOADED_AS = __name__[: -len(".core.errors")] if __name__.endswith(".core.errors") else None
 CANONICAL = "twinflow"
