@@ -780,3 +780,22 @@ def test_twinflow_sampler_sends_step_previews_as_core_ksampler(server, tmp_path)
             for k, v in previews.items()}
     assert imgs["tf"].shape == imgs["core"].shape and imgs["tf"].std() > 0
     assert np.abs(imgs["tf"] - imgs["core"]).max() <= 2
+
+
+def test_dual_branch_guider_keeps_core_model_patches(server):
+    """The guider path runs ComfyUI's own sampling_function and sigmas: with ModelSamplingSD3 (shift 3) and CFGZeroStar
+    on the semantic model, alpha = 1 equals core CFGGuider on the same patched model, and differs from unpatched."""
+    def patched(graph):
+        graph["20"] = {"class_type": "CFGZeroStar", "inputs": {"model": ["1", 0]}}
+        graph["21"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["20", 0], "shift": 3.0}}
+        for node in ("7", "10"):
+            for k, v in graph[node]["inputs"].items():
+                if v == ["1", 0]:
+                    graph[node]["inputs"][k] = ["21", 0]
+        return graph
+
+    ours = _latent(server, server.run(patched(_guider_graph("constant", 1.0, 0.0))), "12")
+    core = _latent(server, server.run(patched(_guider_graph("constant", 1.0, 0.0, guider="core_semantic"))), "12")
+    plain = _latent(server, server.run(_guider_graph("constant", 1.0, 0.0)), "12")
+    torch.testing.assert_close(ours, core, rtol=1e-5, atol=1e-5)
+    assert (ours - plain).abs().max() > 1e-2
