@@ -258,6 +258,29 @@ def test_twinflow_sampler_shift_from_model_follows_model_sampling_sd3(models, ca
     assert len(said) == 1 and "(8)" in said[0] and " 3 " in said[0] and "ModelSamplingSD3" in said[0], said
 
 
+def test_resolve_shift_between_widget_and_models(caplog):
+    """Widget 0: the first model's shift (8 when no model carries one); two models that disagree are logged; a
+    negative widget is refused."""
+    from types import SimpleNamespace
+
+    from twinflow.core.log import forget_once
+    from twinflow.nodes.sampling import resolve_shift
+
+    forget_once()
+    a = SimpleNamespace(info={"sampling_shift": 3.0, "sampling_shift_source": "ModelSamplingSD3 patch"})
+    b = SimpleNamespace(info={"sampling_shift": 5.0})
+    bare = SimpleNamespace(info={})
+    with caplog.at_level(logging.INFO, logger="twinflow.nodes.sampling"):
+        assert resolve_shift(0.0, a, b) == 3.0
+        assert resolve_shift(0.0, bare) == 8.0
+        assert resolve_shift(0.0, bare, b) == 5.0
+        assert resolve_shift(6.0, a) == 6.0
+    text = caplog.text
+    assert "shifts differ (3 and 5)" in text and "carries no sampling shift" in text and "overrides" in text
+    with pytest.raises(ValueError, match="shift"):
+        resolve_shift(-1.0, a)
+
+
 def test_ksampler_uni_pc_drops_penultimate_sigma(models, monkeypatch):
     from twinflow.sampling import solvers
 
