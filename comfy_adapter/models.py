@@ -232,7 +232,8 @@ def wrap_model(patcher, name: str = "") -> Denoiser:
         info["step_cache"] = cache
     opts = patcher.model_options
     cfg_patches = (["sampler_cfg_function"] if "sampler_cfg_function" in opts else []) + \
-        [f"sampler_post_cfg_function {getattr(f, '__qualname__', f)}" for f in opts.get("sampler_post_cfg_function", [])]
+        [f"sampler_post_cfg_function {getattr(f, '__qualname__', f)}"
+         for f in opts.get("sampler_post_cfg_function", [])]
     if cfg_patches:
         log_once(logger, ("comfy_adapter.cfg_patches", id(patcher)), "TwinFlow: applying the core MODEL's CFG "
                  "patches in the TwinFlow sampler as ComfyUI's cfg_function does: %s", ", ".join(cfg_patches))
