@@ -46,12 +46,40 @@ class ComfyBar:
         # node_id None lets ComfyUI attribute the bar to the node that is executing.
         self._bar = progress_bar_cls(max(1, int(total)), node_id=node_id)
         self.desc = desc
+        self._previewer = None  # built on the first preview (False: none)
 
     def update(self, n: int) -> None:
         self._bar.update(n)
 
+    def preview(self, latent) -> None:
+        """Send the sampler's denoised latent as the step's preview image, as core samplers' callback does
+        (`latent_preview.prepare_callback`): ComfyUI's own previewer for Wan2.1 latents, so `--preview-method`
+        decides (none: no preview; latent2rgb/auto: Wan21's `latent_rgb_factors`; taesd: its Wan decoder)."""
+        if self._previewer is None:
+            self._previewer = wan21_previewer(latent) or False
+        if self._previewer is False:
+            return
+        image = self._previewer.decode_latent_to_preview_image("JPEG", latent)
+        self._bar.update_absolute(self._bar.current, self._bar.total, image)
+
     def close(self) -> None:  # ComfyUI bars need no closing; the node's end marks them finished
         pass
+
+
+def wan21_previewer(latent):
+    """ComfyUI's latent previewer for a Wan2.1 latent [B, 16, T, H, W] (None: previews off, or not a Wan latent)."""
+    import comfy.latent_formats
+    import latent_preview  # ComfyUI's top-level module (its sampler previews)
+
+    fmt = comfy.latent_formats.Wan21()
+    if getattr(latent, "ndim", 0) != 5 or latent.shape[1] != fmt.latent_channels:
+        from ..core.log import log_once
+
+        log_once(logger, ("comfy_preview_shape", tuple(getattr(latent, "shape", ()))[1:2]), "TwinFlow: no step "
+                 "previews for a latent of shape %s (ComfyUI's Wan2.1 previewer takes 16 channels)",
+                 tuple(getattr(latent, "shape", ())))
+        return None
+    return latent_preview.get_previewer(latent.device, fmt)
 
 
 def comfy_bar_factory(total: int, desc: str = "", node_id: Optional[str] = None) -> ComfyBar:

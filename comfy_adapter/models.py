@@ -74,6 +74,24 @@ def _check_flow(patcher) -> None:
             f"Remove a ModelSamplingDiscrete/EPS patch or use a core sampler")
 
 
+def sampling_shift(patcher) -> tuple[float, bool]:
+    """(shift, patched) of a core MODEL's flow sampling object: what core samplers build their sigmas from.
+
+    `patched` is True when a node (ModelSamplingSD3, ...) replaced the model's own `model_sampling`. TwinFlow's
+    sigma grid is ComfyUI's flow grid sigma = shift*t / (1 + (shift-1)*t) with timestep multiplier 1000 (Wan);
+    another multiplier or a sampling object without a `shift` is refused rather than sampled on a wrong grid."""
+    ms = patcher.get_model_object("model_sampling")
+    shift = getattr(ms, "shift", None)
+    mult = getattr(ms, "multiplier", 1000)
+    if not isinstance(shift, (int, float)) or float(mult) != 1000.0:
+        raise UnsupportedError(
+            f"the MODEL input's model sampling {type(ms).__name__} (shift {shift!r}, multiplier {mult!r}) is not "
+            f"the flow schedule TwinFlow samplers build (ModelSamplingSD3-style, multiplier 1000); patch the model "
+            f"with ModelSamplingSD3 or use a core sampler")
+    patched = "model_sampling" in patcher.object_patches if hasattr(patcher, "object_patches") else False
+    return float(shift), bool(patched)
+
+
 def _latent_format_name(patcher) -> Optional[str]:
     lf = getattr(patcher.model, "latent_format", None)
     name = type(lf).__name__ if lf is not None else ""
@@ -109,6 +127,43 @@ class ComfyApplyModel(nn.Module):
             opts["wrappers"] = merged
         return opts
 
+    def has_cfg_patches(self) -> bool:
+        opts = self.patcher.model_options
+        return "sampler_cfg_function" in opts or bool(opts.get("sampler_post_cfg_function"))
+
+    def __getattr__(self, name):
+        # `combine_guidance` exists only when the core MODEL carries CFG patches, so our loop keeps its own plain
+        # CFG (bit-identical to ComfyUI's) otherwise
+        if name == "combine_guidance" and self.__dict__.get("patcher") is not None and self.has_cfg_patches():
+            return self._combine_guidance
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def _combine_guidance(self, x, sigma, v_cond, v_uncond, cfg, cond=None, uncond=None) -> torch.Tensor:
+        """ComfyUI's `cfg_function` on our velocities: the MODEL's `sampler_cfg_function` (else plain CFG), then each
+        `sampler_post_cfg_function`, with ComfyUI's argument dicts, in the x0 (denoised) space ComfyUI uses.
+
+        As in core, with cfg 1 no negative runs and the uncond prediction is zeros. `cond`/`uncond` in the dicts
+        are the CONDITIONING lists the node received (core passes its processed cond dicts there)."""
+        opts = self.patcher.model_options
+        model = self.patcher.model
+        sig = sigma.view(-1, *([1] * (x.ndim - 1)))
+        cond_pred = x - sig * v_cond
+        uncond_pred = x - sig * v_uncond if v_uncond is not None else torch.zeros_like(x)
+        if "sampler_cfg_function" in opts:
+            args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cfg, "timestep": sigma,
+                    "input": x, "sigma": sigma, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
+                    "model": model, "model_options": opts, "input_cond": cond, "input_uncond": uncond}
+            result = x - opts["sampler_cfg_function"](args)
+        else:
+            result = uncond_pred + (cond_pred - uncond_pred) * cfg
+        for fn in opts.get("sampler_post_cfg_function", []):
+            args = {"denoised": result, "cond": cond, "uncond": uncond, "cond_scale": cfg, "model": model,
+                    "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": sigma, "model_options": opts,
+                    "input": x}
+            result = fn(args)
+        return ((x - result.float()) / sig).float()
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         load_patchers([self.patcher])
@@ -125,9 +180,37 @@ class ComfyApplyModel(nn.Module):
         return v.to(x.dtype)
 
 
+# Core model_options entries TwinFlow's own sampling loop cannot honour (it calls apply_model per pass and combines
+# CFG itself): refused by name. sampler_cfg_function and sampler_post_cfg_function are applied (ComfyApplyModel).
+UNSUPPORTED_OPTIONS = {
+    "sampler_pre_cfg_function": "a pre-CFG patch",
+    "sampler_calc_cond_batch_function": "a cond-batch patch",
+    "model_function_wrapper": "a model function wrapper (set_model_unet_function_wrapper)",
+    "disable_cfg1_optimization": "disable_cfg1_optimization",
+}
+
+
+def check_model_options(patcher) -> None:
+    """Refuse core patches our loop would otherwise ignore, naming them and the patch nodes' functions."""
+    opts = patcher.model_options
+    found = []
+    for key, what in UNSUPPORTED_OPTIONS.items():
+        val = opts.get(key)
+        if val:
+            fns = val if isinstance(val, (list, tuple)) else [val]
+            names = ", ".join(getattr(f, "__qualname__", type(f).__name__) for f in fns if callable(f))
+            found.append(f"{key} ({what}{': ' + names if names else ''})")
+    if found:
+        raise UnsupportedError(
+            "the MODEL input carries core patches the TwinFlow samplers cannot apply: " + "; ".join(found) +
+            ". Sample it with a core sampler (KSampler, or TwinFlow Dual-Branch Guider in SamplerCustomAdvanced, "
+            "which runs ComfyUI's own CFG), or remove the patch node")
+
+
 def wrap_model(patcher, name: str = "") -> Denoiser:
     """A TWINFLOW_MODEL that runs a core MODEL through `apply_model` (patches, wrappers, fp8 ops kept)."""
     _check_flow(patcher)
+    check_model_options(patcher)
     dm = _diffusion_model(patcher)
     pe = getattr(dm, "patch_embedding", None)
     te = getattr(dm, "text_embedding", None)
@@ -140,10 +223,20 @@ def wrap_model(patcher, name: str = "") -> Denoiser:
     if in_ch != out_ch:
         raise UnsupportedError(f"the MODEL input takes {in_ch} channels and predicts {out_ch} (an image-to-video or "
                                f"control model needing extra inputs); TwinFlow samplers run Wan2.1 text-to-video")
-    info = {"source": "ComfyUI MODEL (apply_model)", "latent_channels": out_ch}
+    shift, patched = sampling_shift(patcher)
+    # the model's sigma schedule, as core KSampler reads it (a widget shift of 0 on our samplers means "this")
+    info = {"source": "ComfyUI MODEL (apply_model)", "latent_channels": out_ch, "sampling_shift": shift,
+            "sampling_shift_source": "ModelSamplingSD3 patch" if patched else "the model's default"}
     cache = patcher.model_options.get("transformer_options", {}).get("twinflow_step_cache")
     if cache is not None:  # from TwinFlow Step Cache: our sampler caches at its loop (comfy_adapter/step_cache.py)
         info["step_cache"] = cache
+    opts = patcher.model_options
+    cfg_patches = (["sampler_cfg_function"] if "sampler_cfg_function" in opts else []) + \
+        [f"sampler_post_cfg_function {getattr(f, '__qualname__', f)}"
+         for f in opts.get("sampler_post_cfg_function", [])]
+    if cfg_patches:
+        log_once(logger, ("comfy_adapter.cfg_patches", id(patcher)), "TwinFlow: applying the core MODEL's CFG "
+                 "patches in the TwinFlow sampler as ComfyUI's cfg_function does: %s", ", ".join(cfg_patches))
     fmt = _latent_format_name(patcher)
     if fmt is not None:
         info["latent_format"] = fmt

@@ -6,8 +6,29 @@ the builtin type a caller would expect (`ValueError`, `RuntimeError`), so `excep
 """
 
 
+# The package's import name here: "twinflow" when installed, but a host may load the folder under another
+# name (ComfyUI names a custom-node pack by its file path, so errors would show in its UI as
+# "<folder>/custom_nodes/twinflow.core.errors.UnsupportedError"). Our error types report the package's
+# import path instead, which is what `import twinflow` resolves to.
+_LOADED_AS = __name__[: -len(".core.errors")] if __name__.endswith(".core.errors") else None
+CANONICAL = "twinflow"
+
+
+def _canonical_module(cls) -> None:
+    mod = cls.__module__
+    if _LOADED_AS and _LOADED_AS != CANONICAL and (mod == _LOADED_AS or mod.startswith(_LOADED_AS + ".")):
+        cls.__module__ = CANONICAL + mod[len(_LOADED_AS):]
+
+
 class TwinFlowError(Exception):
     """Base class of every error TwinFlow raises on purpose."""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _canonical_module(cls)  # our subclasses in any module of the package
+
+
+_canonical_module(TwinFlowError)
 
 
 class WorkflowError(TwinFlowError, ValueError):

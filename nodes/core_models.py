@@ -135,6 +135,7 @@ class ModelSamplingSD3:
             raise ValueError(f"ModelSamplingSD3 shift must be > 0 (sigma = shift*t / (1 + (shift-1)*t)), got {shift}")
         m = model.clone()
         m.info["sampling_shift"] = float(shift)
+        m.info["sampling_shift_source"] = "ModelSamplingSD3 patch"
         return (m,)
 
 

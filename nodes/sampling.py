@@ -4,7 +4,10 @@ Thin classes: widgets -> one library call in `sampling/`. Both samplers run `sam
 """
 from __future__ import annotations
 
+import logging
+
 from ..core import paths
+from ..core.log import log_once
 from ..sampling.dual import sample
 from ..sampling.gates import GATE_KINDS, GATE_NET_PRESETS, GateNet, GateSchedule, load_gate_net, parse_floats, \
     parse_steps, plot_schedule
@@ -17,14 +20,17 @@ from ._inputs import as_model, with_step_cache
 from ._loaders import model_names, random_preset
 
 CATEGORY = "TwinFlow/sampling"
+logger = logging.getLogger(__name__)
 
 _SAMPLER = (list(SAMPLER_NAMES), {"default": "uni_pc", "tooltip": "ODE solver (ComfyUI's formulas)."})
 _SCHEDULER = (list(SCHEDULERS), {"default": "simple", "tooltip": "Sigma schedule; simple/normal/sgm_uniform/beta "
                                  "as ComfyUI, wan_unipc = the official Wan2.1 UniPC grid."})
 _STEPS = ("INT", {"default": 20, "min": 1, "max": 1000, "step": 1, "tooltip": "number of solver steps"})
-_SHIFT = ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                    "tooltip": "Flow shift sigma' = shift*sigma/(1+(shift-1)*sigma) (ComfyUI ModelSamplingSD3; "
-                               "Wan2.1 T2V uses 8 at 1.3B, 5 at 14B)."})
+_SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                    "tooltip": "Flow shift sigma' = shift*sigma/(1+(shift-1)*sigma). 0 = from the model, as core "
+                               "KSampler: a core MODEL's sampling (ModelSamplingSD3 patch or its default, 8 for "
+                               "Wan2.1), else 8. A value > 0 overrides the model (logged when they differ)."})
+DEFAULT_SHIFT = 8.0  # ComfyUI's Wan2.1 sampling_settings shift, for models that carry no sampling shift
 _DENOISE = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                       "tooltip": "< 1 starts from the input latent (noised to the matching sigma)."})
 _SEED = ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "step": 1, "control_after_generate": True,
@@ -105,6 +111,35 @@ class TwinFlowLoadGateNet:
         return (load_gate_net(paths.find_model("twinflow", gate_net_name)),)
 
 
+def resolve_shift(widget: float, *denoisers) -> float:
+    """The shift a TwinFlow sampler uses: widget 0 = the (first) model's sampling shift, as core KSampler uses it;
+    a widget > 0 wins, logged once when it differs from the model's own (so a ModelSamplingSD3 patch is never
+    overridden silently)."""
+    widget = float(widget)
+    if not (widget >= 0.0):
+        raise ValueError(f"input 'shift' must be >= 0 (0 = from the model), got {widget}")
+    model_shift = next((float(d.info["sampling_shift"]) for d in denoisers if "sampling_shift" in d.info), None)
+    src = next((d.info.get("sampling_shift_source", "the model") for d in denoisers if "sampling_shift" in d.info),
+               "")
+    for d in denoisers[1:]:
+        other = d.info.get("sampling_shift")
+        if other is not None and model_shift is not None and abs(float(other) - model_shift) > 1e-9:
+            log_once(logger, ("shift_branches", model_shift, float(other)), "TwinFlow sampler: the models' sampling "
+                     "shifts differ (%g and %g); the sigma grid uses %g", model_shift, float(other),
+                     widget if widget > 0 else model_shift)
+    if widget == 0.0:
+        if model_shift is None:
+            log_once(logger, ("shift_default",), "TwinFlow sampler: shift 0 = from the model, but the model carries "
+                     "no sampling shift; using %g (ComfyUI's Wan2.1 default)", DEFAULT_SHIFT)
+            return DEFAULT_SHIFT
+        return model_shift
+    if model_shift is not None and abs(widget - model_shift) > 1e-9:
+        log_once(logger, ("shift_override", widget, model_shift), "TwinFlow sampler: the shift widget (%g) overrides "
+                 "the model's sampling shift %g (from %s); set shift to 0 to use the model's", widget, model_shift,
+                 src)
+    return widget
+
+
 class TwinFlowSampler:
     DESCRIPTION = "Sample a video latent with one TwinFlow model (same loop as the dual-branch sampler)."
 
@@ -133,7 +168,7 @@ class TwinFlowSampler:
     def run(self, model, latent, seed, steps, cfg, sampler, scheduler, shift, denoise, positive=None, negative=None):
         branch = Branch(as_model(model), positive, negative, cfg, name="semantic")
         out, report = sample(branch, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler,
-                             shift=shift, denoise=denoise)
+                             shift=resolve_shift(shift, branch.denoiser), denoise=denoise)
         return (out, report.text())
 
 
@@ -178,8 +213,8 @@ class TwinFlowDualBranchSampler:
         s = Branch(as_model(semantic, name="semantic"), positive, negative, cfg_semantic, name="semantic")
         d = Branch(as_model(detail, name="detail"), positive_detail if positive_detail is not None else positive,
                    negative_detail if negative_detail is not None else negative, cfg_detail, name="detail")
-        out, report = sample(s, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler, shift=shift,
-                             denoise=denoise, detail=d, gate=gate, over_time=(split == "THW"))
+        out, report = sample(s, latent, seed=seed, steps=steps, sampler=sampler, scheduler=scheduler,
+                             shift=resolve_shift(shift, s.denoiser, d.denoiser), denoise=denoise, detail=d, gate=gate, over_time=(split == "THW"))
         return (out, report.text())
 
 

@@ -190,7 +190,13 @@ class Branch:
             made = self.stats.forwards - before
             cache.count_forwards(made)
             cache.forwards_saved += max(0, n_uncached - made)
-        if self._guided:
+        combine = getattr(self.denoiser.module, "combine_guidance", None)
+        if combine is not None:
+            # the model's host owns the CFG combination (inside ComfyUI: the core MODEL's sampler_cfg_function and
+            # post-CFG patches, comfy_adapter/models.py); `uncond` is None when cfg is 1 and no negative ran
+            v = combine(x, s, outs["cond"], outs.get("uncond"), self.cfg, self.positive,
+                        self.negative if self._guided else None)
+        elif self._guided:
             v = outs["uncond"] + self.cfg * (outs["cond"] - outs["uncond"])
         else:
             v = outs["cond"]

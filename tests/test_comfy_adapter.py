@@ -90,7 +90,9 @@ class CONST:
 
 
 class FakeFlowSampling(CONST):
-    pass
+    """ComfyUI's ModelSamplingDiscreteFlow as Wan2.1 sets it up: shift 8, timestep multiplier 1000."""
+    shift = 8.0
+    multiplier = 1000
 
 
 class FakeEpsSampling:
@@ -265,6 +267,60 @@ def test_core_model_refusals(tiny_dit, loads):
         M.as_denoiser(bad)
 
 
+@pytest.mark.parametrize("key, value", [("sampler_pre_cfg_function", [lambda args: args["conds_out"]]),
+                                        ("model_function_wrapper", lambda apply, args: apply(**args)),
+                                        ("sampler_calc_cond_batch_function", lambda args: None),
+                                        ("disable_cfg1_optimization", True)])
+def test_core_patches_the_loop_cannot_apply_are_refused_by_name(tiny_dit, loads, key, value):
+    patcher = FakeModelPatcher(tiny_dit)
+    patcher.model_options[key] = value
+    with pytest.raises(UnsupportedError, match=key):
+        M.as_denoiser(patcher)
+
+
+def test_core_sampling_without_a_flow_shift_is_refused(tiny_dit, loads):
+    sampling = FakeFlowSampling()
+    sampling.multiplier = 1.0  # e.g. ModelSamplingFlux / AuraFlow: another timestep scale than Wan's
+    with pytest.raises(UnsupportedError, match="multiplier"):
+        M.as_denoiser(FakeModelPatcher(tiny_dit, sampling))
+    den = M.as_denoiser(FakeModelPatcher(tiny_dit))
+    assert den.info["sampling_shift"] == 8.0
+
+
+def test_cfg_patches_are_applied_with_comfyuis_argument_dicts(tiny_dit, loads):
+    """sampler_cfg_function / sampler_post_cfg_function run on x0 predictions as in ComfyUI's cfg_function:
+    a cfg function returning plain CFG and an identity post-CFG leave the result unchanged; a post-CFG that
+    returns cond_denoised turns CFG off."""
+    from twinflow.sampling.guidance import Branch
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 4)
+    d = tiny_dit.config.text_dim
+    pos, neg = [[torch.randn(1, 3, d), {}]], [[torch.randn(1, 5, d), {}]]
+    seen = []
+
+    def cfg_fn(args):
+        seen.append(sorted(args))
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]  # noise-space CFG
+
+    def velocity(opts, cfg=4.0):
+        patcher = FakeModelPatcher(tiny_dit)
+        patcher.model_options.update(opts)
+        b = Branch(M.as_denoiser(patcher), pos, neg, cfg)
+        b.prepare(1)
+        return b.velocity(x, 0.7)
+
+    plain = velocity({})
+    torch.testing.assert_close(velocity({"sampler_cfg_function": cfg_fn,
+                                         "sampler_post_cfg_function": [lambda a: a["denoised"]]}), plain)
+    assert seen and {"cond", "uncond", "cond_scale", "input", "sigma", "cond_denoised", "uncond_denoised", "model",
+                     "model_options", "timestep"} <= set(seen[0])
+    cond_only = velocity({}, cfg=1.0)
+    torch.testing.assert_close(velocity({"sampler_post_cfg_function": [lambda a: a["cond_denoised"]]}), cond_only,
+                               rtol=1e-5, atol=1e-5)
+    assert (plain - cond_only).abs().max() > 1e-3
+
+
 def test_rebuild_gives_our_wan_dit_with_the_same_outputs(tiny_dit, loads):
     from twinflow.models.wan_dit import WanDiT
 
@@ -406,3 +462,24 @@ def test_pyproject_registry_metadata_and_requirements_agree():
     req = [ln for ln in (root / "requirements.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert "torch" not in names(req) and "torchvision" not in names(req)
     assert names(req) == names(project["dependencies"]) - {"torch"}
+
+
+def test_error_types_keep_the_package_import_path_under_a_hosts_module_name():
+    """ComfyUI imports a pack under its folder path; our error types still name themselves twinflow.core.errors.*
+    (ComfyUI's execution.full_type_name shows module + qualname in the UI)."""
+    import importlib.util
+    import pickle
+
+    from twinflow.core import errors
+
+    spec = importlib.util.spec_from_file_location("/x/custom_nodes/tf_pack.core.errors", errors.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Sub(mod.UnsupportedError):  # defined outside the package: left alone
+        pass
+
+    assert mod.UnsupportedError.__module__ == mod.TwinFlowError.__module__ == "twinflow.core.errors"
+    assert Sub.__module__ == __name__
+    assert errors.UnsupportedError.__module__ == "twinflow.core.errors"
+    assert isinstance(pickle.loads(pickle.dumps(errors.UnsupportedError("x"))), errors.UnsupportedError)

@@ -160,6 +160,7 @@ class MiniWebSocket:
         assert b" 101 " in head.split(b"\r\n", 1)[0], head
         self.sock.settimeout(None)
         self.messages: list = []
+        self.binary: list = []  # binary frames: 4-byte event type, then the payload (previews: image type + image)
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
 
@@ -184,6 +185,8 @@ class MiniWebSocket:
                 payload = self._exact(n)
                 if b0 & 0x0F == 1:  # text frame (binary frames are previews)
                     self.messages.append(json.loads(payload))
+                elif b0 & 0x0F == 2:
+                    self.binary.append(payload)
                 elif b0 & 0x0F == 8:
                     return
         except (OSError, ConnectionError, ValueError):
@@ -368,6 +371,66 @@ def test_core_model_in_twinflow_sampler_matches_core_ksampler(server, mode):
     # wrap: the same ComfyUI forward; rebuild: our WanDiT vs ComfyUI's WanModel on the same weights.
     tol = 1e-4 if mode == "wrap" else 2e-3
     torch.testing.assert_close(ours, core, rtol=tol, atol=tol)
+
+
+def test_twinflow_sampler_honours_model_sampling_sd3_shift(server):
+    """ModelSamplingSD3 (shift 3 / shift 8) -> TwinFlow Sampler with shift 0 ("from the model") follows the patch
+    as core KSampler does: the two shifts differ, and each equals core KSampler on the same patched model."""
+    p = _common({"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}})
+    p["12"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}}
+    for shift_node, tag in (("2", "s3"), ("12", "s8")):
+        n = "5" if tag == "s3" else "15"
+        p[n] = {"class_type": "TwinFlowSampler", "inputs": {
+            "model": [shift_node, 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 1.0, "sampler": "euler",
+            "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0]}}
+        p[str(int(n) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [n, 0],
+                                                                     "filename_prefix": f"tf_msd3_{tag}"}}
+        k = "7" if tag == "s3" else "17"
+        p[k] = _ksampler(7, 3, node_model=shift_node)
+        p[str(int(k) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [k, 0],
+                                                                     "filename_prefix": f"core_msd3_{tag}"}}
+    entry = server.run(p)
+    ours3, core3, ours8, core8 = (_latent(server, entry, n) for n in ("6", "8", "16", "18"))
+    assert (ours3 - ours8).abs().max() > 1e-2, "shift 3 and shift 8 gave the same latent: the patch was ignored"
+    torch.testing.assert_close(ours3, core3, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours8, core8, rtol=1e-4, atol=1e-4)
+
+
+def test_twinflow_sampler_applies_cfg_zero_star_as_core_ksampler(server):
+    """CFGZeroStar (a sampler_post_cfg_function patch) at cfg 4: TwinFlow Sampler on the patched core MODEL equals
+    core KSampler on it, and differs from the unpatched model (the patch is applied, not ignored)."""
+    p = _common({"class_type": "CFGZeroStar", "inputs": {"model": ["1", 0]}})
+    p["9"] = {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "blurry, static", "width": 4096,
+                                                                   "pad_to": 512}}
+    for n, model, tag in (("5", "2", "zs"), ("15", "1", "plain")):
+        p[n] = {"class_type": "TwinFlowSampler", "inputs": {
+            "model": [model, 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 4.0, "sampler": "euler",
+            "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0], "negative": ["9", 0]}}
+        p[str(int(n) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [n, 0],
+                                                                     "filename_prefix": f"tf_cfg_{tag}"}}
+    p["7"] = {"class_type": "KSampler", "inputs": {
+        "model": ["2", 0], "seed": 7, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+        "denoise": 1.0, "positive": ["3", 0], "negative": ["9", 0], "latent_image": ["4", 0]}}
+    p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "core_cfg_zs"}}
+    entry = server.run(p)
+    ours, core, plain = (_latent(server, entry, n) for n in ("6", "8", "16"))
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3, "CFGZeroStar changed nothing: the test cannot tell applied from ignored"
+
+
+def test_errors_show_their_short_type_name(server):
+    """A TwinFlow error reaches ComfyUI's history (what the UI shows) as twinflow.core.errors.<Type>, not under
+    the module name ComfyUI derives from the pack's folder path."""
+    p = _common({"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "eps",
+                                                                   "zsnr": False}})
+    p["5"] = {"class_type": "TwinFlowSampler", "inputs": {
+        "model": ["2", 0], "latent": ["4", 0], "seed": 7, "steps": 2, "cfg": 1.0, "sampler": "euler",
+        "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0]}}
+    p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "tf_err"}}
+    entry = server.run(p, expect="execution_error")
+    err = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
+    assert err["node_id"] == "5" and "flow-matching" in err["exception_message"], err
+    assert err["exception_type"] == "twinflow.core.errors.UnsupportedError", err["exception_type"]
 
 
 def test_core_objects_direct_into_widened_inputs(server, object_info):
@@ -673,3 +736,66 @@ def test_step_cache_easycache_with_cfg_skips_as_core_easycache(server):
     for node in ("9", "11"):
         rel = float((_latent(server, entry, node) - core).norm() / core.norm())
         assert rel <= 1e-4, (node, rel)
+
+
+def test_twinflow_sampler_sends_step_previews_as_core_ksampler(server, tmp_path):
+    """With --preview-method latent2rgb, TwinFlow Sampler sends one preview image per step over the WebSocket as
+    core KSampler does (ComfyUI's previewer with Wan21's latent_rgb_factors), and its last preview equals
+    KSampler's on the same model and seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "custom_nodes").mkdir()
+    os.symlink(PACK, tmp_path / "custom_nodes" / "twinflow", target_is_directory=True)
+    os.symlink(server.base / "models", tmp_path / "models", target_is_directory=True)
+    srv = Server(tmp_path, args=["--preview-method", "latent2rgb"])
+    srv.start()
+    try:
+        ws = MiniWebSocket(srv.port, "twinflow-tests")
+        try:
+            previews = {}
+            for tag, sampler in (("tf", {"class_type": "TwinFlowSampler", "inputs": {
+                    "model": ["1", 0], "latent": ["4", 0], "seed": 7, "steps": 3, "cfg": 1.0, "sampler": "euler",
+                    "scheduler": "simple", "shift": 0.0, "denoise": 1.0, "positive": ["3", 0]}}),
+                                 ("core", _ksampler(7, 3))):
+                p = _common(sampler)
+                p["4"]["inputs"].update(width=64, height=64)  # an 8x8 preview
+                p["5"] = p.pop("2")
+                p["6"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"pv_{tag}"}}
+                before = len(ws.binary)
+                pid = srv.submit(p)
+                srv.wait(pid)
+                ws.wait_end(pid)
+                frames = ws.binary[before:]
+                previews[tag] = [f for f in frames if int.from_bytes(f[:4], "big") == 1]  # PREVIEW_IMAGE
+        finally:
+            ws.close()
+    finally:
+        srv.stop()
+    assert len(previews["core"]) == 3, "core KSampler sent no previews: the oracle is not set up"
+    assert len(previews["tf"]) == 3, f"TwinFlow Sampler sent {len(previews['tf'])} previews for 3 steps"
+    imgs = {k: np.asarray(Image.open(io.BytesIO(v[-1][8:])).convert("RGB"), dtype=np.int16)
+            for k, v in previews.items()}
+    assert imgs["tf"].shape == imgs["core"].shape and imgs["tf"].std() > 0
+    assert np.abs(imgs["tf"] - imgs["core"]).max() <= 2
+
+
+def test_dual_branch_guider_keeps_core_model_patches(server):
+    """The guider path runs ComfyUI's own sampling_function and sigmas: with ModelSamplingSD3 (shift 3) and CFGZeroStar
+    on the semantic model, alpha = 1 equals core CFGGuider on the same patched model, and differs from unpatched."""
+    def patched(graph):
+        graph["20"] = {"class_type": "CFGZeroStar", "inputs": {"model": ["1", 0]}}
+        graph["21"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["20", 0], "shift": 3.0}}
+        for node in ("7", "10"):
+            for k, v in graph[node]["inputs"].items():
+                if v == ["1", 0]:
+                    graph[node]["inputs"][k] = ["21", 0]
+        return graph
+
+    ours = _latent(server, server.run(patched(_guider_graph("constant", 1.0, 0.0))), "12")
+    core = _latent(server, server.run(patched(_guider_graph("constant", 1.0, 0.0, guider="core_semantic"))), "12")
+    plain = _latent(server, server.run(_guider_graph("constant", 1.0, 0.0)), "12")
+    torch.testing.assert_close(ours, core, rtol=1e-5, atol=1e-5)
+    assert (ours - plain).abs().max() > 1e-2

@@ -7,6 +7,7 @@ end-to-end test skips with a reason when it is not installed.
 """
 import importlib.util
 import json
+import logging
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -229,6 +230,55 @@ def test_ksampler_euler_matches_comfyui_formulas(models):
     err = (out["samples"] - ref).abs().max() / ref.abs().max()
     assert err < 1e-5, err
     assert torch.count_nonzero(lat["samples"]) == 0  # input not mutated
+
+
+def test_twinflow_sampler_shift_from_model_follows_model_sampling_sd3(models, caplog):
+    """TwinFlow Sampler with shift 0 ("from the model") samples on the ModelSamplingSD3 patch's grid, as core
+    KSampler does; an explicit shift that disagrees with the patch wins and says so once in the log."""
+    from twinflow.core.log import forget_once
+    from twinflow.nodes.sampling import TwinFlowSampler
+
+    model, = _core("UNETLoader").load_unet(cf.T2V_FILES["unet"], "default")
+    pos = [[torch.randn(1, 512, model.config.text_dim) * (torch.arange(512) < 9).view(1, -1, 1), {}]]
+    (lat,) = _core("EmptyHunyuanLatentVideo").generate(64, 48, 5, 1)
+    outs = {}
+    for shift in (3.0, 8.0):
+        patched, = _core("ModelSamplingSD3").patch(model, shift)
+        (ours, _) = TwinFlowSampler().run(patched, lat, 42, 3, 1.0, "euler", "simple", 0.0, 1.0, positive=pos)
+        (core,) = _core("KSampler").sample(patched, 42, 3, 1.0, "euler", "simple", pos, pos, lat, 1.0)
+        torch.testing.assert_close(ours["samples"], core["samples"], rtol=1e-5, atol=1e-5)
+        outs[shift] = ours["samples"]
+    assert (outs[3.0] - outs[8.0]).abs().max() > 1e-2
+    forget_once()
+    patched, = _core("ModelSamplingSD3").patch(model, 3.0)
+    with caplog.at_level(logging.INFO, logger="twinflow.nodes.sampling"):
+        (ours, _) = TwinFlowSampler().run(patched, lat, 42, 3, 1.0, "euler", "simple", 8.0, 1.0, positive=pos)
+    torch.testing.assert_close(ours["samples"], outs[8.0])
+    said = [r.getMessage() for r in caplog.records if "overrides the model's sampling shift" in r.getMessage()]
+    assert len(said) == 1 and "(8)" in said[0] and " 3 " in said[0] and "ModelSamplingSD3" in said[0], said
+
+
+def test_resolve_shift_between_widget_and_models(caplog):
+    """Widget 0: the first model's shift (8 when no model carries one); two models that disagree are logged; a
+    negative widget is refused."""
+    from types import SimpleNamespace
+
+    from twinflow.core.log import forget_once
+    from twinflow.nodes.sampling import resolve_shift
+
+    forget_once()
+    a = SimpleNamespace(info={"sampling_shift": 3.0, "sampling_shift_source": "ModelSamplingSD3 patch"})
+    b = SimpleNamespace(info={"sampling_shift": 5.0})
+    bare = SimpleNamespace(info={})
+    with caplog.at_level(logging.INFO, logger="twinflow.nodes.sampling"):
+        assert resolve_shift(0.0, a, b) == 3.0
+        assert resolve_shift(0.0, bare) == 8.0
+        assert resolve_shift(0.0, bare, b) == 5.0
+        assert resolve_shift(6.0, a) == 6.0
+    text = caplog.text
+    assert "shifts differ (3 and 5)" in text and "carries no sampling shift" in text and "overrides" in text
+    with pytest.raises(ValueError, match="shift"):
+        resolve_shift(-1.0, a)
 
 
 def test_ksampler_uni_pc_drops_penultimate_sigma(models, monkeypatch):
