@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ..core.memory import available_memory  # the plan reads it through this module (tests patch it here)
+
 from . import wan_vae_bands
 
 logger = logging.getLogger(__name__)
@@ -72,27 +74,6 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
     carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
     peak = max(cache[0] + work[0] + fronts, fronts + frac * (cache[1] + work[1]) + carried)
     return int(b * peak * es + out_bytes)
-
-
-def available_memory(device) -> Optional[int]:
-    """Bytes that can still be allocated on `device`: CUDA free memory, or MemAvailable on CPU (None if unknown)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
 
 
 def usable_memory(device) -> Optional[int]:

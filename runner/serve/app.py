@@ -99,14 +99,9 @@ def _total_ram() -> int:
 
 
 def _free_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from ...core.memory import available_memory
+
+    return available_memory("cpu") or 0
 
 
 def process_rss() -> int:

@@ -37,3 +37,18 @@ def latent_preview(latent, scale: int = 8):
     x = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255.0).round().to(torch.uint8)
     img = Image.fromarray(x.permute(1, 2, 0).contiguous().numpy(), "RGB")
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def preview_frame(latent):
+    """The JPEG preview frame of a latent, or None (logged once) when it cannot be made: a preview must never
+    fail the prompt."""
+    import logging
+
+    from ...core.log import log_once
+
+    try:
+        return encode_preview(latent_preview(latent), "JPEG")
+    except Exception as e:
+        log_once(logging.getLogger(__name__), ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s",
+                 e, level=logging.WARNING)
+        return None

@@ -61,17 +61,11 @@ class _QueueBar:
     def preview(self, latent):
         if not self.previews:
             return
-        from .preview import encode_preview, latent_preview
+        from .preview import preview_frame
 
-        try:
-            frame = encode_preview(latent_preview(latent), "JPEG")
-        except Exception as e:  # a preview must never fail the prompt; say why once
-            from ...core.log import log_once
-
-            log_once(logger, ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s", e,
-                     level=logging.WARNING)
-            return
-        self.events.put(("preview", frame[4:]))  # the image type + image; the server adds the event type
+        frame = preview_frame(latent)
+        if frame is not None:
+            self.events.put(("preview", frame[4:]))  # the image type + image; the server adds the event type
 
     def close(self):
         pass

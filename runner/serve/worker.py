@@ -158,17 +158,11 @@ class Worker:
         sid = cur.extra_data.get("client_id") if cur is not None else None
         if not self.previews or sid is None:
             return
-        from .preview import PREVIEW_IMAGE, encode_preview, latent_preview
+        from .preview import PREVIEW_IMAGE, preview_frame
 
-        try:
-            frame = encode_preview(latent_preview(latent), "JPEG")
-        except Exception as e:  # a preview must never fail the prompt; say why once
-            from ...core.log import log_once
-
-            log_once(logger, ("twinflow.serve.preview", type(e).__name__), "preview not sent: %s", e,
-                     level=logging.WARNING)
-            return
-        self.send(PREVIEW_IMAGE, frame[4:], sid)
+        frame = preview_frame(latent)
+        if frame is not None:
+            self.send(PREVIEW_IMAGE, frame[4:], sid)
 
     # ------------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
