@@ -155,10 +155,8 @@ class SaveVideo:
 
         if not isinstance(video, Video):
             raise TypeError(f"SaveVideo: input 'video' must be a VIDEO from CreateVideo, got {type(video).__name__}")
-        out = TwinFlowSaveVideo().save(video.images, filename_prefix, fps=float(video.frame_rate),
-                                       crf=X264_DEFAULT_CRF, prompt=prompt, extra_pnginfo=extra_pnginfo)
-        ui = out["ui"]
-        return {"ui": {"images": ui["videos"], "animated": (True,)}, "result": ()}
+        return TwinFlowSaveVideo().save(video.images, filename_prefix, fps=float(video.frame_rate),
+                                        crf=X264_DEFAULT_CRF, prompt=prompt, extra_pnginfo=extra_pnginfo)
 
 
 class SaveImage:

@@ -134,7 +134,9 @@ class TwinFlowSaveVideo:
         target = resolve_prefix(filename_prefix, paths.output_dir(), images.shape[2], images.shape[1])
         with Progress(images.shape[0], desc="save video") as bar:
             out = media_video.save_mp4(target, images, fps, crf, meta, progress=bar)
-        return _saved("videos", target, [out], animated=(True,))
+        # reported as core SaveVideo reports (comfy_api ui.PreviewVideo): under "images" with animated=(True,);
+        # the ComfyUI frontend draws a <video> on the node only from that shape, not from a "videos" key
+        return _saved("images", target, [out], animated=(True,))
 
 
 class TwinFlowSaveLatent:

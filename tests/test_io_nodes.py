@@ -190,7 +190,9 @@ def test_save_video_mp4_decodes_back(tf_dirs):
     ramp = torch.linspace(0, 0.15, 32).view(1, 1, 32, 1)
     imgs = (0.1 + 0.7 * t + ramp).expand(5, 32, 32, 3).contiguous()
     res = TwinFlowSaveVideo().save(imgs, "video/clip", fps=16.0, crf=10, prompt=PROMPT, extra_pnginfo=WORKFLOW)
-    assert res["ui"]["videos"] == [{"filename": "clip_00001_.mp4", "subfolder": "video", "type": "output"}]
+    # the shape core SaveVideo reports (ui.PreviewVideo), which the frontend draws as a <video> on the node
+    assert res["ui"] == {"images": [{"filename": "clip_00001_.mp4", "subfolder": "video", "type": "output"}],
+                         "animated": (True,)}
     (codec, rate, w, h), frames, meta = _decode(tf_dirs["output"] / "video" / "clip_00001_.mp4")
     assert codec == "h264" and rate == Fraction(16) and (w, h) == (32, 32) and len(frames) == 5
     for i, f in enumerate(frames):
@@ -200,7 +202,7 @@ def test_save_video_mp4_decodes_back(tf_dirs):
 
 def test_save_video_odd_size_is_padded(tf_dirs):
     res = TwinFlowSaveVideo().save(torch.full((3, 17, 31, 3), 0.5), "odd", fps=8.0, crf=20)
-    (_, _, w, h), frames, _ = _decode(tf_dirs["output"] / res["ui"]["videos"][0]["filename"])
+    (_, _, w, h), frames, _ = _decode(tf_dirs["output"] / res["ui"]["images"][0]["filename"])
     assert (w, h) == (32, 18) and len(frames) == 3
 
 
@@ -423,7 +425,7 @@ def test_load_video_mp4_and_options(tf_dirs):
 def test_save_video_then_load_video(tf_dirs):
     imgs = torch.stack([torch.full((16, 16, 3), v / 255.0) for v in LEVELS[:5]])
     res = TwinFlowSaveVideo().save(imgs, "v", fps=10.0, crf=5)
-    out, count, fps = TwinFlowLoadVideo().load(res["ui"]["videos"][0]["filename"] + " [output]")
+    out, count, fps = TwinFlowLoadVideo().load(res["ui"]["images"][0]["filename"] + " [output]")
     assert count == 5 and out.shape == (5, 16, 16, 3) and fps == pytest.approx(10.0)
     assert _levels(out) == LEVELS[:5]
 

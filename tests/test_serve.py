@@ -170,13 +170,16 @@ def test_websocket_example_client_gets_the_images(tmp_path):
     assert history["prompt"][1] == pid and history["prompt"][2] == prompt
     assert sorted(history["prompt"][4], key=int) == ["10", "11", "12"]
     # the images the client downloaded are the files the runner writes for the same prompt
-    assert sorted(images, key=int) == ["10", "11", "12"] and images["10"] == []
+    # node 10 (Save Video) reports its MP4 as core SaveVideo does, under "images": the example client fetches it too
+    assert sorted(images, key=int) == ["10", "11", "12"] and len(images["10"]) == 1
     assert len(images["11"]) == 1 and len(images["12"]) == 5
     ref = Runner().run(prompt, output_dir=tmp_path / "ref")
     ref_files = {p.name: p.read_bytes() for p in ref.files()}
     got = [e["filename"] for e in history["outputs"]["11"]["images"] + history["outputs"]["12"]["images"]]
     assert [ref_files[name] for name in got] == images["11"] + images["12"]
-    video = history["outputs"]["10"]["videos"][0]
+    assert history["outputs"]["10"]["animated"] == [True]
+    video = history["outputs"]["10"]["images"][0]
+    assert (tmp_path / "output" / video["subfolder"] / video["filename"]).read_bytes() == images["10"][0]
     assert len(_frames(tmp_path / "output" / video["subfolder"] / video["filename"])) == 5
 
 
