@@ -374,8 +374,14 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "n
             "doctor": cmd_doctor, "fit-gate": fit_gate.cmd_fit_gate, "plan": cmd_plan, "cache": cmd_cache}
 
 
+_interrupt_shown = [False]  # one "interrupted" line per main() call, however many Ctrl-C arrive while it is printed
+
+
 def _interrupted(as_json: bool) -> int:
     progress.clear_interrupt()
+    if _interrupt_shown[0]:  # a second Ctrl-C right after the first was reported (outside the run's handler)
+        return EXIT_INTERRUPTED
+    _interrupt_shown[0] = True
     msg = "interrupted: stopped before finishing; no partial outputs were kept"
     if as_json:
         print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
@@ -416,6 +422,7 @@ def main(argv=None) -> int:
     silenced. A Ctrl-C at any moment (imports, parsing, the run, printing) exits 130 with one line."""
     process = argv is None
     as_json = "--json" in (sys.argv[1:] if argv is None else list(argv))
+    _interrupt_shown[0] = False
     try:
         code = _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C outside the run's own handling: imports, parsing, printing

@@ -155,3 +155,22 @@ def test_sigint_during_sampling_or_twice_during_save_video(tmp_path, marker, sig
     # the video never appears; the gate preview (its own output node, #11, independent of the sampler) may
     # have been published whole before the Ctrl-C
     assert [f for f in _visible(out) if not f.startswith("gate_")] == [] and _hidden(out) == []
+
+
+def test_second_ctrl_c_while_the_first_is_reported_prints_one_line(monkeypatch, capsys):
+    # The race the save-video-twice case hits now and then on a busy machine: the run's handler has been
+    # restored, the first interruption is being reported, and the second Ctrl-C raises KeyboardInterrupt
+    # out of that report into main()'s own handler. One line, exit 130.
+    from twinflow.runner import cli
+
+    def interrupted_then_ctrl_c(argv):
+        cli._interrupted(False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted_then_ctrl_c)
+    assert cli.main(["run", "x.json"]) == 130
+    err = capsys.readouterr().err
+    assert len(_interrupt_lines(err)) == 1, err
+    # the next call reports its own interruption again
+    assert cli.main(["run", "x.json"]) == 130
+    assert len(_interrupt_lines(capsys.readouterr().err)) == 1
