@@ -91,7 +91,19 @@ def test_run_reads_the_workflow_embedded_in_its_mp4_and_webp(clip, tf_dirs, caps
         assert code == 0, err
     # the re-runs wrote the same video again (byte-identical, next counter)
     videos = sorted((tf_dirs["output"] / "d").glob("mp4_*.mp4"))
-    assert len(videos) == 4 and len({v.read_bytes() for v in videos}) == 1
+    blobs = [v.read_bytes() for v in videos]
+    assert len(videos) == 4 and len(set(blobs)) == 1, _first_difference(videos, blobs)
+
+
+def _first_difference(paths, blobs) -> str:
+    """Which files differ from the first, their sizes and the first differing byte (for a rare CI failure)."""
+    lines = []
+    for p, b in zip(paths[1:], blobs[1:]):
+        if b != blobs[0]:
+            at = next((i for i, (x, y) in enumerate(zip(blobs[0], b)) if x != y), min(len(b), len(blobs[0])))
+            lines.append(f"{p.name}: {len(b)} vs {len(blobs[0])} bytes, first difference at {at}: "
+                         f"{blobs[0][max(0, at - 40):at + 40]!r} vs {b[max(0, at - 40):at + 40]!r}")
+    return "\n".join(lines)
 
 
 def test_media_without_embedded_workflow_is_a_clear_error(tf_dirs, capsys):
