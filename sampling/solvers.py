@@ -144,6 +144,11 @@ def uni_pc(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, on_step: StepF
         if on_step is not None:
             on_step(0)
         return x * final_rescale
+    repeated = next((i for i in range(steps) if ts[i + 1] >= ts[i]), None)
+    if repeated is not None:  # UniPC steps in log-sigma: an equal (or rising) pair has no step size
+        raise ValueError(f"uni_pc: sigmas {repeated} and {repeated + 1} of the schedule are not decreasing "
+                         f"({ts[repeated]:.6g} -> {ts[repeated + 1]:.6g}; too many steps for this scheduler/shift "
+                         f"in float32): use fewer steps, another scheduler, or euler")
     order = min(3, steps - 1)
     hist_m = [model(x, 0)]
     hist_s = [ts[0]]

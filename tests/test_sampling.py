@@ -305,3 +305,17 @@ def test_solvers_land_on_a_training_point(name, steps):
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler"):
         solvers.get_solver("heun3")
+
+
+def test_uni_pc_refuses_a_schedule_with_equal_sigmas():
+    # 1000 simple steps at shift 8 repeat a sigma in float32: UniPC's log-sigma step would divide by zero
+    sig = schedules.sampler_sigmas("simple", 1000, 8.0, sampler="uni_pc")
+    assert any(float(a) <= float(b) for a, b in zip(sig[:-1], sig[1:]))  # the case this guards (checked, not assumed)
+    calls = []
+    with pytest.raises(ValueError, match=r"uni_pc: sigmas \d+ and \d+ of the schedule are not decreasing"):
+        solvers.uni_pc(lambda x, i: calls.append(i) or x, torch.zeros(1, 16, 1, 2, 2), sig)
+    assert not calls  # refused before the first model call
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 1, 2, 2)
+    ok = schedules.sampler_sigmas("simple", 20, 8.0, sampler="uni_pc")
+    assert torch.isfinite(solvers.uni_pc(lambda y, i: 0.5 * y, x, ok)).all()
