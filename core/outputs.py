@@ -244,6 +244,7 @@ def _make_temp(folder: Path, ext: str) -> Path:
         except FileExistsError:
             continue
         os.close(fd)
+        _LIVE_TEMPS.add(path)
         return path
     raise FileExistsError(errno.EEXIST, f"could not create a temporary file in {folder}")
 
@@ -283,6 +284,23 @@ def _remove(path: Optional[Path]) -> None:
         pass
     except OSError as e:
         logger.warning("could not remove temporary file %s: %s", path, e)
+        return
+    _LIVE_TEMPS.discard(path)
+
+
+_LIVE_TEMPS: set = set()  # temp files this process made and has not yet published or removed
+
+
+def remove_leftover_temps() -> int:
+    """Remove the temp files this process created that are still there (a second Ctrl-C can land inside a
+    writer's own cleanup); for a process that is ending its run. Returns how many were removed."""
+    n = 0
+    for path in list(_LIVE_TEMPS):
+        if path.exists():
+            n += 1
+        _remove(path)
+        _LIVE_TEMPS.discard(path)
+    return n
 
 
 # --- Ctrl-C deferral ---------------------------------------------------------------------------------

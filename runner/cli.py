@@ -374,11 +374,18 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "convert": cmd_convert, "n
             "doctor": cmd_doctor, "fit-gate": fit_gate.cmd_fit_gate, "plan": cmd_plan, "cache": cmd_cache}
 
 
+def _remove_leftovers() -> None:
+    from ..core.outputs import remove_leftover_temps
+
+    remove_leftover_temps()
+
+
 _interrupt_shown = [False]  # one "interrupted" line per main() call, however many Ctrl-C arrive while it is printed
 
 
 def _interrupted(as_json: bool) -> int:
     progress.clear_interrupt()
+    _remove_leftovers()
     if _interrupt_shown[0]:  # a second Ctrl-C right after the first was reported (outside the run's handler)
         return EXIT_INTERRUPTED
     _interrupt_shown[0] = True
@@ -436,6 +443,7 @@ def main(argv=None) -> int:
         code = EXIT_PIPE
     if process:
         _ignore_sigint()  # the outcome is decided: a Ctrl-C during exit handlers changes nothing
+        _remove_leftovers()  # a temp file whose writer's cleanup a second Ctrl-C cut short
         try:
             sys.stdout.flush()
             sys.stderr.flush()

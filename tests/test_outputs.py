@@ -352,3 +352,15 @@ def test_check_output_dir(tmp_path):
     with pytest.raises(ValueError, match="cannot be created"):
         outputs.check_output_dir("/proc/nope")
     assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_leftover_temp_files_are_swept(tmp_path):
+    # a second Ctrl-C can cut a writer's own cleanup short: the CLI sweeps what this process left
+    from twinflow.core import outputs
+
+    t = outputs._make_temp(tmp_path, ".mp4")
+    kept = outputs._make_temp(tmp_path, ".png")
+    outputs._remove(kept)
+    assert t.exists() and not kept.exists()
+    assert outputs.remove_leftover_temps() == 1
+    assert not t.exists() and list(tmp_path.iterdir()) == [] and outputs.remove_leftover_temps() == 0
