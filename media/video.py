@@ -52,9 +52,41 @@ def pad_even(frames: torch.Tensor) -> torch.Tensor:
 # Reproducible H.264: the same frames give the same bytes on every machine. x264's output depends on its
 # thread count (threads=auto follows the CPUs this process may use, so a busy or differently sized machine
 # gave another file), so it encodes on one thread; the preset is pinned (not left to the library's default)
-# and `bitexact` keeps the muxer from writing its version string.
+# and `bitexact` keeps the muxer from writing its version string. The RGB -> YUV 4:2:0 conversion is ours
+# (`rgb_to_yuv420p`, integer arithmetic) and the encoder gets frames whose every byte, row padding included, we
+# wrote: with PyAV's own conversion (swscale), a long-lived process now and then produced another MP4 from
+# identical frames, which a fresh process never did (issue 15).
 H264_OPTIONS = {"preset": "medium", "threads": "1"}
 MP4_OPTIONS = {"movflags": "use_metadata_tags", "fflags": "+bitexact"}
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 RGB [H, W, 3] (even H, W) -> the Y [H, W], U and V [H/2, W/2] planes of limited-range BT.601
+    YUV 4:2:0 (the colour space H.264 players assume for untagged video, and the one PyAV decodes back with):
+    8-bit fixed-point coefficients, chroma from the mean of each 2x2 block. Pure integer arithmetic, so the
+    same frame gives the same planes on every machine and in every process."""
+    h, w, _ = rgb.shape
+    c = rgb.astype(np.int32)
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    s = c.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # 2x2 sums: 4x the mean, folded into the shift
+    sr, sg, sb = s[..., 0], s[..., 1], s[..., 2]
+    u = ((-38 * sr - 74 * sg + 112 * sb + 512) >> 10) + 128
+    v = ((112 * sr - 94 * sg - 18 * sb + 512) >> 10) + 128
+    return y.astype(np.uint8), u.astype(np.uint8), v.astype(np.uint8)
+
+
+def yuv420p_frame(av, rgb: np.ndarray, pts: int, time_base: Fraction):
+    """A PyAV yuv420p frame of `rgb` whose planes are written whole: pixels, then zeros in each row's
+    alignment padding (never left as whatever the allocator held)."""
+    h, w, _ = rgb.shape
+    frame = av.VideoFrame(w, h, "yuv420p")
+    for plane, values in zip(frame.planes, rgb_to_yuv420p(rgb)):
+        rows = np.zeros((plane.height, plane.line_size), dtype=np.uint8)
+        rows[:, :plane.width] = values
+        plane.update(rows.tobytes())
+    frame.pts, frame.time_base = pts, time_base
+    return frame
 
 
 def write_mp4(path, frames: torch.Tensor, fps: float, crf: int, meta: dict, progress: Optional[Progress] = None) -> None:
@@ -76,8 +108,7 @@ def write_mp4(path, frames: torch.Tensor, fps: float, crf: int, meta: dict, prog
             rgb = to_uint8(frames[i])
             if rgb.shape[-1] != 3:  # grey or RGBA -> RGB (alpha is dropped: yuv420p has none)
                 rgb = np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb[..., :3]
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            container.mux(stream.encode(frame))
+            container.mux(stream.encode(yuv420p_frame(av, rgb, pts=i, time_base=1 / rate)))
             if progress is not None:
                 progress.update(1)  # also raises Interrupted if the user stopped the run
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
