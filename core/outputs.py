@@ -303,6 +303,25 @@ def remove_leftover_temps() -> int:
     return n
 
 
+# --- what this process has published ---------------------------------------------------------------
+
+_published = [0]  # files published (whole, under their final names) since `reset_published_count`
+
+
+def _note_published(n: int) -> None:
+    _published[0] += n
+
+
+def published_count() -> int:
+    """How many output files this process published since the last `reset_published_count` (the CLI tells a
+    user who pressed Ctrl-C after the outputs were written that they were kept, whole)."""
+    return _published[0]
+
+
+def reset_published_count() -> None:
+    _published[0] = 0
+
+
 # --- Ctrl-C deferral ---------------------------------------------------------------------------------
 
 @contextmanager
@@ -374,6 +393,7 @@ class _Batch:
                         entry["filename"] = name
             for folder in {t.folder for t, _e, _b, _o in self.pending}:
                 _fsync_dir(folder)
+            _note_published(len(done))
         except BaseException:
             for path in done:  # ours, published a moment ago: take them back so the batch stays all-or-nothing
                 _remove(path)
@@ -430,6 +450,7 @@ def atomic_output(path) -> Iterator[Path]:
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {final}", str(final)) from None
         _fsync_dir(final.parent)
+        _note_published(1)
     finally:
         with sigint_deferred():
             _remove(tmp)
@@ -478,6 +499,7 @@ def atomic_numbered(target: OutputTarget, ext: str, batch_num: Optional[int] = N
         _fsync_dir(target.folder)
         out.path, out.filename, out.counter = final, name, counter
         target.counter = counter + 1
+        _note_published(1)
     finally:
         with sigint_deferred():
             _remove(tmp)

@@ -380,6 +380,14 @@ def _remove_leftovers() -> None:
     remove_leftover_temps()
 
 
+def _published_count() -> int:
+    try:
+        from ..core.outputs import published_count
+    except KeyboardInterrupt:  # a Ctrl-C while this very import runs (torch may still be importing)
+        return 0
+    return published_count()
+
+
 _interrupt_shown = [False]  # one "interrupted" line per main() call, however many Ctrl-C arrive while it is printed
 
 
@@ -389,7 +397,12 @@ def _interrupted(as_json: bool) -> int:
     if _interrupt_shown[0]:  # a second Ctrl-C right after the first was reported (outside the run's handler)
         return EXIT_INTERRUPTED
     _interrupt_shown[0] = True
-    msg = "interrupted: stopped before finishing; no partial outputs were kept"
+    published = _published_count()
+    if published:  # the Ctrl-C came once the outputs were published (a batch is published whole or not at all)
+        msg = (f"interrupted: the outputs were already written ({published} file{'s' if published != 1 else ''}, "
+               f"kept whole); nothing partial was left")
+    else:
+        msg = "interrupted: stopped before finishing; no partial outputs were kept"
     if as_json:
         print(json.dumps({"error": {"type": "execution_interrupted", "message": msg, "details": "",
                                     "extra_info": {}}, "node_errors": {}}))
@@ -430,6 +443,8 @@ def main(argv=None) -> int:
     process = argv is None
     as_json = "--json" in (sys.argv[1:] if argv is None else list(argv))
     _interrupt_shown[0] = False
+    if "twinflow.core.outputs" in sys.modules:  # count only this call's outputs (tests call main repeatedly)
+        sys.modules["twinflow.core.outputs"].reset_published_count()
     try:
         code = _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C outside the run's own handling: imports, parsing, printing

@@ -92,8 +92,11 @@ def test_sigint_during_a_long_save_keeps_all_frames_or_none(save_workflow, tmp_p
     _no_traceback(err)
     files = _visible(out)
     assert code in (0, 130), err[-2000:]
-    if code == 130:
-        assert files == [] and len(_interrupt_lines(err)) == 1, (files, err[-2000:])
+    lines = _interrupt_lines(err)
+    if code == 130 and files:  # the Ctrl-C came while the batch was published: kept whole, and said so
+        assert len(files) == N_FRAMES and len(lines) == 1 and "already written (40 files" in lines[0], (files, err)
+    elif code == 130:
+        assert len(lines) == 1 and "no partial outputs were kept" in lines[0], err[-2000:]
     else:  # the signal came after the last frame: the batch published whole (a Ctrl-C waits for that)
         assert len(files) == N_FRAMES
     assert _hidden(out) == []  # no temp file left behind either
@@ -174,3 +177,29 @@ def test_second_ctrl_c_while_the_first_is_reported_prints_one_line(monkeypatch, 
     # the next call reports its own interruption again
     assert cli.main(["run", "x.json"]) == 130
     assert len(_interrupt_lines(capsys.readouterr().err)) == 1
+
+
+def test_ctrl_c_after_the_outputs_were_published_says_they_were_kept(tmp_path, monkeypatch, capsys):
+    # in-process and deterministic: a command publishes a batch of two files, then the user's Ctrl-C lands
+    # (as when it arrives while the batch is being published and is delivered right after)
+    from twinflow.core.outputs import OutputTarget, atomic_numbered, output_batch
+    from twinflow.runner import cli
+
+    def publish_then_ctrl_c(args):
+        target = OutputTarget(folder=tmp_path, filename="k", counter=1, subfolder="", prefix="k")
+        with output_batch():
+            for _ in range(2):
+                with atomic_numbered(target, ".txt") as out:
+                    out.tmp_path.write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "nodes", publish_then_ctrl_c)
+    assert cli.main(["nodes"]) == 130
+    err = capsys.readouterr().err
+    assert _interrupt_lines(err) == ["interrupted: the outputs were already written (2 files, kept whole); "
+                                     "nothing partial was left"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k_00001_.txt", "k_00002_.txt"]
+    monkeypatch.setitem(cli.COMMANDS, "nodes", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["nodes"]) == 130  # the next call counts only its own outputs
+    assert _interrupt_lines(capsys.readouterr().err) == ["interrupted: stopped before finishing; no partial outputs "
+                                                         "were kept"]
