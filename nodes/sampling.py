@@ -68,7 +68,11 @@ class TwinFlowGateSchedule:
                 "preview_shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                             "tooltip": "shift for the plot only"}),
             },
-            "optional": {"gate_net": ("TWINFLOW_GATE_NET", {"tooltip": "for kinds 'learned' and 'steps'"})},
+            "optional": {"gate_net": ("TWINFLOW_GATE_NET", {"tooltip": "for kinds 'learned' and 'steps'"}),
+                         "boundary_width": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
+                                                      "tooltip": "kind 'boundary': 0 = hard switch; > 0 = soft blend, "
+                                                                 "alpha falls linearly from 1 to 0 across boundary "
+                                                                 "+- width/2 (sigma)"})},
         }
 
     RETURN_TYPES = ("GATE_SCHEDULE", "IMAGE")
@@ -77,11 +81,15 @@ class TwinFlowGateSchedule:
     CATEGORY = CATEGORY
 
     def build(self, kind, alpha, alpha_start, alpha_end, fuse_steps, boundary, values, cutoff, preview_steps,
-              preview_shift, gate_net=None):
+              preview_shift, gate_net=None, boundary_width=0.0):
+        if kind != "boundary" and boundary_width > 0:
+            log_once(logger, ("boundary_width", kind), "TwinFlow Gate Schedule: boundary_width %g applies to kind "
+                     "'boundary' only; kind %r ignores it", boundary_width, kind)
         gate = GateSchedule(kind=kind, alpha=alpha, alpha_start=alpha_start, alpha_end=alpha_end,
                             fuse_steps=parse_steps(fuse_steps) if kind == "steps" else (3, 6, 9),
                             boundary=boundary, values=parse_floats(values, "values") if kind == "list" else (),
-                            cutoff=cutoff, gate_net=gate_net)
+                            cutoff=cutoff, gate_net=gate_net,
+                            width=float(boundary_width) if kind == "boundary" else 0.0)
         steps = len(gate.values) if kind == "list" else preview_steps
         plot = plot_schedule(gate, sampler_sigmas("simple", steps, preview_shift))
         return (gate, plot)
