@@ -228,3 +228,30 @@ def test_node_uses_preset_defaults_and_overrides(experts):
                      shift_detail=3.0, handoff="restart")
     assert torch.equal(out2["samples"], ref2["samples"])
     assert "boundary 0.95 (set)" in report2 and "shift high 8 (set) / low 3 (set)" in report2
+
+
+@pytest.mark.parametrize("boundary,ran", [(0.9, "D"), (0.001, "S")])
+def test_restart_with_the_switch_outside_the_schedule_runs_one_expert(boundary, ran):
+    # denoise 0.5 starts at sigma ~0.83 (shift 5): a boundary of 0.9 is above it (only the low-noise expert runs),
+    # one of 0.001 below every sigma (only the high-noise expert)
+    den = lambda: Denoiser(module=ZeroVelocity(), family="dit", in_channels=4, info={"latent_format": "none"})
+    s, d = Branch(den()), Branch(den(), name="detail")
+    _, rep = sample(s, {"samples": torch.zeros(1, 4, 1, 2, 2)}, seed=0, steps=5, sampler="euler", scheduler="simple",
+                    shift=5.0, denoise=0.5, detail=d, gate=GateSchedule("boundary", boundary=boundary),
+                    shift_detail=3.0, handoff="restart")
+    assert [r for _, _, r in rep.alphas] == [ran] * 5
+    assert rep.branches["semantic" if ran == "S" else "detail"]["forwards"] == 5
+    assert rep.branches["detail" if ran == "S" else "semantic"]["forwards"] == 0
+    assert "only the " + ("semantic" if ran == "S" else "detail") + " branch has steps" in rep.gate
+    # the run starts on the grid of the expert that runs: sigma 0.5 shifted by 5 (high) or 3 (low)
+    shift = 5.0 if ran == "S" else 3.0
+    assert rep.sigmas[0] == pytest.approx(shift * 0.5 / (1 + (shift - 1) * 0.5), abs=2e-3)
+
+
+def test_bad_blend_width_and_handoff_are_refused():
+    with pytest.raises(ValueError, match="boundary width must be in"):
+        GateSchedule("boundary", boundary=0.9, width=1.5)
+    with pytest.raises(ValueError, match="handoff must be one of"):
+        resolve("wan22_i2v_a14b", handoff="swap")
+    with pytest.raises(ValueError, match="expert boundary must be in"):
+        resolve("wan22_i2v_a14b", boundary=1.0)
