@@ -37,6 +37,7 @@ def test_generated_workflows_are_current():
         assert on_disk == build_workflows.build(spec), f"workflows/{name} is stale: run tools/build_workflows.py"
 
 
+@pytest.mark.slow
 def test_wan22_dual_expert_workflow_runs_and_reports_the_preset(tmp_path):
     # the shipped Wan2.2 dual-expert workflow (two tiny random experts) through the headless runner
     from twinflow.runner.api import run_workflow

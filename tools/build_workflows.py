@@ -147,7 +147,7 @@ WORKFLOWS = {
             {"id": 4, "class": "TwinFlowTinyTextEncode", "pos": (0, 3), "title": "Negative",
              "widgets": {"text": "blurry, low quality", "width": 4096}},
             {"id": 5, "class": "TwinFlowEmptyLatentVideo", "pos": (1, 0),
-             "widgets": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+             "widgets": {"width": 48, "height": 48, "length": 5, "batch_size": 1}},
             {"id": 6, "class": "TwinFlowDualExpertSampler", "pos": (2, 0),
              "widgets": {"preset": "wan22_t2v_a14b", "seed": 42, "__control__": "fixed", "steps": 12},
              "links": {"high_noise": (1, 0), "low_noise": (2, 0), "latent": (5, 0), "positive": (3, 0),
