@@ -9,6 +9,7 @@ import logging
 from ..core import paths
 from ..core.log import log_once
 from ..sampling.dual import sample
+from ..sampling.experts import HANDOFFS, PRESETS as EXPERT_PRESETS, resolve as resolve_experts
 from ..sampling.gates import GATE_KINDS, GATE_NET_PRESETS, GateNet, GateSchedule, load_gate_net, parse_floats, \
     parse_steps, plot_schedule
 from ..sampling.guidance import Branch
@@ -67,7 +68,11 @@ class TwinFlowGateSchedule:
                 "preview_shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                             "tooltip": "shift for the plot only"}),
             },
-            "optional": {"gate_net": ("TWINFLOW_GATE_NET", {"tooltip": "for kinds 'learned' and 'steps'"})},
+            "optional": {"gate_net": ("TWINFLOW_GATE_NET", {"tooltip": "for kinds 'learned' and 'steps'"}),
+                         "boundary_width": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
+                                                      "tooltip": "kind 'boundary': 0 = hard switch; > 0 = soft blend, "
+                                                                 "alpha falls linearly from 1 to 0 across boundary "
+                                                                 "+- width/2 (sigma)"})},
         }
 
     RETURN_TYPES = ("GATE_SCHEDULE", "IMAGE")
@@ -76,11 +81,15 @@ class TwinFlowGateSchedule:
     CATEGORY = CATEGORY
 
     def build(self, kind, alpha, alpha_start, alpha_end, fuse_steps, boundary, values, cutoff, preview_steps,
-              preview_shift, gate_net=None):
+              preview_shift, gate_net=None, boundary_width=0.0):
+        if kind != "boundary" and boundary_width > 0:
+            log_once(logger, ("boundary_width", kind), "TwinFlow Gate Schedule: boundary_width %g applies to kind "
+                     "'boundary' only; kind %r ignores it", boundary_width, kind)
         gate = GateSchedule(kind=kind, alpha=alpha, alpha_start=alpha_start, alpha_end=alpha_end,
                             fuse_steps=parse_steps(fuse_steps) if kind == "steps" else (3, 6, 9),
                             boundary=boundary, values=parse_floats(values, "values") if kind == "list" else (),
-                            cutoff=cutoff, gate_net=gate_net)
+                            cutoff=cutoff, gate_net=gate_net,
+                            width=float(boundary_width) if kind == "boundary" else 0.0)
         steps = len(gate.values) if kind == "list" else preview_steps
         plot = plot_schedule(gate, sampler_sigmas("simple", steps, preview_shift))
         return (gate, plot)
@@ -218,6 +227,86 @@ class TwinFlowDualBranchSampler:
         return (out, report.text())
 
 
+class TwinFlowDualExpertSampler:
+    DESCRIPTION = ("Wan2.2 A14B's two experts on one latent: the high-noise expert (semantic branch) while sigma >= "
+                   "boundary, the low-noise expert (detail branch) below it, each with its own CFG and shift; one "
+                   "expert per step (or a soft blend across the boundary). Presets hold Wan2.2's published values; "
+                   "every widget left at 'preset' (or 0 / -1) uses them, and the report says which were set.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        preset_or = lambda names: (["preset"] + list(names), {"default": "preset"})
+        return {
+            "required": {
+                "high_noise": ("TWINFLOW_MODEL,MODEL", {"tooltip": "the high-noise expert (e.g. wan2.2_t2v_high_noise"
+                               "_14B_fp8_scaled.safetensors); runs the early, noisy steps"}),
+                "low_noise": ("TWINFLOW_MODEL,MODEL", {"tooltip": "the low-noise expert (e.g. wan2.2_t2v_low_noise_14B"
+                              "_fp8_scaled.safetensors); runs the late steps"}),
+                "latent": ("LATENT", {"tooltip": "start latent (Empty Latent Video, or an encoded video with denoise < 1)"}),
+                "preset": (list(EXPERT_PRESETS), {"default": "wan22_t2v_a14b", "tooltip": "Wan2.2's published "
+                           "settings: t2v boundary 0.875, 40 steps, shift 12, cfg 4 high / 3 low; i2v boundary 0.9, "
+                           "40 steps, shift 5, cfg 3.5 / 3.5 (uni_pc on Wan's own grid)"}),
+                "seed": _SEED,
+                "steps": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1, "tooltip": "0 = the preset's"}),
+                "cfg_high": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                       "tooltip": "CFG of the high-noise expert; -1 = the preset's"}),
+                "cfg_low": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                      "tooltip": "CFG of the low-noise expert; -1 = the preset's"}),
+                "shift_high": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "flow "
+                               "shift of the high-noise expert's sigma grid; 0 = the preset's (a model's own "
+                               "ModelSamplingSD3 shift is not used by this node)"}),
+                "shift_low": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "flow "
+                              "shift of the low-noise expert's grid; 0 = the preset's. Different from shift_high "
+                              "needs handoff 'restart' (ComfyUI's two-KSamplerAdvanced template)"}),
+                "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.999, "step": 0.001, "tooltip": "the "
+                             "high-noise expert runs while sigma >= boundary (t >= boundary*1000, as Wan2.2); 0 = "
+                             "the preset's (0.875 t2v, 0.9 i2v)"}),
+                "blend_width": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005, "tooltip": "0 = "
+                                "hard switch (one expert per step); > 0 = soft blend: both experts run while sigma "
+                                "is within boundary +- width/2, weighted linearly"}),
+                "sampler": preset_or(SAMPLER_NAMES),
+                "scheduler": preset_or(SCHEDULERS),
+                "handoff": preset_or(HANDOFFS),
+                "denoise": _DENOISE,
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {"tooltip": "prompt for both experts"}),
+                "negative": ("CONDITIONING", {"tooltip": "negative prompt for both experts' CFG"}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "report")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, high_noise, low_noise, latent, preset, seed, steps, cfg_high, cfg_low, shift_high, shift_low,
+            boundary, blend_width, sampler, scheduler, handoff, denoise, positive=None, negative=None):
+        pick = lambda v, unset: None if v == unset else v
+        st = resolve_experts(preset, boundary=pick(float(boundary), 0.0), width=float(blend_width),
+                             steps=pick(int(steps), 0), cfg_high=None if cfg_high < 0 else float(cfg_high),
+                             cfg_low=None if cfg_low < 0 else float(cfg_low),
+                             shift_high=pick(float(shift_high), 0.0), shift_low=pick(float(shift_low), 0.0),
+                             sampler=pick(sampler, "preset"), scheduler=pick(scheduler, "preset"),
+                             handoff=pick(handoff, "preset"))
+        s = Branch(as_model(high_noise, name="high_noise"), positive, negative, st.cfg_high, name="semantic")
+        d = Branch(as_model(low_noise, name="low_noise"), positive, negative, st.cfg_low, name="detail")
+        for b, shift in ((s, st.shift_high), (d, st.shift_low)):
+            own = b.denoiser.info.get("sampling_shift")
+            if own is not None and abs(float(own) - shift) > 1e-9:
+                log_once(logger, ("expert_shift", b.name, float(own), shift), "TwinFlow Dual-Expert Sampler: the "
+                         "%s expert carries shift %g (%s); this node uses shift %g (preset or widget)", b.name,
+                         float(own), b.denoiser.info.get("sampling_shift_source", "the model"), shift)
+        gate = GateSchedule(kind="boundary", boundary=st.boundary, width=st.width)
+        out, report = sample(s, latent, seed=seed, steps=st.steps, sampler=st.sampler, scheduler=st.scheduler,
+                             shift=st.shift_high, denoise=denoise, detail=d, gate=gate, shift_detail=st.shift_low,
+                             handoff=st.handoff)
+        head = (f"TwinFlow Dual-Expert Sampler: semantic = high-noise expert "
+                f"({s.denoiser.name or s.denoiser.family}), detail = low-noise expert "
+                f"({d.denoiser.name or d.denoiser.family})\n{st.describe()}")
+        return (out, head + "\n" + report.text())
+
+
 class TwinFlowStepCache:
     DESCRIPTION = ("Skip denoiser forwards whose output barely changes and reuse the cached one (easycache = ComfyUI "
                    "core's EasyCache criterion, calibration-free; magcache / teacache = the authors' published Wan2.1 "
@@ -273,6 +362,7 @@ NODE_CLASS_MAPPINGS = {
     "TwinFlowLoadGateNet": TwinFlowLoadGateNet,
     "TwinFlowSampler": TwinFlowSampler,
     "TwinFlowDualBranchSampler": TwinFlowDualBranchSampler,
+    "TwinFlowDualExpertSampler": TwinFlowDualExpertSampler,
     "TwinFlowStepCache": TwinFlowStepCache,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -280,5 +370,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TwinFlowLoadGateNet": "TwinFlow Load Gate Net",
     "TwinFlowSampler": "TwinFlow Sampler",
     "TwinFlowDualBranchSampler": "TwinFlow Dual-Branch Sampler",
+    "TwinFlowDualExpertSampler": "TwinFlow Dual-Expert Sampler (Wan2.2)",
     "TwinFlowStepCache": "TwinFlow Step Cache",
 }

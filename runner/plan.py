@@ -142,7 +142,8 @@ def _sampler(nid, ins, g):
         return [None, None]
     b = lat.shape[0]
     for key, cfg_key, neg_key in (("model", "cfg", "negative"), ("semantic", "cfg_semantic", "negative"),
-                                  ("detail", "cfg_detail", "negative_detail")):
+                                  ("detail", "cfg_detail", "negative_detail"),
+                                  ("high_noise", "cfg_high", "negative"), ("low_noise", "cfg_low", "negative")):
         m = ins.get(key)
         if isinstance(m, ModelRef):
             neg = ins.get(neg_key, ins.get("negative")) if key == "detail" else ins.get(neg_key)
@@ -177,6 +178,7 @@ RULES: dict[str, Callable] = {
     "TwinFlowCompileVAE": _compile_vae,
     "TwinFlowSampler": _sampler,
     "TwinFlowDualBranchSampler": _sampler,
+    "TwinFlowDualExpertSampler": _sampler,  # cfg -1 = the preset's (never 1): cond+uncond batched
     "TwinFlowVAEDecode": _vae_decode,
     "TwinFlowVAEEncode": _vae_encode,
     # ComfyUI's core Wan nodes (the headless core node set)

@@ -6,6 +6,12 @@ fed to the solver as the x0 prediction x - sigma*v, so multistep solvers keep th
 No wasted forwards: alpha = 1 runs only the semantic branch (LP(v_S) + HP(v_S) = v_S), alpha = 0 with
 c = 0 only the detail branch. The single-branch sampler is this loop with no detail branch.
 
+Hard boundary gates (Wan2.2's two experts, `experts.py`) may run as two solver segments split at the switch
+step k: the semantic branch over its grid's sigmas[0..k], then the detail branch over the grid of its own shift
+from sigma_k' on, with a fresh solver (`handoff="restart"`, ComfyUI's two-KSamplerAdvanced template, whose
+hand-over is x' = (1 - sigma_k') * process_in(process_out(x / (1 - sigma_k))), done here op for op); the default
+keeps one solver across the switch and hands x over untouched (Wan2.2's own loop), which needs one grid.
+
 ComfyUI parity (`KSampler` on a flow model): noise from `prepare_noise(seed)`, sigmas from
 `schedules.sampler_sigmas`, a non-empty input latent is normalised (`process_in`) and noised as
 x = sigma_0*noise + (1-sigma_0)*latent, the solver runs, and the result is de-normalised (`process_out`).
@@ -24,6 +30,7 @@ from ..core.errors import UnsupportedError
 from ..core.handles import enter_text_caches
 from ..core.progress import Progress, check_interrupt
 from .fusion import DEFAULT_WIDTH, fuse
+from .experts import HANDOFFS
 from .gates import GateSchedule
 from .guidance import Branch
 from .noise import latent_format_for, prepare_noise
@@ -95,13 +102,39 @@ def _check_channels(latent: torch.Tensor, semantic: Branch, detail: Optional[Bra
                              f"from this model family's VAE")
 
 
+def _segments(sigmas, semantic, detail, gate, scheduler, steps, shift, sampler, denoise, shift_detail, handoff):
+    """[(first step, sigmas, branch), ...] for a run split at a hard boundary, or None for one solver run."""
+    if handoff not in HANDOFFS:
+        raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
+    two_grids = shift_detail is not None and abs(float(shift_detail) - float(shift)) > 1e-12
+    if detail is None or (handoff == "continue" and not two_grids):
+        return None
+    if not gate.hard_switch:
+        raise ValueError(f"per-branch shifts and handoff 'restart' need a hard boundary gate (kind 'boundary', "
+                         f"width 0, cutoff 0), got {gate.describe()}; set the blend width to 0, or use one shift "
+                         f"and handoff 'continue'")
+    if two_grids and handoff != "restart":
+        raise ValueError(f"the branches' shifts differ ({float(shift):g} and {float(shift_detail):g}), so the schedule "
+                         f"jumps at the switch and only a fresh solver can take it (ComfyUI's two-KSamplerAdvanced "
+                         f"template does that); set handoff to 'restart' or give both branches the same shift")
+    sig_d = sampler_sigmas(scheduler, steps, float(shift_detail), sampler, denoise) if two_grids else sigmas
+    k, n = gate.switch_step(sigmas), len(sigmas) - 1
+    if n <= 0:
+        return None
+    parts = [(0, sigmas[: k + 1], semantic), (k, sig_d[k:], detail)]
+    return [p for p in parts if len(p[1]) > 1]  # a branch with no step gets no segment
+
+
 def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: str = "euler",
            scheduler: str = "simple", shift: float = 8.0, denoise: float = 1.0, detail: Optional[Branch] = None,
            gate: Optional[GateSchedule] = None, over_time: bool = False, width: float = DEFAULT_WIDTH,
-           noise: Optional[torch.Tensor] = None, desc: str = "sampling") -> tuple[dict, RunReport]:
+           noise: Optional[torch.Tensor] = None, desc: str = "sampling", shift_detail: Optional[float] = None,
+           handoff: str = "continue") -> tuple[dict, RunReport]:
     """Sample a LATENT with one branch or two; returns (new LATENT dict, RunReport).
 
     `gate` is required with a detail branch and ignored without one. `noise` overrides the seeded noise.
+    `shift_detail` (None = `shift`) gives the detail branch its own sigma grid and `handoff="restart"` a fresh
+    solver at the switch; both need a hard boundary gate (see the module docstring).
     """
     t_start = time.perf_counter()
     samples = _check_latent(latent)
@@ -114,10 +147,21 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
                          f"({fmt.name!r} vs {latent_format_for(detail.denoiser).name!r}); they must share a VAE")
     solver = get_solver(sampler)
     sigmas = sampler_sigmas(scheduler, steps, shift, sampler, denoise)
+    segments = _segments(sigmas, semantic, detail, gate, scheduler, steps, shift, sampler, denoise, shift_detail,
+                         handoff)
     report = RunReport(sampler=sampler, scheduler=scheduler, steps=max(0, len(sigmas) - 1), shift=float(shift),
                        seed=seed, denoise=float(denoise),
                        gate=gate.describe() if (gate is not None and detail is not None) else "single branch",
                        sigmas=[float(s) for s in sigmas])
+    if segments is not None:
+        report.sigmas = [float(v) for _, seg, _ in segments for v in seg[:-1]] + [float(segments[-1][1][-1])]
+        if len(segments) == 2:
+            (_, sig_s, _), (k, sig_d, _) = segments
+            report.gate += (f"; handoff {handoff} at step {k + 1}: semantic to sigma {float(sig_s[-1]):.4f} (shift "
+                            f"{float(shift):g}), detail from sigma {float(sig_d[0]):.4f} (shift "
+                            f"{float(shift if shift_detail is None else shift_detail):g}) with a fresh {sampler}")
+        else:
+            report.gate += f"; handoff {handoff}: only the {segments[0][2].name} branch has steps"
     if noise is None:
         noise = prepare_noise(samples, seed, latent.get("batch_index"))
     elif noise.shape != samples.shape:
@@ -132,12 +176,16 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
             b.prepare(batch)
             # one cache per branch: a branch's skips never use another branch's history
             cfg = config_for(b.denoiser, b.name)
-            b.cache = BranchCache(cfg, b.name, sigmas, percent_to_sigma_flow(float(shift)), b.denoiser) \
+            b_shift = float(shift_detail) if (b is detail and shift_detail is not None) else float(shift)
+            b_sigmas = sigmas
+            if segments is not None and b is detail and shift_detail is not None:
+                b_sigmas = sampler_sigmas(scheduler, steps, float(shift_detail), sampler, denoise)
+            b.cache = BranchCache(cfg, b.name, b_sigmas, percent_to_sigma_flow(b_shift), b.denoiser) \
                 if cfg is not None else None
     x0 = samples.to(device=device, dtype=torch.float32)
     if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
         x0 = fmt.process_in(x0)
-    s0 = float(sigmas[0])
+    s0 = float(segments[0][1][0] if segments else sigmas[0])  # a detail-only split run starts on its own grid
     x = s0 * noise.to(device=device, dtype=torch.float32) + (1.0 - s0) * x0
     n_steps = len(sigmas) - 1
     fuse_time = [0.0]
@@ -175,7 +223,28 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
     try:
         with contextlib.ExitStack() as caches, Progress(total=n_steps, desc=desc) as bar:
             enter_text_caches(caches, semantic.denoiser, detail.denoiser if detail is not None else None)
-            x = solver(model_keep, x, sigmas, lambda i: bar.update(1, preview=last_x0[0]))
+            if segments is None:
+                x = solver(model_keep, x, sigmas, lambda i: bar.update(1, preview=last_x0[0]))
+            else:  # one solver per branch, each over its own part of the schedule (ComfyUI's two passes)
+                for n_seg, (start, seg_sigmas, branch) in enumerate(segments):
+                    if n_seg > 0:
+                        # the hand-over of ComfyUI's two passes, op for op (so a restart equals the template to the
+                        # bit): the first pass returns the LATENT process_out(x / (1 - sigma_k)), the second takes it
+                        # as a clean latent and re-noises it at its own grid's sigma_k' with zero noise:
+                        # x' = (1 - sigma_k') * process_in(latent)  (= x when both grids agree, up to rounding)
+                        s_end, s_new = float(segments[n_seg - 1][1][-1]), float(seg_sigmas[0])
+                        handed = fmt.process_out(x / (1.0 - s_end))
+                        if torch.count_nonzero(handed) > 0:  # ComfyUI leaves an all-zero latent un-normalised
+                            handed = fmt.process_in(handed)
+                        x = (1.0 - s_new) * handed
+                    def seg_model(x, j, start=start, seg_sigmas=seg_sigmas, branch=branch):
+                        check_interrupt()
+                        sigma = float(seg_sigmas[j])
+                        v = branch.velocity(x, sigma, start + j)
+                        report.alphas.append((1.0, 0.0, "S") if branch is semantic else (0.0, 0.0, "D"))
+                        last_x0[0] = x - sigma * v
+                        return last_x0[0]
+                    x = solver(seg_model, x, seg_sigmas, lambda j: bar.update(1, preview=last_x0[0]))
         out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)
 
         for b in (semantic, detail):

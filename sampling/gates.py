@@ -7,7 +7,8 @@ prediction; cutoff c is the radius (in units of Nyquist) below which the semanti
   linear    alpha_start -> alpha_end over the steps; cosine: the same with a half-cosine ease
   steps     fuse only at the listed steps (counted from 1, as the progress bar; seed default 3,6,9) with
             `alpha` or the gate net; semantic only (alpha = 1) elsewhere
-  boundary  semantic while sigma >= boundary, detail below (Wan2.2 A14B: 0.875 T2V, 0.9 I2V)
+  boundary  semantic while sigma >= boundary, detail below (Wan2.2 A14B: 0.875 T2V, 0.9 I2V); with a `width`
+            > 0 a soft blend instead: alpha falls linearly from 1 to 0 across boundary +- width/2 (both run there)
   learned   alpha = sigmoid(gate_net(sigma)), a small MLP on the timestep embedding (`GateNet`)
   list      explicit per-step alphas (one per step)
 """
@@ -122,6 +123,7 @@ class GateSchedule:
     values: tuple = ()
     cutoff: float = 0.0
     gate_net: Optional[GateNet] = field(default=None, compare=False, repr=False)
+    width: float = 0.0  # kind 'boundary': soft blend width in sigma (0 = hard switch)
 
     def __post_init__(self):
         if self.kind not in GATE_KINDS:
@@ -134,6 +136,8 @@ class GateSchedule:
             raise ValueError(f"gate values must all be in [0, 1], got {self.values}")
         if self.cutoff < 0:
             raise ValueError(f"gate cutoff must be >= 0, got {self.cutoff}")
+        if not 0.0 <= self.width <= 1.0:
+            raise ValueError(f"gate boundary width must be in [0, 1] (sigma units; 0 = hard switch), got {self.width}")
         if self.kind == "learned" and self.gate_net is None:
             raise ValueError("gate kind 'learned' needs a gate net (load one with TwinFlow Load Gate Net "
                              "or make one with `twinflow fit-gate`)")
@@ -155,7 +159,10 @@ class GateSchedule:
                 return 1.0, self.cutoff  # semantic only
             a = self.gate_net.alpha(sigma) if self.gate_net is not None else self.alpha
         elif k == "boundary":
-            a = 1.0 if sigma >= self.boundary else 0.0
+            if self.width > 0:  # soft: 1 above boundary + width/2, 0 below boundary - width/2, linear between
+                a = 0.5 + (sigma - self.boundary) / self.width
+            else:  # Wan2.2's rule: the high-noise expert while t >= boundary * 1000 (t = sigma * 1000)
+                a = 1.0 if sigma >= self.boundary else 0.0
         elif k == "learned":
             a = self.gate_net.alpha(sigma)
         else:  # list
@@ -164,6 +171,16 @@ class GateSchedule:
                                  f"steps; give exactly one value per step")
             a = self.values[step]
         return min(1.0, max(0.0, float(a))), float(self.cutoff)
+
+    @property
+    def hard_switch(self) -> bool:
+        """A hard sigma boundary: every step runs exactly one branch (semantic above, detail below)."""
+        return self.kind == "boundary" and self.width == 0.0 and self.cutoff == 0.0
+
+    def switch_step(self, sigmas) -> int:
+        """Kind 'boundary': the first 0-based step whose sigma is below the boundary (= steps if none is)."""
+        steps = len(sigmas) - 1
+        return next((i for i in range(steps) if float(sigmas[i]) < self.boundary), steps)
 
     def table(self, sigmas) -> list[tuple[float, float]]:
         """(alpha, cutoff) for every step of a sigma grid (len steps+1)."""
@@ -180,7 +197,9 @@ class GateSchedule:
             src = "gate net" if self.gate_net is not None else f"alpha={self.alpha:g}"
             s = f"fuse at steps {','.join(map(str, self.fuse_steps))} ({src})"
         elif k == "boundary":
-            s = f"semantic while sigma >= {self.boundary:g}"
+            s = f"semantic while sigma >= {self.boundary:g}" + (
+                f", soft blend over sigma {self.boundary - self.width / 2:g}..{self.boundary + self.width / 2:g}"
+                if self.width > 0 else " (hard switch)")
         elif k == "learned":
             s = "alpha = sigmoid(gate_net(t))"
         else:

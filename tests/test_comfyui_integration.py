@@ -9,7 +9,8 @@ over HTTP on loopback only:
     /prompt and finishes with success and output files;
   * mixed graphs with core nodes: UNETLoader (a tiny random Wan DiT saved in ComfyUI's layout) -> TwinFlow
     Sampler, core EmptyHunyuanLatentVideo, core VAELoader (a random Wan2.1 VAE in ComfyUI's layout) ->
-    core VAEDecode -> core SaveImage; and the Dual-Branch Guider through core SamplerCustomAdvanced.
+    core VAEDecode -> core SaveImage; the Dual-Branch Guider through core SamplerCustomAdvanced; the Dual-Expert
+    Sampler against core's two-KSamplerAdvanced Wan2.2 template on two core models.
 Oracles are ComfyUI's own code paths in the same server: core KSampler on the same model and seed for
 TwinFlow Sampler, core CFGGuider for the guider at alpha = 1 / alpha = 0, core VAEDecode for our decode.
 See docs/comfyui.md for how to get a ComfyUI to run these against.
@@ -618,6 +619,35 @@ def test_dual_branch_guider_equals_twinflow_dual_branch_sampler(server):
     guided, ours = _latent(server, entry, "12"), _latent(server, entry, "23")
     assert guided.abs().max() > 0.1
     torch.testing.assert_close(ours, guided, rtol=1e-4, atol=1e-4)
+
+
+def test_dual_expert_sampler_equals_core_two_ksampler_advanced(server):
+    """ComfyUI's Wan2.2 template shape in the real server: two core models (different weights), ModelSamplingSD3
+    8 / 3, KSamplerAdvanced (high) 0..2 with leftover noise, then (low) 2..6 without noise, CFG 4 / 3; against the
+    TwinFlow Dual-Expert Sampler on the same core MODELs with the boundary between the high grid's sigma_1 and
+    sigma_2, handoff restart (the headless twin of this test is bit-exact: tests/test_dual_experts.py)."""
+    p = _common({"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}})
+    p["10"] = {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILES[1], "weight_dtype": "default"}}
+    p["11"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["10", 0], "shift": 3.0}}
+    p["12"] = {"class_type": "TwinFlowTinyTextEncode", "inputs": {"text": "blurry", "width": 4096, "pad_to": 512}}
+    adv = lambda model, cfg, noise, latent, start, end, leftover: {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": [model, 0], "add_noise": noise, "noise_seed": 7, "steps": 6, "cfg": cfg, "sampler_name": "euler",
+        "scheduler": "simple", "positive": ["3", 0], "negative": ["12", 0], "latent_image": [latent, 0],
+        "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": leftover}}
+    p["13"] = adv("2", 4.0, "enable", "4", 0, 2, "enable")
+    p["14"] = adv("11", 3.0, "disable", "13", 2, 10000, "disable")
+    p["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["14", 0], "filename_prefix": "core_two_pass"}}
+    s = lambda t: 8.0 * t / (1 + 7.0 * t)  # the shift-8 grid of 6 simple steps at t = 1 - i/6
+    p["16"] = {"class_type": "TwinFlowDualExpertSampler", "inputs": {
+        "high_noise": ["2", 0], "low_noise": ["11", 0], "latent": ["4", 0], "preset": "wan22_t2v_a14b", "seed": 7,
+        "steps": 6, "cfg_high": 4.0, "cfg_low": 3.0, "shift_high": 8.0, "shift_low": 3.0,
+        "boundary": round(0.5 * (s(5 / 6) + s(4 / 6)), 3), "blend_width": 0.0, "sampler": "euler",
+        "scheduler": "simple", "handoff": "restart", "denoise": 1.0, "positive": ["3", 0], "negative": ["12", 0]}}
+    p["17"] = {"class_type": "SaveLatent", "inputs": {"samples": ["16", 0], "filename_prefix": "tf_dual_expert"}}
+    entry = server.run(p)
+    core, ours = _latent(server, entry, "15"), _latent(server, entry, "17")
+    assert core.abs().max() > 0.1
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4)  # the wrap path's tolerance (apply_model)
 
 
 # ------------------------------------------------------------------------------------------------ step cache

@@ -35,3 +35,24 @@ def test_generated_workflows_are_current():
     for name, spec in build_workflows.WORKFLOWS.items():
         on_disk = json.loads((ROOT / "workflows" / name).read_text())
         assert on_disk == build_workflows.build(spec), f"workflows/{name} is stale: run tools/build_workflows.py"
+
+
+@pytest.mark.slow
+def test_wan22_dual_expert_workflow_runs_and_reports_the_preset(tmp_path):
+    # the shipped Wan2.2 dual-expert workflow (two tiny random experts) through the headless runner
+    from twinflow.runner.api import run_workflow
+    from twinflow.sampling.experts import PRESETS
+    from twinflow.sampling.schedules import sampler_sigmas
+
+    res = run_workflow(ROOT / "workflows" / "wan22_dual_expert_t2v.json", output_dir=tmp_path / "out",
+                       models_dir=tmp_path / "models", cache=False)
+    (mp4,) = res.files()
+    assert mp4.name == "wan22_dual_expert_00001_.mp4"
+    report = res.results["6"][1][0]
+    p = PRESETS["wan22_t2v_a14b"]
+    assert "preset wan22_t2v_a14b" in report and "steps 12 (set)" in report and "boundary 0.875," in report
+    assert "cfg high 4 / low 3," in report and "shift high 12 / low 12," in report and "uni_pc / wan_unipc" in report
+    # one expert per step: the high-noise expert on the steps with sigma >= 0.875 of Wan's grid at shift 12
+    k = sum(float(s) >= p.boundary for s in sampler_sigmas("wan_unipc", 12, p.shift_high, "uni_pc")[:-1])
+    assert 0 < k < 12
+    assert f"semantic (random:tiny): {k} forwards" in report and f"detail (random:tiny): {12 - k} forwards" in report

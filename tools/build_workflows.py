@@ -93,6 +93,14 @@ TINY_NOTE = ("TwinFlow quickstart. The 'random:tiny' models have seeded RANDOM w
              "noise-like by design; the workflow shows the pipeline end to end on a laptop CPU. Replace "
              "them with your own Wan2.1 files (models/diffusion_models, models/vae) for real output.")
 
+WAN22_NOTE = ("TwinFlow Wan2.2 A14B dual-expert quickstart: the high-noise expert runs while sigma >= 0.875, "
+              "the low-noise expert below (one expert per step), with Wan2.2's published settings (preset "
+              "wan22_t2v_a14b: shift 12, cfg 4 / 3; steps set to 12 here for a quick CPU run, 0 = the preset's "
+              "40). The 'random:tiny' models have seeded RANDOM weights (noise-like video, runs on a laptop CPU). "
+              "For real output load wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors and "
+              "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors (models/diffusion_models), umT5 and "
+              "wan_2.1_vae.safetensors: docs/sampling.md, 'Wan2.2 A14B experts'.")
+
 WORKFLOWS = {
     "dual_branch_t2v.json": {
         "uuid": "5f0b7a52-2d7e-4a55-9d43-0a1f3c0c1a01",
@@ -124,6 +132,33 @@ WORKFLOWS = {
              "links": {"images": (9, 0)}},
             {"id": 11, "class": "TwinFlowSaveImage", "pos": (4, 1), "title": "Gate schedule plot",
              "widgets": {"filename_prefix": "twinflow/gate"}, "links": {"images": (5, 1)}},
+        ],
+    },
+    "wan22_dual_expert_t2v.json": {
+        "uuid": "5f0b7a52-2d7e-4a55-9d43-0a1f3c0c1a22",
+        "note": WAN22_NOTE,
+        "nodes": [
+            {"id": 1, "class": "TwinFlowLoadDiT", "pos": (0, 0), "title": "High-noise expert (tiny, random)",
+             "widgets": {"ckpt_name": "random:tiny", "dtype": "default", "preset": "auto", "seed": 0}},
+            {"id": 2, "class": "TwinFlowLoadDiT", "pos": (0, 1), "title": "Low-noise expert (tiny, random)",
+             "widgets": {"ckpt_name": "random:tiny", "dtype": "default", "preset": "auto", "seed": 1}},
+            {"id": 3, "class": "TwinFlowTinyTextEncode", "pos": (0, 2), "title": "Positive",
+             "widgets": {"text": "a red fox running through fresh snow, cinematic", "width": 4096}},
+            {"id": 4, "class": "TwinFlowTinyTextEncode", "pos": (0, 3), "title": "Negative",
+             "widgets": {"text": "blurry, low quality", "width": 4096}},
+            {"id": 5, "class": "TwinFlowEmptyLatentVideo", "pos": (1, 0),
+             "widgets": {"width": 48, "height": 48, "length": 5, "batch_size": 1}},
+            {"id": 6, "class": "TwinFlowDualExpertSampler", "pos": (2, 0),
+             "widgets": {"preset": "wan22_t2v_a14b", "seed": 42, "__control__": "fixed", "steps": 12},
+             "links": {"high_noise": (1, 0), "low_noise": (2, 0), "latent": (5, 0), "positive": (3, 0),
+                       "negative": (4, 0)}},
+            {"id": 7, "class": "TwinFlowLoadVAE", "pos": (2, 1), "title": "VAE (tiny, random)",
+             "widgets": {"vae_name": "random:tiny", "dtype": "default", "seed": 0}},
+            {"id": 8, "class": "TwinFlowVAEDecode", "pos": (3, 0),
+             "widgets": {"tiling": "auto"}, "links": {"vae": (7, 0), "samples": (6, 0)}},
+            {"id": 9, "class": "TwinFlowSaveVideo", "pos": (4, 0),
+             "widgets": {"filename_prefix": "twinflow/wan22_dual_expert", "fps": 16.0},
+             "links": {"images": (8, 0)}},
         ],
     },
 }
