@@ -1028,6 +1028,16 @@ def make_denoiser(module: WanDiT, name: str = "", source: str = ""):
                     info={"source": source, "preset": preset_name(cfg), **model_info(cfg)})
 
 
+def frame_timesteps(timestep: torch.Tensor, denoise_mask: torch.Tensor) -> torch.Tensor:
+    """Per-latent-frame timesteps (B, F) for TI2V from a denoise mask, as ComfyUI's WAN22 `process_timestep`:
+    the mask's mean over channels, height and width per frame (1 = denoise, 0 = keep, e.g. the conditioning
+    first frame) times each sample's timestep. Pass the result to `WanDiT.forward` as `timestep`."""
+    if denoise_mask.ndim != 5:
+        raise ValueError(f"denoise_mask must be (B, C, F, H, W) like the latent, got {tuple(denoise_mask.shape)}")
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=denoise_mask.device).reshape(-1, 1)  # (B or 1, 1)
+    return denoise_mask.float().mean(dim=(1, 3, 4)) * t  # (B, F)
+
+
 def model_info(cfg: WanDiTConfig) -> dict:
     """What a caller needs to know to condition and sample this model (also `Denoiser.info`):
 

@@ -271,3 +271,28 @@ def test_quantized_i2v_file_loads_back(tmp_path):
     loaded = load_wan_dit(path)
     assert loaded.config == model.config
     assert _rel(_out(loaded), _out(quantized)) < 1e-6
+
+
+def test_frame_timesteps_follow_comfyui_process_timestep():
+    """ComfyUI's WAN22.process_timestep, written out: mean(mask, dims (1, 3, 4)) * t per sample, (B, F)."""
+    mask = torch.ones(2, 48, 3, 4, 6)
+    mask[:, :, 0] = 0.0  # the conditioning first frame is kept
+    mask[1, :, 2, :2] = 0.5  # a partial mask: the mean over the frame counts
+    t = torch.tensor([900.0, 400.0])
+    want = (torch.mean(mask, dim=(1, 3, 4), keepdim=True) * t.view(2, 1, 1, 1, 1)).reshape(2, -1)
+    got = W.frame_timesteps(t, mask)
+    assert got.shape == (2, 3) and torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert got[0].tolist() == [0.0, 900.0, 900.0]
+    model = W.random_wan_dit("ti2v-tiny", seed=1)
+    with torch.no_grad():  # the model takes them as they come
+        assert model(torch.randn(2, 48, 3, 8, 12), got, torch.randn(1, 3, 4096)).shape == (2, 48, 3, 8, 12)
+
+
+def test_compile_graph_refuses_clip_i2v_models():
+    """The exported graph has no clip_fea input: compiling an I2V model with CLIP is refused, not run without it."""
+    from twinflow.compiled.export import WanDiTGraph
+    from twinflow.core.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="clip_fea"):
+        WanDiTGraph(W.random_wan_dit("i2v-tiny"), (2, 8, 8))
+    WanDiTGraph(W.random_wan_dit("i2v-noclip-tiny"), (2, 8, 8))  # 36 channels alone are fine
