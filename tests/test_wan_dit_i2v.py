@@ -90,6 +90,24 @@ def test_i2v_text_cache_keeps_results():
             assert torch.equal(model(x, t, ctx, clip_fea=clip2), want2)  # image K/V are never cached
 
 
+@pytest.mark.parametrize("preset", ["i2v-tiny", "ti2v-tiny"])
+def test_bf16_close_to_fp32_diffusers(preset):
+    model = _model(preset, seed=18)
+    cfg = model.config
+    ref = _diffusers_model(cfg, model)
+    low = W.wan_dit_from_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, "bf16 dict")
+    assert low.patch_embedding.weight.dtype == torch.bfloat16 and low.head.head.weight.dtype == torch.float32
+    x = _i2v_x(1, seed=4) if cfg.in_dim == 36 else torch.randn(1, 48, 3, 8, 10)
+    t = torch.tensor([400.0]) if cfg.in_dim == 36 else _ti2v_t(1, (3, 4, 5), rest=(400.0,))
+    ctx = torch.randn(1, 6, 4096)
+    clip = torch.randn(1, 257, cfg.image_dim) if cfg.image_dim else None
+    with torch.no_grad():
+        extra = {} if clip is None else {"encoder_hidden_states_image": clip}
+        expected = ref(x, t, _padded(ctx), return_dict=False, **extra)[0]
+        got = low(x, t, ctx, clip_fea=clip)
+    assert got.dtype == torch.float32 and _rel(got, expected) < 3e-2
+
+
 # --- I2V without CLIP (the Wan2.2 I2V A14B experts) ---
 
 def test_i2v_without_clip_matches_diffusers_and_ignores_clip_fea(caplog):
