@@ -807,7 +807,8 @@ def _shape(sd, key, source):
 _OTHER_VARIANTS = (
     ("vace_patch_embedding.weight", "Wan VACE"), ("control_adapter.conv.weight", "Wan Fun camera control"),
     ("casual_audio_encoder.encoder.final_linear.weight", "Wan2.2 S2V"),
-    ("audio_proj.audio_proj_glob_1.layer.bias", "HuMo"), ("face_adapter.fuser_blocks.0.k_norm.weight", "Wan2.2 Animate"),
+    ("audio_proj.audio_proj_glob_1.layer.bias", "HuMo"),
+    ("face_adapter.fuser_blocks.0.k_norm.weight", "Wan2.2 Animate"),
     ("ref_conv.weight", "Wan Fun (reference image)"),
 )
 
@@ -840,8 +841,8 @@ def detect_config(sd: dict, source: str = "state dict") -> WanDiTConfig:
                                f"{what}; TwinFlow runs Wan T2V (16/16), I2V (36/16) and TI2V (48/48) models")
     has_image = "img_emb.proj.0.weight" in sd
     if has_image != any(".cross_attn.k_img." in k for k in sd):
-        raise CheckpointError(f"{source}: incomplete I2V model: it has {'img_emb' if has_image else 'cross_attn.k_img'} "
-                              f"keys but no {'cross_attn.k_img' if has_image else 'img_emb'} keys")
+        have, lack = ("img_emb", "cross_attn.k_img") if has_image else ("cross_attn.k_img", "img_emb")
+        raise CheckpointError(f"{source}: incomplete I2V model: it has {have} keys but no {lack} keys")
     cfg = WanDiTConfig(
         dim=dim, in_dim=in_dim, patch_size=patch,
         ffn_dim=_shape(sd, "blocks.0.ffn.0.weight", source)[0],
@@ -930,7 +931,8 @@ def read_wan_dit_file(path_or_index) -> tuple[dict, dict]:
 
 
 def load_wan_dit(path_or_index, dtype: Optional[torch.dtype] = None, preset: Optional[str] = None) -> WanDiT:
-    """Load a Wan DiT (T2V, I2V, FLF2V, TI2V) from a plain (unquantized) file; `quant.load.load_wan_dit` reads both kinds.
+    """Load a Wan DiT (T2V, I2V, FLF2V, TI2V) from a plain (unquantized) file; `quant.load.load_wan_dit`
+    reads both kinds.
 
     Args:
         path_or_index: `.safetensors`/`.sft`, a weights-only `.pth`/`.pt`/`.ckpt`/`.bin`, or a shard index

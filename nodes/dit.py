@@ -1,8 +1,9 @@
 """TwinFlow nodes: dit — load a diffusion transformer as a `TWINFLOW_MODEL` (core.handles.Denoiser).
 
-Wan checkpoints (Wan2.1 T2V/I2V/FLF2V, Wan2.2 A14B experts and TI2V-5B) load through `quant.load` (plain or quantized files; `models.wan_dit` builds the
-model and its Denoiser); files with the adaLN-Zero DiT layout (DiT-XL/2,
-Open-Sora v1) are recognised by their keys and handed to `models.dit`.
+Wan checkpoints (Wan2.1 T2V/I2V/FLF2V, Wan2.2 A14B experts and TI2V-5B) load through
+`quant.load` (plain or quantized files; `models.wan_dit` builds the model and its Denoiser); files
+with the adaLN-Zero DiT layout (DiT-XL/2, Open-Sora v1) are recognised by their keys and handed to
+`models.dit`.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ class TwinFlowLoadDiT:
         names = model_names("diffusion_models", RANDOM_PRESETS)
         return {
             "required": {
-                "ckpt_name": (names, {"tooltip": "A Wan checkpoint (T2V, I2V, FLF2V, TI2V) from models/diffusion_models (official, "
-                                                 "ComfyUI-repackaged or diffusers layout; a shard index .json works "
-                                                 "too), or 'random:<preset>' for seeded random weights (demos, CI)."}),
+                "ckpt_name": (names, {"tooltip": "A Wan checkpoint (T2V, I2V, FLF2V, TI2V) from "
+                                                 "models/diffusion_models (official, ComfyUI-repackaged or diffusers "
+                                                 "layout; a shard index .json works too), or 'random:<preset>' for "
+                                                 "seeded random weights (demos, CI)."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
                                                 "tooltip": "Compute dtype. 'default' keeps the file's dtype (fp32 for "
                                                            "random presets). Time embedding, modulation and head "

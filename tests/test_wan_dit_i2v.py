@@ -2,7 +2,6 @@
 (48 channels, per-token timesteps): parity with diffusers' WanTransformer3DModel configured for them (weights
 mapped by diffusers' own converter), config detection, real-config key tables, key layouts, expert pairs."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -273,7 +272,8 @@ def test_wan22_expert_pair_loads_and_mismatch_is_named(tmp_path):
     assert _rel(_out(got_high), _out(high)) < 1e-6 and _rel(_out(got_low), _out(low)) < 1e-6
     assert _rel(_out(got_high), _out(got_low)) > 1e-2  # two different experts
     t2v = _save(W.random_wan_dit("tiny", seed=3).state_dict(), tmp_path / "t2v.safetensors")
-    with pytest.raises(CheckpointError, match=r"do not match: high.safetensors is i2v-noclip-tiny \(i2v.*t2v.safetensors is tiny \(t2v"):
+    with pytest.raises(CheckpointError,
+                       match=r"do not match: high.safetensors is i2v-noclip-tiny \(i2v.*t2v.safetensors is tiny \(t2v"):
         W.load_wan_dit_pair(ph, t2v)
 
 
