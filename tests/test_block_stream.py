@@ -1,0 +1,237 @@
+"""Block streaming (models/block_stream.py) on the CPU, through a counting device shim.
+
+CPU -> CPU copies are invisible, so the tests give the streamer a copy engine of their own (`CountingEngine`,
+the same strategy slot the CUDA engine fills): it hands out fresh clones as "device" tensors, records which
+blocks hold such copies at every moment and counts copies. Independent checks, not the streamer's own
+bookkeeping: a probe hook on every block (run after the streamer's) checks that every tensor the block is
+about to use is one of the shim's live device copies of that very block, and that no more blocks than the
+budget hold copies; the output is compared bit for bit with the original, resident model.
+"""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from twinflow.models import block_stream as BS
+from twinflow.models import wan_dit as W
+
+
+class CountingEngine(BS.CopyEngine):
+    """A fake device: copies are clones; which blocks hold copies, and how many copies, are recorded."""
+
+    def __init__(self, budget_limit=None):
+        self.device = torch.device("cpu")
+        self.live = {}  # label -> list of device tensors
+        self.copies = {}  # label -> count
+        self.peak = 0
+        self.budget_limit = budget_limit
+        self.events = []
+
+    def host(self, t):
+        return t.detach().clone()  # the streamer's host copy (separate memory, so the probes can tell them apart)
+
+    def start(self, label, hosts):
+        assert label not in self.live, f"{label} copied while still resident"
+        self.live[label] = [h.clone() for h in hosts]
+        self.copies[label] = self.copies.get(label, 0) + 1
+        self.peak = max(self.peak, len(self.live))
+        self.events.append(("copy", label))
+        if self.budget_limit is not None:
+            assert len(self.live) <= self.budget_limit, f"{len(self.live)} blocks resident: {sorted(self.live)}"
+        return BS.Transfer(label, self.live[label])
+
+    def ready(self, transfer):
+        assert self.live.get(transfer.label) is transfer.tensors
+        return transfer.tensors
+
+    def release(self, transfer):
+        del self.live[transfer.label]
+        self.events.append(("release", transfer.label))
+        transfer.tensors = []
+
+
+def _cfg(layers=5):
+    return replace(W.get_config("tiny"), num_layers=layers)
+
+
+def _inputs(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cfg.in_dim, 2, 4, 4, generator=g)
+    ctx = torch.randn(1, 7, cfg.text_dim, generator=g)
+    return x, torch.tensor([700.0]), ctx
+
+
+def _probe(streamed, engine, name, budget):
+    """Before each block runs: all its tensors are live shim copies of this block, within the budget."""
+    seen = []
+
+    def make(i):
+        def hook(block, args):
+            live = engine.live.get((name, i))
+            assert live is not None, f"block {i} runs without a device copy"
+            ptrs = {t.data_ptr() for t in live}
+            used = [t.data_ptr() for t in list(block.parameters()) + list(block.buffers())]
+            assert used and all(p in ptrs for p in used), f"block {i} would read weights that are not its device copy"
+            assert len(engine.live) <= budget
+            seen.append(i)
+        return hook
+
+    for i, blk in enumerate(streamed.blocks):
+        blk.register_forward_pre_hook(make(i))
+    return seen
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 5, 8])
+def test_streamed_output_is_bit_exact_and_within_budget(budget):
+    cfg = _cfg(5)
+    ref = W.random_wan_dit(config=cfg, seed=0)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in ref.state_dict().items()}
+    engine = CountingEngine(budget_limit=budget)
+    streamed = BS.stream_blocks(ref, budget, engine=engine, name="expert")
+    seen = _probe(streamed, engine, "expert", budget)
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, ctx)
+        for n in (1, 2):
+            got = streamed(x, t, ctx)
+            assert torch.equal(got, want)
+            assert engine.copies == {("expert", i): n for i in range(5)}  # every block once per forward
+            assert engine.live == {}  # nothing resident between forwards
+    assert seen == list(range(5)) * 2
+    assert engine.peak == min(budget, 5)  # the prefetch fills the budget
+    # the input model is untouched: same tensors, same values
+    for k, v in ref.state_dict().items():
+        assert v.data_ptr() == before[k][0] and torch.equal(v, before[k][1]), k
+    # between forwards the streamed blocks point at the streamer's host copies, not at the original's tensors
+    s = BS.streamer_of(streamed)
+    host = {sl.host.data_ptr() for b in s.blocks for sl in b.slots}
+    assert {p.data_ptr() for p in streamed.blocks.parameters()} <= host
+    assert "streaming 5 blocks" in s.status() and f"at most {budget} resident" in s.status()
+
+
+def test_prefetch_order_copies_ahead_and_releases_after_use():
+    cfg = _cfg(4)
+    engine = CountingEngine(budget_limit=2)
+    streamed = BS.stream_blocks(W.random_wan_dit(config=cfg, seed=0), 2, engine=engine, name="m")
+    with torch.no_grad():
+        streamed(*_inputs(cfg))
+    ev = [(kind, label[1]) for kind, label in engine.events]
+    assert ev == [("copy", 0), ("copy", 1), ("release", 0), ("copy", 2), ("release", 1), ("copy", 3),
+                  ("release", 2), ("release", 3)]
+
+
+def test_budget_one_copies_each_block_only_after_the_previous_left():
+    cfg = _cfg(3)
+    engine = CountingEngine(budget_limit=1)
+    streamed = BS.stream_blocks(W.random_wan_dit(config=cfg, seed=0), 1, engine=engine, name="m")
+    with torch.no_grad():
+        streamed(*_inputs(cfg))
+    assert [k for k, _ in engine.events] == ["copy", "release"] * 3 and engine.peak == 1
+
+
+def test_two_experts_share_one_budget():
+    cfg = _cfg(4)
+    high, low = W.random_wan_dit(config=cfg, seed=1), W.random_wan_dit(config=cfg, seed=2)
+    budget = BS.StreamBudget(3, "experts")
+    engine = CountingEngine(budget_limit=3)  # one fake device: the count of live copies spans both models
+    sh = BS.stream_blocks(high, budget=budget, engine=engine, name="high")
+    sl = BS.stream_blocks(low, budget=budget, engine=engine, name="low")
+    _probe(sh, engine, "high", 3)
+    _probe(sl, engine, "low", 3)
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        want_h, want_l = high(x, t, ctx), low(x, t, ctx)
+        for model, want in ((sh, want_h), (sl, want_l), (sh, want_h), (sl, want_l)):
+            assert torch.equal(model(x, t, ctx), want)
+    assert engine.copies == {(n, i): 2 for n in ("high", "low") for i in range(4)}
+    assert engine.peak == 3 and budget.peak == 3 and budget.resident == 0
+    assert "shared by 2 models" in BS.streamer_of(sl).status()
+
+
+def test_models_sharing_a_budget_cannot_run_at_once_and_an_error_leaves_nothing_resident():
+    cfg = _cfg(3)
+    budget = BS.StreamBudget(1, "one")
+    engine = CountingEngine(budget_limit=1)
+    a = BS.stream_blocks(W.random_wan_dit(config=cfg, seed=1), budget=budget, engine=engine, name="a")
+    b = BS.stream_blocks(W.random_wan_dit(config=cfg, seed=2), budget=budget, engine=engine, name="b")
+    x, t, ctx = _inputs(cfg)
+    a.blocks[1].register_forward_pre_hook(lambda m, args: b(x, t, ctx))  # b runs inside a's forward
+    with torch.no_grad(), pytest.raises(RuntimeError, match="held by other models"):
+        a(x, t, ctx)
+    assert engine.live == {} and budget.resident == 0  # always_call hooks released every block
+    host = {sl.host.data_ptr() for blk in BS.streamer_of(a).blocks for sl in blk.slots}
+    assert {p.data_ptr() for p in a.blocks.parameters()} <= host
+
+
+def test_text_cache_is_off_for_a_streamed_model_and_the_result_unchanged():
+    from twinflow.core.handles import enter_text_caches
+    import contextlib
+
+    cfg = _cfg(3)
+    ref = W.random_wan_dit(config=cfg, seed=0)
+    engine = CountingEngine(budget_limit=2)
+    streamed = BS.stream_blocks(ref, 2, engine=engine, name="m")
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, ctx)
+        with contextlib.ExitStack() as stack:
+            enter_text_caches(stack, W.make_denoiser(streamed))
+            assert streamed._text_cache is None  # the precompute of every block's K/V never runs
+            assert torch.equal(streamed(x, t, ctx), want) and torch.equal(streamed(x, t, ctx), want)
+    assert engine.copies == {("m", i): 2 for i in range(3)}
+
+
+def test_streaming_adds_no_hook_to_the_linears_so_the_onednn_path_stays():
+    streamed = BS.stream_blocks(W.random_wan_dit(config=_cfg(2), seed=0), 1, engine=CountingEngine(), name="m")
+    linears = [m for m in streamed.modules() if isinstance(m, nn.Linear)]
+    assert linears and not W._has_hooks(*linears)
+    assert not W._has_hooks(*[blk.ffn for blk in streamed.blocks])
+    assert all(W._has_hooks(blk) for blk in streamed.blocks)
+
+
+def test_a_quantized_model_streams_bit_exactly():
+    from twinflow.quant.swap import Recipe, quantize_module
+
+    cfg = _cfg(3)
+    qm, _ = quantize_module(W.random_wan_dit(config=cfg, seed=0), Recipe("int8_weight_only"))
+    engine = CountingEngine(budget_limit=2)
+    streamed = BS.stream_blocks(qm, 2, engine=engine, name="q")
+    _probe(streamed, engine, "q", 2)
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(streamed(x, t, ctx), qm(x, t, ctx))
+    assert engine.copies == {("q", i): 1 for i in range(3)}
+
+
+def test_bad_budgets_and_models_are_refused():
+    m = W.random_wan_dit(config=_cfg(2), seed=0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_resident_blocks must be an integer >= 1"):
+            BS.stream_blocks(m, bad, engine=CountingEngine())
+    with pytest.raises(ValueError, match="non-empty `blocks` ModuleList"):
+        BS.stream_blocks(nn.Linear(4, 4), 2, engine=CountingEngine(), name="lin")
+    empty = nn.Module()
+    empty.blocks = nn.ModuleList()
+    with pytest.raises(ValueError, match="non-empty `blocks` ModuleList"):
+        BS.stream_blocks(empty, 2, engine=CountingEngine())
+    with pytest.raises(ValueError, match="compute device is the CPU"):
+        BS.stream_blocks(m, 2, device="cpu")
+    with pytest.raises(ValueError, match="exactly one of"):
+        BS.stream_blocks(m, 2, budget=BS.StreamBudget(2), engine=CountingEngine())
+    streamed = BS.stream_blocks(m, 2, engine=CountingEngine(), name="m")
+    with pytest.raises(ValueError, match="already block-streamed"):
+        BS.stream_blocks(streamed, 2, engine=CountingEngine())
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(streamed)
+    with pytest.raises(ValueError, match="apply it to the model before streaming"):
+        BS.refuse_streamed(streamed, "TwinFlow Quantize Model")
+    BS.refuse_streamed(m, "TwinFlow Quantize Model")  # the plain model passes
+
+
+def test_shared_budget_groups():
+    a = BS.shared_budget("test-group-x", 3)
+    assert BS.shared_budget("test-group-x", 3) is a
+    with pytest.raises(ValueError, match="already holds 3 resident blocks"):
+        BS.shared_budget("test-group-x", 4)
