@@ -415,6 +415,11 @@ def stream_blocks(module: nn.Module, max_resident_blocks: Optional[int] = None, 
     if not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
 
+    on_device = sorted({str(t.device) for t in list(blocks.parameters()) + list(blocks.buffers())
+                        if t.device == engine.device and engine.device.type != "cpu"})
+    if on_device:
+        logger.warning("%s: its blocks are already on %s; the input model keeps them there as long as it is held "
+                       "(streaming saves device memory only for a model loaded in host memory)", name, on_device[0])
     new = _own_copy(module)
     inside = {id(t) for blk in new.blocks for t in list(blk.parameters()) + list(blk.buffers())}
     for mod in new.modules():

@@ -192,6 +192,8 @@ RULES: dict[str, Callable] = {
     "VAEEncode": _vae_encode,
     "TwinFlowQuantizeModel": _model_patch,  # what `run --quantize` inserts
     "TwinFlowQuantizeCoreModel": _model_patch,
+    "TwinFlowBlockStream": _model_patch,  # and what `run --stream-blocks` inserts
+    "TwinFlowBlockStreamCore": _model_patch,
     "TwinFlowCompileCoreModel": _compile_model,
     "TwinFlowCompileCoreVAE": _compile_vae,
 }
@@ -364,5 +366,34 @@ def with_quantize_nodes(api_prompt: dict, fmt: str) -> dict:
         ctype = "TwinFlowQuantizeCoreModel" if core else "TwinFlowQuantizeModel"
         prompt[nid] = {"class_type": ctype, "inputs": {"model": [feed, 0], "format": fmt, **_quantize_defaults()},
                        "_meta": {"title": f"quantize ({fmt})"}}
+        _rewire(prompt, p["used_by"], feed, nid)
+    return prompt
+
+
+def with_stream_nodes(api_prompt: dict, max_resident_blocks: int) -> dict:
+    """A copy of the prompt with a TwinFlowBlockStream node (this budget, one budget group for the whole run, so
+    two experts share it) between every denoiser and the samplers it feeds, after any quantize node; used by
+    `twinflow run --stream-blocks N` (which refuses `--compile` beside it)."""
+    from ..nodes.stream import CLI_GROUP
+
+    prompt = copy.deepcopy(api_prompt)
+    n = 0
+    for p in plan_workflow(api_prompt):
+        if p["kind"] != "denoiser":
+            continue
+        if p["compile_node"] is not None:
+            raise WorkflowError(f"--stream-blocks: the model of node {p['model_node']} goes through a compile node "
+                                f"({p['compile_node']}); a compiled graph holds every weight on the device. Remove "
+                                f"the compile node or run without --stream-blocks")
+        n += 1
+        nid = f"twinflow_stream_{n}"
+        while nid in prompt:
+            nid += "_"
+        feed = p.get("feed_node", p["model_node"])
+        core = api_prompt[p["model_node"]].get("class_type") in CORE_LOADERS
+        prompt[nid] = {"class_type": "TwinFlowBlockStreamCore" if core else "TwinFlowBlockStream",
+                       "inputs": {"model": [feed, 0], "max_resident_blocks": int(max_resident_blocks),
+                                  "budget_group": CLI_GROUP},
+                       "_meta": {"title": f"block stream ({max_resident_blocks})"}}
         _rewire(prompt, p["used_by"], feed, nid)
     return prompt
