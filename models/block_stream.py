@@ -18,9 +18,9 @@ How it works (one code path; only the copy engine differs per device):
   exactly once per forward, and at most `max_resident_blocks` blocks (of all models sharing the budget) hold
   device memory at any time (a block counts from the start of its copy until its release).
 - The copy engine is a strategy (`CopyEngine`): `CudaCopyEngine` copies on a side stream, the compute stream
-  waits on an event, and `record_stream` keeps the caching allocator from reusing a block's memory before
-  the kernels that read it have run; `SyncCopyEngine` is a plain `.to(device)` for other devices. Tests pass
-  a counting engine of their own through the same hooks.
+  waits on an event, and a released block's memory is freed only after the GPU is past its kernels (so the
+  budget bounds real device memory although the CPU runs ahead); `SyncCopyEngine` is a plain `.to(device)` for
+  other devices. Tests pass a counting engine of their own through the same hooks.
 
 Hooks and the CPU fast path: `wan_dit` sends a linear through oneDNN only when that `nn.Linear` (or the
 FFN `Sequential`) has no hooks and no global module hooks are installed. The streamer hooks the model and
@@ -36,6 +36,7 @@ modules without a `blocks` ModuleList.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -74,6 +75,10 @@ class CopyEngine:
 
     device: torch.device
     pinned = False
+    limit = 1 << 30  # blocks that may hold device memory at once; the streamer sets its budget here
+
+    def settle(self) -> None:
+        """End of a forward: device memory of released blocks is free once this returns."""
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -105,7 +110,13 @@ class SyncCopyEngine(CopyEngine):
 
 
 class CudaCopyEngine(CopyEngine):
-    """Pinned host tensors, copies on a side stream; the compute stream waits on each block's event."""
+    """Pinned host tensors, copies on a side stream; the compute stream waits on each block's event.
+
+    The CPU runs ahead of the GPU: when block i's post-hook releases it, its kernels may still be queued. A
+    released block's device tensors are therefore kept (with an event recorded on the compute stream after its
+    kernels) until the GPU is done with them, and `start` waits for the oldest such block before a copy would
+    make more than `limit` blocks hold device memory: the budget bounds real device memory, not only the
+    bookkeeping. `settle` (end of every forward) waits for all of them, so nothing is held between forwards."""
 
     pinned = True
 
@@ -114,6 +125,14 @@ class CudaCopyEngine(CopyEngine):
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
+        self._live = 0
+        self._retiring = collections.deque()  # (compute-stream event after the block's kernels, its tensors)
+
+    def _reap(self, wait_for: int) -> None:
+        """Free retired blocks the GPU is done with; wait (CPU side) for the oldest until at most `wait_for` remain."""
+        while self._retiring and (len(self._retiring) > wait_for or self._retiring[0][0].query()):
+            done, _tensors = self._retiring.popleft()
+            done.synchronize()
 
     def host(self, t):
         if t.device.type == "cpu" and t.is_pinned():
@@ -123,6 +142,8 @@ class CudaCopyEngine(CopyEngine):
         return out
 
     def start(self, label, hosts):
+        self._reap(max(0, self.limit - self._live - 1))
+        self._live += 1
         with torch.cuda.stream(self.stream):
             dev = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in hosts]
             for d, h in zip(dev, hosts):
@@ -132,13 +153,20 @@ class CudaCopyEngine(CopyEngine):
         return Transfer(label, dev, event)
 
     def ready(self, transfer):
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(transfer.token)
-        for d in transfer.tensors:
-            # Allocated on the side stream, read on the compute stream: without this the allocator could hand
-            # the memory to the next prefetch while this block's kernels are still queued.
-            d.record_stream(compute)
+        torch.cuda.current_stream(self.device).wait_event(transfer.token)
         return transfer.tensors
+
+    def release(self, transfer):
+        # Allocated on the side stream, read on the compute stream: freed only once the compute stream is past
+        # the block (the event), so the allocator never hands the memory to a copy while kernels still read it.
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._retiring.append((done, transfer.tensors))
+        self._live -= 1
+        transfer.tensors = []
+
+    def settle(self):
+        self._reap(0)
 
 
 def default_engine(device) -> CopyEngine:
@@ -233,6 +261,7 @@ class BlockStreamer:
                  name: str, prefetch: int):
         self.module, self.budget, self.engine, self.name = module, budget, engine, name
         self.prefetch = prefetch
+        engine.limit = min(engine.limit, budget.max_resident_blocks)
         self.blocks: list[_Block] = []
         self.block_bytes = 0
         self.copies = 0  # block copies started, all forwards
@@ -308,6 +337,7 @@ class BlockStreamer:
     def _model_post(self, module, args, output):
         for i in range(len(self.blocks)):
             self._evict(i)
+        self.engine.settle()  # another model sharing the budget may copy next
 
     def _block_pre(self, i: int):
         def hook(block, args):

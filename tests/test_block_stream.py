@@ -271,3 +271,83 @@ def test_cuda_engine_side_stream_is_exact_and_within_budget():
     assert len(on_gpu) == 12 and max(on_gpu) <= 2  # active blocks (prefetched ones are not yet pointed at)
     assert s.budget.peak == 2 and s.budget.resident == 0 and s.copies == 12
     assert streamed.patch_embedding.weight.is_cuda and streamed.head.head.weight.is_cuda
+
+
+def test_cuda_engine_frees_a_block_only_after_the_gpu_is_past_it(monkeypatch):
+    """CudaCopyEngine's memory bound with torch.cuda's Stream/Event replaced by fakes (the GPU "finishes" a block
+    only when the CPU waits for its event): released blocks stay allocated until their compute-stream event,
+    and a copy that would make more than the budget hold device memory first waits for the oldest one."""
+    import contextlib
+
+    waits = []
+
+    class FakeEvent:
+        def __init__(self):
+            self.done = False
+
+        def record(self, stream=None):
+            pass
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            if not self.done:
+                waits.append(self)
+            self.done = True
+
+    class FakeStream:
+        def wait_event(self, event):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    engine = BS.CudaCopyEngine("cuda:0")
+    engine.device = torch.device("cpu")  # the fake GPU's memory
+    engine.host = lambda t: t.detach().clone()  # (pinning needs a real GPU)
+    engine.limit = 2
+    held = []
+    real_start = engine.start
+
+    def start(label, hosts):
+        tr = real_start(label, hosts)
+        held.append(engine._live + len(engine._retiring))
+        return tr
+
+    engine.start = start
+    h = [torch.ones(3)]
+    a, b = engine.start("a", h), engine.start("b", h)
+    engine.release(a)
+    assert waits == [] and len(engine._retiring) == 1  # a's kernels may still be queued: its memory is kept
+    c = engine.start("c", h)  # a third block would exceed 2: wait for a first
+    assert len(waits) == 1 and held == [1, 2, 2]
+    engine.release(b)
+    engine._retiring[0][0].done = True  # the GPU finished b on its own: freed without a wait
+    engine.release(c)
+    engine.start("d", h)
+    assert len(waits) == 1
+    engine.settle()
+    assert len(waits) == 2 and not engine._retiring  # c waited for at the end of the forward
+
+    # through the streamer: never more than the budget's blocks holding device memory, none after a forward
+    cfg = _cfg(4)
+    engine2 = BS.CudaCopyEngine("cuda:0")
+    engine2.device = torch.device("cpu")
+    engine2.host = lambda t: t.detach().clone()
+    outstanding = []
+    real_start2 = engine2.start
+
+    def start2(label, hosts):
+        tr = real_start2(label, hosts)
+        outstanding.append(engine2._live + len(engine2._retiring))
+        return tr
+
+    engine2.start = start2
+    ref = W.random_wan_dit(config=cfg, seed=0)
+    streamed = BS.stream_blocks(ref, 2, engine=engine2, name="m")
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(streamed(x, t, ctx), ref(x, t, ctx))
+    assert len(outstanding) == 4 and max(outstanding) <= 2 and not engine2._retiring and engine2._live == 0

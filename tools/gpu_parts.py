@@ -423,6 +423,7 @@ def stream_rows(cname="wan2.1-1.3b", dtype="bf16", shape=DIT_LATENT, ctx_tokens=
     output (the same kernels run: 0 expected). One row for the resident model, one per budget. `fits(seconds,
     what)` may veto a case. `device="cpu"` with a copy `engine` runs the same steps with wall-clock times and no
     memory figures: the CPU test of this code (the streaming engine there is the test's shim)."""
+    import gc
     import time
 
     import torch
@@ -498,6 +499,7 @@ def stream_rows(cname="wan2.1-1.3b", dtype="bf16", shape=DIT_LATENT, ctx_tokens=
                          "block_mib": bs.streamer_of(streamed).block_bytes / cfg.num_layers / 2 ** 20,
                          "status": bs.streamer_of(streamed).status()})
             del streamed, got
+            gc.collect()  # the model and its streamer refer to each other (hooks): free its device weights now
             if cuda:
                 torch.cuda.empty_cache()
     for r in rows:
