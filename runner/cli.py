@@ -278,6 +278,10 @@ def cmd_run(args) -> int:
     if cache_override is not None and not used:
         logging.getLogger(__name__).warning("--step-cache %s: no sampler ran in this workflow, so nothing "
                                             "was cached", args.step_cache)
+    if stream and not args.json:
+        lines = [out[1][0] for nid, out in result.results.items() if str(nid).startswith("twinflow_stream_")]
+        for line in lines or ["no sampler model ran, so nothing was streamed"]:
+            print(f"--stream-blocks {stream}: {line}", file=sys.stderr)
     files = [str(f) for f in result.files()]
     if args.json:
         print(json.dumps({"outputs": dict(result), "files": files,

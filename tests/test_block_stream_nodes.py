@@ -136,3 +136,31 @@ def test_wan2_2_two_expert_template_streamed_equals_resident(tmp_path_factory, m
     assert all(len(counts) == 1 for counts in per_block.values())
     statuses = [v[1][0] for k, v in res.results.items() if k.startswith("twinflow_stream_")]
     assert len(statuses) == 2 and all("shared by 2 models" in s or "budget 'twinflow-run'" in s for s in statuses)
+
+
+@pytest.mark.slow
+def test_cli_run_stream_blocks_on_a_cpu_machine_runs_and_says_not_streamed(tmp_path_factory, monkeypatch, capsys):
+    """`twinflow run --stream-blocks 2` on the unchanged text_to_video_wan template without a GPU: the inserted node
+    leaves the model as it is, says so in a log line, and the video is written."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("av")
+    pytest.importorskip("comfyui_workflow_templates", reason="pip install comfyui-workflow-templates==0.1.95")
+    import json
+
+    from twinflow.nodes import stream
+    from twinflow.runner.cli import main
+
+    monkeypatch.setattr(stream, "stream_device", lambda d: None)  # as on a machine without CUDA
+    files = tmp_path_factory.mktemp("models_cli_stream")
+    cf.write_t2v_models(files)
+    out = tmp_path_factory.mktemp("out_cli_stream")
+    path = out / "t2v.json"
+    path.write_text(json.dumps(cf.template("text_to_video_wan.json")))
+    args = ["run", str(path), "--models-dir", str(files), "--output-dir", str(out / "o"), "--no-progress",
+            "--stream-blocks", "2"]
+    for o in ["40.width=32", "40.height=32", "40.length=5", "3.steps=2"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "--stream-blocks 2: wan2.1_t2v_1.3B_fp16.safetensors: not streamed: the compute device is the CPU" in err
+    assert list((out / "o" / "video").glob("ComfyUI_*.mp4"))
