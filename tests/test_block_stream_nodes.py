@@ -102,7 +102,11 @@ def test_node_streams_a_copy_and_quantize_or_compile_of_it_are_refused(monkeypat
     with pytest.raises(ValueError, match="TwinFlow Quantize Model: tiny-a is block-streamed"):
         TwinFlowQuantizeModel().quantize(model)
     with pytest.raises(ValueError, match="TwinFlow Compile Model: tiny-a is block-streamed"):
-        TwinFlowCompileModel().compile(model, "eager", "from_latent", "default")
+        TwinFlowCompileModel().compile(model, "eager", "from workflow", "default")
+    compiled = TwinFlowCompileModel().compile(d, "eager", "from workflow", "default",
+                                              latent={"samples": torch.zeros(1, 16, 1, 4, 4)})["result"][0]
+    with pytest.raises(ValueError, match="CompiledWanDiT has none .a compiled or wrapped model"):
+        stream.TwinFlowBlockStream().apply(compiled, 1)  # compile, then stream: refused too
 
 
 @pytest.mark.slow
