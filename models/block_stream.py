@@ -41,6 +41,7 @@ import contextlib
 import copy
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -198,8 +199,12 @@ class StreamBudget:
         self.name = name
         self.resident = 0
         self.peak = 0
-        self.models: list[str] = []
+        self._streamers = weakref.WeakSet()  # the models streamed with this budget that still exist
         self._lock = threading.Lock()
+
+    @property
+    def models(self) -> list:
+        return sorted(s.name for s in list(self._streamers))
 
     def try_acquire(self) -> bool:
         with self._lock:
@@ -268,7 +273,7 @@ class BlockStreamer:
         self._handles = []
         for blk in blocks:
             b = _Block()
-            for mod_name, mod in blk.named_modules():
+            for _, mod in blk.named_modules():
                 for pname, p in list(mod._parameters.items()):
                     if p is not None:
                         b.slots.append(_Slot(mod, pname, True, engine.host(p.data)))
@@ -351,8 +356,7 @@ class BlockStreamer:
 
     def _block_post(self, i: int):
         def hook(block, args, output):
-            self._evict(i)
-            self._prefetch_from(i + 1, self.prefetch)  # the slot just freed
+            self._evict(i)  # its slot is filled by the next block's pre-hook (block i+1+prefetch)
         return hook
 
     # -- reporting ---------------------------------------------------------------------------
@@ -372,6 +376,21 @@ class BlockStreamer:
 def _non_block_tensors(module: nn.Module) -> list:
     inside = {id(t) for blk in module.blocks for t in list(blk.parameters()) + list(blk.buffers())}
     return [t for t in list(module.parameters()) + list(module.buffers()) if id(t) not in inside]
+
+
+def _shared_tensors(module: nn.Module) -> int:
+    """How many tensors (or modules) belong to more than one block, or to a block and to the rest of the model."""
+    block_of, shared = {}, 0
+    for j, blk in enumerate(module.blocks):
+        for m in blk.modules():
+            if block_of.setdefault(id(m), j) != j:
+                shared += 1
+    owners: dict = {}
+    for m in module.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None:
+                owners.setdefault(id(t), set()).add(block_of.get(id(m), -1))
+    return shared + sum(len(o) > 1 for o in owners.values())
 
 
 def streamer_of(module) -> Optional[BlockStreamer]:
@@ -450,6 +469,10 @@ def stream_blocks(module: nn.Module, max_resident_blocks: Optional[int] = None, 
     if on_device:
         logger.warning("%s: its blocks are already on %s; the input model keeps them there as long as it is held "
                        "(streaming saves device memory only for a model loaded in host memory)", name, on_device[0])
+    shared = _shared_tensors(module)
+    if shared:
+        raise ValueError(f"{name}: {shared} tensor(s) or module(s) are shared between blocks or with the "
+                         f"embeddings/head; block streaming needs every block to own its weights")
     new = _own_copy(module)
     inside = {id(t) for blk in new.blocks for t in list(blk.parameters()) + list(blk.buffers())}
     for mod in new.modules():
@@ -460,7 +483,7 @@ def stream_blocks(module: nn.Module, max_resident_blocks: Optional[int] = None, 
             if b is not None and id(b) not in inside:
                 mod._buffers[bname] = b.to(engine.device)
     streamer = BlockStreamer(new, new.blocks, budget, engine, name, prefetch)
-    budget.models.append(name)
+    budget._streamers.add(streamer)
     object.__setattr__(new, "_block_streamer", streamer)
     if callable(getattr(new, "text_cache", None)):
         object.__setattr__(new, "text_cache", lambda: _no_text_cache(new))

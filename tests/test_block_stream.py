@@ -220,6 +220,14 @@ def test_bad_budgets_and_models_are_refused():
     empty.blocks = nn.ModuleList()
     with pytest.raises(ValueError, match="non-empty `blocks` ModuleList"):
         BS.stream_blocks(empty, 2, engine=CountingEngine())
+    tied = W.random_wan_dit(config=_cfg(2), seed=0)
+    tied.blocks[1].ffn[0].weight = tied.blocks[0].ffn[0].weight
+    with pytest.raises(ValueError, match="1 tensor.s. or module.s. are shared"):
+        BS.stream_blocks(tied, 2, engine=CountingEngine())
+    tied = W.random_wan_dit(config=_cfg(2), seed=0)
+    tied.blocks[0].norm3.weight = tied.head.modulation
+    with pytest.raises(ValueError, match="are shared between blocks or with the embeddings/head"):
+        BS.stream_blocks(tied, 2, engine=CountingEngine())
     with pytest.raises(ValueError, match="compute device is the CPU"):
         BS.stream_blocks(m, 2, device="cpu")
     with pytest.raises(ValueError, match="exactly one of"):
