@@ -45,6 +45,7 @@ class ModelRef:
     compile: Optional[dict] = None  # {"node", "backend", "profile": None | Profile}
     tail: Optional[str] = None  # the node whose output 0 carries the model as its users see it (ModelSamplingSD3,
     #                              LoraLoaderModelOnly after a core UNETLoader); None: the loader itself
+    stream: Optional[tuple] = None  # (max_resident_blocks, budget group or the node id) after a TwinFlow Block Stream
 
     @property
     def feed(self) -> str:
@@ -101,6 +102,21 @@ def _model_patch(nid, ins, g):
 
     m = ins.get("model")
     return [replace(m, tail=nid) if isinstance(m, ModelRef) and m.compile is None else None]
+
+
+def _block_stream(nid, ins, g):
+    """TwinFlowBlockStream: the same denoiser, with only its budget of blocks on the device (preflight's memory plan)."""
+    from dataclasses import replace
+
+    m = ins.get("model")
+    if not isinstance(m, ModelRef) or m.compile is not None:
+        return [None]
+    try:
+        n = int(ins.get("max_resident_blocks", 4))
+    except (TypeError, ValueError):
+        n = None
+    group = str(ins.get("budget_group") or "").strip() or f"#{nid}"
+    return [replace(m, tail=nid, stream=(n, group) if n else None)]
 
 
 def _compile_profile(nid, kind, ins) -> Optional[Profile]:
@@ -192,8 +208,8 @@ RULES: dict[str, Callable] = {
     "VAEEncode": _vae_encode,
     "TwinFlowQuantizeModel": _model_patch,  # what `run --quantize` inserts
     "TwinFlowQuantizeCoreModel": _model_patch,
-    "TwinFlowBlockStream": _model_patch,  # and what `run --stream-blocks` inserts
-    "TwinFlowBlockStreamCore": _model_patch,
+    "TwinFlowBlockStream": _block_stream,  # and what `run --stream-blocks` inserts
+    "TwinFlowBlockStreamCore": _block_stream,
     "TwinFlowCompileCoreModel": _compile_model,
     "TwinFlowCompileCoreVAE": _compile_vae,
 }

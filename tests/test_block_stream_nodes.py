@@ -168,3 +168,32 @@ def test_cli_run_stream_blocks_on_a_cpu_machine_runs_and_says_not_streamed(tmp_p
     err = capsys.readouterr().err
     assert "--stream-blocks 2: wan2.1_t2v_1.3B_fp16.safetensors: not streamed: the compute device is the CPU" in err
     assert list((out / "o" / "video").glob("ComfyUI_*.mp4"))
+
+
+def test_preflight_counts_only_the_budget_of_streamed_blocks_on_an_accelerator(tmp_path, monkeypatch):
+    """The memory plan (which refuses runs that cannot fit before anything runs) counts a streamed denoiser's
+    weights as its budget of blocks, one budget per group (the two experts of `--stream-blocks` share one), on an
+    accelerator only: on the CPU the node streams nothing, so the whole weights count."""
+    pytest.importorskip("sentencepiece")
+    from twinflow.core import paths
+    from twinflow.runner import preflight
+    from twinflow.runner.plan import with_stream_nodes
+
+    files = cf.write_t2v_22_models(tmp_path)  # tiny experts: 2 blocks each
+    monkeypatch.setattr(paths, "_models_dir", None, raising=False)
+    paths.set_models_dir(str(tmp_path))
+
+    class Engine:
+        estimate_decode_bytes = staticmethod(preflight._vae_engine().estimate_decode_bytes)
+
+        @staticmethod
+        def available_memory(dev):
+            return 1 << 40
+
+    monkeypatch.setattr(preflight, "_vae_engine", lambda: Engine)
+    _r, _wf, prompt = _prompt("video_wan2_2_14B_t2v.json", SIZE_22)
+    sizes = [files[e].stat().st_size for e in ("high", "low")]
+    plain = preflight.memory_plan(prompt, "cuda").parts["model weights"]
+    streamed = preflight.memory_plan(with_stream_nodes(prompt, 1), "cuda").parts["model weights"]
+    assert plain == sum(sizes) and streamed == max(s // 2 for s in sizes)  # 1 of 2 blocks, one shared budget
+    assert preflight.memory_plan(with_stream_nodes(prompt, 1), "cpu").parts["model weights"] == sum(sizes)
