@@ -197,3 +197,17 @@ def test_preflight_counts_only_the_budget_of_streamed_blocks_on_an_accelerator(t
     streamed = preflight.memory_plan(with_stream_nodes(prompt, 1), "cuda").parts["model weights"]
     assert plain == sum(sizes) and streamed == max(s // 2 for s in sizes)  # 1 of 2 blocks, one shared budget
     assert preflight.memory_plan(with_stream_nodes(prompt, 1), "cpu").parts["model weights"] == sum(sizes)
+
+
+def test_node_follows_the_conventions():
+    import twinflow
+    from twinflow.nodes.core_headless import CLI_NODE_CLASS_MAPPINGS
+    from twinflow.nodes.stream import TwinFlowBlockStream
+
+    assert twinflow.NODE_CLASS_MAPPINGS["TwinFlowBlockStream"] is TwinFlowBlockStream
+    assert CLI_NODE_CLASS_MAPPINGS["TwinFlowBlockStreamCore"].RETURN_TYPES == ("MODEL", "STRING")
+    assert TwinFlowBlockStream.CATEGORY == "TwinFlow/dit" and TwinFlowBlockStream.DESCRIPTION
+    for name, (kind, opts) in TwinFlowBlockStream.INPUT_TYPES()["required"].items():
+        assert opts.get("tooltip"), name
+        if kind == "INT":
+            assert {"min", "max", "step", "default"} <= set(opts) and opts["min"] == 1
