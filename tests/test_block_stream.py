@@ -359,3 +359,15 @@ def test_cuda_engine_frees_a_block_only_after_the_gpu_is_past_it(monkeypatch):
     with torch.no_grad():
         assert torch.equal(streamed(x, t, ctx), ref(x, t, ctx))
     assert len(outstanding) == 4 and max(outstanding) <= 2 and not engine2._retiring and engine2._live == 0
+
+
+def test_sync_engine_streams_exactly():
+    """SyncCopyEngine (non-CUDA accelerators: a plain `.to(device)`), here with the CPU as its device."""
+    cfg = _cfg(3)
+    ref = W.random_wan_dit(config=cfg, seed=0)
+    streamed = BS.stream_blocks(ref, 2, engine=BS.SyncCopyEngine("cpu"), name="m")
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(streamed(x, t, ctx), ref(x, t, ctx))
+    s = BS.streamer_of(streamed)
+    assert s.copies == 3 and s.budget.peak == 2 and s.budget.resident == 0
