@@ -119,9 +119,8 @@ class CudaCopyEngine(CopyEngine):
     make more than `limit` blocks hold device memory: the budget bounds real device memory, not only the
     bookkeeping. `settle` (end of every forward) waits for all of them, so nothing is held between forwards."""
 
-    pinned = True
-
-    def __init__(self, device):
+    def __init__(self, device, pin: bool = True):
+        self.pinned = bool(pin)  # False: stream from the model's own (pageable) host memory: no second copy, slower
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -136,8 +135,10 @@ class CudaCopyEngine(CopyEngine):
             done.synchronize()
 
     def host(self, t):
-        if t.device.type == "cpu" and t.is_pinned():
+        if t.device.type == "cpu" and (t.is_pinned() or not self.pinned):
             return t.detach()
+        if not self.pinned:
+            return t.detach().to("cpu")
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # page-locked: the copy can run async
         out.copy_(t.detach())
         return out
@@ -170,8 +171,10 @@ class CudaCopyEngine(CopyEngine):
         self._reap(0)
 
 
-def default_engine(device) -> CopyEngine:
-    """The engine for a compute device; the CPU has nothing to stream (weights already are in host memory)."""
+def default_engine(device, pin: bool = True) -> CopyEngine:
+    """The engine for a compute device; the CPU has nothing to stream (weights already are in host memory).
+    `pin`: CUDA copies from a pinned copy of the blocks (asynchronous; a second copy of the weights in host
+    memory while the input model is held), or from the input's own memory (no second copy, slower copies)."""
     device = torch.device(device)
     if device.type == "cpu":
         raise ValueError("block streaming copies weights from host memory to an accelerator; the compute device "
@@ -179,7 +182,7 @@ def default_engine(device) -> CopyEngine:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"block streaming to {device}: torch sees no CUDA device")
-        return CudaCopyEngine(device)
+        return CudaCopyEngine(device, pin=pin)
     return SyncCopyEngine(device)
 
 

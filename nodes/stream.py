@@ -23,7 +23,7 @@ def stream_device(d) -> "torch.device | None":
     return torch.device("cuda") if torch.cuda.is_available() else None
 
 
-def stream_model(model, max_resident_blocks: int, budget_group: str = ""):
+def stream_model(model, max_resident_blocks: int, budget_group: str = "", pin_memory: bool = True):
     """(streamed TWINFLOW_MODEL, status line); the model unchanged when there is no accelerator."""
     from ..core.log import log_once
     from ..models import block_stream
@@ -41,7 +41,7 @@ def stream_model(model, max_resident_blocks: int, budget_group: str = ""):
         return d, status
     budget = (block_stream.shared_budget(budget_group, int(max_resident_blocks)) if budget_group
               else block_stream.StreamBudget(int(max_resident_blocks)))
-    module = block_stream.stream_blocks(d.module, budget=budget, engine=block_stream.default_engine(device), name=name)
+    module = block_stream.stream_blocks(d.module, budget=budget, engine=block_stream.default_engine(device, pin=bool(pin_memory)), name=name)
     status = block_stream.streamer_of(module).status()
     new = d.clone(module=module)
     new.info["block_stream"] = status
@@ -63,6 +63,11 @@ class TwinFlowBlockStream:
             "budget_group": ("STRING", {"default": "", "tooltip":
                              "Models with the same group name share one budget (e.g. Wan2.2's high- and low-noise "
                              "experts); empty = a budget of this model's own."}),
+        }, "optional": {
+            "pin_memory": ("BOOLEAN", {"default": True, "tooltip":
+                           "Copy from a pinned (page-locked) copy of the blocks: asynchronous copies that overlap "
+                           "the compute, but a second copy of the weights in host memory while the loaded model "
+                           "is held. Off: copy from the loaded model's own memory (no second copy; slower copies)."}),
         }}
 
     RETURN_TYPES = ("TWINFLOW_MODEL", "STRING")
@@ -73,8 +78,8 @@ class TwinFlowBlockStream:
                    "to the GPU one by one ahead of use on a side stream; embeddings and head stay on the GPU. Same "
                    "output as the resident model. On a machine without a GPU the model is returned unchanged.")
 
-    def apply(self, model, max_resident_blocks=4, budget_group=""):
-        new, status = stream_model(model, max_resident_blocks, str(budget_group or "").strip())
+    def apply(self, model, max_resident_blocks=4, budget_group="", pin_memory=True):
+        new, status = stream_model(model, max_resident_blocks, str(budget_group or "").strip(), pin_memory)
         return {"ui": {"text": [status]}, "result": (new, status)}
 
 

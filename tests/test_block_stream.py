@@ -312,6 +312,9 @@ def test_cuda_engine_frees_a_block_only_after_the_gpu_is_past_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    unpinned = BS.CudaCopyEngine("cuda:0", pin=False)
+    w = torch.ones(4)
+    assert unpinned.host(w) is not None and unpinned.host(w).data_ptr() == w.data_ptr()  # no second host copy
     engine = BS.CudaCopyEngine("cuda:0")
     engine.device = torch.device("cpu")  # the fake GPU's memory
     engine.host = lambda t: t.detach().clone()  # (pinning needs a real GPU)

@@ -91,8 +91,11 @@ def test_node_streams_a_copy_and_quantize_or_compile_of_it_are_refused(monkeypat
     d = wan_dit.make_denoiser(wan_dit.random_wan_dit("tiny", seed=0), "tiny-a")
     engine = shim.CountingEngine(budget_limit=1)
     monkeypatch.setattr(stream, "stream_device", lambda d: torch.device("cpu"))
-    monkeypatch.setattr(BS, "default_engine", lambda device: engine)
+    pins = []
+    monkeypatch.setattr(BS, "default_engine", lambda device, pin=True: pins.append(pin) or engine)
     model, status = stream.TwinFlowBlockStream().apply(d, 1)["result"]
+    stream.TwinFlowBlockStream().apply(d, 1, pin_memory=False)
+    assert pins == [True, False]
     assert model is not d and model.module is not d.module and BS.streamer_of(d.module) is None
     assert status == model.info["block_stream"] and "tiny-a: streaming 2 blocks" in status
     x, t, ctx = shim._inputs(d.config)
@@ -125,7 +128,7 @@ def test_wan2_2_two_expert_template_streamed_equals_resident(tmp_path_factory, m
     plain = runner.run(dataclasses.replace(wf, prompt=prompt), output_dir=out / "a", models_dir=files)
     engine = shim.CountingEngine(budget_limit=2)
     monkeypatch.setattr(stream, "stream_device", lambda d: torch.device("cpu"))
-    monkeypatch.setattr(BS, "default_engine", lambda device: engine)
+    monkeypatch.setattr(BS, "default_engine", lambda device, pin=True: engine)
     monkeypatch.setitem(BS._GROUPS, stream.CLI_GROUP, BS.StreamBudget(2, stream.CLI_GROUP))
     with core_models.loading_on_host():
         res = runner.run(dataclasses.replace(wf, prompt=with_stream_nodes(prompt, 2)), output_dir=out / "b",
@@ -207,7 +210,8 @@ def test_node_follows_the_conventions():
     assert twinflow.NODE_CLASS_MAPPINGS["TwinFlowBlockStream"] is TwinFlowBlockStream
     assert CLI_NODE_CLASS_MAPPINGS["TwinFlowBlockStreamCore"].RETURN_TYPES == ("MODEL", "STRING")
     assert TwinFlowBlockStream.CATEGORY == "TwinFlow/dit" and TwinFlowBlockStream.DESCRIPTION
-    for name, (kind, opts) in TwinFlowBlockStream.INPUT_TYPES()["required"].items():
+    spec = TwinFlowBlockStream.INPUT_TYPES()
+    for name, (kind, opts) in {**spec["required"], **spec["optional"]}.items():
         assert opts.get("tooltip"), name
         if kind == "INT":
             assert {"min", "max", "step", "default"} <= set(opts) and opts["min"] == 1
