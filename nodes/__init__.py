@@ -1,8 +1,8 @@
 """All TwinFlow nodes (classic V1 node API). Each area keeps its node classes in its own module;
 this module only merges their mappings. Node ids are prefixed `TwinFlow` to never clash."""
-from . import io, vae, dit, refiner, text, sampling, quant, compile  # noqa: F401  (one module per area)
+from . import io, vae, dit, refiner, text, sampling, quant, compile, stream  # noqa: F401  (one module per area)
 
-_MODULES = (io, vae, dit, refiner, text, sampling, quant, compile)
+_MODULES = (io, vae, dit, refiner, text, sampling, quant, compile, stream)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -73,7 +73,10 @@ class TwinFlowCompileModel:
         from ..compiled.runtime import compile_denoiser
         from ..models.loading import parse_dtype
 
+        from ..models.block_stream import refuse_streamed
+
         model = as_model(model, need_module=True)
+        refuse_streamed(model.module, "TwinFlow Compile Model")
         prof = _profile("dit", profile, kw, latent)
         new, report = compile_denoiser(model, prof, backend, dtype=parse_dtype(dtype))
         status = report.line()

@@ -21,6 +21,7 @@ for _m in _MODULES:
 # and a TWINFLOW_MODEL are the same denoiser object). Runner only, never registered inside ComfyUI.
 from .compile import TwinFlowCompileModel, TwinFlowCompileVAE  # noqa: E402
 from .quant import TwinFlowQuantizeModel  # noqa: E402
+from .stream import TwinFlowBlockStream  # noqa: E402
 
 
 class TwinFlowCompileCoreModel(TwinFlowCompileModel):
@@ -35,5 +36,9 @@ class TwinFlowQuantizeCoreModel(TwinFlowQuantizeModel):
     RETURN_TYPES = ("MODEL", "STRING")
 
 
+class TwinFlowBlockStreamCore(TwinFlowBlockStream):
+    RETURN_TYPES = ("MODEL", "STRING")
+
+
 CLI_NODE_CLASS_MAPPINGS = {c.__name__: c for c in (TwinFlowCompileCoreModel, TwinFlowCompileCoreVAE,
-                                                   TwinFlowQuantizeCoreModel)}
+                                                   TwinFlowQuantizeCoreModel, TwinFlowBlockStreamCore)}

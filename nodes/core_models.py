@@ -11,6 +11,7 @@ Headless types: MODEL is a `core.handles.Denoiser` whose `info["sampling_shift"]
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -19,7 +20,6 @@ from ..core import paths
 
 logger = logging.getLogger(__name__)
 
-WAN21_SHIFT = 8.0  # ComfyUI's WAN21_T2V sampling_settings
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("wan",)  # the CLIPLoader recipes that run headless
 
@@ -27,6 +27,21 @@ CLIP_TYPES = ("wan",)  # the CLIPLoader recipes that run headless
 def compute_device() -> torch.device:
     """Where core models run headless: the CUDA device when there is one, else the CPU (as ComfyUI)."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+_ON_HOST: list = []  # `twinflow run --stream-blocks`: UNETLoader leaves the model in host memory
+
+
+@contextlib.contextmanager
+def loading_on_host(on: bool = True):
+    """Within the block UNETLoader keeps the model in host memory (the TwinFlow Block Stream node that
+    `run --stream-blocks` puts after it moves the embeddings and head to the GPU and streams the blocks),
+    so the GPU never holds the whole model."""
+    _ON_HOST.append(bool(on))
+    try:
+        yield
+    finally:
+        _ON_HOST.pop()
 
 
 def _fp8_storage(module, weight_dtype: str, name: str):
@@ -74,7 +89,8 @@ class UNETLoader:
         # quant.load: plain files and ComfyUI fp8_scaled ones (stored codes and scales)
         module = load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
         module = _fp8_storage(module, weight_dtype, unet_name)
-        denoiser = wan_dit.make_denoiser(module.to(device), unet_name, str(path))
+        place = torch.device("cpu") if _ON_HOST and _ON_HOST[-1] else device  # dtype still follows `device`
+        denoiser = wan_dit.make_denoiser(module.to(place), unet_name, str(path))
         # ComfyUI's supported_models entry for the detected kind: its sampling shift and latent format
         denoiser.info.update(sampling_shift=denoiser.info["sampling_shift_comfy"],
                              latent_format=denoiser.info["latent_format_comfy"], core=True)

@@ -80,7 +80,10 @@ class TwinFlowQuantizeModel:
         from ..quant.report import quantize_denoiser
         from ..quant.swap import Recipe, parse_patterns
 
+        from ..models.block_stream import refuse_streamed
+
         model = as_model(model, need_module=True)
+        refuse_streamed(model.module, "TwinFlow Quantize Model")
         if fp8_scale not in SCALE_CHOICES:
             raise ValueError(f"fp8_scale {fp8_scale!r}: expected one of {SCALE_CHOICES}")
         per_channel = None if fp8_scale == "auto" else fp8_scale == "per_channel"

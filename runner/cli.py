@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quantize", metavar="FORMAT", choices=_quant_formats(),
                    help="insert a TwinFlow Quantize Model node (this format, its accuracy report and check) before "
                         "every sampler's model, core UNETLoader models included: " + ", ".join(_quant_formats()))
+    r.add_argument("--stream-blocks", metavar="N", type=_positive_int,
+                   help="weight streaming: insert a TwinFlow Block Stream node (N blocks on the GPU at once, one "
+                        "budget shared by every model of the run, e.g. two experts) before every sampler's model, "
+                        "core UNETLoader models included (loaded into host memory); after --quantize; not with "
+                        "--compile. Without a GPU the models are left as they are (a status line says so)")
     r.add_argument("--step-cache", metavar="POLICY:THRESHOLD[,KEY=VALUE...]",
                    help="step caching on every TwinFlow sampler branch of the workflow, replacing what the graph "
                         "sets: easycache:0.2, magcache:0.12, teacache:0.2 (keys: start, end, window, max_skips, "
@@ -205,6 +210,16 @@ def _print_error(err: BaseException, as_json: bool, verbose: int = 0) -> None:
         print(f"error: {err}", file=sys.stderr)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of blocks >= 1, got {text!r}")
+    return n
+
+
 def _quant_formats() -> tuple:
     from ..quant.formats import FORMATS
 
@@ -234,27 +249,39 @@ def cmd_run(args) -> int:
         progress.set_backend(_tqdm_backend())
     runner = Runner()
     workflow, overrides = args.workflow, args.overrides
-    if getattr(args, "compile", None) or getattr(args, "quantize", None):
+    stream = getattr(args, "stream_blocks", None)
+    if stream and getattr(args, "compile", None):
+        raise ValueError("--stream-blocks and --compile do not combine: a compiled graph holds every weight on the "
+                         "device; pick one")
+    if getattr(args, "compile", None) or getattr(args, "quantize", None) or stream:
         import dataclasses
 
         from .api import apply_overrides
-        from .plan import with_compile_nodes, with_quantize_nodes
+        from .plan import with_compile_nodes, with_quantize_nodes, with_stream_nodes
 
         wf = runner.load(args.workflow)
         prompt = apply_overrides(wf.prompt, overrides, runner.registry)
         if args.quantize:
             prompt = with_quantize_nodes(prompt, args.quantize)
+        if stream:
+            prompt = with_stream_nodes(prompt, stream)
         if args.compile:
             prompt = with_compile_nodes(prompt, args.compile)
         workflow, overrides = dataclasses.replace(wf, prompt=prompt), None
     from ..sampling import step_cache
 
-    with _SigintHandler(), step_cache.run_override(cache_override) as used:
+    from ..nodes.core_models import loading_on_host
+
+    with _SigintHandler(), step_cache.run_override(cache_override) as used, loading_on_host(bool(stream)):
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
     if cache_override is not None and not used:
         logging.getLogger(__name__).warning("--step-cache %s: no sampler ran in this workflow, so nothing "
                                             "was cached", args.step_cache)
+    if stream and not args.json:
+        lines = [out[1][0] for nid, out in result.results.items() if str(nid).startswith("twinflow_stream_")]
+        for line in lines or ["no sampler model ran, so nothing was streamed"]:
+            print(f"--stream-blocks {stream}: {line}", file=sys.stderr)
     files = [str(f) for f in result.files()]
     if args.json:
         print(json.dumps({"outputs": dict(result), "files": files,

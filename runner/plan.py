@@ -45,6 +45,7 @@ class ModelRef:
     compile: Optional[dict] = None  # {"node", "backend", "profile": None | Profile}
     tail: Optional[str] = None  # the node whose output 0 carries the model as its users see it (ModelSamplingSD3,
     #                              LoraLoaderModelOnly after a core UNETLoader); None: the loader itself
+    stream: Optional[tuple] = None  # (max_resident_blocks, budget group or the node id) after a TwinFlow Block Stream
 
     @property
     def feed(self) -> str:
@@ -101,6 +102,21 @@ def _model_patch(nid, ins, g):
 
     m = ins.get("model")
     return [replace(m, tail=nid) if isinstance(m, ModelRef) and m.compile is None else None]
+
+
+def _block_stream(nid, ins, g):
+    """TwinFlowBlockStream: the same denoiser, with only its budget of blocks on the device (preflight's memory plan)."""
+    from dataclasses import replace
+
+    m = ins.get("model")
+    if not isinstance(m, ModelRef) or m.compile is not None:
+        return [None]
+    try:
+        n = int(ins.get("max_resident_blocks", 4))
+    except (TypeError, ValueError):
+        n = None
+    group = str(ins.get("budget_group") or "").strip() or f"#{nid}"
+    return [replace(m, tail=nid, stream=(n, group) if n else None)]
 
 
 def _compile_profile(nid, kind, ins) -> Optional[Profile]:
@@ -194,6 +210,8 @@ RULES: dict[str, Callable] = {
     "VAEEncode": _vae_encode,
     "TwinFlowQuantizeModel": _model_patch,  # what `run --quantize` inserts
     "TwinFlowQuantizeCoreModel": _model_patch,
+    "TwinFlowBlockStream": _block_stream,  # and what `run --stream-blocks` inserts
+    "TwinFlowBlockStreamCore": _block_stream,
     "TwinFlowCompileCoreModel": _compile_model,
     "TwinFlowCompileCoreVAE": _compile_vae,
 }
@@ -366,5 +384,34 @@ def with_quantize_nodes(api_prompt: dict, fmt: str) -> dict:
         ctype = "TwinFlowQuantizeCoreModel" if core else "TwinFlowQuantizeModel"
         prompt[nid] = {"class_type": ctype, "inputs": {"model": [feed, 0], "format": fmt, **_quantize_defaults()},
                        "_meta": {"title": f"quantize ({fmt})"}}
+        _rewire(prompt, p["used_by"], feed, nid)
+    return prompt
+
+
+def with_stream_nodes(api_prompt: dict, max_resident_blocks: int) -> dict:
+    """A copy of the prompt with a TwinFlowBlockStream node (this budget, one budget group for the whole run, so
+    two experts share it) between every denoiser and the samplers it feeds, after any quantize node; used by
+    `twinflow run --stream-blocks N` (which refuses `--compile` beside it)."""
+    from ..nodes.stream import CLI_GROUP
+
+    prompt = copy.deepcopy(api_prompt)
+    n = 0
+    for p in plan_workflow(api_prompt):
+        if p["kind"] != "denoiser":
+            continue
+        if p["compile_node"] is not None:
+            raise WorkflowError(f"--stream-blocks: the model of node {p['model_node']} goes through a compile node "
+                                f"({p['compile_node']}); a compiled graph holds every weight on the device. Remove "
+                                f"the compile node or run without --stream-blocks")
+        n += 1
+        nid = f"twinflow_stream_{n}"
+        while nid in prompt:
+            nid += "_"
+        feed = p.get("feed_node", p["model_node"])
+        core = api_prompt[p["model_node"]].get("class_type") in CORE_LOADERS
+        prompt[nid] = {"class_type": "TwinFlowBlockStreamCore" if core else "TwinFlowBlockStream",
+                       "inputs": {"model": [feed, 0], "max_resident_blocks": int(max_resident_blocks),
+                                  "budget_group": CLI_GROUP},
+                       "_meta": {"title": f"block stream ({max_resident_blocks})"}}
         _rewire(prompt, p["used_by"], feed, nid)
     return prompt

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,20 @@ def _header_shapes(path: Path) -> dict:
         return {}
 
 
+def _dit_layers(source: str) -> int:
+    """Number of transformer blocks of a denoiser from its preset or its file's header (0: unknown)."""
+    from ..models import wan_dit
+
+    if source.startswith("random:"):
+        return wan_dit.PRESETS.get(source.split(":", 1)[1], wan_dit.PRESETS["tiny"]).num_layers
+    try:
+        path = paths.find_model("diffusion_models", source)
+    except (FileNotFoundError, ValueError):
+        return 0
+    shapes = _header_shapes(path) if path.name.lower().endswith(_SAFETENSORS) else {}
+    return len({m.group(1) for k in shapes for m in [re.search(r"(?:^|\.)blocks\.(\d+)\.", k)] if m})
+
+
 def _dit_facts(source: str) -> tuple[int, int, int]:
     """(weight bytes, width, ffn width) of a denoiser from its preset or its file's header (lower bounds)."""
     from ..models import wan_dit
@@ -269,10 +284,16 @@ def memory_plan(prompt: dict, device=None) -> MemoryPlan:
                 latents += 4 * math.prod(v.shape)
     parts["latents"] = latents
     weights, act, decode = 0, 0, 0
+    streamed: dict = {}  # budget group -> the largest weights a budget of blocks of one of its models holds
     for (kind, _model_node, _c), sg in subgraphs.items():
         if kind == "denoiser":
             w, dim, ffn = _dit_facts(sg.model.source)
-            weights += w
+            layers = _dit_layers(sg.model.source) if sg.model.stream and dev.type != "cpu" else 0
+            if layers:  # TwinFlow Block Stream on an accelerator: only its budget of blocks is on the device
+                n, group = sg.model.stream
+                streamed[group] = max(streamed.get(group, 0), w * min(n, layers) // layers)
+            else:
+                weights += w
             for shape in sg.shapes:  # (B, 16, T, h, w); Wan patches are 1x2x2
                 tokens = shape[0] * shape[2] * max(1, shape[3] // 2) * max(1, shape[4] // 2)
                 # the residual stream, its normed copy and q/k/v or the FFN's hidden layer live together
@@ -285,10 +306,10 @@ def memory_plan(prompt: dict, device=None) -> MemoryPlan:
                 frames = 1 + cfg.temporal_ratio * (shape[2] - 1)
                 r = cfg.spatial_ratio
                 decode += 4 * shape[0] * frames * shape[3] * r * shape[4] * r * 3  # the IMAGE handed on
-    parts["model weights"] = weights
+    parts["model weights"] = weights + sum(streamed.values())
     parts["denoiser activations"] = act
     parts["VAE decode"] = decode
-    need = latents + weights + max(act, decode)
+    need = latents + parts["model weights"] + max(act, decode)
     return MemoryPlan(str(dev), vae_engine.available_memory(dev), parts, need)
 
 

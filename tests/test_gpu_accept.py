@@ -44,11 +44,11 @@ def test_dry_run_imports_every_gpu_path_and_lists_the_plan(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     assert "dry run ok" in out
-    for part in ("env", "tests", "fused", "quant", "vae", "dit", "dual", "compile", "step_cache"):
+    for part in ("env", "tests", "fused", "quant", "vae", "dit", "dual", "compile", "stream", "step_cache"):
         assert f"  {part} " in out, part
     for gate in ("_scaled_mm signature", "AOTInductor packaging API", "torch.library registration"):
         assert f"ok   gate: {gate}" in out
-    assert "plan: 9 parts, total budget 285 s" in out
+    assert "plan: 10 parts, total budget 285 s" in out
     for line in (l for l in out.splitlines() if l.startswith("  ") and " cap " in l):
         assert re.match(r"  \w+ +cap +\d+ s  \S", line), line  # the time budget per part
     assert "ok   collect the cuda/cupy tests" in out
@@ -210,6 +210,41 @@ def test_the_dit_parts_measurement_code_runs_on_the_cpu_tiny():
     assert dit.cuda_rows("tiny", "fp32", (1, 16, 1, 4, 4), 4, 2, lambda s, what: vetoed.append(what) and False,
                          device="cpu") is None
     assert vetoed == ["DiT tiny fp32 timing"]
+
+
+def test_the_stream_parts_measurement_code_runs_on_the_cpu_tiny(ga):
+    """tools/gpu_parts.stream_rows (the `stream` part) on the CPU, tiny config, with the counting device shim of
+    tests/test_block_stream.py as the copy engine: the same steps as on the GPU (resident baseline, weights moved to
+    host memory once, one streamed model per budget, output compared), wall-clock times and no memory figure."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import gpu_parts
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    spec = importlib.util.spec_from_file_location("block_stream_shim", ROOT / "tests" / "test_block_stream.py")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    engine = shim.CountingEngine(budget_limit=2)
+    rows = gpu_parts.stream_rows("tiny", "fp32", (1, 16, 1, 4, 4), 4, budgets=(1, 2), repeats=2, device="cpu",
+                                 engine=engine)
+    assert [r["case"] for r in rows] == ["resident", "streamed 1", "streamed 2"]
+    assert all(r["max_abs_diff"] == 0.0 and r["seconds"] > 0 and r["peak_mib"] is None for r in rows)
+    assert {n for n in engine.copies.values()} == {3}  # per budget: warm-up + 2 timed calls, each block once
+    assert engine.peak == 2 and engine.live == {}
+    assert "streaming 2 blocks" in rows[-1]["status"]
+    vetoed = []
+    assert gpu_parts.stream_rows("tiny", "fp32", (1, 16, 1, 4, 4), 4, budgets=(1,), repeats=1, device="cpu",
+                                 engine=engine, fits=lambda s, what: vetoed.append(what) and False) == []
+    assert vetoed == ["block streaming tiny"]
+    got = {(t["target"], t["item"]): t["pass"] for t in ga.targets({"stream": _res(
+        ga, "stream", *({"name": "block_stream", **r} for r in rows))})}
+    assert got[("streamed DiT output equals the resident one", "streamed 1")] is True
+    rows[2].update(peak_mib=900.0, max_abs_diff=1e-3)
+    rows[0]["peak_mib"] = 3000.0
+    got = {(t["target"], t["item"]): t for t in ga.targets({"stream": _res(
+        ga, "stream", *({"name": "block_stream", **r} for r in rows))})}
+    assert got[("streamed DiT output equals the resident one", "streamed 2")]["pass"] is False
+    assert got[("streamed DiT peak memory below the resident one", "streamed 2")]["value"] == 0.3
 
 
 def test_the_real_run_on_a_machine_without_cuda_reports_every_part_as_skipped(ga, tmp_path, monkeypatch):

@@ -68,6 +68,8 @@ PLAN = (
          needs=("diffusers",)),
     Part("dual", 30, "dual-branch step at alpha 0 / 1 vs a single-model step (1.3B, 30 blocks, bf16)"),
     Part("compile", 60, "1.3B DiT through AOTInductor: cold build, warm load, compiled step, recompiles"),
+    Part("stream", 20, "block streaming (pinned host weights, budgets 2/4/8 of 30 blocks) vs the resident 1.3B DiT: "
+         "time overhead, peak CUDA memory, output difference"),
     Part("step_cache", 10, "OPTIONAL (issue 18): step caching speed-up, when twinflow.sampling.step_cache exists",
          optional="twinflow.sampling.step_cache"),
 )
@@ -375,6 +377,18 @@ def targets(results: dict) -> list:
             out.append(_target("dual-branch step at alpha 0/1 <= +5% of a single step", k, 100 * r[k], "<=", 5.0, "%"))
     if not rows:
         out.append(_target("dual-branch step at alpha 0/1 <= +5% of a single step", "alpha 0 and 1", None, "<=", 5.0, "%"))
+    rows = by("stream", "block_stream")
+    base = next((r for r in rows if r["case"] == "resident"), None)
+    for r in (r for r in rows if r["case"] != "resident"):
+        out.append(_target("streamed DiT output equals the resident one", r["case"], r["max_abs_diff"], "<=", 0.0, "",
+                           f"overhead {100 * r['overhead']:+.0f}%"))
+        if base is not None and base.get("peak_mib") and r.get("peak_mib") is not None:
+            out.append(_target("streamed DiT peak memory below the resident one", r["case"],
+                               r["peak_mib"] / base["peak_mib"], "<=", 1.0, "x",
+                               f"{r['peak_mib']:.0f} of {base['peak_mib']:.0f} MiB; time overhead "
+                               f"{100 * r['overhead']:+.0f}%"))
+    if not rows:
+        out.append(_target("streamed DiT output equals the resident one", "budgets 2/4/8", None, "<=", 0.0, ""))
     return out
 
 

@@ -413,6 +413,110 @@ def part_compile(rec) -> int:
     return 0
 
 
+STREAM_BUDGETS = (2, 4, 8)  # resident blocks of the 1.3B model's 30 (about 90 MB each in bf16)
+
+
+def stream_rows(cname="wan2.1-1.3b", dtype="bf16", shape=DIT_LATENT, ctx_tokens=DIT_TEXT_TOKENS,
+                budgets=STREAM_BUDGETS, repeats=3, fits=None, device="cuda", engine=None) -> list:
+    """Block streaming (models/block_stream.py) against the resident model: median forward time, overhead, peak
+    CUDA memory allocated during one forward (weights included), and the largest difference from the resident
+    output (the same kernels run: 0 expected). One row for the resident model, one per budget. `fits(seconds,
+    what)` may veto a case. `device="cpu"` with a copy `engine` runs the same steps with wall-clock times and no
+    memory figures: the CPU test of this code (the streaming engine there is the test's shim)."""
+    import gc
+    import time
+
+    import torch
+
+    wan_dit, bs = _tf("models.wan_dit"), _tf("models.block_stream")
+    cuda = torch.device(device).type == "cuda"
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    cfg = wan_dit.get_config(cname)
+
+    def median_s(fn):
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def peak_mib(fn):
+        if not cuda:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+
+    resident = wan_dit.random_wan_dit(config=cfg, seed=0, dtype=dt, device=device)  # built where it is fast
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(device, dt)
+    t = torch.tensor([700.0] * shape[0], device=device)
+    ctx = torch.randn(shape[0], ctx_tokens, cfg.text_dim, generator=g).to(device, dt)
+    rows = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        want = resident(x, t, ctx)
+        if cuda:
+            torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        if fits is not None and not fits(repeats * first_s * (1 + len(budgets)) + 10, f"block streaming {cname}"):
+            return []
+        base_s = median_s(lambda: resident(x, t, ctx))
+        rows.append({"case": "resident", "budget": cfg.num_layers, "seconds": base_s, "overhead": 0.0,
+                     "peak_mib": peak_mib(lambda: resident(x, t, ctx)), "max_abs_diff": 0.0})
+        # The host copy: every tensor moved to (pinned) host memory once, so each budget streams from the same copy
+        pin = cuda and torch.cuda.is_available()
+        for p in list(resident.parameters()):
+            p.data = p.data.to("cpu").pin_memory() if pin else p.data.to("cpu")
+        for mod in resident.modules():
+            for k, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[k] = b.to("cpu")
+        if cuda:
+            torch.cuda.empty_cache()
+        for n in budgets:
+            if fits is not None and not fits(repeats * first_s * 2 + 2, f"block streaming, budget {n}"):
+                continue
+            streamed = bs.stream_blocks(resident, n, device=None if engine else device, engine=engine,
+                                        name=f"{cname} budget {n}")
+            got = streamed(x, t, ctx)  # warm-up
+            s = median_s(lambda: streamed(x, t, ctx))
+            rows.append({"case": f"streamed {n}", "budget": n, "seconds": s, "overhead": s / base_s - 1.0,
+                         "peak_mib": peak_mib(lambda: streamed(x, t, ctx)),
+                         "max_abs_diff": (got.float() - want.float()).abs().max().item(),
+                         "block_mib": bs.streamer_of(streamed).block_bytes / cfg.num_layers / 2 ** 20,
+                         "status": bs.streamer_of(streamed).status()})
+            del streamed, got
+            gc.collect()  # the model and its streamer refer to each other (hooks): free its device weights now
+            if cuda:
+                torch.cuda.empty_cache()
+    for r in rows:
+        r.update(config=cname, dtype=dtype, layers=cfg.num_layers, shape="x".join(map(str, shape)),
+                 device=torch.cuda.get_device_name() if cuda else "cpu")
+    return rows
+
+
+def part_stream(rec) -> int:
+    if not _cuda_or_skip(rec, "block streaming vs resident"):
+        return 1
+    rows = stream_rows(fits=rec.fits)
+    for r in rows:
+        rec.figure("block_stream", **r)
+    return 0
+
+
 def part_step_cache(rec) -> int:
     """OPTIONAL: runs only where issue 18's step cache exists (the parent checks STEP_CACHE_MODULE first)."""
     try:
@@ -475,7 +579,7 @@ def part_env(rec) -> int:
 DRY_IMPORTS = tuple(f"{FUSED}.{m}" for m in ("_runtime", "ops", "norm", "rope", "int8", "vae_norm", "build")) + (
                FUSED_BENCH, "benchmarks.quant", "benchmarks.vae", "benchmarks.dit",
                "benchmarks.compile", "benchmarks.sampling", "compiled.backends", "compiled.runtime", "compiled.export",
-               "quant.primitives", "quant.formats", "quant.linear", "models.wan_dit", "models.wan_vae",
+               "quant.primitives", "quant.formats", "quant.linear", "models.wan_dit", "models.wan_vae", "models.block_stream",
                "sampling.dual")
 
 
