@@ -29,10 +29,14 @@ Precision (`--dtype`; both sides must compute in the same dtype, and the table s
   * ComfyUI is told with its process flags: fp32 = `--fp32-unet --fp32-vae`, bf16 = `--bf16-unet --bf16-vae`;
     the text encoder runs in fp32 in both cases (`--fp32-text-enc`; on the CPU ComfyUI would otherwise pick
     fp16) because TwinFlow's umT5 always computes in fp32. Its log says the dtypes it used ("model weight
-    dtype", "CLIP/text encoder ... dtype", "VAE ... dtype"); the table quotes them.
-  * TwinFlow's core loaders compute in fp32 on the CPU and in the file's dtype on a GPU, and `twinflow run`
-    has no flag for another dtype: the DiT/VAE files of a GPU case are written in the case's dtype (so
-    both sides run it); a CPU bf16 case is refused with that reason rather than timed unequally.
+    dtype ..., manual cast ...", "CLIP/text encoder ... dtype", "VAE ... dtype"); the table quotes them.
+    On the CPU, `--bf16-unet` alone stores the DiT in bf16 but computes it in fp32 (ComfyUI's
+    `unet_manual_cast`: no bf16 compute on a CPU device), so the bf16 CPU case also gets ComfyUI's own
+    ModelComputeDtype node (dtype bf16) between UNETLoader and ModelSamplingSD3 on the ComfyUI side: the one
+    graph change that is not a widget, and the table says so.
+  * TwinFlow is told with `twinflow run --dtype fp32|bf16` (the core UNETLoader/VAELoader models load in it;
+    its umT5 always computes in fp32); its log line for each loader is quoted. The files are the same for all
+    cases (the DiT in fp16, as the template's file; each side converts it at load).
 
 Measured per process: wall time from spawn to the outputs being complete (TwinFlow: process exit; ComfyUI: its
 /history reporting the prompt done, then the server is stopped), the time each side reports for the work
@@ -272,18 +276,17 @@ def _write_module(path: Path, module) -> None:
     stream_safetensors(path, [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()])
 
 
-def ensure_files(root: Path, smoke: bool, file_dtype: str) -> Path:
+def ensure_files(root: Path, smoke: bool) -> Path:
     """The three files under `root/models` (reused when `root/complete.json` says they match); returns models/."""
     import torch
 
     from twinflow.models import umt5, wan_dit, wan_vae
 
-    spec = {"smoke": smoke, "dit_dtype": file_dtype, "version": 1}
+    spec = {"smoke": smoke, "version": 1}
     models = root / "models"
     marker = root / "complete.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return models
-    dtype = getattr(torch, file_dtype)
     for folder, _name in FILES.values():
         (models / folder).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -292,13 +295,11 @@ def ensure_files(root: Path, smoke: bool, file_dtype: str) -> Path:
     write_umt5(models / FILES["clip"][0] / FILES["clip"][1], ucfg)
     dcfg = wan_dit.get_config("tiny" if smoke else "wan2.1-1.3b")
     dcfg = wan_dit.with_config(dcfg, text_dim=ucfg.d_model)
-    print(f"writing the DiT ({'tiny' if smoke else 'wan2.1-1.3b'}, {file_dtype}) ...", file=sys.stderr)
-    dit = wan_dit.random_wan_dit(config=dcfg, seed=2, dtype=dtype)
+    print(f"writing the DiT ({'tiny' if smoke else 'wan2.1-1.3b'}, float16) ...", file=sys.stderr)
+    dit = wan_dit.random_wan_dit(config=dcfg, seed=2, dtype=torch.float16)
     _write_module(models / FILES["unet"][0] / FILES["unet"][1], dit)
     del dit
-    vae_dtype = torch.float32 if file_dtype == "float16" else dtype  # the CPU cases: an fp32 VAE file
-    _write_module(models / FILES["vae"][0] / FILES["vae"][1], wan_vae.random_wan_vae("wan2.1", seed=3,
-                                                                                    dtype=vae_dtype))
+    _write_module(models / FILES["vae"][0] / FILES["vae"][1], wan_vae.random_wan_vae("wan2.1", seed=3))
     marker.write_text(json.dumps(spec))
     print(f"model files ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return models
@@ -313,6 +314,12 @@ def comfy_python(root: Path) -> str:
         if py.is_file():
             return str(py)
     return sys.executable
+
+
+def comfy_version(root: Path) -> str:
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (root / "comfyui_version.py").read_text()) \
+        if (root / "comfyui_version.py").is_file() else None
+    return m.group(1) if m else "?"
 
 
 def comfy_copy(src: Path, dest: Path) -> Path:
@@ -342,6 +349,17 @@ def build_prompt(overrides: list) -> dict:
     prompt["bench_frames"] = {"class_type": "SaveImage",
                               "inputs": {"images": [DECODE_NODE, 0], "filename_prefix": "bench/frames"}}
     return prompt
+
+
+def with_compute_dtype(prompt: dict, dtype: str) -> dict:
+    """ComfyUI's ModelComputeDtype after the UNETLoader, every consumer of the loader rewired to it."""
+    unet = next(k for k, v in prompt.items() if v["class_type"] == "UNETLoader")
+    out = {}
+    for k, v in prompt.items():
+        inputs = {n: (["bench_dtype", 0] if x == [unet, 0] else x) for n, x in v["inputs"].items()}
+        out[k] = {**v, "inputs": inputs}
+    out["bench_dtype"] = {"class_type": "ModelComputeDtype", "inputs": {"model": [unet, 0], "dtype": dtype}}
+    return out
 
 
 def _latent_observer(prompt: dict, class_type: str) -> dict:
@@ -377,12 +395,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def comfy_dtypes(log: str) -> str:
-    """What ComfyUI's log says it computed in: DiT weight/manual-cast dtype, text encoder and VAE dtypes."""
+def comfy_dtypes(log: str, compute_node: str = "") -> str:
+    """What ComfyUI's log says it computed in: DiT weight/manual-cast dtype, text encoder and VAE dtypes (the
+    load line comes before a ModelComputeDtype node acts: `compute_node` names its dtype)."""
     unet = re.search(r"model weight dtype torch\.(\w+), manual cast: (?:torch\.)?(\w+)", log)
     clip = re.search(r"CLIP/text encoder model load device: .*dtype: torch\.(\w+)", log)
     vae = re.search(r"VAE load device: .*dtype: torch\.(\w+)", log)
     unet_s = "?" if not unet else unet.group(1) if unet.group(2) == "None" else f"{unet.group(2)} (cast)"
+    if compute_node:
+        unet_s = f"{compute_node} (ModelComputeDtype; weights {unet.group(1) if unet else '?'})"
     return f"DiT {unet_s}, text {clip.group(1) if clip else '?'}, VAE {vae.group(1) if vae else '?'}"
 
 
@@ -396,7 +417,8 @@ def _executed_s(log: str) -> float:
     return math.nan
 
 
-def run_comfyui(root: Path, python: str, base: Path, models: Path, prompt: dict, flags: list, env: dict):
+def run_comfyui(root: Path, python: str, base: Path, models: Path, prompt: dict, flags: list, env: dict,
+                compute_node: str = ""):
     """One fresh ComfyUI process: start, run the prompt through its own executor, stop. -> (Sample, outputs)."""
     (base / "custom_nodes").mkdir(parents=True)
     os.symlink(models, base / "models")
@@ -419,7 +441,10 @@ def run_comfyui(root: Path, python: str, base: Path, models: Path, prompt: dict,
                     break
                 except (urllib.error.URLError, ConnectionError, OSError):
                     time.sleep(0.1)
-            pid = _http(url + "/prompt", {"prompt": prompt, "client_id": "twinflow-bench"})["prompt_id"]
+            try:
+                pid = _http(url + "/prompt", {"prompt": prompt, "client_id": "twinflow-bench"})["prompt_id"]
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(f"ComfyUI refused the prompt ({e.code}): {e.read()[:3000]!r}") from None
             while True:
                 hist = _http(f"{url}/history/{pid}")
                 status = hist.get(pid, {}).get("status", {})
@@ -435,11 +460,16 @@ def run_comfyui(root: Path, python: str, base: Path, models: Path, prompt: dict,
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)  # the prompt is done (or failed): stop the server
+                deadline = time.perf_counter() + 60
+                while _reap(proc, block=False) is None and time.perf_counter() < deadline:
+                    time.sleep(0.1)
+                if proc.returncode is None:
+                    proc.kill()
             _reap(proc)
     rss = proc.peak_rss
     text = log_path.read_text(errors="replace")
     files = _outputs(base / "output", hist[pid]["outputs"])
-    return Sample(wall, _executed_s(text), rss, {}, comfy_dtypes(text)), files
+    return Sample(wall, _executed_s(text), rss, {}, comfy_dtypes(text, compute_node)), files
 
 
 def _outputs(out_dir: Path, outputs: dict) -> dict:
@@ -460,18 +490,20 @@ def _outputs(out_dir: Path, outputs: dict) -> dict:
     return found
 
 
-def twinflow_dtypes(log: str, device: str) -> str:
-    """What TwinFlow computed in: its core loaders' rule (fp32 on the CPU, the file's dtype on a GPU) and the
-    dtypes umT5's loader logged for its weights."""
+def twinflow_dtypes(log: str) -> str:
+    """What TwinFlow's log says: the dtype each core loader was told (`--dtype`), umT5's weight dtypes (its
+    activations are float32)."""
+    unet = re.search(r"UNETLoader .*: computing in (\w+)", log)
+    vae = re.search(r"VAELoader .*: computing in (\w+)", log)
     text = re.search(r"umT5 loaded from .*dtypes (\[[^\]]*\])", log)
-    rule = "DiT float32, VAE float32" if device == "cpu" else "DiT/VAE: file dtype"
-    return f"{rule}, text float32 (weights {text.group(1) if text else '?'})"
+    return (f"DiT {unet.group(1) if unet else '?'}, text float32 (weights {text.group(1) if text else '?'}), "
+            f"VAE {vae.group(1) if vae else '?'}")
 
 
-def run_twinflow(api_json: Path, models: Path, out: Path, env: dict, device: str):
+def run_twinflow(api_json: Path, models: Path, out: Path, env: dict, dtype: str):
     """One fresh `twinflow run` process. -> (Sample, outputs)."""
     cmd = [sys.executable, "-m", "twinflow.runner", "-v", "run", str(api_json), "--models-dir", str(models),
-           "--output-dir", str(out), "--json", "--no-progress"]
+           "--output-dir", str(out), "--json", "--no-progress", "--dtype", dtype]
     out.mkdir(parents=True)
     with open(out / "stdout.json", "w") as so, open(out / "stderr.log", "w") as se:
         t0 = time.perf_counter()
@@ -483,7 +515,7 @@ def run_twinflow(api_json: Path, models: Path, out: Path, env: dict, device: str
         raise RuntimeError(f"twinflow run exited with {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     res = json.loads(stdout)
     work = sum(t["seconds"] for t in res["timings"])
-    return Sample(wall, work, rss, group_phases(res["timings"]), twinflow_dtypes(stderr, device)), \
+    return Sample(wall, work, rss, group_phases(res["timings"]), twinflow_dtypes(stderr)), \
         _outputs(out, res["outputs"])
 
 
@@ -536,15 +568,18 @@ def run_case(name, dtype, args, comfy_root, comfy_py, models, overrides, work: P
     api = work / f"{name}.api.json"
     api.write_text(json.dumps(_latent_observer(prompt, "TwinFlowSaveLatent"), indent=1))
     comfy_prompt = _latent_observer(prompt, "SaveLatent")
+    compute_node = "bf16" if dtype == "bf16" and args.device == "cpu" else ""
+    if compute_node:
+        comfy_prompt = with_compute_dtype(comfy_prompt, compute_node)
     case = Case(name, [], [])
     diffs = []
     for i in range(args.repeats):
         c, c_files = run_comfyui(comfy_root, comfy_py, work / f"{name}-comfyui-{i}", models, comfy_prompt,
-                                 _comfy_flags(dtype, args.device), env)
+                                 _comfy_flags(dtype, args.device), env, compute_node)
         case.comfyui.append(c)
         print(f"{name} #{i} ComfyUI: {c.wall_s:.2f} s (prompt {c.work_s:.2f} s), {_gib(c.peak_rss_bytes)} GiB",
               file=sys.stderr)
-        t, t_files = run_twinflow(api, models, work / f"{name}-twinflow-{i}", tf_env, args.device)
+        t, t_files = run_twinflow(api, models, work / f"{name}-twinflow-{i}", tf_env, dtype)
         case.twinflow.append(t)
         print(f"{name} #{i} TwinFlow: {t.wall_s:.2f} s (nodes {t.work_s:.2f} s), {_gib(t.peak_rss_bytes)} GiB",
               file=sys.stderr)
@@ -568,7 +603,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny random models (minutes): checks the harness")
     p.add_argument("--repeats", type=int, default=3, help="fresh-process pairs per case (default 3)")
     p.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=None,
-                   help="cases (default: fp32 on the CPU, fp32 and bf16 on CUDA; see the precision notes)")
+                   help="cases (default: fp32 bf16; smoke: fp32); see the precision notes above")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default cpu)")
     p.add_argument("--files-dir", help="cache of the generated model files (created; reused when complete). "
                                        "The CPU case needs ~10 GB free here; default: a temporary folder")
@@ -579,21 +614,21 @@ def main(argv=None) -> int:
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout ($COMFYUI_PATH)")
     p.add_argument("--comfyui-python", default=os.environ.get("COMFYUI_PYTHON"),
                    help="ComfyUI's interpreter (default: a venv next to or inside the checkout)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only generate the model files into --files-dir (e.g. before a quiet window), then exit")
     p.add_argument("--keep", action="store_true", help="keep each run's output folder")
     p.add_argument("--out", help="also write the markdown table here (never overwrites an existing file)")
     args = p.parse_args(argv)
 
-    if not args.comfyui or not (Path(args.comfyui) / "main.py").is_file():
+    if args.prepare_only and not args.files_dir:
+        p.error("--prepare-only needs --files-dir (where the files are kept for the runs)")
+    if not args.prepare_only and (not args.comfyui or not (Path(args.comfyui) / "main.py").is_file()):
         p.error(f"--comfyui / $COMFYUI_PATH must name a ComfyUI checkout (a folder with main.py); got {args.comfyui!r}")
     if args.out and Path(args.out).exists():
         p.error(f"--out {args.out} exists; choose another name (the table never overwrites a file)")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    dtypes = args.dtype or (["fp32", "bf16"] if args.device == "cuda" else ["fp32"])
-    if args.device == "cpu" and "bf16" in dtypes:
-        p.error("--dtype bf16 on the CPU: TwinFlow's core loaders compute in float32 on the CPU and `twinflow run` "
-                "has no flag for another dtype, so the two sides would not compute alike; run fp32 (or bf16 with "
-                "--device cuda, where both sides take the file's dtype)")
+    dtypes = args.dtype or (["fp32"] if args.smoke else ["fp32", "bf16"])
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -606,8 +641,12 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="twinflow-wfbench-"))
     try:
         work = Path(args.work_dir) if args.work_dir else tmp / "work"
-        work.mkdir(parents=True, exist_ok=True)
         files_root = Path(args.files_dir) if args.files_dir else tmp / "files"
+        kind = "smoke" if args.smoke else "wan2.1-1.3b"
+        models = ensure_files(files_root / kind, args.smoke)
+        if args.prepare_only:
+            print(f"model files ready under {models}", file=sys.stderr)
+            return 0
         comfy_root = Path(args.comfyui).resolve()
         comfy_py = args.comfyui_python or comfy_python(comfy_root)
         if args.smoke:
@@ -615,16 +654,18 @@ def main(argv=None) -> int:
         versions = subprocess.run([comfy_py, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                   text=True, timeout=300).stdout.strip() or "?"
         cases = []
+        work.mkdir(parents=True, exist_ok=True)
+        for f in sorted(models.rglob("*.safetensors")):  # into the page cache once, for the first pair alike
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
         for dtype in dtypes:
-            # CPU: one fp16 file set (the template's); CUDA: files in the case's dtype (TwinFlow runs the file's)
-            file_dtype = "float16" if args.device == "cpu" else {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-            kind = "smoke" if args.smoke else "wan2.1-1.3b"
-            models = ensure_files(files_root / f"{kind}-{file_dtype}", args.smoke, file_dtype)
             name = f"{kind} {dtype} {args.device} {width}x{height}x{frames} {steps} steps"
             cases.append(run_case(name.replace(" ", "_"), dtype, args, comfy_root, comfy_py, models, overrides, work))
         header = {"machine": machine_name(),
                   "torch": f"TwinFlow {torch.__version__}, ComfyUI {versions}",
-                  "ComfyUI": f"{Path(args.comfyui).name} ({'a copy with the small umT5 config' if args.smoke else 'as is'})",
+                  "ComfyUI": f"{comfy_version(Path(args.comfyui))} "
+                             f"({'a copy with the small umT5 config' if args.smoke else 'the checkout as is'})",
                   "models": "tiny random DiT / small-config umT5 / real-config VAE (smoke)" if args.smoke else
                             "Wan2.1 1.3B DiT, umT5-XXL fp8_scaled, Wan2.1 VAE: real configs, random weights",
                   "graph": f"{TEMPLATE}, {width}x{height}, {frames} frames, {steps} steps uni_pc, cfg 6, "
