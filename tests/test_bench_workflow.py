@@ -181,3 +181,18 @@ def test_compute_dtype_node_rewires_the_unet_consumers():
     assert prompt["48"]["inputs"]["model"] == ["37", 0]  # the input prompt is not changed
     log = "model weight dtype torch.bfloat16, manual cast: torch.float32\n"
     assert bench.comfy_dtypes(log, "bf16").startswith("DiT bf16 (ModelComputeDtype; weights bfloat16)")
+
+
+def test_run_dtype_without_core_loaders_warns(monkeypatch, tf_dirs, capsys, tmp_path):
+    """`twinflow run --dtype` on a graph without core loaders says it changed nothing (no silent setting)."""
+    from twinflow.runner import api, cli
+
+    fix = HERE / "fixtures" / "runner"
+    spec = importlib.util.spec_from_file_location("runner_testnodes", fix / "testnodes.py")
+    tn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tn)
+    monkeypatch.setattr(api, "default_registry", lambda: tn.REGISTRY)
+    code = cli.main(["run", str(fix / "ui_sampler.json"), "--output-dir", str(tmp_path / "o"), "--no-progress",
+                     "--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 0 and "--dtype bf16: no core UNETLoader or VAELoader ran" in err
