@@ -40,8 +40,10 @@ Precision (`--dtype`; both sides must compute in the same dtype, and the table s
 
 Measured per process: wall time from spawn to the outputs being complete (TwinFlow: process exit; ComfyUI: its
 /history reporting the prompt done, then the server is stopped), the time each side reports for the work
-(ComfyUI's "Prompt executed in"; TwinFlow's per-node timings from `run --json`, grouped into load / text /
-sample / decode / save phases), and peak RSS of the process (`os.wait4`'s ru_maxrss: the kernel's high-water
+(ComfyUI's "Prompt executed in"; the sum of TwinFlow's per-node timings from `run --json`), per-node times
+grouped into load / text / sample / decode / save phases (TwinFlow's own; ComfyUI's from a small custom node
+the benchmark puts in the run's base directory, which wraps the executor's per-node `get_output_data` call
+with a clock: the checkout is not changed, the executor is ComfyUI's), and peak RSS of the process (`os.wait4`'s ru_maxrss: the kernel's high-water
 mark of that child, children included). Output difference: latents (max |a-b| / max |a|), PNG frames and the
 decoded MP4 frames (max |a-b| in 1/255), from each pair of runs; the table gives the largest over the pairs.
 Both sides use all cores (torch's defaults); CUDA_VISIBLE_DEVICES is emptied for `--device cpu`.
@@ -74,8 +76,9 @@ FILES = {"unet": ("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors"),
 # node ids of text_to_video_wan.json (comfyui-workflow-templates 0.1.95)
 LATENT_NODE, SAMPLER_NODE, DECODE_NODE = "40", "3", "8"
 PHASES = {"load": ("UNETLoader", "CLIPLoader", "VAELoader"), "text": ("CLIPTextEncode",),
-          "sample": ("ModelSamplingSD3", "KSampler", "EmptyHunyuanLatentVideo"), "decode": ("VAEDecode",),
-          "save": ("CreateVideo", "SaveVideo", "SaveImage", "TwinFlowSaveLatent")}
+          "sample": ("ModelSamplingSD3", "ModelComputeDtype", "KSampler", "EmptyHunyuanLatentVideo"),
+          "decode": ("VAEDecode",), "save": ("CreateVideo", "SaveVideo", "SaveImage", "SaveLatent",
+                                            "TwinFlowSaveLatent")}
 SMALL_UMT5 = {"d_ff": 8, "d_kv": 1, "num_heads": 64, "vocab_size": 256, "d_model": 4096, "num_layers": 24}
 PROMPTS = ("a fox moving quickly in a beautiful winter scenery nature trees mountains daytime tracking camera",
            "the quick brown fox jumps over the lazy dog, blurry, static, worst quality")
@@ -136,10 +139,12 @@ def format_table(cases: list, header: dict) -> str:
         lines.append(f"| {c.name} | {_secs([s.wall_s for s in c.comfyui])} | {_secs([s.wall_s for s in c.twinflow])} "
                      f"| {speed_ratio(c):.2f}x | {_gib(rss_c)} | {_gib(rss_t)} | {c.latent_rel:.2e} | "
                      f"{c.frames_255:.0f} | {c.video_255:.0f} |")
-    lines += ["", "Phases (median s). ComfyUI reports one figure for the prompt (\"Prompt executed in\"; its models "
-              "load lazily inside the sampler and decoder, so it has no per-phase split); start-up = wall - "
-              "prompt. TwinFlow's per-node timings: load = the three loaders, text = CLIPTextEncode x2, sample = "
-              "KSampler (+ latent, shift), decode = VAEDecode, save = CreateVideo + SaveVideo + observers.", "",
+    lines += ["", "Phases (median s). work = ComfyUI's \"Prompt executed in\" / the sum of TwinFlow's node timings; "
+              "start-up + exit = wall - work. Per node on both sides (ComfyUI: its executor's per-node calls, timed "
+              "by a small custom node of the benchmark): load = the three loaders, text = CLIPTextEncode x2, "
+              "sample = KSampler (+ latent, shift), decode = VAEDecode, save = CreateVideo + SaveVideo + the "
+              "observers. ComfyUI moves models to their compute device and dtype lazily, inside KSampler / "
+              "VAEDecode / CLIPTextEncode, so part of its loading shows under those.", "",
               "| case | side | start-up + exit | work | load | text | sample | decode | save | dtypes reported |",
               "|" + "---|" * 10]
     for c in cases:
@@ -417,10 +422,39 @@ def _executed_s(log: str) -> float:
     return math.nan
 
 
+# A custom node package for the ComfyUI side's base directory: times each node's `get_output_data` call (ComfyUI's
+# executor runs every node through it, looking the name up at call time) and appends one JSON line per node.
+NODE_TIMER = '''"""TwinFlow's workflow benchmark: per-node wall times of ComfyUI's own executor (one JSON line each)."""
+import json
+import os
+import time
+
+import execution
+import folder_paths
+
+_get_output_data = execution.get_output_data
+_LOG = os.path.join(folder_paths.base_path, "bench_node_timings.jsonl")
+
+
+async def _timed(prompt_id, unique_id, obj, *args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return await _get_output_data(prompt_id, unique_id, obj, *args, **kwargs)
+    finally:
+        with open(_LOG, "a") as f:
+            f.write(json.dumps({"node_id": unique_id, "seconds": time.perf_counter() - start}) + "\\n")
+
+
+execution.get_output_data = _timed
+NODE_CLASS_MAPPINGS = {}
+'''
+
+
 def run_comfyui(root: Path, python: str, base: Path, models: Path, prompt: dict, flags: list, env: dict,
                 compute_node: str = ""):
     """One fresh ComfyUI process: start, run the prompt through its own executor, stop. -> (Sample, outputs)."""
-    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "twinflow_bench_timer").mkdir(parents=True)
+    (base / "custom_nodes" / "twinflow_bench_timer" / "__init__.py").write_text(NODE_TIMER)
     os.symlink(models, base / "models")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -469,7 +503,11 @@ def run_comfyui(root: Path, python: str, base: Path, models: Path, prompt: dict,
     rss = proc.peak_rss
     text = log_path.read_text(errors="replace")
     files = _outputs(base / "output", hist[pid]["outputs"])
-    return Sample(wall, _executed_s(text), rss, {}, comfy_dtypes(text, compute_node)), files
+    timings_path = base / "bench_node_timings.jsonl"
+    timings = [json.loads(line) for line in timings_path.read_text().splitlines()] if timings_path.is_file() else []
+    timings = [{**t, "class_type": prompt.get(t["node_id"], {}).get("class_type", "?")} for t in timings]
+    phases = group_phases(timings) if timings else {}
+    return Sample(wall, _executed_s(text), rss, phases, comfy_dtypes(text, compute_node)), files
 
 
 def _outputs(out_dir: Path, outputs: dict) -> dict:

@@ -169,6 +169,9 @@ def test_smoke_run_has_both_sides_and_a_finite_difference(tmp_path):
     assert len(sides) == 2 and "| ComfyUI |" in sides[0] and "| TwinFlow |" in sides[1]
     assert "DiT float32, text float32, VAE float32" in sides[0]
     assert "DiT fp32" in sides[1] and "VAE fp32" in sides[1]
+    for line in sides:  # both sides have per-node phases (ComfyUI's through the benchmark's timing custom node)
+        phases = [c.strip() for c in line.strip("|").split("|")][4:9]
+        assert all(float(x) >= 0 for x in phases), line
 
 
 def test_compute_dtype_node_rewires_the_unet_consumers():
