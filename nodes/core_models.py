@@ -44,6 +44,47 @@ def loading_on_host(on: bool = True):
         _ON_HOST.pop()
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_dtype_override: list = []  # the innermost `compute_dtype_override` record
+
+
+class _DtypeUse:
+    def __init__(self, name):
+        self.name, self.used = name, False
+
+    def __bool__(self):
+        return self.used
+
+
+@contextlib.contextmanager
+def compute_dtype_override(name):
+    """Within the block UNETLoader and VAELoader load their models in this dtype ("fp32" / "bf16" / "fp16"),
+    as ComfyUI's process flags --fp32-unet/--bf16-unet/--fp16-unet and --fp32-vae/--bf16-vae/--fp16-vae do,
+    instead of the default (float32 on the CPU, the file's dtype on a GPU). None changes nothing. Yields a record
+    that is falsy when no loader consulted it (`twinflow run --dtype` says so). umT5 always computes in float32."""
+    if name is not None and name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}")
+    use = _DtypeUse(name)
+    if name is None:
+        yield use
+        return
+    _dtype_override.append(use)
+    try:
+        yield use
+    finally:
+        _dtype_override.pop()
+
+
+def _model_dtype(device: torch.device, what: str):
+    """The dtype a core loader loads its model in: the run's override, else ComfyUI's CPU/GPU default."""
+    if _dtype_override:
+        use = _dtype_override[-1]
+        use.used = True
+        logger.info("%s: computing in %s (twinflow run --dtype)", what, use.name)
+        return COMPUTE_DTYPES[use.name]
+    return torch.float32 if device.type == "cpu" else None
+
+
 def _fp8_storage(module, weight_dtype: str, name: str):
     """ComfyUI's fp8 storage (quant/storage.py): a ComfyUI fp8_scaled file keeps its scaled layers and its other
     Linears are stored in the same fp8 dtype (whatever weight_dtype says, as in ComfyUI); otherwise the fp8
@@ -87,7 +128,7 @@ class UNETLoader:
                              f"T2V, I2V, FLF2V and TI2V files (use TwinFlow Load DiT for other TwinFlow models)")
         # ComfyUI's 'default': float32 on the CPU, the file's 16-bit dtype on a GPU
         # quant.load: plain files and ComfyUI fp8_scaled ones (stored codes and scales)
-        module = load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
+        module = load_wan_dit(path, dtype=_model_dtype(device, f"UNETLoader {unet_name}"))
         module = _fp8_storage(module, weight_dtype, unet_name)
         place = torch.device("cpu") if _ON_HOST and _ON_HOST[-1] else device  # dtype still follows `device`
         denoiser = wan_dit.make_denoiser(module.to(place), unet_name, str(path))
@@ -134,7 +175,7 @@ class VAELoader:
         path = paths.find_model("vae", vae_name)
         device = compute_device()
         # ComfyUI decodes in float32 on the CPU; on a GPU the file's 16-bit dtype
-        dtype = torch.float32 if device.type == "cpu" else None
+        dtype = _model_dtype(device, f"VAELoader {vae_name}")
         return (wan_vae.load_wan_vae(path, dtype=dtype, device=device),)
 
 

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget shared by every model of the run, e.g. two experts) before every sampler's model, "
                         "core UNETLoader models included (loaded into host memory); after --quantize; not with "
                         "--compile. Without a GPU the models are left as they are (a status line says so)")
+    r.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="dtype the core UNETLoader and VAELoader models compute in (as ComfyUI's --fp32-unet/"
+                        "--bf16-unet/--fp16-unet and --fp32-vae/...); default: float32 on the CPU, the file's dtype "
+                        "on a GPU. The umT5 text encoder computes in float32 either way")
     r.add_argument("--step-cache", metavar="POLICY:THRESHOLD[,KEY=VALUE...]",
                    help="step caching on every TwinFlow sampler branch of the workflow, replacing what the graph "
                         "sets: easycache:0.2, magcache:0.12, teacache:0.2 (keys: start, end, window, max_skips, "
@@ -270,11 +274,15 @@ def cmd_run(args) -> int:
         workflow, overrides = dataclasses.replace(wf, prompt=prompt), None
     from ..sampling import step_cache
 
-    from ..nodes.core_models import loading_on_host
+    from ..nodes.core_models import compute_dtype_override, loading_on_host
 
-    with _SigintHandler(), step_cache.run_override(cache_override) as used, loading_on_host(bool(stream)):
+    with _SigintHandler(), step_cache.run_override(cache_override) as used, loading_on_host(bool(stream)), \
+            compute_dtype_override(getattr(args, "dtype", None)) as dtype_used:
         result = runner.run(workflow, overrides=overrides, output_dir=args.output_dir,
                             models_dir=args.models_dir, targets=args.targets)
+    if getattr(args, "dtype", None) and not dtype_used:
+        logging.getLogger(__name__).warning("--dtype %s: no core UNETLoader or VAELoader ran in this workflow, so "
+                                            "nothing was loaded in it", args.dtype)
     if cache_override is not None and not used:
         logging.getLogger(__name__).warning("--step-cache %s: no sampler ran in this workflow, so nothing "
                                             "was cached", args.step_cache)

@@ -41,6 +41,8 @@ def _cases(tmp: Path) -> dict:
         "benchmarks.serve": (["--help"], 0, "--clients"),  # a served run: tests/test_bench_serve.py
         "benchmarks.step_cache": (["--policies", "nonsense:1"], 2, "unknown policy 'nonsense'"),
         "benchmarks.vae": (["--cases", "smoke", "--device", "tpu"], 2, "use cpu or cuda"),  # smoke: test_vae_bench
+        # the smoke run of both sides (ComfyUI + slow): tests/test_bench_workflow.py
+        "benchmarks.workflow": (["--comfyui", str(tmp / "no-comfyui")], 2, "must name a ComfyUI checkout"),
         "tools.build_workflows": (["--check"], 0, "current: workflows/"),
         "tools.fuzz_workflows": (["--help"], 0, "--count"),  # a run: tests/test_runner_fuzz.py
         "tools.gpu_accept": (["--help"], 0, "--dry-run"),  # the dry run itself: tests/test_gpu_accept.py
