@@ -6,6 +6,7 @@ unchanged. ComfyUI's formulas are written out here; no ComfyUI needed.
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,83 @@ def test_unet_loader_fp8_weight_dtype(models, mode, dtype):
     c = torch.randn(1, 7, ref.config.text_dim)
     a, b = ref.module(x, t, c), m.module(x, t, c)
     assert (a - b).norm() / a.norm() < 0.15
+
+
+# ComfyUI 0.3.64's storage rules for a Wan model, restated from its sources (not from TwinFlow's code):
+# comfy/sd.py load_diffusion_model_state_dict: UNETLoader's fp8 weight_dtype becomes model_options["dtype"], the
+# unet dtype; comfy/ldm/wan/model.py builds every layer with that dtype (operations.Linear, the q/k
+# operations.RMSNorm, the affine norm3 operations.LayerNorm, the `modulation` nn.Parameters of blocks and head;
+# norm1/norm2/head.norm have no parameters) except the patch embedding Conv3d, created with dtype=float32.
+# An fp8_scaled file: comfy.ops.scaled_fp8_ops overrides every Linear's dtype with the file's fp8 dtype; the
+# other layers get the unet dtype (float32 on the CPU for 'default').
+_COMFY_LINEAR = re.compile(r"^(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|"
+                           r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02]|head\.head)\.(weight|bias)$")
+_COMFY_OTHER = re.compile(r"^(blocks\.\d+\.(self_attn|cross_attn)\.norm_[qk]\.weight|blocks\.\d+\.norm3\.(weight|bias)|"
+                          r"blocks\.\d+\.modulation|head\.modulation)$")
+_COMFY_FP32 = re.compile(r"^patch_embedding\.(weight|bias)$")
+
+
+def _comfy_table(keys, linear_dtype, other_dtype):
+    table = {}
+    for k in keys:
+        if _COMFY_FP32.match(k):
+            table[k] = torch.float32
+        elif _COMFY_LINEAR.match(k):
+            table[k] = linear_dtype
+        elif _COMFY_OTHER.match(k):
+            table[k] = other_dtype
+        else:
+            raise AssertionError(f"{k}: not a parameter of ComfyUI's WanModel")
+    return table
+
+
+@pytest.mark.parametrize("file,mode", [("unet", "fp8_e4m3fn"), ("unet", "fp8_e5m2"), ("unet", "fp8_e4m3fn_fast"),
+                                       ("unet", "default"), ("low", "default"), ("low", "fp8_e5m2")])
+def test_unet_loader_parameter_dtypes_match_comfyuis_table(models, file, mode):
+    from safetensors.torch import load_file
+
+    from twinflow.quant.storage import storage_dtypes
+
+    name = cf.T2V_FILES["unet"] if file == "unet" else cf.T2V_22_FILES[file]
+    (m,) = _core("UNETLoader").load_unet(name, mode)
+    got = storage_dtypes(m.module)
+    mode_dtype = {"default": torch.float32, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                  "fp8_e5m2": torch.float8_e5m2}[mode]
+    sd = load_file(str(models / "diffusion_models" / name))
+    file_fp8 = sd["scaled_fp8"].dtype if "scaled_fp8" in sd else None
+    want = _comfy_table(got, file_fp8 or mode_dtype, mode_dtype)
+    assert len([k for k in want if _COMFY_OTHER.match(k)]) >= 6
+    assert got == want
+    # the stored values: each tensor the file's (dequantized) value rounded to its storage dtype
+    ref = {k: v for k, v in _model(name).module.state_dict().items()}
+    params = dict(m.module.named_parameters())
+    params.update(dict(m.module.named_buffers()))
+    for k, dt in want.items():
+        t = params[k]
+        if dt == torch.float32:
+            assert torch.equal(t.float(), ref[k].float()), k
+        elif t.dtype == dt:  # an fp8 tensor: the nearest fp8 value of the float32 one (a file's scaled layers as stored)
+            if k[:-len("weight")] + "scale_weight" not in sd:
+                assert torch.equal(t.view(torch.uint8), ref[k].float().to(dt).view(torch.uint8)), k
+        else:  # a Linear's bias held in the compute dtype: fp8 values
+            assert torch.equal(t, t.to(dt).to(t.dtype)) and torch.equal(t, ref[k].float().to(dt).float()), k
+
+
+def test_lora_on_fp8_norm_weights_rounds_stochastically(models):
+    from twinflow.quant.lora import apply_lora
+    from twinflow.quant.storage import comfy_key_seed, stochastic_round_fp8
+
+    (m,) = _core("UNETLoader").load_unet(cf.T2V_FILES["unet"], "fp8_e4m3fn")
+    norm = m.module.blocks[0].self_attn.norm_q
+    g = torch.Generator().manual_seed(3)
+    diff = torch.randn(norm.weight.shape, generator=g) * 0.01
+    out = apply_lora(m.module, {"diffusion_model.blocks.0.self_attn.norm_q.diff": diff}, 0.5)
+    w = out.blocks[0].self_attn.norm_q.weight
+    # ComfyUI's patcher: merged in float32, stored back with stochastic_rounding(seed=string_to_seed(key))
+    want = stochastic_round_fp8(norm.weight.float() + 0.5 * diff, torch.float8_e4m3fn,
+                                comfy_key_seed("diffusion_model.blocks.0.self_attn.norm_q.weight"))
+    assert w.dtype == torch.float8_e4m3fn and torch.equal(w.view(torch.uint8), want.view(torch.uint8))
+    assert norm.weight.dtype == torch.float8_e4m3fn  # the loaded model is untouched
 
 
 def test_unet_loader_fp8_scaled_file_computes_dequantized(models):
