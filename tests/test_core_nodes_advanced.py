@@ -413,6 +413,79 @@ def test_vae_encode_crops_like_comfyui_and_decode_tiled(models):
     torch.testing.assert_close(a, b)
 
 
+def test_comfy_tile_params_and_positions_follow_comfyuis_formulas():
+    from twinflow.models.wan_vae_tiles import comfy_positions, comfy_tile_params
+
+    # ComfyUI VAEDecodeTiled.decode + VAE.decode_tiled for Wan (8x spatial, 4x temporal), worked by hand:
+    # defaults 512/64/64/8 -> 64 latent px, overlap 8; 16 latent frames, overlap max(1, min(8, 8 // 4)) = 2
+    assert comfy_tile_params(512, 64, 64, 8) == ((16, 64, 64), (2, 8, 8))
+    # overlap 32 > 64/4 -> 16 px = 2 latent; temporal 8 >= 2*4 -> 8 // 4 = 2 frames, overlap min(1, 1) = 1
+    assert comfy_tile_params(64, 32, 8, 4) == ((2, 8, 8), (1, 2, 2))
+    # temporal_overlap 8 > 12/2 -> halved to 4 -> 4 // 4 = 1; overlap 0 stays 0
+    assert comfy_tile_params(256, 0, 12, 8) == ((3, 32, 32), (1, 0, 0))
+    # tiled_scale_multidim: range(0, n - o, k - o), clamped to n - o, cut at the end
+    assert comfy_positions(10, 8, 2) == [(0, 8), (6, 4)]
+    assert comfy_positions(3, 2, 1) == [(0, 2), (1, 2)]
+    assert comfy_positions(4, 2, 1) == [(0, 2), (1, 2), (2, 2)]
+    assert comfy_positions(8, 8, 2) == [(0, 8)]
+    assert comfy_positions(20, 8, 0) == [(0, 8), (8, 8), (16, 4)]
+
+
+def _tiled_scale_multidim_restated(s, fn, tile, overlap, frames):
+    """comfy/utils.py tiled_scale_multidim for one batch item, decode direction, Wan's index formulas (4, 8, 8)
+    and upscale amounts (4n-3, 8, 8), written as ComfyUI writes it: a full-size mask multiplied slice by slice."""
+    import itertools
+
+    up = (frames, lambda n: 8 * n, lambda n: 8 * n)
+    idx = (4, 8, 8)
+    size = [up[d](s.shape[d + 2]) for d in range(3)]
+    out = torch.zeros([1, 3] + size)
+    div = torch.zeros([1, 3] + size)
+    positions = [range(0, s.shape[d + 2] - overlap[d], tile[d] - overlap[d]) if s.shape[d + 2] > tile[d] else [0]
+                 for d in range(3)]
+    for it in itertools.product(*positions):
+        s_in, at = s, []
+        for d in range(3):
+            pos = max(0, min(s.shape[d + 2] - overlap[d], it[d]))
+            s_in = s_in.narrow(d + 2, pos, min(tile[d], s.shape[d + 2] - pos))
+            at.append(idx[d] * pos)
+        ps = fn(s_in)
+        mask = torch.ones_like(ps)
+        for d in range(2, 5):
+            feather = up[d - 2](overlap[d - 2])
+            if feather >= mask.shape[d]:
+                continue
+            for t in range(feather):
+                a = (t + 1) / feather
+                mask.narrow(d, t, 1).mul_(a)
+                mask.narrow(d, mask.shape[d] - 1 - t, 1).mul_(a)
+        o, od = out, div
+        for d in range(3):
+            o, od = o.narrow(d + 2, at[d], mask.shape[d + 2]), od.narrow(d + 2, at[d], mask.shape[d + 2])
+        o.add_(ps * mask)
+        od.add_(mask)
+    return out / div
+
+
+def test_vae_decode_tiled_blends_comfyuis_tiles(models):
+    vae, = _core("VAELoader").load_vae(cf.T2V_FILES["vae"])
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 16, 4, 10, 9, generator=g)
+    (img,) = _core("VAEDecodeTiled").decode(vae, {"samples": z}, 64, 32, 8, 4)  # tiles (2, 8, 8), overlap (1, 2, 2)
+    assert img.shape == (2 * 13, 80, 72, 3)
+    with torch.no_grad():
+        exact = vae.decode(z, tiling="off").float()
+        with vae.raw_output():  # ComfyUI's Wan VAE returns unclamped values; process_output clamps after blending
+            fn = lambda a: vae.decode(a, tiling="off").float()  # noqa: E731
+            want = torch.cat([_tiled_scale_multidim_restated(z[i:i + 1], fn, (2, 8, 8), (1, 2, 2),
+                                                             lambda n: max(0, 4 * n - 3)) for i in range(2)])
+            assert fn(z).abs().max() > 1  # (so the clamp matters here)
+    want = ((want + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(-1, 80, 72, 3)
+    torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
+    exact = ((exact + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(-1, 80, 72, 3)
+    assert (img - exact).abs().max() > 1e-3  # blended tiles, not the untiled decode (TwinFlow VAE Decode's)
+
+
 def test_save_animated_webp_preview_and_load_image(tf_dirs):
     from PIL import Image
 
