@@ -465,17 +465,6 @@ class WanVAE(nn.Module):
     `channels_last`: the frame layout of its streams: None = channels-last on the CPU, NCHW elsewhere
     (see `wan_vae_layout`); False runs the CUDA engine's NCHW layout on the CPU (tests)."""
 
-    @contextmanager
-    def raw_output(self):
-        """Decode without the final clamp to [-1, 1] inside this block: ComfyUI's Wan VAE returns raw values
-        (its process_output clamps after its tiled decode has blended them; `wan_vae_tiles.decode_tiled_comfy`)."""
-        prev = self.decoder.clamp_output
-        self.decoder.clamp_output = False
-        try:
-            yield self
-        finally:
-            self.decoder.clamp_output = prev
-
     def __init__(self, cfg: WanVAEConfig = PRESETS["wan2.1"]):
         super().__init__()
         self.cfg = cfg
@@ -507,6 +496,17 @@ class WanVAE(nn.Module):
 
     def video_frames(self, latent_frames: int) -> int:
         return 1 + self.cfg.temporal_ratio * (latent_frames - 1)
+
+    @contextmanager
+    def raw_output(self):
+        """Decode without the final clamp to [-1, 1] inside this block: ComfyUI's Wan VAE returns raw values
+        (its process_output clamps after its tiled decode has blended them; `wan_vae_tiles.decode_tiled_comfy`)."""
+        prev = self.decoder.clamp_output
+        self.decoder.clamp_output = False
+        try:
+            yield self
+        finally:
+            self.decoder.clamp_output = prev
 
     # ---- the streaming API (bands, tiles, compiled/export.py) -----------------------------------------
     def init_state(self, channels_last: Optional[bool] = None) -> CausalState:
