@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -395,6 +396,8 @@ class Encoder3d(nn.Module):
 
 
 class Decoder3d(nn.Module):
+    clamp_output = True  # frames clamped to [-1, 1] (the official decode); WanVAE.raw_output() turns it off
+
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
         dims = [cfg.dim * u for u in (cfg.dim_mult[-1],) + tuple(cfg.dim_mult[::-1])]
@@ -447,7 +450,7 @@ class Decoder3d(nn.Module):
             timed = False
             x = ops.spatial(i, layer, x, st)
         x = ops.conv("head", self.head[2], self.head[0], x, st, keep)  # (B, 3, H, W)
-        yield x.clamp_(-1.0, 1.0)
+        yield x.clamp_(-1.0, 1.0) if self.clamp_output else x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -493,6 +496,17 @@ class WanVAE(nn.Module):
 
     def video_frames(self, latent_frames: int) -> int:
         return 1 + self.cfg.temporal_ratio * (latent_frames - 1)
+
+    @contextmanager
+    def raw_output(self):
+        """Decode without the final clamp to [-1, 1] inside this block: ComfyUI's Wan VAE returns raw values
+        (its process_output clamps after its tiled decode has blended them; `wan_vae_tiles.decode_tiled_comfy`)."""
+        prev = self.decoder.clamp_output
+        self.decoder.clamp_output = False
+        try:
+            yield self
+        finally:
+            self.decoder.clamp_output = prev
 
     # ---- the streaming API (bands, tiles, compiled/export.py) -----------------------------------------
     def init_state(self, channels_last: Optional[bool] = None) -> CausalState:

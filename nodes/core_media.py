@@ -44,7 +44,7 @@ class VAEDecode:
         return (_decode(vae, samples, "VAEDecode"),)
 
 
-def _decode(vae, samples, where: str) -> torch.Tensor:
+def _latent(vae, samples, where: str) -> torch.Tensor:
     from ..models.wan_vae import WanVAE
 
     if not isinstance(vae, WanVAE):
@@ -56,16 +56,25 @@ def _decode(vae, samples, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: samples must be Wan latents [B, {vae.cfg.z_dim}, T, H, W], got "
                          f"{tuple(samples['samples'].shape)}")
     p = next(vae.parameters())
-    video = vae.decode(z.to(device=p.device, dtype=p.dtype), tiling="auto")  # [B, 3, T, H, W] in [-1, 1]
-    images = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()  # ComfyUI's process_output
+    return z.to(device=p.device, dtype=p.dtype)
+
+
+def _images(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> IMAGE [B*T, H, W, 3] (ComfyUI's process_output, batches combined)."""
+    images = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
     b, c, t, h, w = images.shape
     return images.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).contiguous()
 
 
+def _decode(vae, samples, where: str) -> torch.Tensor:
+    z = _latent(vae, samples, where)
+    return _images(vae.decode(z, tiling="auto"))  # [B, 3, T, H, W] in [-1, 1]
+
+
 class VAEDecodeTiled:
-    """Headless, the Wan decode streams one latent frame at a time and splits tall frames into exact row
-    bands, so the tile sizes only bound memory: the result is the untiled decode (ComfyUI's tiles blend
-    overlapping tiles, which differs from the untiled decode by a little)."""
+    """ComfyUI's tiled decode (`models.wan_vae_tiles.decode_tiled_comfy`): tiles in space and time, each decoded
+    on its own and blended with ComfyUI's feathered masks, so the frames equal ComfyUI's (not the untiled
+    decode). TwinFlow VAE Decode keeps the exact decode (row bands)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -82,7 +91,14 @@ class VAEDecodeTiled:
     CATEGORY = "_for_testing"
 
     def decode(self, vae, samples, tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8):
-        return (_decode(vae, samples, "VAEDecodeTiled"),)
+        from ..models.wan_vae_tiles import comfy_tile_params, decode_tiled_comfy
+
+        z = _latent(vae, samples, "VAEDecodeTiled")
+        tile, over = comfy_tile_params(tile_size, overlap, temporal_size, temporal_overlap,
+                                       vae.cfg.spatial_ratio, vae.cfg.temporal_ratio)
+        with torch.no_grad():
+            video = decode_tiled_comfy(vae, z, tile, over)
+        return (_images(video),)
 
 
 class VAEEncode:

@@ -86,24 +86,21 @@ def _model_dtype(device: torch.device, what: str):
 
 
 def _fp8_storage(module, weight_dtype: str, name: str):
-    """ComfyUI's fp8 storage (quant/storage.py): a ComfyUI fp8_scaled file keeps its scaled layers and its other
-    Linears are stored in the same fp8 dtype (whatever weight_dtype says, as in ComfyUI); otherwise the fp8
-    weight_dtype modes cast every Linear."""
+    """ComfyUI's fp8 storage (quant/storage.py). 'default': a ComfyUI fp8_scaled file keeps its scaled layers and
+    its other Linears are stored in the same fp8 dtype (ComfyUI's scaled_fp8_ops), the rest in the compute dtype.
+    The fp8 modes: the whole model in that fp8 dtype (the patch embedding in float32, as ComfyUI's WanModel),
+    a file's own fp8 Linears keeping their dtype and scale. fp8_e4m3fn_fast stores as fp8_e4m3fn; its fp8
+    matmuls need a GPU with fp8 compute in ComfyUI too (on the CPU ComfyUI upcasts the same way)."""
     from ..core.log import log_once
-    from ..quant.storage import cast_linears_fp8, fp8_file_dtype
+    from ..quant.storage import cast_linears_fp8, cast_params_fp8, fp8_file_dtype
 
     file_dtype = fp8_file_dtype(module)
-    if file_dtype is not None:
-        if weight_dtype != "default":
-            log_once(logger, ("unet_fp8_scaled", name), "UNETLoader %s: the file is already stored in fp8 (scaled); "
-                     "weight_dtype %s keeps its storage", name, weight_dtype)
-        return cast_linears_fp8(module, file_dtype)
     if weight_dtype == "default":
-        return module
+        return module if file_dtype is None else cast_linears_fp8(module, file_dtype)
     if weight_dtype == "fp8_e4m3fn_fast":
         log_once(logger, ("unet_fp8_fast", name), "UNETLoader %s: fp8_e4m3fn_fast stores weights as fp8 e4m3fn; "
                  "the fp8 matrix-multiply kernels are not used headless (weights are upcast per layer)", name)
-    return cast_linears_fp8(module, "fp8_e5m2" if weight_dtype == "fp8_e5m2" else "fp8_e4m3fn")
+    return cast_params_fp8(module, "fp8_e5m2" if weight_dtype == "fp8_e5m2" else "fp8_e4m3fn")
 
 
 class UNETLoader:

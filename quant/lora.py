@@ -163,7 +163,7 @@ def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = 
                     layer = _to_linear(out, name, layer, source)
                     weight = layer.weight
                 merged = p.merge_weight(weight.float().clone(), strength, name, source)  # float32, as ComfyUI
-                layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
+                layer.weight = nn.Parameter(_store(merged, weight.dtype, f"{name}.weight"), requires_grad=False)
         if p.diff_b is not None:
             if getattr(layer, "bias", None) is None:
                 raise CheckpointError(f"{source}: a bias delta for {name}, which has no bias")
@@ -172,12 +172,20 @@ def apply_lora(module: nn.Module, lora_sd: dict, strength: float, source: str = 
             fp8 = getattr(layer, FP8_BIAS_ATTR, None)
             if fp8 is not None:  # ComfyUI keeps this bias in fp8: stochastic rounding, as for fp8 weights
                 merged = stochastic_round_fp8(merged, fp8, comfy_key_seed(f"diffusion_model.{name}.bias")).float()
-            new = merged.to(b.dtype)
+            new = _store(merged, b.dtype, f"{name}.bias")
             if isinstance(b, nn.Parameter):
                 layer.bias = nn.Parameter(new, requires_grad=False)
             else:
                 layer.bias = new
     return out
+
+
+def _store(merged: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """A merged float32 tensor in its parameter's dtype: an fp8 parameter (the norms and modulation of an fp8
+    `weight_dtype` model) with the patcher's seeded stochastic rounding, as ComfyUI stores every patched weight."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return stochastic_round_fp8(merged, dtype, comfy_key_seed(f"diffusion_model.{key}"))
+    return merged.to(dtype)
 
 
 def _comfy_fp8(layer: nn.Module) -> bool:

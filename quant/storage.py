@@ -1,7 +1,9 @@
 """ComfyUI's fp8 storage of a diffusion model (UNETLoader `weight_dtype` fp8 modes, fp8_scaled files): every
 Linear keeps its weight in float8 (the file's scale, else 1) and its bias rounded to float8, and computes in
-the input's dtype. Not reproduced: in the `weight_dtype` fp8 modes ComfyUI also stores the non-Linear
-parameters (patch embedding, norms, modulation) in fp8; here they stay in the compute dtype.
+the input's dtype. In the `weight_dtype` fp8 modes ComfyUI builds the whole Wan model in that fp8 dtype, so
+its other parameters (q/k RMSNorm weights, the affine cross-attention LayerNorm, the modulation tables) are
+stored in fp8 too, except the patch embedding, which ComfyUI's WanModel creates in float32
+(`cast_params_fp8`); every fp8 parameter is upcast to the compute dtype where it is used.
 
 The layers become `QuantLinear`s of the `fp8_e4m3_weight_only` format with a weight scale of 1, so they
 save, compile and report like other quantized layers. A LoRA merged into such a layer is stored back in fp8
@@ -50,6 +52,47 @@ def cast_linears_fp8(module: nn.Module, storage) -> nn.Module:
         if layer.bias is not None and not getattr(layer, FP8_BIAS_ATTR, None):
             layer.bias = layer.bias.to(dtype).to(layer.bias.dtype)
             setattr(layer, FP8_BIAS_ATTR, dtype)
+    return out
+
+
+# parameters ComfyUI 0.3.64's WanModel creates in float32 whatever the model dtype (comfy/ldm/wan/model.py:
+# `operations.Conv3d(..., dtype=torch.float32)` for the patch embedding)
+COMFY_FP32_PARAMS = ("patch_embedding.",)
+
+
+def cast_params_fp8(module: nn.Module, storage, keep=COMFY_FP32_PARAMS) -> nn.Module:
+    """A copy of `module` stored as ComfyUI stores a Wan model loaded with an fp8 `weight_dtype`
+    (`load_diffusion_model_state_dict`: the model is built with `dtype=<fp8>`, and `load_state_dict` copies each
+    tensor into its fp8 parameter, a round to nearest): Linears as `cast_linears_fp8` (a file's own fp8 layers
+    keep their dtype and scale, as `scaled_fp8_ops` overrides the Linear dtype), every other parameter cast to
+    fp8 `storage` except those whose name starts with one of `keep`. The model's forward upcasts them where
+    they are used (`.float()`), as ComfyUI's `cast_to` / manual-cast ops do. The original is not modified."""
+    dtype = FP8_STORAGE.get(storage, storage)
+    if dtype not in FP8_STORAGE.values():
+        raise ValueError(f"unknown fp8 storage {storage!r}; expected one of {sorted(FP8_STORAGE)}")
+    out = cast_linears_fp8(module, fp8_file_dtype(module) or dtype)
+    for mname, mod in out.named_modules():
+        if isinstance(mod, (nn.Linear, QuantLinear)):
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            full = f"{mname}.{pname}" if mname else pname
+            if p.is_floating_point() and p.dtype not in FP8_STORAGE.values() and not full.startswith(tuple(keep)):
+                setattr(mod, pname, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+    return out
+
+
+def storage_dtypes(module: nn.Module) -> dict:
+    """Each parameter's storage dtype by state-dict name: its own dtype, or the fp8 dtype its values are rounded
+    to where a Linear's bias holds fp8 values in the compute dtype (`FP8_BIAS_ATTR`; QuantLinear computes with
+    the bias in the input dtype)."""
+    out = {}
+    for mname, mod in module.named_modules():
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if pname == "weight_scale":
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            out[full] = getattr(mod, FP8_BIAS_ATTR, None) if pname == "bias" and getattr(mod, FP8_BIAS_ATTR, None) \
+                else t.dtype
     return out
 
 

@@ -153,6 +153,111 @@ def test_sampler_custom_advanced_graph_matches_comfyui(oracle, tmp_path):
     _run_prompt(oracle, prompt, "3", "8", tmp_path, label="SamplerCustomAdvanced")
 
 
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_unet_fp8_weight_dtype_matches_comfyui(oracle, weight_dtype, tmp_path):
+    """UNETLoader's fp8 modes: ComfyUI builds the whole Wan model in fp8 (but the patch embedding) and upcasts
+    every weight to float32 on the CPU (manual cast); TwinFlow stores the same parameters rounded the same way
+    (round to nearest on load) and computes in float32 too, so the tolerance is the default case's 1e-4: the
+    same fp8 values on both sides leave only fp32 summation-order differences (measured 1.7e-5, euler, 3 steps).
+    It discriminates: the earlier storage (only Linears in fp8, norms and modulation in float32) already
+    differs by 4.6e-3 relative in one denoiser call of the tiny unit-test model."""
+    _run_both(oracle, "text_to_video_wan.json", SIZE_21 + ["3.sampler_name=euler", f"37.weight_dtype={weight_dtype}"],
+              "3", "8", tmp_path)
+
+
+def test_vae_decode_tiled_matches_comfyui(oracle, tmp_path):
+    """The template's VAEDecode replaced by VAEDecodeTiled with ComfyUI's smallest tiles: a 96x80x9 video
+    (latent 12x10x3) is cut into 2 x 2 spatial tiles of 8 latent px (overlap 32 px capped to 64/4 = 16 px)
+    and 2 temporal tiles of 2 latent frames overlapping by 1, blended with ComfyUI's feathered masks."""
+    prompt = _template_prompt("text_to_video_wan.json", ["40.width=96", "40.height=80", "40.length=9", "3.steps=2",
+                                                         "3.seed=5"])
+    prompt["8"] = {"class_type": "VAEDecodeTiled", "inputs": {**prompt["8"]["inputs"], "tile_size": 64, "overlap": 32,
+                                                              "temporal_size": 8, "temporal_overlap": 4}}
+    _run_prompt(oracle, prompt, "3", "8", tmp_path, label="VAEDecodeTiled")
+
+
+def _apng(path: Path, frames: int, w: int, h: int, seed: int) -> np.ndarray:
+    """An animated RGBA PNG (LoadImage returns every frame as one batch, MASK = 1 - alpha)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 256, size=(frames, h, w, 4), dtype=np.uint8)
+    px[..., 3] = np.where(rng.random((frames, h, w)) < 0.3, 255, px[..., 3])  # opaque, partial and clear alpha
+    imgs = [Image.fromarray(f, "RGBA") for f in px]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
+    return px
+
+
+def test_vae_encode_matches_comfyui(oracle, tmp_path):
+    """LoadImage (a 5-frame 35x27 animated PNG) -> VAEEncode (centred crop to 32x24, the frames as one video:
+    latent [1, 16, 2, 3, 4]) -> SaveLatent in ComfyUI; the same nodes headless; same VAE file, fp32."""
+    from safetensors.torch import load_file
+
+    from twinflow.core import paths
+    from twinflow.nodes.core_headless import NODE_CLASS_MAPPINGS
+
+    srv, models, files = oracle
+    (srv.base / "input").mkdir(exist_ok=True)
+    _apng(srv.base / "input" / "tf_encode.png", 5, 35, 27, seed=11)
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "tf_encode.png"}},
+              "2": {"class_type": "VAELoader", "inputs": {"vae_name": cf.T2V_FILES["vae"]}},
+              "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},
+              "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "oracle/encode"}}}
+    entry = srv.run(json.loads(json.dumps(prompt)))
+    item = entry["outputs"]["4"]["latents"][0]
+    c_lat = load_file(str(srv.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"].float()
+    core = NODE_CLASS_MAPPINGS  # the headless runner's classes, called as its executor would (no Save node for a LATENT)
+    with paths.using(input_dir=srv.base / "input", models_dir=models):
+        (pixels, _mask) = core["LoadImage"]().load_image("tf_encode.png")
+        (vae,) = core["VAELoader"]().load_vae(cf.T2V_FILES["vae"])
+        (lat,) = core["VAEEncode"]().encode(vae, pixels)
+    t_lat = lat["samples"].float()
+    assert t_lat.shape == c_lat.shape == (1, 16, 2, 3, 4), (t_lat.shape, c_lat.shape)
+    rel = ((t_lat - c_lat).abs().max() / c_lat.abs().max()).item()
+    print(f"\nVAEEncode: latent rel diff {rel:.2e}")
+    assert rel < 1e-4, f"VAEEncode latents differ by {rel:.2e} relative"
+
+
+def test_load_image_matches_comfyui(oracle, tmp_path):
+    """ComfyUI's own LoadImage node run in ComfyUI's interpreter (folder_paths pointed at the test's input
+    folder) on an animated RGBA PNG and a palette PNG with a transparent index: IMAGE and MASK bit-identical."""
+    import subprocess
+
+    from safetensors.torch import load_file
+    from PIL import Image
+
+    from test_comfyui_integration import _comfy_python
+
+    from twinflow.core import paths
+    from twinflow.nodes.core_headless import NODE_CLASS_MAPPINGS
+
+    srv, _models, _files = oracle
+    inp = tmp_path / "input"
+    inp.mkdir()
+    _apng(inp / "anim.png", 3, 9, 7, seed=5)
+    pal = Image.fromarray(np.random.default_rng(2).integers(0, 8, size=(6, 10), dtype=np.uint8), "P")
+    pal.putpalette([v for i in range(8) for v in (30 * i, 255 - 30 * i, 7 * i)])
+    pal.save(inp / "pal.png", transparency=3)
+    names = ["anim.png", "pal.png"]
+    code = ("import sys; sys.argv=['x','--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+            "import folder_paths; folder_paths.set_input_directory(%r); import nodes; "
+            "from safetensors.torch import save_file; out={}\n"
+            "for n in %r:\n"
+            "    img, mask = nodes.LoadImage().load_image(n); out[n+':image']=img.contiguous(); "
+            "out[n+':mask']=mask.contiguous()\n"
+            "save_file(out, %r)" % (str(inp), names, str(tmp_path / "comfy.safetensors")))
+    run = subprocess.run([os.environ.get("COMFYUI_PYTHON") or _comfy_python(), "-c", code], cwd=str(srv.root),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "comfy.safetensors"))
+    with paths.using(input_dir=inp):
+        for n in names:
+            img, mask = NODE_CLASS_MAPPINGS["LoadImage"]().load_image(n)
+            assert img.dtype == theirs[n + ":image"].dtype and torch.equal(img, theirs[n + ":image"]), n
+            assert mask.dtype == theirs[n + ":mask"].dtype and torch.equal(mask, theirs[n + ":mask"]), n
+    assert theirs["anim.png:image"].shape == (3, 7, 9, 3) and theirs["anim.png:mask"].shape == (3, 7, 9)
+
+
 SIZE_22 = ["74.width=32", "74.height=32", "74.length=5", "81.noise_seed=77"]
 
 

@@ -6,6 +6,7 @@ unchanged. ComfyUI's formulas are written out here; no ComfyUI needed.
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,83 @@ def test_unet_loader_fp8_weight_dtype(models, mode, dtype):
     assert (a - b).norm() / a.norm() < 0.15
 
 
+# ComfyUI 0.3.64's storage rules for a Wan model, restated from its sources (not from TwinFlow's code):
+# comfy/sd.py load_diffusion_model_state_dict: UNETLoader's fp8 weight_dtype becomes model_options["dtype"], the
+# unet dtype; comfy/ldm/wan/model.py builds every layer with that dtype (operations.Linear, the q/k
+# operations.RMSNorm, the affine norm3 operations.LayerNorm, the `modulation` nn.Parameters of blocks and head;
+# norm1/norm2/head.norm have no parameters) except the patch embedding Conv3d, created with dtype=float32.
+# An fp8_scaled file: comfy.ops.scaled_fp8_ops overrides every Linear's dtype with the file's fp8 dtype; the
+# other layers get the unet dtype (float32 on the CPU for 'default').
+_COMFY_LINEAR = re.compile(r"^(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|"
+                           r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02]|head\.head)\.(weight|bias)$")
+_COMFY_OTHER = re.compile(r"^(blocks\.\d+\.(self_attn|cross_attn)\.norm_[qk]\.weight|blocks\.\d+\.norm3\.(weight|bias)|"
+                          r"blocks\.\d+\.modulation|head\.modulation)$")
+_COMFY_FP32 = re.compile(r"^patch_embedding\.(weight|bias)$")
+
+
+def _comfy_table(keys, linear_dtype, other_dtype):
+    table = {}
+    for k in keys:
+        if _COMFY_FP32.match(k):
+            table[k] = torch.float32
+        elif _COMFY_LINEAR.match(k):
+            table[k] = linear_dtype
+        elif _COMFY_OTHER.match(k):
+            table[k] = other_dtype
+        else:
+            raise AssertionError(f"{k}: not a parameter of ComfyUI's WanModel")
+    return table
+
+
+@pytest.mark.parametrize("file,mode", [("unet", "fp8_e4m3fn"), ("unet", "fp8_e5m2"), ("unet", "fp8_e4m3fn_fast"),
+                                       ("unet", "default"), ("low", "default"), ("low", "fp8_e5m2")])
+def test_unet_loader_parameter_dtypes_match_comfyuis_table(models, file, mode):
+    from safetensors.torch import load_file
+
+    from twinflow.quant.storage import storage_dtypes
+
+    name = cf.T2V_FILES["unet"] if file == "unet" else cf.T2V_22_FILES[file]
+    (m,) = _core("UNETLoader").load_unet(name, mode)
+    got = storage_dtypes(m.module)
+    mode_dtype = {"default": torch.float32, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                  "fp8_e5m2": torch.float8_e5m2}[mode]
+    sd = load_file(str(models / "diffusion_models" / name))
+    file_fp8 = sd["scaled_fp8"].dtype if "scaled_fp8" in sd else None
+    want = _comfy_table(got, file_fp8 or mode_dtype, mode_dtype)
+    assert len([k for k in want if _COMFY_OTHER.match(k)]) >= 6
+    assert got == want
+    # the stored values: each tensor the file's (dequantized) value rounded to its storage dtype
+    ref = {k: v for k, v in _model(name).module.state_dict().items()}
+    params = dict(m.module.named_parameters())
+    params.update(dict(m.module.named_buffers()))
+    for k, dt in want.items():
+        t = params[k]
+        if dt == torch.float32:
+            assert torch.equal(t.float(), ref[k].float()), k
+        elif t.dtype == dt:  # an fp8 tensor: the nearest fp8 value of the float32 one (a file's scaled layers as stored)
+            if k[:-len("weight")] + "scale_weight" not in sd:
+                assert torch.equal(t.view(torch.uint8), ref[k].float().to(dt).view(torch.uint8)), k
+        else:  # a Linear's bias held in the compute dtype: fp8 values
+            assert torch.equal(t, t.to(dt).to(t.dtype)) and torch.equal(t, ref[k].float().to(dt).float()), k
+
+
+def test_lora_on_fp8_norm_weights_rounds_stochastically(models):
+    from twinflow.quant.lora import apply_lora
+    from twinflow.quant.storage import comfy_key_seed, stochastic_round_fp8
+
+    (m,) = _core("UNETLoader").load_unet(cf.T2V_FILES["unet"], "fp8_e4m3fn")
+    norm = m.module.blocks[0].self_attn.norm_q
+    g = torch.Generator().manual_seed(3)
+    diff = torch.randn(norm.weight.shape, generator=g) * 0.01
+    out = apply_lora(m.module, {"diffusion_model.blocks.0.self_attn.norm_q.diff": diff}, 0.5)
+    w = out.blocks[0].self_attn.norm_q.weight
+    # ComfyUI's patcher: merged in float32, stored back with stochastic_rounding(seed=string_to_seed(key))
+    want = stochastic_round_fp8(norm.weight.float() + 0.5 * diff, torch.float8_e4m3fn,
+                                comfy_key_seed("diffusion_model.blocks.0.self_attn.norm_q.weight"))
+    assert w.dtype == torch.float8_e4m3fn and torch.equal(w.view(torch.uint8), want.view(torch.uint8))
+    assert norm.weight.dtype == torch.float8_e4m3fn  # the loaded model is untouched
+
+
 def test_unet_loader_fp8_scaled_file_computes_dequantized(models):
     from safetensors.torch import load_file
 
@@ -333,6 +411,79 @@ def test_vae_encode_crops_like_comfyui_and_decode_tiled(models):
     (a,) = _core("VAEDecode").decode(vae, lat)
     (b,) = _core("VAEDecodeTiled").decode(vae, lat, 256, 64, 64, 8)
     torch.testing.assert_close(a, b)
+
+
+def test_comfy_tile_params_and_positions_follow_comfyuis_formulas():
+    from twinflow.models.wan_vae_tiles import comfy_positions, comfy_tile_params
+
+    # ComfyUI VAEDecodeTiled.decode + VAE.decode_tiled for Wan (8x spatial, 4x temporal), worked by hand:
+    # defaults 512/64/64/8 -> 64 latent px, overlap 8; 16 latent frames, overlap max(1, min(8, 8 // 4)) = 2
+    assert comfy_tile_params(512, 64, 64, 8) == ((16, 64, 64), (2, 8, 8))
+    # overlap 32 > 64/4 -> 16 px = 2 latent; temporal 8 >= 2*4 -> 8 // 4 = 2 frames, overlap min(1, 1) = 1
+    assert comfy_tile_params(64, 32, 8, 4) == ((2, 8, 8), (1, 2, 2))
+    # temporal_overlap 8 > 12/2 -> halved to 4 -> 4 // 4 = 1; overlap 0 stays 0
+    assert comfy_tile_params(256, 0, 12, 8) == ((3, 32, 32), (1, 0, 0))
+    # tiled_scale_multidim: range(0, n - o, k - o), clamped to n - o, cut at the end
+    assert comfy_positions(10, 8, 2) == [(0, 8), (6, 4)]
+    assert comfy_positions(3, 2, 1) == [(0, 2), (1, 2)]
+    assert comfy_positions(4, 2, 1) == [(0, 2), (1, 2), (2, 2)]
+    assert comfy_positions(8, 8, 2) == [(0, 8)]
+    assert comfy_positions(20, 8, 0) == [(0, 8), (8, 8), (16, 4)]
+
+
+def _tiled_scale_multidim_restated(s, fn, tile, overlap, frames):
+    """comfy/utils.py tiled_scale_multidim for one batch item, decode direction, Wan's index formulas (4, 8, 8)
+    and upscale amounts (4n-3, 8, 8), written as ComfyUI writes it: a full-size mask multiplied slice by slice."""
+    import itertools
+
+    up = (frames, lambda n: 8 * n, lambda n: 8 * n)
+    idx = (4, 8, 8)
+    size = [up[d](s.shape[d + 2]) for d in range(3)]
+    out = torch.zeros([1, 3] + size)
+    div = torch.zeros([1, 3] + size)
+    positions = [range(0, s.shape[d + 2] - overlap[d], tile[d] - overlap[d]) if s.shape[d + 2] > tile[d] else [0]
+                 for d in range(3)]
+    for it in itertools.product(*positions):
+        s_in, at = s, []
+        for d in range(3):
+            pos = max(0, min(s.shape[d + 2] - overlap[d], it[d]))
+            s_in = s_in.narrow(d + 2, pos, min(tile[d], s.shape[d + 2] - pos))
+            at.append(idx[d] * pos)
+        ps = fn(s_in)
+        mask = torch.ones_like(ps)
+        for d in range(2, 5):
+            feather = up[d - 2](overlap[d - 2])
+            if feather >= mask.shape[d]:
+                continue
+            for t in range(feather):
+                a = (t + 1) / feather
+                mask.narrow(d, t, 1).mul_(a)
+                mask.narrow(d, mask.shape[d] - 1 - t, 1).mul_(a)
+        o, od = out, div
+        for d in range(3):
+            o, od = o.narrow(d + 2, at[d], mask.shape[d + 2]), od.narrow(d + 2, at[d], mask.shape[d + 2])
+        o.add_(ps * mask)
+        od.add_(mask)
+    return out / div
+
+
+def test_vae_decode_tiled_blends_comfyuis_tiles(models):
+    vae, = _core("VAELoader").load_vae(cf.T2V_FILES["vae"])
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 16, 4, 10, 9, generator=g)
+    (img,) = _core("VAEDecodeTiled").decode(vae, {"samples": z}, 64, 32, 8, 4)  # tiles (2, 8, 8), overlap (1, 2, 2)
+    assert img.shape == (2 * 13, 80, 72, 3)
+    with torch.no_grad():
+        exact = vae.decode(z, tiling="off").float()
+        with vae.raw_output():  # ComfyUI's Wan VAE returns unclamped values; process_output clamps after blending
+            fn = lambda a: vae.decode(a, tiling="off").float()  # noqa: E731
+            want = torch.cat([_tiled_scale_multidim_restated(z[i:i + 1], fn, (2, 8, 8), (1, 2, 2),
+                                                             lambda n: max(0, 4 * n - 3)) for i in range(2)])
+            assert fn(z).abs().max() > 1  # (so the clamp matters here)
+    want = ((want + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(-1, 80, 72, 3)
+    torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
+    exact = ((exact + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).reshape(-1, 80, 72, 3)
+    assert (img - exact).abs().max() > 1e-3  # blended tiles, not the untiled decode (TwinFlow VAE Decode's)
 
 
 def test_save_animated_webp_preview_and_load_image(tf_dirs):
