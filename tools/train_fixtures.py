@@ -289,7 +289,7 @@ def train_vae(args, s: dict):
     meta = {"format": "pt", **training_meta("vae", args, s, {"config": {"dim": cfg.dim, "z_dim": cfg.z_dim},
                                                                  "metrics": metrics})}
     atomic_save(lambda p: save_file(sd, p, metadata=meta), Path(args.out) / FILES["vae"], args.force)
-    return vae
+    return vae, loop
 
 
 @torch.no_grad()
@@ -369,7 +369,7 @@ def train_dit(args, s: dict, which: str, pool, heldout):
     logger.info("%s: %s", which, json.dumps(metrics))
     meta = training_meta(which, args, s, {"metrics": metrics})
     atomic_save(lambda p: wan_dit.save_wan_dit(module, p, meta), Path(args.out) / FILES[which], args.force)
-    return module
+    return module, loop
 
 
 @torch.no_grad()
@@ -434,7 +434,7 @@ def train_refiner(args, s: dict, pool, heldout, semantic=None):
     meta = {"format": "pt", refiner.META_FAMILY: refiner.FAMILY, refiner.META_CONFIG: cfg.to_json(),
             **training_meta("refiner", args, s, {"metrics": metrics})}
     atomic_save(lambda p: save_file(sd, p, metadata=meta), Path(args.out) / FILES["refiner"], args.force)
-    return model
+    return model, loop
 
 
 @torch.no_grad()
@@ -505,7 +505,8 @@ def fit_gate(args, s: dict, vae):
 # ---------------------------------------------------------------------------------------------
 
 def load_stage(out: Path, stage: str):
-    """A stage's module from an earlier run's file (for `--only` runs of later stages)."""
+    """A stage's module from an earlier run's file (for `--only` runs of later stages). Each `train_*` returns
+    (module, Loop) and writes its file."""
     from twinflow.models import refiner, wan_dit, wan_vae
 
     path = out / FILES[stage]
@@ -564,7 +565,7 @@ def main(argv=None) -> int:
         if clash:
             raise SystemExit(f"{', '.join(clash)} exist; pass --force to replace them or choose another --out")
     t0 = time.perf_counter()
-    vae = train_vae(args, s) if "vae" in stages else load_stage(out, "vae")
+    vae = train_vae(args, s)[0] if "vae" in stages else load_stage(out, "vae")
     need_pool = any(x in stages for x in ("dit", "small", "refiner"))
     if need_pool:
         t = time.perf_counter()
@@ -574,7 +575,7 @@ def main(argv=None) -> int:
                     time.perf_counter() - t)
     semantic = None
     if "dit" in stages:
-        semantic = train_dit(args, s, "dit", pool, heldout)
+        semantic = train_dit(args, s, "dit", pool, heldout)[0]
     if "small" in stages:
         train_dit(args, s, "small", pool, heldout)
     if "refiner" in stages:
