@@ -57,7 +57,7 @@ def test_splits_are_disjoint_and_overrides_fix_the_caption():
 
 
 def test_clips_have_fine_texture():
-    # measured: about 0.16 of the spectral energy above half Nyquist; a smooth render has far less
+    # measured: 0.23 (32 train clips) of the spectral energy above half Nyquist; a 4x4-blurred render has far less
     video, _ = procedural.make_batch(procedural.split_seeds("train", 8))
     assert quality.high_freq_fraction(video) > 0.05
     blurred = torch.nn.functional.avg_pool3d(video, (1, 4, 4))
