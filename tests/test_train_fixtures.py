@@ -245,3 +245,29 @@ def test_psnr_rel_l2_and_features():
     video, _ = procedural.make_batch([1, 2])
     f1, f2 = quality.RandomVideoFeatures()(video), quality.RandomVideoFeatures()(video)
     assert torch.equal(f1, f2) and f1.shape == (2, 96)
+
+
+def test_fused_references_are_differentiable():
+    """Training runs the models' eager code: the norm and RoPE references give the inference values with
+    autograd (their in-place / out= fast paths only run without grad) and correct gradients."""
+    from twinflow.fused.rope import rope_apply_ref
+    from twinflow.fused.vae_norm import rms_norm_cf_ref
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
+    gamma = torch.rand(4, 1, 1, generator=gen, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        ref = rms_norm_cf_ref(x.clone(), gamma, silu=True)
+    xg = x.clone().requires_grad_(True)
+    torch.testing.assert_close(rms_norm_cf_ref(xg, gamma, silu=True), ref)
+    assert torch.autograd.gradcheck(lambda t, g: rms_norm_cf_ref(t, g, silu=True),
+                                    (xg, gamma.clone().requires_grad_(True)))
+    q = torch.randn(1, 3, 2, 4, generator=gen, dtype=torch.float64)
+    ang = torch.rand(3, 2, generator=gen, dtype=torch.float64)
+    cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+    with torch.no_grad():
+        ref = rope_apply_ref(q.float(), cos, sin)
+    qg = q.float().requires_grad_(True)
+    torch.testing.assert_close(rope_apply_ref(qg, cos, sin), ref)
+    assert torch.autograd.gradcheck(lambda t: rope_apply_ref(t, cos.double(), sin.double()),
+                                    (q.clone().requires_grad_(True),))
