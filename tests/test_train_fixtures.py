@@ -271,3 +271,25 @@ def test_fused_references_are_differentiable():
     torch.testing.assert_close(rope_apply_ref(qg, cos, sin), ref)
     assert torch.autograd.gradcheck(lambda t: rope_apply_ref(t, cos.double(), sin.double()),
                                     (q.clone().requires_grad_(True),))
+
+
+def test_quickstart_switches_to_trained_models(trained_bits, tmp_path):
+    """The quickstart's "trained" variant (tools/build_workflows.py) runs headless on trained:tiny files
+    (here the short training run's, through $TWINFLOW_TRAINED_DIR)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bw = _load("twinflow_build_workflows", "tools/build_workflows.py")
+    wf = tmp_path / "quickstart_trained.json"
+    wf.write_text(json.dumps(bw.build(bw.quickstart_spec("trained"))))
+    out = tmp_path / "out"
+    env = {**os.environ, "TWINFLOW_TRAINED_DIR": str(trained_bits["out"])}
+    proc = subprocess.run([sys.executable, "-m", "twinflow.runner.cli", "run", str(wf), "--output-dir", str(out),
+                           "--models-dir", str(tmp_path / "models"), "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(sorted(out.glob("twinflow/dual_branch_*.mp4"))) == 1, proc.stdout
+    with pytest.raises(ValueError, match="'random' or 'trained'"):
+        bw.quickstart_spec("other")
