@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 FRAMES, SIZE = 9, 64
 CUTOFF = 0.5  # the fusion cutoff the refiner was trained for (tools/train_fixtures.py)
+SECTIONS = ("vae", "reference", "branches", "cache", "quant")
 POLICIES = ("easycache:0.1", "easycache:0.2", "easycache:0.6", "magcache:0.12,calibration=wan2.1-1.3b",
             "magcache:0.3,calibration=wan2.1-1.3b", "teacache:0.2,calibration=wan2.1-1.3b")
 
@@ -367,10 +368,18 @@ def parse_args(argv=None):
     p.add_argument("--time-steps", type=float, nargs="*", default=[1.25, 1.5, 2.0],
                    help="semantic-only runs at these multiples of --steps (equal-wall-time partners)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     p.add_argument("--smoke", action="store_true", help="2 captions, 4 steps, two policies: checks the script")
     a = p.parse_args(argv)
+    a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
+    bad = [x for x in a.sections if x not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; expected some of {list(SECTIONS)}")
     if a.smoke:
-        a.n, a.steps, a.policies, a.time_steps = 2, 4, a.policies[:2], [1.5]
+        a.n, a.steps, a.time_steps = 2, 4, [1.5]
+        if a.policies == list(POLICIES):
+            a.policies = a.policies[:2]
     return a
 
 
@@ -391,12 +400,21 @@ def main(argv=None) -> int:
              f"Command: `python benchmarks/quality.py {' '.join(argv if argv is not None else __import__('sys').argv[1:])}`.",
              "", "FD: Fréchet distance on a fixed random 3D conv net's features (lower is better); HF ratio: "
              "share of spectral energy above half Nyquist, generated / real.", ""]
-    lines += section_vae(fam, a, real)
-    lines += section_reference(fam, a, real, captions, scorer)
-    branch_lines, ref = section_branches(fam, a, captions, scorer)
-    lines += branch_lines
-    lines += section_cache(fam, a, captions, scorer, ref)
-    lines += section_quant(fam, a, captions, scorer, ref, normalize_latent(fam["vae"].encode(real)))
+    if "vae" in a.sections:
+        lines += section_vae(fam, a, real)
+    if "reference" in a.sections:
+        lines += section_reference(fam, a, real, captions, scorer)
+    ref = None
+    if "branches" in a.sections:
+        branch_lines, ref = section_branches(fam, a, captions, scorer)
+        lines += branch_lines
+    if ref is None and ("cache" in a.sections or "quant" in a.sections):
+        generate(fam["dit"], captions[:1], 2, a=a)  # warm-up, not timed
+        ref = generate(fam["dit"], captions, a.steps, a=a)  # the uncached, full-precision semantic run
+    if "cache" in a.sections:
+        lines += section_cache(fam, a, captions, scorer, ref)
+    if "quant" in a.sections:
+        lines += section_quant(fam, a, captions, scorer, ref, normalize_latent(fam["vae"].encode(real)))
     lines.append(f"Total benchmark time {time.perf_counter() - t0:.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
