@@ -127,6 +127,7 @@ def atomic_save(write, path: Path, force: bool) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are for everyone
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
