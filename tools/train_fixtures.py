@@ -80,10 +80,11 @@ def refiner_config():
 FULL = {"vae_steps": 1800, "vae_batch": 8, "vae_lr": 2e-3, "vae_pool": 512,
         "pool": 1536, "dit_steps": 3000, "dit_batch": 16, "dit_lr": 5e-4,
         "small_steps": 3000, "small_batch": 16, "small_lr": 1e-3,
-        "refiner_steps": 2000, "refiner_batch": 8, "refiner_lr": 1e-3,
+        "refiner_steps": 2500, "refiner_batch": 16, "refiner_lr": 1e-3,
         "gate_clips": 8, "gate_draws": 2, "gate_buckets": 10, "eval_clips": 32}
 # Single-thread CPU seconds per step measured with these batches (busy shared machine, process_time):
-# vae 0.47, dit 0.16, small 0.036, refiner 0.073; encoding the pool 0.03 per clip -> about 28 min of one core.
+# vae 0.47, dit 0.16, small 0.036, refiner 0.073 at batch 8 (~0.14 at 16); encoding the pool 0.03 s per clip
+# -> about 31 min of one core in all (a 300/400/400/200-step run took 10 min of wall time on the busy machine).
 SMOKE = {"vae_steps": 6, "vae_batch": 2, "vae_lr": 2e-3, "vae_pool": 4,
          "pool": 8, "dit_steps": 6, "dit_batch": 4, "dit_lr": 5e-4,
          "small_steps": 6, "small_batch": 4, "small_lr": 1e-3,
