@@ -300,7 +300,9 @@ def train_vae(args, s: dict):
 
 @torch.no_grad()
 def eval_vae(vae, n: int) -> dict:
-    """Held-out PSNR through the inference path, plus the normalised latents' mean and std."""
+    """Held-out PSNR through the inference path, the share of the clips' high-frequency energy the
+    reconstructions keep (benchmarks/quality.py's HF ratio), and the normalised latents' mean and std."""
+    from twinflow.benchmarks.quality import high_freq_fraction
     from twinflow.models.wan_vae import normalize_latent
 
     video, _ = clips("heldout", n)
@@ -308,6 +310,7 @@ def eval_vae(vae, n: int) -> dict:
     rec = vae.decode(z)
     zn = normalize_latent(z)
     return {"heldout_psnr_db": round(psnr(rec, video), 3), "heldout_clips": n,
+            "heldout_hf_ratio": round(high_freq_fraction(rec) / high_freq_fraction(video), 4),
             "latent_mean": round(float(zn.mean()), 4), "latent_std": round(float(zn.std()), 4)}
 
 
