@@ -544,8 +544,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{st}-budget-s", type=float, default=0.0,
                        help=f"wall-time cap of the {st} stage in seconds (0 = none; hitting it breaks reproducibility)")
     p.add_argument("--vae-dim", type=int, default=8,
-                   help="VAE base width (default 8, the tiny structure; 12 or 16 keep more fine texture but cost "
-                        "about 2x / 4x the VAE time and 2.3x / 4x its 3.7 MB)")
+                   help="VAE base width (default 8, the tiny structure, 3.7 MB; 12 costs about 1.5-2.5x the VAE "
+                        "time and 8.2 MB, and was not better after 300 steps: see docs/quality.md)")
     p.add_argument("--pool", type=int, help="training clips encoded for the DiT/refiner stages (default 1536)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
