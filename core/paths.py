@@ -170,7 +170,11 @@ def list_models(kind: str) -> list[str]:
 
 
 def find_model(kind: str, name: str) -> Path:
-    """Resolve a model file name; raise FileNotFoundError that lists every place searched."""
+    """Resolve a model file name (or a shipped `trained:<name>`); raise FileNotFoundError that lists every
+    place searched."""
+    shipped = trained_file(kind, name)
+    if shipped is not None:
+        return shipped
     if _find_hook is not None:
         found = _find_hook(kind, name)
         if found:
@@ -210,3 +214,44 @@ def random_preset(name: str, valid: Iterable[str], what: str = "preset",
         shown = [RANDOM_PREFIX + p for p in (valid if offered is None else offered)]
         raise ValueError(f"unknown random {what} {name!r}; expected one of {shown}")
     return preset
+
+
+# `trained:<name>`: the small models trained on the procedural data set (media/procedural.py) that ship in the
+# repository, written by tools/train_fixtures.py to weights/trained_tiny/ ($TWINFLOW_TRAINED_DIR overrides the
+# folder, e.g. for weights of a smoke run). Resolved by `find_model`, so every loader takes them.
+TRAINED_PREFIX = "trained:"
+TRAINED_MODELS: dict[tuple[str, str], str] = {  # (folder kind, name) -> file in trained_dir()
+    ("vae", "trained:tiny"): "vae.safetensors",
+    ("diffusion_models", "trained:tiny"): "dit.safetensors",
+    ("diffusion_models", "trained:tiny-small"): "dit_small.safetensors",
+    ("twinflow", "trained:tiny-refiner"): "refiner.safetensors",
+    ("twinflow", "trained:tiny-gate"): "gate.safetensors",
+}
+
+
+def trained_dir() -> Path:
+    env = os.environ.get("TWINFLOW_TRAINED_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "weights" / "trained_tiny"
+
+
+def trained_file(kind: str, name: str) -> Optional[Path]:
+    """The file of a `trained:<name>` model of folder `kind`, or None for other names.
+
+    Raises ValueError for a name not offered for `kind`, FileNotFoundError when the shipped file is missing."""
+    if not isinstance(name, str) or not name.startswith(TRAINED_PREFIX):
+        return None
+    if (kind, name) not in TRAINED_MODELS:
+        offered = [n for k, n in TRAINED_MODELS if k == kind]
+        raise ValueError(f"unknown trained {kind} model {name!r}; expected one of {offered}")
+    path = trained_dir() / TRAINED_MODELS[(kind, name)]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name} ({kind}): the shipped weights {path} are missing. Build them with "
+            f"`python tools/train_fixtures.py --out {trained_dir()}` (about 30 min on 2 CPU cores), or point "
+            f"TWINFLOW_TRAINED_DIR at a folder that has them.")
+    return path
+
+
+def trained_names(kind: str) -> list[str]:
+    """The `trained:<name>` models of folder `kind` whose files are present (loader widget lists)."""
+    return [n for (k, n), f in TRAINED_MODELS.items() if k == kind and (trained_dir() / f).is_file()]

@@ -27,9 +27,9 @@ def rope_apply_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     x0, x1 = xp[..., 0], xp[..., 1]
     if cos.ndim == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
         # Graph capture (inductor/export/ONNX) cannot take out= into strided views; the functional form
-        # computes the same mul/addcmul and the compiler fuses it.
+        # computes the same mul/addcmul and the compiler fuses it. Training (autograd) cannot take out= either.
         out = torch.stack((torch.addcmul(x0 * cos, x1, sin, value=-1), torch.addcmul(x0 * sin, x1, cos)), dim=-1)
         return out.flatten(-2).to(x.dtype)
     # Eager: written straight into the even/odd lanes of one fp32 output (no stacked temporaries); a

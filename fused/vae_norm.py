@@ -32,6 +32,11 @@ def rms_norm_cf_ref(x: torch.Tensor, gamma: torch.Tensor, bias: Optional[torch.T
     CPU engine keeps frames channels-last, where the channel reduction is contiguous). `out`: write the
     result there (same shape and dtype as x, gamma of x's dtype, no bias), e.g. a cache buffer."""
     c = x.shape[1]
+    if torch.is_grad_enabled() and out is None and any(t is not None and t.requires_grad for t in (x, gamma, bias)):
+        # training (tools/train_fixtures.py): the in-place steps below would break autograd
+        y = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(eps) * (c ** 0.5) * gamma
+        y = y + bias if bias is not None else y
+        return F.silu(y) if silu else y
     if out is not None:
         if bias is not None or gamma.dtype != x.dtype or out.shape != x.shape or out.dtype != x.dtype:
             raise ValueError("rms_norm_cf_ref(out=...) needs no bias, gamma in x's dtype and out shaped like x")

@@ -1,5 +1,6 @@
-"""What the model loader nodes share: the file list with the built-in `random:<preset>` models and the
-weight-seed widget. `random:` names are parsed by `core.paths.random_preset`."""
+"""What the model loader nodes share: the file list with the built-in `random:<preset>` models, the shipped
+`trained:<name>` models and the weight-seed widget. `random:` names are parsed by `core.paths.random_preset`;
+`trained:` names resolve in `core.paths.find_model`."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -11,8 +12,9 @@ DTYPE_CHOICES = ("default", "fp32", "fp16", "bf16")
 
 
 def model_names(kind: str, presets: Iterable[str]) -> list[str]:
-    """The loader's choices: the offered random presets, then the files of models folder `kind`."""
-    return [RANDOM_PREFIX + p for p in presets] + paths.list_models(kind)
+    """The loader's choices: the offered random presets, the shipped trained models, then the files of models
+    folder `kind`."""
+    return [RANDOM_PREFIX + p for p in presets] + paths.trained_names(kind) + paths.list_models(kind)
 
 
 def weight_seed(maximum: int = 0xFFFFFFFFFFFFFFFF) -> tuple:

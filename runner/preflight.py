@@ -239,6 +239,8 @@ def _vae_cfg(source: str):
 
     if source.startswith("random:"):
         return PRESETS.get(source.split(":", 1)[1], PRESETS["tiny"])
+    if source.startswith(paths.TRAINED_PREFIX):
+        return PRESETS["tiny"]  # the shipped trained VAE has the tiny structure (tools/train_fixtures.py)
     return PRESETS["wan2.1"]  # every Wan2.1 VAE file has this structure
 
 

@@ -36,6 +36,8 @@ def _cases(tmp: Path) -> dict:
         "benchmarks.dit": (dit, 0, "| tiny | fp32 |"),
         "benchmarks.fused": ((["--help"], 0, "--block") if torch.cuda.is_available() else ([], 2, "needs a CUDA GPU")),
         "benchmarks.quant": (["--help"], 0, "memory"),  # `memory` itself: tests/test_quant_bench.py
+        # no weights in the folder: refused by name before any work; the smoke run: tests/test_train_fixtures.py
+        "benchmarks.quality": (["--weights", str(tmp / "none")], 1, "missing weights"),
         "benchmarks.sampling": (["--help"], 0, "--layers"),
         # a bad spec is refused before any model is built; the smoke run: tests/test_step_cache_bench.py
         "benchmarks.serve": (["--help"], 0, "--clients"),  # a served run: tests/test_bench_serve.py
@@ -47,6 +49,7 @@ def _cases(tmp: Path) -> dict:
         "tools.fuzz_workflows": (["--help"], 0, "--count"),  # a run: tests/test_runner_fuzz.py
         "tools.gpu_accept": (["--help"], 0, "--dry-run"),  # the dry run itself: tests/test_gpu_accept.py
         "tools.gpu_parts": ([], 0, ""),  # the parts gpu_accept runs: importable from anywhere, does nothing alone
+        "tools.train_fixtures": (["--help"], 0, "--smoke"),  # training loops: tests/test_train_fixtures.py
         "tools.trt_smoke": ((["--help"], 0, "--vae-preset") if _has_tensorrt()
                             else (["--out", str(tmp / "trt.json")], 2, "tensorrt unavailable")),
     }

@@ -164,6 +164,39 @@ WORKFLOWS = {
 }
 
 
+# The quickstart's models: "random" (seeded random weights) or "trained" (the shipped trained:tiny family,
+# tools/train_fixtures.py). Switch to "trained" only once weights/trained_tiny/ holds the files, then rerun this tool.
+QUICKSTART_MODELS = "random"
+TRAINED_NOTE = ("TwinFlow quickstart on the 'trained:tiny' models: a Wan VAE, a Wan DiT and the detail refiner "
+                "trained on TwinFlow's procedural data set (textured shapes moving over textured backgrounds; "
+                "tools/train_fixtures.py). Prompts use the data set's words: shape, colour, texture, motion, spin, "
+                "background, camera pan. Replace them with your own Wan2.1 files for real output.")
+TRAINED_WIDGETS = {  # node id -> widget changes for QUICKSTART_MODELS = "trained"
+    1: {"ckpt_name": "trained:tiny"}, 2: {"refiner_name": "trained:tiny-refiner"}, 8: {"vae_name": "trained:tiny"},
+    3: {"text": "a red checkered square moving right spinning clockwise on a teal background camera panning up",
+        "width": 64},
+    4: {"text": "", "width": 64},
+    5: {"cutoff": 0.5},  # the cutoff the refiner was trained for
+    7: {"cfg_semantic": 1.0, "shift": 3.0},  # trained without a negative prompt; shift of the training draws
+}
+
+
+def quickstart_spec(models: str = QUICKSTART_MODELS) -> dict:
+    """The quickstart workflow on random or on the shipped trained models."""
+    spec = WORKFLOWS["dual_branch_t2v.json"]
+    if models == "random":
+        return spec
+    if models != "trained":
+        raise ValueError(f"quickstart models must be 'random' or 'trained', got {models!r}")
+    nodes = []
+    for n in spec["nodes"]:
+        n = {**n, "widgets": {**n["widgets"], **TRAINED_WIDGETS.get(n["id"], {})}}
+        if "title" in n:
+            n["title"] = n["title"].replace("random", "trained")
+        nodes.append(n)
+    return {**spec, "note": TRAINED_NOTE, "nodes": nodes}
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -175,7 +208,7 @@ def main(argv=None) -> int:
     out_dir = ROOT / "workflows"
     stale = []
     for name, spec in WORKFLOWS.items():
-        wf = build(spec)
+        wf = build(quickstart_spec() if name == "dual_branch_t2v.json" else spec)
         path = out_dir / name
         if args.check:
             if not path.is_file() or json.loads(path.read_text()) != wf:
