@@ -9,6 +9,8 @@ c = 0 only the detail branch. The single-branch sampler is this loop with no det
 ComfyUI parity (`KSampler` on a flow model): noise from `prepare_noise(seed)`, sigmas from
 `schedules.sampler_sigmas`, a non-empty input latent is normalised (`process_in`) and noised as
 x = sigma_0*noise + (1-sigma_0)*latent, the solver runs, and the result is de-normalised (`process_out`).
+Image-to-video: each branch builds its model's image inputs from its conditioning (`Branch.prepare`); a LATENT
+noise mask keeps the known frames around every model call (`image_cond.KnownRegion`, as ComfyUI's KSampler).
 """
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ from typing import Optional
 
 import torch
 
-from ..core.errors import UnsupportedError
 from ..core.handles import enter_text_caches
 from ..core.progress import Progress, check_interrupt
 from .fusion import DEFAULT_WIDTH, fuse
 from .gates import GateSchedule
 from .guidance import Branch
+from .image_cond import known_region
 from .noise import latent_format_for, prepare_noise
 from .schedules import sampler_sigmas
 from .solvers import get_solver
@@ -74,9 +76,6 @@ def _check_latent(latent) -> torch.Tensor:
     x = latent["samples"]
     if x.ndim != 5:
         raise ValueError(f"latent: expected samples [B, C, T, H, W] (a video latent), got shape {tuple(x.shape)}")
-    if "noise_mask" in latent:
-        raise UnsupportedError("latent has a noise_mask (inpainting); the TwinFlow samplers do not support masked "
-                               "denoising yet — remove the mask or use ComfyUI's KSampler")
     return x
 
 
@@ -127,18 +126,21 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
 
     device = semantic.denoiser.device
     batch = samples.shape[0]
+    x0 = samples.to(device=device, dtype=torch.float32)
+    if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
+        x0 = fmt.process_in(x0)
+    noise = noise.to(device=device, dtype=torch.float32)
+    # a noise mask (Wan22ImageToVideoLatent's start frames) keeps its region, as ComfyUI's KSamplerX0Inpaint
+    known, denoise_mask = known_region(latent, samples.shape, x0, noise, semantic.denoiser, device)
     for b in (semantic, detail):
         if b is not None:
-            b.prepare(batch)
+            b.prepare(batch, samples.shape, denoise_mask)
             # one cache per branch: a branch's skips never use another branch's history
             cfg = config_for(b.denoiser, b.name)
             b.cache = BranchCache(cfg, b.name, sigmas, percent_to_sigma_flow(float(shift)), b.denoiser) \
                 if cfg is not None else None
-    x0 = samples.to(device=device, dtype=torch.float32)
-    if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
-        x0 = fmt.process_in(x0)
     s0 = float(sigmas[0])
-    x = s0 * noise.to(device=device, dtype=torch.float32) + (1.0 - s0) * x0
+    x = s0 * noise + (1.0 - s0) * x0
     n_steps = len(sigmas) - 1
     fuse_time = [0.0]
 
@@ -169,7 +171,11 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
     last_x0: list = [None]  # the latest denoised estimate: a host may show it as a preview
 
     def model_keep(x: torch.Tensor, i: int) -> torch.Tensor:
-        last_x0[0] = model(x, i)
+        if known is None:
+            last_x0[0] = model(x, i)
+        else:
+            x = known.model_input(x, float(sigmas[i]))
+            last_x0[0] = known.prediction(model(x, i))
         return last_x0[0]
 
     try:
