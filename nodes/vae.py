@@ -148,13 +148,73 @@ class TwinFlowVAEDecode:
         return (video_to_images(video),)
 
 
+class TwinFlowImageToVideo:
+    """Start image -> image-to-video conditioning, the way the model family takes it (ComfyUI's formulas)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The model family's VAE: Wan2.1 (16 channels) for Wan2.1 I2V "
+                                                        "and the Wan2.2 I2V experts, Wan2.2 (48) for Wan2.2 TI2V-5B."}),
+                "start_image": ("IMAGE", {"tooltip": "The first frame(s); resized (bilinear, centre crop) to "
+                                                     "width x height."}),
+                "width": ("INT", {"default": 832, "min": 16, "max": MAX_RESOLUTION, "step": 16}),
+                "height": ("INT", {"default": 480, "min": 16, "max": MAX_RESOLUTION, "step": 16}),
+                "length": ("INT", {"default": 81, "min": 1, "max": MAX_RESOLUTION, "step": 4,
+                                   "tooltip": "frames of the video (1+4k)"}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {"tooltip": "Wan2.1 VAE: gets the start image (needed)"}),
+                "negative": ("CONDITIONING", {"tooltip": "Wan2.1 VAE: gets the start image (needed for cfg != 1)"}),
+                "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan2.1 I2V 14B only: CLIPVisionEncode of "
+                                                                         "the start image"}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Image-to-video for the TwinFlow samplers and core KSampler. With a Wan2.1 VAE: ComfyUI's "
+                   "WanImageToVideo (the encoded image + mask on the conditioning, an empty latent). With the Wan2.2 "
+                   "VAE: ComfyUI's Wan22ImageToVideoLatent (the image inside the latent with a noise mask; the "
+                   "conditioning passes through).")
+
+    def build(self, vae, start_image, width, height, length, batch_size, positive=None, negative=None,
+              clip_vision_output=None):
+        from ..sampling.image_cond import wan22_image_to_video_latent, wan_image_to_video
+
+        vae = as_vae(vae)
+
+        def encode(pixels):
+            return vae.encode(images_to_video(pixels, vae.cfg.spatial_ratio)).to(torch.float32).cpu()
+
+        where = "TwinFlow Image to Video"
+        if vae.cfg.z_dim == 48:
+            if clip_vision_output is not None:
+                raise ValueError(f"{where}: Wan2.2 TI2V-5B takes no CLIP vision output; disconnect clip_vision_output")
+            latent = wan22_image_to_video_latent(encode, width, height, length, batch_size, start_image, where=where)
+            return (positive, negative, latent)
+        if positive is None:
+            raise ValueError(f"{where}: with a Wan2.1 VAE the start image rides on the conditioning; connect positive "
+                             f"(and negative for cfg != 1)")
+        pos, neg, latent = wan_image_to_video(positive, negative if negative is not None else [], encode, width,
+                                              height, length, batch_size, start_image=start_image,
+                                              clip_vision_output=clip_vision_output, where=where)
+        return (pos, neg if negative is not None else None, latent)
+
+
 NODE_CLASS_MAPPINGS = {
     "TwinFlowLoadVAE": TwinFlowLoadVAE,
     "TwinFlowVAEEncode": TwinFlowVAEEncode,
     "TwinFlowVAEDecode": TwinFlowVAEDecode,
+    "TwinFlowImageToVideo": TwinFlowImageToVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TwinFlowLoadVAE": "TwinFlow Load VAE",
     "TwinFlowVAEEncode": "TwinFlow VAE Encode",
     "TwinFlowVAEDecode": "TwinFlow VAE Decode",
+    "TwinFlowImageToVideo": "TwinFlow Image to Video",
 }
