@@ -65,7 +65,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WanDiTConfig:
-    """Hyper-parameters of a Wan2.1 T2V `WanModel` (names follow the official constructor)."""
+    """Hyper-parameters of a Wan `WanModel` (names follow the official constructor, plus the image fields).
+
+    The kind of model follows from the channels and the image fields (`kind`):
+      t2v   in 16, out 16                       Wan2.1 T2V, Wan2.2 T2V A14B experts
+      i2v   in 36 (noise 16 + mask 4 + image latent 16), out 16; with `image_dim` (CLIP vision features
+            through `img_emb`, image cross-attention `k_img/v_img`): Wan2.1 I2V/FLF2V; without: the
+            Wan2.2 I2V A14B experts (no CLIP)
+      ti2v  in 48, out 48                       Wan2.2 TI2V-5B (48-channel Wan2.2 VAE latent, per-token timesteps)
+    """
 
     dim: int = 1536
     ffn_dim: int = 8960
@@ -81,6 +89,8 @@ class WanDiTConfig:
     cross_attn_norm: bool = True
     eps: float = 1e-6
     rope_theta: float = 10000.0
+    image_dim: int = 0  # width of the CLIP vision features `img_emb` takes (1280); 0 = no image cross-attention
+    image_pos_tokens: int = 0  # FLF2V: tokens of the learned `img_emb.emb_pos` (2 x 257); 0 = none
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -91,6 +101,23 @@ class WanDiTConfig:
                              f"(t gets d - 4*(d//6), h and w get 2*(d//6)); use a head_dim that is a multiple of 6*2")
         if len(self.patch_size) != 3:
             raise ValueError(f"WanDiTConfig: patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        if self.image_pos_tokens and not self.image_dim:
+            raise ValueError("WanDiTConfig: image_pos_tokens (FLF2V) needs image_dim (the image embedding)")
+        if (self.in_dim, self.out_dim) not in _KINDS:
+            raise ValueError(f"WanDiTConfig: in_dim {self.in_dim} / out_dim {self.out_dim} is not a Wan model "
+                             f"TwinFlow runs; expected one of {sorted(_KINDS)} (t2v, i2v, ti2v)")
+        if self.image_dim and _KINDS[(self.in_dim, self.out_dim)] != "i2v":
+            raise ValueError(f"WanDiTConfig: image_dim is set but in_dim {self.in_dim} is not an I2V model's 36")
+
+    @property
+    def kind(self) -> str:
+        """'t2v' | 'i2v' | 'ti2v' (see the class docstring)."""
+        return _KINDS[(self.in_dim, self.out_dim)]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latent the model denoises (16: Wan2.1 VAE, 48: Wan2.2 VAE)."""
+        return self.out_dim
 
     @property
     def head_dim(self) -> int:
@@ -106,11 +133,30 @@ class WanDiTConfig:
         return json.dumps(asdict(self))
 
 
+# (in_dim, out_dim) -> kind. I2V: the caller concatenates [noise 16, mask 4, image latent 16] on channels.
+_KINDS = {(16, 16): "t2v", (36, 16): "i2v", (48, 48): "ti2v"}
+
+# The shift of ComfyUI's `supported_models` sampling_settings for every Wan model above (WAN21_T2V,
+# WAN21_I2V, WAN22_T2V (TI2V-5B) all inherit shift 8.0); ComfyUI's templates may patch it (ModelSamplingSD3).
+COMFY_SAMPLING_SHIFT = 8.0
+# ComfyUI's latent format per latent width: `latent_formats.Wan21` (16 ch) and `Wan22` (48 ch).
+COMFY_LATENT_FORMAT = {16: "wan21", 48: "wan22"}
+
+_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 PRESETS: dict[str, WanDiTConfig] = {
     "wan2.1-1.3b": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "wan2.1-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "wan2.1-14b": WanDiTConfig(**_14B),  # also each Wan2.2 T2V A14B expert
+    "wan2.1-i2v-14b": WanDiTConfig(**_14B, in_dim=36, image_dim=1280),  # 480p and 720p share the layout
+    "wan2.1-flf2v-14b": WanDiTConfig(**_14B, in_dim=36, image_dim=1280, image_pos_tokens=2 * 257),
+    "wan2.2-i2v-a14b": WanDiTConfig(**_14B, in_dim=36),  # each I2V expert: no CLIP, no img_emb
+    "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     # head_dim 128 like the real models, so config detection (heads = dim // 128) round-trips.
     "tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+    "i2v-tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, image_dim=64),
+    "flf2v-tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, image_dim=64,
+                               image_pos_tokens=2 * 5),
+    "i2v-noclip-tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36),
+    "ti2v-tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=48, out_dim=48),
 }
 
 
@@ -252,7 +298,23 @@ class WanSelfAttention(_WanAttention):
 
 
 class WanCrossAttention(_WanAttention):
-    """T2V cross-attention on the text tokens (no RoPE); same keys as the self-attention."""
+    """Cross-attention on the text tokens (no RoPE); same keys as the self-attention. I2V models (config
+    `image_dim`) add `k_img, v_img, norm_k_img`: a second attention of the same queries on the image tokens,
+    whose output is added to the text attention's before `o` (the official `WanI2VCrossAttention`)."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__(cfg)
+        if cfg.image_dim:
+            # the image tokens are already `dim` wide (img_emb projects the CLIP features)
+            self.k_img, self.v_img = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+            self.norm_k_img = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def image_kv(self, image):
+        """Image keys and values (B, H, Li, Dh) each from the embedded image tokens (B, Li, D)."""
+        b, li, _ = image.shape
+        k = self.norm_k_img(linear(self.k_img, image)).view(b, li, self.num_heads, -1).transpose(1, 2)
+        v = linear(self.v_img, image).view(b, li, self.num_heads, -1).transpose(1, 2)
+        return k, v
 
     def kv(self, context):
         """Text keys and values (B, H, Lc, Dh) each: depend on the context only (cached per sampler run)."""
@@ -261,7 +323,8 @@ class WanCrossAttention(_WanAttention):
         v = linear(self.v, context).view(b, lc, self.num_heads, -1).transpose(1, 2)
         return k, v
 
-    def forward(self, x, context, bias: Optional[torch.Tensor], kv=None):
+    def forward(self, x, context, bias: Optional[torch.Tensor], kv=None, image=None):
+        # image: embedded image tokens (B, Li, D) of an I2V model with CLIP features, else None
         b, n, dim = x.shape
         q = self.norm_q(linear(self.q, x)).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, L, Dh)
         k, v = self.kv(context) if kv is None else kv  # (B, H, Lc, Dh)
@@ -271,6 +334,9 @@ class WanCrossAttention(_WanAttention):
             # Folded padding: the log(N) logit bias must not be rounded to bf16/fp16 (6.2 has a bf16
             # step of 0.03), so this small attention (Lc = real tokens + 1) runs in fp32.
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(x.dtype)
+        if image is not None:
+            # a separate softmax over the image tokens: the text padding fold above is unaffected
+            y = y + F.scaled_dot_product_attention(q, *self.image_kv(image))
         return linear(self.o, y.transpose(1, 2).reshape(b, n, dim))
 
 
@@ -288,25 +354,29 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
 
-    def forward(self, x, e0, cos, sin, context, bias, kv=None, pending=None, defer: bool = False):
+    def forward(self, x, e0, cos, sin, context, bias, kv=None, pending=None, defer: bool = False, image=None):
         # x: (B, L, D) float32 residual stream; e0: (B, 6, D) float32; context: (B, Lc, D) compute dtype;
         # kv: this block's cross-attention (K, V) from WanDiT.text_cache(), or None to compute them.
         # pending: the previous block's deferred FFN residual (gate, y): x + gate*y and this block's first
         # LN-modulate run as one fused op (`ops.gated_residual_ln_modulate`). defer=True returns
         # (x, (gate, y)) instead of applying this block's FFN residual, for the next block (or the head).
+        # image: embedded image tokens (B, Li, D) for the I2V image cross-attention, or None.
+        # Per-group timesteps (TI2V): x is (B, G, S, D) (G groups of S tokens: frames, or single tokens) and
+        # e0 (B, G, 6, D); the modulation then broadcasts per group and the attentions see x as (B, G*S, D).
         cdt = context.dtype
-        m = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x (B, 1, D) fp32
+        m = (self.modulation.float() + e0).unsqueeze(-2).unbind(-3)  # 6 x (B, 1, D) fp32 [or (B, G, 1, D)]
         if pending is None:
             h = ops.ln_modulate(x, m[0], m[1], self.eps).to(cdt)
         else:
             x, h = ops.gated_residual_ln_modulate(x, pending[0], pending[1], m[0], m[1], self.eps)
             h = h.to(cdt)
-        x = ops.gated_residual(x, m[2], self.self_attn(h, cos, sin))
+        x = ops.gated_residual(x, m[2], self.self_attn(h.flatten(1, -2), cos, sin).view(x.shape))
         if isinstance(self.norm3, nn.LayerNorm):
             h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         else:
             h = x
-        x = x + self.cross_attn(h.to(cdt), context, bias, kv)  # fp32 + bf16 promotes per element: no fp32 copy
+        # fp32 + bf16 promotes per element: no fp32 copy
+        x = x + self.cross_attn(h.to(cdt).flatten(1, -2), context, bias, kv, image).view(x.shape)
         h = ops.ln_modulate(x, m[3], m[4], self.eps).to(cdt)
         y = mlp(self.ffn, h)
         if defer:
@@ -325,13 +395,39 @@ class Head(nn.Module):
 
     def forward(self, x, e, pending=None):
         # x: (B, L, D) fp32; e: (B, D) fp32 -- the time embedding itself, not the 6-way projection;
-        # pending: the last block's deferred FFN residual (gate, y), fused with the head's LN-modulate
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
+        # pending: the last block's deferred FFN residual (gate, y), fused with the head's LN-modulate.
+        # Per-group timesteps: x (B, G, S, D), e (B, G, D) -> shift/scale (B, G, 1, D).
+        shift, scale = (self.modulation.float() + e.unsqueeze(-2)).unsqueeze(-2).unbind(-3)  # (B, 1, D)
         if pending is None:
             h = ops.ln_modulate(x, shift, scale, self.eps)
         else:
             _, h = ops.gated_residual_ln_modulate(x, pending[0], pending[1], shift, scale, self.eps)
         return linear(self.head, h.to(_float_dtype(self.head))).float()  # (B, L, prod(patch)*out_dim)
+
+
+class ImageEmbedding(nn.Module):
+    """`img_emb` of I2V/FLF2V models: CLIP vision features (B, Li, image_dim) -> image tokens (B, Li, dim) by
+    LayerNorm, Linear, GELU (exact), Linear, LayerNorm (keys `proj.{0,1,3,4}`, the official `MLPProj`).
+    FLF2V adds a learned position embedding `emb_pos` (1, 2*257, image_dim) over the first and last frame's
+    features, concatenated on tokens (ComfyUI's `WanFirstLastFrameToVideo` layout)."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        d_in = cfg.image_dim
+        self.proj = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, cfg.dim),
+                                  nn.LayerNorm(cfg.dim))
+        if cfg.image_pos_tokens:
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_pos_tokens, d_in))
+
+    def forward(self, clip_fea):
+        ln_in, up, act, down, ln_out = self.proj
+        x = clip_fea.float()
+        if hasattr(self, "emb_pos"):  # a single image (257 tokens) gets the first positions, as ComfyUI does
+            x = x + self.emb_pos[:, : x.shape[1]].float()
+        # the LayerNorms in fp32 (the official code runs them under autocast, which keeps layer_norm fp32)
+        x = F.layer_norm(x, x.shape[-1:], ln_in.weight.float(), ln_in.bias.float(), ln_in.eps)
+        x = linear(down, act(linear(up, x.to(_float_dtype(up)))))
+        return F.layer_norm(x.float(), x.shape[-1:], ln_out.weight.float(), ln_out.bias.float(), ln_out.eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +444,7 @@ def keep_fp32(key: str) -> bool:
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 T2V `WanModel`: forward(x (B,16,T,H,W), timestep (B,), context (B,L,4096)) -> velocity."""
+    """Wan `WanModel` (T2V, I2V, TI2V): forward(x, timestep, context, clip_fea) -> velocity; see `forward`."""
 
     _ROPE_CACHE_SIZE = 8
     _TEXT_CACHE_SIZE = 4  # contexts per text_cache(): positive and negative prompt, with room to spare
@@ -364,6 +460,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.image_dim:
+            self.img_emb = ImageEmbedding(cfg)
         # RoPE tables per (grid, device): plain attribute, not a buffer (never in the state dict, never on meta).
         self._rope_cache: dict = {}
         self._text_cache: Optional[list] = None  # a list only inside text_cache()
@@ -472,41 +570,101 @@ class WanDiT(nn.Module):
         bias[..., -1] = math.log(n_pad)
         return tokens, bias
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Velocity (B, out_dim, T, H, W) in x's dtype for latents x, timesteps (B,) in [0, 1000], text (B, L, D)."""
+    def _timestep_groups(self, timestep: torch.Tensor, b: int, grid: tuple) -> torch.Tensor:
+        """Timesteps as (B,) (one per sample) or (B, G) (one per group of tokens: G = frames or tokens).
+
+        Accepts a scalar, (B,), (B, L) one per patch token (diffusers' `expand_timesteps`, Wan2.2 TI2V) or
+        (B, F) one per latent frame (ComfyUI's WAN22 `process_timestep` from the denoise mask). A per-token
+        tensor that is constant within each frame is reduced to frames, one constant over all tokens to (B,):
+        the same values, so the same result, with the time MLPs run per frame (or per sample) only."""
+        f, gh, gw = grid
+        n_tokens = f * gh * gw
+        if timestep.ndim == 0:
+            return timestep.expand(b)
+        if timestep.ndim == 1 and timestep.shape[0] == b:
+            return timestep
+        if timestep.ndim != 2 or timestep.shape[0] != b or timestep.shape[1] not in (n_tokens, f):
+            raise ValueError(f"Wan DiT timestep must be a scalar, ({b},), ({b}, {n_tokens}) one per patch token or "
+                             f"({b}, {f}) one per latent frame, got {tuple(timestep.shape)}")
+        if timestep.shape[1] == n_tokens:
+            per_frame = timestep.view(b, f, gh * gw)
+            if not bool((per_frame == per_frame[..., :1]).all()):
+                return timestep  # (B, L): varies inside a frame
+            timestep = per_frame[..., 0]
+        if bool((timestep == timestep[:, :1]).all()):
+            return timestep[:, 0].contiguous()  # (B,)
+        return timestep  # (B, F)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: Optional[torch.Tensor] = None,
+                clip_fea: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity (B, out_dim, T, H, W) in x's dtype.
+
+        Args:
+            x: latents (B, in_dim, T, H, W). I2V (in_dim 36): [noisy latent 16, mask 4, image latent 16]
+                concatenated on channels by the caller, in that order (ComfyUI's `concat_cond`).
+            timestep: sigma * 1000, a scalar, (B,), or for TI2V (B, L) one per patch token / (B, F) one per
+                latent frame (L = F*H*W / prod(patch), F = T / patch_t): the time embedding, every block's
+                modulation and the head are then per token.
+            context: text embeddings (B, Lc <= 512, text_dim) (umT5), None = the empty prompt.
+            clip_fea: I2V models with CLIP (`config.image_dim`): CLIP vision ViT-H/14 penultimate hidden states
+                (B, 257, 1280); FLF2V: first and last frame's concatenated on tokens (B, 514, 1280).
+        """
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.in_dim:
-            raise ValueError(f"Wan DiT input must be latents (B, {cfg.in_dim}, T, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"Wan DiT input must be latents (B, {cfg.in_dim}, T, H, W), got {tuple(x.shape)}"
+                             + (" (I2V: noise 16 + mask 4 + image latent 16 channels)" if cfg.in_dim == 36 else ""))
         b, _, t, hh, ww = x.shape
         pt, ph, pw = cfg.patch_size
         if t % pt or hh % ph or ww % pw:
             raise ValueError(f"Wan DiT latent size (T={t}, H={hh}, W={ww}) must be divisible by the patch size "
                              f"{cfg.patch_size}; use an image size that is a multiple of {8 * ph} pixels")
-        timestep = torch.as_tensor(timestep, device=x.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(b)
-        if timestep.shape != (b,):
-            raise ValueError(f"Wan DiT timestep must be a scalar or shape ({b},), got {tuple(timestep.shape)}")
         cdt = self.patch_embedding.weight.dtype
         grid = (t // pt, hh // ph, ww // pw)
+        timestep = self._timestep_groups(torch.as_tensor(timestep, device=x.device), b, grid)
+        groups = timestep.shape[1] if timestep.ndim == 2 else None  # None: one timestep per sample
+        image = self._embed_image(clip_fea, b, cdt, x.device)  # (B, Li, D) or None
 
         # Time: fp32 island (the time layers are kept in fp32 by the loaders; cast in case someone .to()'d them).
-        sin_t = sinusoidal_embedding(timestep, cfg.freq_dim)  # (B, freq_dim) fp32
-        e = self.time_embedding(sin_t.to(_float_dtype(self.time_embedding[0]))).float()  # (B, D)
+        sin_t = sinusoidal_embedding(timestep.flatten(), cfg.freq_dim)  # (B [*G], freq_dim) fp32
+        e = self.time_embedding(sin_t.to(_float_dtype(self.time_embedding[0]))).float()  # (B [*G], D)
         e0 = self.time_projection(e.to(_float_dtype(self.time_projection[1]))).float()
-        e0 = e0.unflatten(1, (6, cfg.dim))  # (B, 6, D)
+        e0 = e0.unflatten(1, (6, cfg.dim))  # (B [*G], 6, D)
 
         context, bias, kvs = self._text_kv(context, b, cdt, x.device)  # (B, Lc, D); kvs only in text_cache()
         cos, sin = self._rope(grid, x.device)  # (L, Dh/2) fp32
 
         h = self._embed_patches(x.to(cdt)).float()  # (B, L, D) fp32 stream
+        if groups is not None:  # per-group timesteps: stream (B, G, S, D), e (B, G, D), e0 (B, G, 6, D)
+            h, e, e0 = h.view(b, groups, -1, cfg.dim), e.view(b, groups, cfg.dim), e0.view(b, groups, 6, cfg.dim)
         pending = None  # each block's FFN residual is fused with the next LN-modulate (see the block)
         for i, block in enumerate(self.blocks):
             h, pending = block(h, e0, cos, sin, context, bias, None if kvs is None else kvs[i],
-                               pending=pending, defer=True)
-        out = self.head(h, e, pending)  # (B, L, pt*ph*pw*C), channels fastest
+                               pending=pending, defer=True, image=image)
+        out = self.head(h, e, pending)  # (B, L, pt*ph*pw*C) [or (B, G, S, ...)], channels fastest
         out = out.view(b, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, t, hh, ww).to(x.dtype)
+
+    def _embed_image(self, clip_fea: Optional[torch.Tensor], batch: int, cdt, device) -> Optional[torch.Tensor]:
+        """Image tokens (B, Li, D) in the compute dtype for I2V models with CLIP, else None (checked inputs)."""
+        cfg = self.config
+        if not cfg.image_dim:
+            if clip_fea is not None:
+                log_once(logger, ("wan_dit.clip_unused", cfg.in_dim), "Wan DiT (%s, no image embedding) called with "
+                         "CLIP vision features: this model does not use them (Wan2.2 I2V and TI2V take the image "
+                         "through the latent only); ignored", cfg.kind)
+            return None
+        if clip_fea is None:
+            raise ValueError("this Wan I2V model is conditioned on CLIP vision features: pass clip_fea (B, 257, "
+                             f"{cfg.image_dim}), the penultimate hidden states of CLIP vision ViT-H/14 "
+                             "(clip_vision_h, as ComfyUI's CLIPVisionEncode -> WanImageToVideo provide them)")
+        if clip_fea.ndim != 3 or clip_fea.shape[-1] != cfg.image_dim or clip_fea.shape[0] not in (1, batch):
+            raise ValueError(f"Wan DiT clip_fea must be ({batch}, tokens, {cfg.image_dim}) CLIP vision features "
+                             f"(257 tokens per image), got {tuple(clip_fea.shape)}")
+        if cfg.image_pos_tokens and clip_fea.shape[1] > cfg.image_pos_tokens:
+            raise ValueError(f"Wan FLF2V clip_fea has {clip_fea.shape[1]} tokens; the model's position embedding "
+                             f"covers {cfg.image_pos_tokens} (first and last frame, 257 each)")
+        image = self.img_emb(clip_fea.to(device))  # fp32 (Li, D) after the last LayerNorm
+        return image.to(cdt).expand(batch, -1, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,6 +728,13 @@ _FROM_DIFFUSERS = (
     (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
     (".scale_shift_table", ".modulation"),
     ("proj_out.", "head.head."),
+    # I2V/FLF2V (diffusers `image_dim` / `added_kv_proj_dim` / `pos_embed_seq_len`)
+    (".attn2.add_k_proj.", ".cross_attn.k_img."), (".attn2.add_v_proj.", ".cross_attn.v_img."),
+    (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
 )
 
 
@@ -579,6 +744,9 @@ def from_diffusers_keys(sd: dict) -> dict:
     for k, v in sd.items():
         if k == "scale_shift_table":
             out["head.modulation"] = v
+            continue
+        if k == "condition_embedder.image_embedder.pos_embed":  # FLF2V (diffusers' own converter skips it)
+            out["img_emb.emb_pos"] = v
             continue
         for old, new in _FROM_DIFFUSERS:
             k = k.replace(old, new)
@@ -625,11 +793,24 @@ def _shape(sd, key, source):
     return tuple(sd[key].shape)
 
 
+# Wan-family files TwinFlow does not run (ComfyUI's model_detection keys), named in the refusal.
+_OTHER_VARIANTS = (
+    ("vace_patch_embedding.weight", "Wan VACE"), ("control_adapter.conv.weight", "Wan Fun camera control"),
+    ("casual_audio_encoder.encoder.final_linear.weight", "Wan2.2 S2V"),
+    ("audio_proj.audio_proj_glob_1.layer.bias", "HuMo"), ("face_adapter.fuser_blocks.0.k_norm.weight", "Wan2.2 Animate"),
+    ("ref_conv.weight", "Wan Fun (reference image)"),
+)
+
+
 def detect_config(sd: dict, source: str = "state dict") -> WanDiTConfig:
-    """Derive the config from tensor shapes (official keys), as ComfyUI's model detection does."""
-    if any(k.startswith("img_emb.") or ".cross_attn.k_img." in k for k in sd):
-        raise UnsupportedError(f"{source}: this is a Wan2.1 image-to-video (I2V/FLF2V) model (it has 'img_emb' / "
-                               f"'cross_attn.k_img' keys); only text-to-video checkpoints are supported.")
+    """Derive the config from tensor shapes (official keys), as ComfyUI's model detection does.
+
+    T2V (Wan2.1, each Wan2.2 A14B T2V expert), I2V with CLIP (Wan2.1 I2V 480p/720p, FLF2V: `img_emb`), I2V
+    without CLIP (each Wan2.2 I2V A14B expert: in_dim 36, no `img_emb`) and TI2V (Wan2.2 5B: in/out 48)."""
+    for key, name in _OTHER_VARIANTS:
+        if key in sd:
+            raise UnsupportedError(f"{source}: this is a {name} model (it has '{key}'); TwinFlow runs Wan T2V, "
+                                   f"I2V, FLF2V and TI2V diffusion models only.")
     pe = _shape(sd, "patch_embedding.weight", source)  # (dim, in_dim, pt, ph, pw)
     if len(pe) != 5:
         raise CheckpointError(f"{source}: patch_embedding.weight has shape {pe}; expected a Conv3d weight (5 dims)")
@@ -642,20 +823,28 @@ def detect_config(sd: dict, source: str = "state dict") -> WanDiTConfig:
         raise CheckpointError(f"{source}: model width {dim} is not a multiple of 128, the Wan head size; "
                               f"pass an explicit preset/config for a custom model")
     head_out = _shape(sd, "head.head.weight", source)[0]
+    out_dim = head_out // math.prod(patch)
+    if (in_dim, out_dim) not in _KINDS:
+        what = {(48, 16): " (a Wan Fun control model)", (32, 16): " (a Wan camera model)"}.get((in_dim, out_dim), "")
+        raise UnsupportedError(f"{source}: patch_embedding takes {in_dim} channels and the head gives {out_dim}"
+                               f"{what}; TwinFlow runs Wan T2V (16/16), I2V (36/16) and TI2V (48/48) models")
+    has_image = "img_emb.proj.0.weight" in sd
+    if has_image != any(".cross_attn.k_img." in k for k in sd):
+        raise CheckpointError(f"{source}: incomplete I2V model: it has {'img_emb' if has_image else 'cross_attn.k_img'} "
+                              f"keys but no {'cross_attn.k_img' if has_image else 'img_emb'} keys")
     cfg = WanDiTConfig(
         dim=dim, in_dim=in_dim, patch_size=patch,
         ffn_dim=_shape(sd, "blocks.0.ffn.0.weight", source)[0],
         num_heads=dim // 128,  # every Wan model uses head_dim 128 (ComfyUI detects heads the same way)
         num_layers=num_layers,
-        out_dim=head_out // math.prod(patch),
+        out_dim=out_dim,
         text_dim=_shape(sd, "text_embedding.0.weight", source)[1],
         freq_dim=_shape(sd, "time_embedding.0.weight", source)[1],
         qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
         cross_attn_norm="blocks.0.norm3.weight" in sd,
+        image_dim=_shape(sd, "img_emb.proj.0.weight", source)[0] if has_image else 0,
+        image_pos_tokens=_shape(sd, "img_emb.emb_pos", source)[1] if "img_emb.emb_pos" in sd else 0,
     )
-    if in_dim != 16:
-        raise UnsupportedError(f"{source}: patch_embedding takes {in_dim} channels; Wan2.1 T2V takes 16 "
-                               f"(36/48 channels are I2V or Wan2.2 models, which are not supported)")
     return cfg
 
 
@@ -769,6 +958,10 @@ def random_wan_dit(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = tor
             v = torch.randn(shape, generator=gen) / cfg.dim ** 0.5
         elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or ".norm3.weight" in name:
             v = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith("norm_k_img.weight") or name in ("img_emb.proj.0.weight", "img_emb.proj.4.weight"):
+            v = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name == "img_emb.emb_pos":
+            v = 0.02 * torch.randn(shape, generator=gen)
         elif name.endswith(".bias"):
             v = 0.02 * torch.randn(shape, generator=gen)
         else:
@@ -800,4 +993,21 @@ def make_denoiser(module: WanDiT, name: str = "", source: str = ""):
     cfg = module.config
     return Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim,
                     name=name or preset_name(cfg), config=cfg, timestep_scale=1000.0,
-                    info={"source": source, "preset": preset_name(cfg)})
+                    info={"source": source, "preset": preset_name(cfg), **model_info(cfg)})
+
+
+def model_info(cfg: WanDiTConfig) -> dict:
+    """What a caller needs to know to condition and sample this model (also `Denoiser.info`):
+
+    model_kind       't2v' | 'i2v' | 'ti2v' (see `WanDiTConfig`)
+    clip_vision      True when forward needs `clip_fea` (Wan2.1 I2V/FLF2V); False for the Wan2.2 I2V experts
+    flf2v            True for a first-last-frame model (clip_fea of 2 x 257 tokens)
+    latent_channels  16 (Wan2.1 VAE) or 48 (Wan2.2 VAE): the noise/latent width; I2V models take 36 input
+                     channels = latent 16 + mask 4 + image latent 16 (in `in_channels`)
+    latent_format_comfy, sampling_shift_comfy: ComfyUI's latent format ('wan21'/'wan22') and
+                     sampling_settings shift for this model (its supported_models entry)
+    per_token_timestep  True for TI2V: forward accepts (B, L) / (B, F) timesteps (first-frame conditioning)
+    """
+    return {"model_kind": cfg.kind, "clip_vision": bool(cfg.image_dim), "flf2v": bool(cfg.image_pos_tokens),
+            "latent_channels": cfg.latent_channels, "latent_format_comfy": COMFY_LATENT_FORMAT[cfg.latent_channels],
+            "sampling_shift_comfy": COMFY_SAMPLING_SHIFT, "per_token_timestep": cfg.kind == "ti2v"}

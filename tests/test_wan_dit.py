@@ -38,12 +38,16 @@ def _diffusers_model(cfg, ours):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     sd = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()})
+    if "img_emb.emb_pos" in sd:  # FLF2V: diffusers' single-file converter leaves this key as it is
+        sd["condition_embedder.image_embedder.pos_embed"] = sd.pop("img_emb.emb_pos")
+    image = dict(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim,  # I2V: k_img/v_img act on dim-wide tokens
+                 pos_embed_seq_len=cfg.image_pos_tokens or None) if cfg.image_dim else {}
     with torch.device("meta"):
         ref = diffusers.WanTransformer3DModel(
             patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
             in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
             ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-            qk_norm="rms_norm_across_heads", eps=cfg.eps)
+            qk_norm="rms_norm_across_heads", eps=cfg.eps, **image)
     ref.load_state_dict(sd, strict=True, assign=True)
     # non-persistent RoPE buffers were built on meta: rebuild them on the CPU
     ref.rope = type(ref.rope)(cfg.head_dim, cfg.patch_size, 1024)
@@ -350,10 +354,18 @@ def test_adaln_dit_and_unknown_files(tmp_path):
         W.load_wan_dit(path)
 
 
-def test_i2v_is_refused(tiny):
+def test_other_wan_variants_are_refused_by_name(tiny):
     sd = dict(tiny.state_dict())
-    sd["blocks.0.cross_attn.k_img.weight"] = torch.zeros(256, 256)
-    with pytest.raises(UnsupportedError, match="image-to-video"):
+    sd["vace_patch_embedding.weight"] = torch.zeros(256, 96, 1, 2, 2)
+    with pytest.raises(UnsupportedError, match="Wan VACE model"):
+        W.wan_dit_from_state_dict(sd, "vace.safetensors")
+    sd = dict(tiny.state_dict())
+    sd["patch_embedding.weight"] = torch.zeros(256, 48, 1, 2, 2)  # Fun control: 48 in, 16 out
+    with pytest.raises(UnsupportedError, match="Fun control"):
+        W.wan_dit_from_state_dict(sd, "fun.safetensors")
+    sd = dict(W.random_wan_dit("i2v-tiny").state_dict())
+    del sd["img_emb.proj.0.weight"]
+    with pytest.raises(CheckpointError, match="incomplete I2V"):
         W.wan_dit_from_state_dict(sd, "i2v.safetensors")
 
 
