@@ -113,6 +113,11 @@ class Branch:
         self.stats = BranchStats()
         self._guided = not math.isclose(self.cfg, 1.0)
         self._frame_weights = None
+        if denoise_mask is not None and d.family == "comfy":
+            raise ValueError(f"{self.name} branch: the latent carries a noise_mask and the model is a core MODEL run "
+                             f"through ComfyUI's apply_model, which the TwinFlow samplers cannot hand the mask to "
+                             f"(Wan2.2 TI2V's per-frame timestep); sample it with core KSampler, or load the model "
+                             f"with TwinFlow Load DiT")
         if denoise_mask is not None and frame_timesteps(d):
             self._frame_weights = frame_weights(denoise_mask.to(d.device))  # (B, T)
         if d.text_dim is None:

@@ -197,13 +197,15 @@ def takes_clip_vision(denoiser) -> bool:
 
 def frame_timesteps(denoiser) -> bool:
     """Whether the model takes a timestep per frame from the latent's noise mask (Wan2.2 TI2V, ComfyUI's WAN22)."""
+    if "per_token_timestep" in denoiser.info:  # models.wan_dit.model_info: kind == "ti2v"
+        return bool(denoiser.info["per_token_timestep"])
     return denoiser.family == "wan_dit" and denoiser.info.get("latent_format") == "wan22"
 
 
 def inpaint_keeps_clean_latent(denoiser) -> bool:
     """ComfyUI's `scale_latent_inpaint`: WAN22 (the 48-channel TI2V model) feeds the known region as the clean
     latent; every other model as the latent noised to the current sigma."""
-    return denoiser.info.get("latent_format") == "wan22"
+    return latent_format_for(denoiser).name == "wan22"
 
 
 @dataclass
