@@ -22,6 +22,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "twinflow": ("twinflow",),  # refiners, gate nets, quantized files, compile cache
     "latents": ("latents",),
     "loras": ("loras",),  # ComfyUI's LoRA folder (LoraLoaderModelOnly)
+    "clip_vision": ("clip_vision",),  # CLIP vision encoders (CLIPVisionLoader)
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".json")
 

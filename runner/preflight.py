@@ -45,6 +45,7 @@ MODEL_INPUTS: dict[str, dict[str, str]] = {
     "UNETLoader": {"unet_name": "diffusion_models"},
     "VAELoader": {"vae_name": "vae"},
     "CLIPLoader": {"clip_name": "text_encoders"},
+    "CLIPVisionLoader": {"clip_name": "clip_vision"},
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
 }
 _SAFETENSORS = (".safetensors", ".sft")

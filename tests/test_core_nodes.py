@@ -378,8 +378,8 @@ def test_core_node_outside_the_set_is_refused_with_a_hint():
     reg = default_registry()
     msg = unknown_class_hint("SaveLatent", reg)
     assert "'SaveLatent' is a ComfyUI core node" in msg and "TwinFlowSaveLatent" in msg
-    msg = unknown_class_hint("CLIPVisionLoader", reg)
-    assert "needs the ComfyUI host" in msg and "CLIPVisionLoader" in msg
+    msg = unknown_class_hint("StyleModelLoader", reg)
+    assert "needs the ComfyUI host" in msg and "StyleModelLoader" in msg
     for core, twin in TWINFLOW_EQUIVALENTS.items():  # only nodes outside the set, only real TwinFlow nodes
         assert core in CORE_NODES and core not in reg and twin.split()[0] in reg, core
 
@@ -388,7 +388,7 @@ def test_workflow_with_a_core_node_outside_the_set_is_refused_naming_the_node(tm
     from twinflow.core.errors import WorkflowError
     from twinflow.runner.api import Runner
 
-    prompt = {"5": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "x.safetensors"}},
+    prompt = {"5": {"class_type": "StyleModelLoader", "inputs": {"style_model_name": "x.safetensors"}},
               "6": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "a"}},
               "7": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 16, "height": 16, "length": 1,
                                                                         "batch_size": 1}}}
