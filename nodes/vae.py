@@ -1,7 +1,8 @@
-"""TwinFlow nodes: vae — load the Wan2.1 VAE (`TWINFLOW_VAE`), encode IMAGE frames to LATENT, decode back.
+"""TwinFlow nodes: vae — load a Wan2.1 or Wan2.2 VAE (`TWINFLOW_VAE`), encode IMAGE frames to LATENT, decode back.
 
 Formats are ComfyUI's: IMAGE is float32 [N, H, W, 3] in 0..1 with video frames stacked on N; LATENT is
-`{"samples": Tensor[B, 16, T, H/8, W/8]}` raw (un-normalised) VAE space. All math is in `models.wan_vae`.
+`{"samples": Tensor[B, 16, T, H/8, W/8]}` (Wan2.2: [B, 48, T, H/16, W/16]) raw (un-normalised) VAE space. All
+math is in `models.wan_vae` / `models.wan22_vae`.
 """
 from __future__ import annotations
 
@@ -13,20 +14,21 @@ from ._inputs import as_vae
 from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 CATEGORY = "TwinFlow/vae"
-RANDOM_PRESETS = ("tiny", "wan2.1")
+RANDOM_PRESETS = ("tiny", "wan2.1", "wan2.2-tiny", "wan2.2")
+WAN22_RANDOM = {"wan2.2-tiny": "tiny", "wan2.2": "wan2.2"}  # random:<name> -> models.wan22_vae preset
 TILING_CHOICES = ("auto", "off", "custom")
 MAX_RESOLUTION = 16384
 
 
 class TwinFlowLoadVAE:
-    """Load a Wan2.1 VAE file (official .pth or ComfyUI .safetensors) or seeded random weights."""
+    """Load a Wan2.1 or Wan2.2 VAE file (official .pth or ComfyUI .safetensors) or seeded random weights."""
 
     @classmethod
     def INPUT_TYPES(cls):
         names = model_names("vae", RANDOM_PRESETS)
         return {
             "required": {
-                "vae_name": (names, {"tooltip": "A Wan2.1 VAE from models/vae (Wan2.1_VAE.pth or "
+                "vae_name": (names, {"tooltip": "A Wan2.1 or Wan2.2 VAE from models/vae (Wan2.1_VAE.pth, wan2.2_vae.safetensors or "
                                                 "wan_2.1_vae.safetensors, prefixes such as 'first_stage_model.' are "
                                                 "stripped), or 'random:<preset>' for seeded random weights (demos, CI)."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
@@ -40,17 +42,21 @@ class TwinFlowLoadVAE:
     RETURN_NAMES = ("vae",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads the Wan2.1 causal video VAE (16 latent channels, 4x time and 8x space compression)."
+    DESCRIPTION = ("Loads a Wan causal video VAE, the family read from the file: Wan2.1 (16 latent channels, 4x time "
+                   "and 8x space compression) or Wan2.2 (48 channels, 4x time, 16x space).")
 
     def load(self, vae_name, dtype="default", seed=0):
-        from ..models import loading, wan_vae
+        from ..models import loading, wan22_vae, wan_vae
 
         torch_dtype = loading.parse_dtype(dtype)
-        preset = random_preset(vae_name, wan_vae.PRESETS, "VAE", RANDOM_PRESETS)
+        preset = random_preset(vae_name, RANDOM_PRESETS, "VAE")
+        if preset in WAN22_RANDOM:
+            return (wan22_vae.random_wan22_vae(WAN22_RANDOM[preset], seed=int(seed),
+                                               dtype=torch_dtype or torch.float32),)
         if preset is not None:
             return (wan_vae.random_wan_vae(preset, seed=int(seed), dtype=torch_dtype or torch.float32),)
         path = paths.find_model("vae", vae_name)
-        return (wan_vae.load_wan_vae(path, dtype=torch_dtype),)
+        return (wan22_vae.load_vae(path, dtype=torch_dtype),)  # Wan2.1 or Wan2.2, from the tensors
 
 
 def _check_row_bands(row_bands) -> None:

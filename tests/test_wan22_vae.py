@@ -1,0 +1,315 @@
+"""Wan2.2 VAE: official layout (ComfyUI's key table), parity with diffusers' AutoencoderKLWan in its Wan2.2
+configuration, the diffusers key mapping, streaming and tiles, refused modes, loading of both layouts and of
+bad files, and the core/TwinFlow VAE nodes headless."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from twinflow.core.errors import CheckpointError
+from twinflow.models import wan22_vae, wan_vae
+from twinflow.models.loading import build_and_load
+from twinflow.models.wan22_vae import (PRESETS, Wan22VAE, detect_config, from_diffusers, load_vae, load_wan22_vae,
+                                       random_wan22_vae)
+
+# vendored: ComfyUI's comfy/ldm/wan/vae2_2.py WanVAE(dim=160, z_dim=48) on the meta device (README.md)
+REF = Path(__file__).resolve().parent / "fixtures" / "reference" / "wan22_vae_keys.tsv"
+
+
+def _reference_table():
+    rows = [line.split("\t") for line in REF.read_text().splitlines() if line.strip()]
+    return [(k, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())) for k, shape, *_ in rows]
+
+
+def _save_safetensors(sd, path, prefix=""):
+    from safetensors.torch import save_file
+
+    save_file({prefix + k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def _diffusers_vae(cfg, seed=0, device=None):
+    """diffusers' AutoencoderKLWan in the Wan2.2 configuration (residual stages, patch 2), every tensor
+    seeded random (gammas around 1, small biases)."""
+    diffusers = pytest.importorskip("diffusers")
+    kw = dict(base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+              num_res_blocks=cfg.num_res_blocks, temperal_downsample=list(cfg.temporal_downsample),
+              is_residual=True, patch_size=cfg.patch_size, in_channels=12, out_channels=12,
+              scale_factor_spatial=cfg.spatial_ratio)
+    if device == "meta":
+        with torch.device("meta"):
+            return diffusers.AutoencoderKLWan(**kw)
+    ref = diffusers.AutoencoderKLWan(**kw).eval()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in ref.state_dict().items():
+        if k.endswith("gamma"):
+            sd[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g)
+        elif k.endswith("bias"):
+            sd[k] = 0.05 * torch.randn(v.shape, generator=g)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(math.prod(v.shape[1:]))
+    ref.load_state_dict(sd, strict=True)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(diffusers reference, ours with the same weights mapped by `from_diffusers`) on the tiny config."""
+    ref = _diffusers_vae(PRESETS["tiny"], seed=3)
+    ours = build_and_load(lambda: Wan22VAE(PRESETS["tiny"]), from_diffusers(ref.state_dict()), "diffusers").tap_major_()
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_wan22_vae("tiny", seed=1)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def test_real_config_keys_and_shapes_match_comfyui_table():
+    table = _reference_table()
+    with torch.device("meta"):
+        model = Wan22VAE(PRESETS["wan2.2"])
+    assert len(table) == 196
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == table  # names, shapes and order
+
+
+def test_config_detected_from_reference_shapes():
+    sd = {k: torch.empty(shape, device="meta") for k, shape in _reference_table()}
+    assert detect_config(sd, "table") == PRESETS["wan2.2"]
+    assert wan22_vae.is_wan22(sd)
+
+
+def test_small_base_widths_are_detected(tiny):
+    sd = tiny.state_dict()
+    assert detect_config(sd) == PRESETS["tiny"]
+    cfg = wan22_vae.Wan22VAEConfig(dim=4, dec_dim=6, z_dim=8, num_res_blocks=1)
+    with torch.device("meta"):
+        m = Wan22VAE(cfg)
+    assert detect_config(m.state_dict()) == cfg
+
+
+def test_diffusers_mapping_covers_the_real_config_exactly():
+    """Every key of diffusers' real Wan2.2 config maps onto our (= ComfyUI's) key of the same shape."""
+    ref = _diffusers_vae(PRESETS["wan2.2"], device="meta")
+    mapped = {k: tuple(v.shape) for k, v in from_diffusers(ref.state_dict()).items()}
+    assert mapped == dict(_reference_table())
+
+
+def test_unknown_diffusers_key_is_named():
+    with pytest.raises(CheckpointError, match="encoder.down_blocks.0.weird"):
+        from_diffusers({"encoder.down_blocks.0.weird.weight": torch.zeros(1)}, "f.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("frames", [1, 5, 9])
+def test_encode_matches_diffusers(pair, frames):
+    ref, ours = pair
+    x = torch.rand(1, 3, frames, 32, 48, generator=torch.Generator().manual_seed(frames)) * 2 - 1
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mean
+    got = ours.encode(x)
+    assert got.shape == (1, 48, 1 + (frames - 1) // 4, 2, 3) == want.shape
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+def test_decode_matches_diffusers(pair, frames):
+    ref, ours = pair
+    t = 1 + (frames - 1) // 4
+    z = torch.randn(1, 48, t, 2, 3, generator=torch.Generator().manual_seed(10 + frames))
+    with torch.no_grad():
+        want = ref.decode(z).sample
+    got = ours.decode(z)
+    assert got.shape == (1, 3, frames, 32, 48) == want.shape
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_nchw_layout_matches_diffusers(pair):
+    """The CUDA engine's NCHW frame layout, run on the CPU."""
+    ref, ours = pair
+    x = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    ours.channels_last = False
+    try:
+        got_z, got_x = ours.encode(x), ours.decode(ours.encode(x))
+    finally:
+        ours.channels_last = None
+    with torch.no_grad():
+        want_z = ref.encode(x).latent_dist.mean
+        want_x = ref.decode(want_z).sample
+    assert (got_z - want_z).abs().max().item() <= 1e-5
+    assert (got_x - want_x).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def test_streaming_and_callback_equal_decode(tiny):
+    z = torch.randn(2, 48, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    full = tiny.decode(z)
+    seen = []
+    streamed = tiny.decode(z, callback=lambda n, f: seen.append(n))
+    assert seen == list(range(9)) and torch.equal(streamed, full)
+    for n, frame in tiny.iter_decode(z):
+        assert torch.equal(frame, full[:, :, n])
+    st = tiny.init_state()
+    with torch.inference_mode():  # the step API runs under the caller's no-grad mode
+        frames = [f for i in range(3) for f in tiny.decode_step(z[:, :, i], st, last=i == 2)]
+    assert torch.equal(torch.stack(frames, 2), full)
+
+
+def test_step_api_equals_encode(tiny):
+    x = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    st = tiny.init_state()
+    with torch.inference_mode():
+        mus = [m for i in range(9) if (m := tiny.encode_step(x[:, :, i], st, last=i == 8)) is not None]
+    assert torch.equal(torch.stack(mus, 2), tiny.encode(x))
+
+
+def test_tiled_decode_covers_frame_and_equals_untiled_with_one_tile(tiny):
+    z = torch.randn(1, 48, 2, 4, 6, generator=torch.Generator().manual_seed(7))
+    full = tiny.decode(z)
+    assert torch.equal(tiny.decode(z, tiling="on", tile=(8, 2)), full)  # one tile covers everything
+    tiled = tiny.decode(z, tiling="on", tile=(4, 2))
+    assert tiled.shape == full.shape and torch.isfinite(tiled).all()
+    # away from the seams (the tile interiors) the tiles agree with the untiled decode where their
+    # receptive fields stay inside the tile: at least the corner pixels of the first tile
+    assert (tiled[..., :8, :8] - full[..., :8, :8]).abs().max().item() < 1.0
+
+
+def test_memory_plan_refuses_or_tiles_up_front(tiny, monkeypatch):
+    z = torch.randn(1, 48, 1, 16, 16)
+    need, fits = tiny.estimate_decode_bytes(z.shape), tiny.estimate_decode_bytes(z.shape, tile=12)
+    assert need > fits > 0
+    plan = wan_vae.wan_vae_plan
+    monkeypatch.setattr(plan, "available_memory", lambda device: int((fits + 1) * plan.ALLOC_MARGIN) + 1)
+    with pytest.raises(MemoryError, match="Enable tiling: a tile of 192 px"):
+        tiny.decode(z, tiling="off")
+    seen = []
+    monkeypatch.setattr(wan_vae.wan_vae_tiles, "decode_tiled", lambda vae, z, tile, out: seen.append(tile) or out)
+    tiny.decode(z, tiling="auto")
+    assert seen == [(12, 3)]
+
+
+def test_unsupported_modes_are_refused(tiny):
+    z = torch.randn(1, 48, 1, 2, 2)
+    with pytest.raises(ValueError, match="row bands"):
+        tiny.decode(z, bands=2)
+    with pytest.raises(ValueError, match="row bands"):
+        tiny.encode(torch.zeros(1, 3, 1, 32, 32), bands=2)
+    with pytest.raises(ValueError, match="banded decode"):
+        list(tiny.decode_step(z[:, :, 0], tiny.init_state(), stop=1))
+    with pytest.raises(NotImplementedError, match="compiled export"):
+        tiny.state_modules("decoder")
+    with pytest.raises(ValueError, match="divisible by 16"):
+        tiny.encode(torch.zeros(1, 3, 1, 24, 32))
+    with pytest.raises(ValueError, match=r"latents \[B, 48"):
+        tiny.decode(torch.zeros(1, 16, 1, 2, 2))
+
+
+def test_latent_normalisation_round_trip():
+    z = torch.randn(1, 48, 2, 2, 2)
+    mean = torch.tensor(wan22_vae.WAN22_LATENT_MEAN).view(1, 48, 1, 1, 1)
+    std = torch.tensor(wan22_vae.WAN22_LATENT_STD).view(1, 48, 1, 1, 1)
+    torch.testing.assert_close(wan22_vae.normalize_latent(z), (z - mean) / std)
+    torch.testing.assert_close(wan22_vae.denormalize_latent(wan22_vae.normalize_latent(z)), z)
+    with pytest.raises(ValueError, match="48 channels"):
+        wan22_vae.normalize_latent(torch.zeros(1, 16, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("fmt,prefix", [("safetensors", ""), ("safetensors", "first_stage_model."), ("pth", "vae.")])
+def test_load_official_layout(tiny, tmp_path, fmt, prefix):
+    sd = tiny.state_dict()
+    path = tmp_path / f"wan2.2_vae.{fmt}"
+    if fmt == "safetensors":
+        _save_safetensors(sd, path, prefix)
+    else:
+        torch.save({prefix + k: v for k, v in sd.items()}, path)
+    for model in (load_wan22_vae(path), load_vae(path)):
+        assert isinstance(model, Wan22VAE) and model.cfg == tiny.cfg
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), sd.values()))
+
+
+def test_load_diffusers_layout(pair, tmp_path):
+    ref, ours = pair
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    _save_safetensors(ref.state_dict(), path)
+    model = load_vae(path)
+    assert isinstance(model, Wan22VAE) and model.cfg == PRESETS["tiny"]
+    z = torch.randn(1, 48, 2, 2, 2, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(model.decode(z), ours.decode(z))
+
+
+def test_wan21_file_stays_a_wan21_vae(tmp_path):
+    v21 = wan_vae.random_wan_vae("tiny", seed=0)
+    path = tmp_path / "wan_2.1_vae.safetensors"
+    _save_safetensors(v21.state_dict(), path)
+    model = load_vae(path)
+    assert type(model) is wan_vae.WanVAE and model.cfg == v21.cfg
+    with pytest.raises(CheckpointError, match=r"wan_2\.1_vae\.safetensors.*Wan2\.1 VAE"):
+        load_wan22_vae(path)
+
+
+def test_bad_files_are_refused_clearly(tiny, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    _save_safetensors(tiny.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for load in (load_wan22_vae, load_vae):
+        with pytest.raises(CheckpointError, match="cut.safetensors"):
+            load(path)
+    dit = {"head.modulation": torch.zeros(1, 2, 8), "blocks.0.self_attn.q.weight": torch.zeros(8, 8),
+           "patch_embedding.weight": torch.zeros(8, 16, 1, 2, 2)}
+    path = tmp_path / "wan_dit.safetensors"
+    _save_safetensors(dit, path)
+    for load in (load_wan22_vae, load_vae):
+        with pytest.raises(CheckpointError, match=r"wan_dit\.safetensors.*DiT"):
+            load(path)
+    sd = dict(tiny.state_dict())
+    del sd["decoder.upsamples.1.upsamples.3.time_conv.bias"]
+    sd["decoder.head.2.weight"] = torch.zeros(12, 12, 3, 3, 1)
+    path = tmp_path / "bad.safetensors"
+    _save_safetensors(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        load_vae(path)
+    for needle in ("bad.safetensors", "decoder.upsamples.1.upsamples.3.time_conv.bias", "decoder.head.2.weight"):
+        assert needle in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+def _core(name):
+    from twinflow.nodes.core_headless import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS[name]()
+
+
+def test_core_vae_nodes_headless(tiny, tf_dirs):
+    (tf_dirs["models"] / "vae").mkdir()
+    _save_safetensors(tiny.state_dict(), tf_dirs["models"] / "vae" / "wan2.2_vae.safetensors")
+    (vae,) = _core("VAELoader").load_vae("wan2.2_vae.safetensors")
+    assert isinstance(vae, Wan22VAE)
+    px = torch.rand(5, 40, 36, 3, generator=torch.Generator().manual_seed(9))  # cropped to 32x32, centred
+    (lat,) = _core("VAEEncode").encode(vae, px)
+    assert lat["samples"].shape == (1, 48, 2, 2, 2)
+    video = px[:, 4:36, 2:34].movedim(-1, 0).unsqueeze(0) * 2 - 1
+    torch.testing.assert_close(lat["samples"], tiny.encode(video), rtol=0, atol=1e-6)
+    (img,) = _core("VAEDecode").decode(vae, lat)
+    assert img.shape == (5, 32, 32, 3)
+    want = ((tiny.decode(lat["samples"]) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)
+    torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
+    (tiled,) = _core("VAEDecodeTiled").decode(vae, lat, 256, 64, 64, 8)
+    assert torch.equal(tiled, img)
+
+
+def test_twinflow_vae_nodes(tf_dirs):
+    from twinflow.nodes.vae import TwinFlowLoadVAE, TwinFlowVAEDecode, TwinFlowVAEEncode
+
+    (vae,) = TwinFlowLoadVAE().load("random:wan2.2-tiny", seed=2)
+    assert isinstance(vae, Wan22VAE) and vae.cfg == PRESETS["tiny"]
+    px = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(1))
+    (lat,) = TwinFlowVAEEncode().encode(vae, px)
+    assert lat["samples"].shape == (1, 48, 2, 2, 3)
+    (img,) = TwinFlowVAEDecode().decode(vae, lat)
+    assert img.shape == (5, 32, 48, 3)
+    with pytest.raises(ValueError, match="row bands"):
+        TwinFlowVAEDecode().decode(vae, lat, row_bands=2)
