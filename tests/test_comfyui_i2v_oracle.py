@@ -21,6 +21,7 @@ noise mask + per-frame timestep), the path the template ships switched off.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -37,56 +38,25 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
 SMALL_CLIP_H = {"hidden_size": 1280, "intermediate_size": 8, "projection_dim": 16, "num_attention_heads": 16,
                 "num_hidden_layers": 32, "patch_size": 14, "image_size": 28}
 TEXT_DIM = 4096
-FILES = {"i2v21": "wan2.1_i2v_480p_14B_fp16.safetensors", "clip_vision": "clip_vision_h.safetensors",
-         "high": "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
-         "low": "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
-         "lora_high": "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
-         "lora_low": "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors",
-         "ti2v": "wan2.2_ti2v_5B_fp16.safetensors", "vae22": "wan2.2_vae.safetensors"}
-IMAGES = {"flux_dev_example.png": (48, 40, 1), "input-18.jpg": (40, 56, 2), "example.png": (64, 80, 3)}
-
-
-def _save(sd: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("i2v_files", HERE / "fixtures" / "i2v_files.py")
+i2v_files = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(i2v_files)
 
 
 def _write_models(models: Path) -> None:
-    from twinflow.models import clip_vision, umt5, wan22_vae, wan_dit
-    from test_comfyui_oracle import SMALL_UMT5, cf
+    from twinflow.models import clip_vision, umt5
+    from test_comfyui_oracle import SMALL_UMT5
 
     ucfg = umt5.UMT5Config(**{k: v for k, v in SMALL_UMT5.items() if k != "num_decoder_layers"})
-    cf.write_t2v_models(models, text_dim=TEXT_DIM, umt5_cfg=ucfg, vae_preset="wan2.1")  # umT5 + Wan2.1 VAE
-    dm = models / "diffusion_models"
-    i2v = wan_dit.with_config(wan_dit.get_config("i2v-tiny"), text_dim=TEXT_DIM, image_dim=1280)
-    _save(wan_dit.random_wan_dit(config=i2v, seed=30).state_dict(), dm / FILES["i2v21"])
-    noclip = wan_dit.with_config(wan_dit.get_config("i2v-noclip-tiny"), text_dim=TEXT_DIM)
-    (models / "loras").mkdir(exist_ok=True)
-    for i, expert in enumerate(("high", "low")):
-        sd = {k: v.contiguous() for k, v in wan_dit.random_wan_dit(config=noclip, seed=31 + i).state_dict().items()}
-        _save(cf.scaled_fp8(sd, cf.DIT_LINEARS), dm / FILES[expert])
-        _save(cf.lora_state_dict(sd, seed=40 + i), models / "loras" / FILES["lora_" + expert])
-    ti2v = wan_dit.with_config(wan_dit.get_config("ti2v-tiny"), text_dim=TEXT_DIM)
-    _save(wan_dit.random_wan_dit(config=ti2v, seed=33).state_dict(), dm / FILES["ti2v"])
-    _save(wan22_vae.random_wan22_vae("wan2.2", seed=34).state_dict(), models / "vae" / FILES["vae22"])
     h = SMALL_CLIP_H
     ccfg = clip_vision.ClipVisionConfig(width=h["hidden_size"], layers=h["num_hidden_layers"],
                                         heads=h["num_attention_heads"], mlp=h["intermediate_size"],
                                         patch=h["patch_size"], image_size=h["image_size"],
                                         projection_dim=h["projection_dim"], activation="gelu")
-    (models / "clip_vision").mkdir(exist_ok=True)
-    _save(clip_vision.random_state_dict(ccfg, seed=35, dtype=torch.float16), models / "clip_vision" / FILES["clip_vision"])
-
-
-def _write_images(folder: Path) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, (w, h, seed) in IMAGES.items():
-        g = torch.Generator().manual_seed(seed)
-        px = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(px).save(folder / name, format="PNG")
+    # ComfyUI's fixed sizes: Wan2.1 VAE width 96, Wan2.2 VAE width 160, DiT text width 4096, img_emb width 1280
+    i2v_files.write_i2v_models(models, clip_cfg=ccfg, text_dim=TEXT_DIM, umt5_cfg=ucfg, vae21="wan2.1",
+                               vae22="wan2.2")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +75,7 @@ def oracle(tmp_path_factory):
     base = tmp / "base"
     (base / "custom_nodes").mkdir(parents=True)
     _write_models(base / "models")
-    _write_images(base / "input")
+    i2v_files.write_images(base / "input")
     srv = Server(base, root=root, args=["--fp32-unet", "--fp32-vae", "--fp32-text-enc"])
     try:
         srv.start()

@@ -365,3 +365,59 @@ def test_twinflow_image_to_video_wan22_branch(monkeypatch):
     with pytest.raises(ValueError, match="no CLIP vision"):
         vae_nodes.TwinFlowImageToVideo().build(FakeVAE(), img, 64, 32, 9, 2, positive=pos,
                                                clip_vision_output=ClipOut(penultimate_hidden_states=torch.zeros(1)))
+
+
+# ------------------------------------------------------------------------ the templates, headless, end to end
+
+TEMPLATES = {  # template -> (overrides, the VAEDecode node)
+    "image_to_video_wan.json": (["50.width=32", "50.height=32", "50.length=5", "3.steps=2"], "8"),
+    "video_wan2_2_14B_i2v.json": (["98.width=32", "98.height=32", "98.length=5"], "87"),
+    "video_wan2_2_5B_ti2v.json": (["55.width=64", "55.height=64", "55.length=5", "3.steps=2"], "8"),
+}
+
+
+@pytest.fixture(scope="module")
+def i2v_files(tmp_path_factory):
+    import importlib.util
+    from pathlib import Path
+
+    from twinflow.models import clip_vision
+
+    spec = importlib.util.spec_from_file_location("i2v_files", Path(__file__).parent / "fixtures" / "i2v_files.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("i2v")
+    mod.write_i2v_models(root / "models", clip_cfg=clip_vision.PRESETS["tiny"])
+    mod.write_images(root / "input")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_i2v_templates_run_headless_unchanged(i2v_files, template, tmp_path, capsys):
+    """`twinflow run` on ComfyUI's three image-to-video templates as shipped (tiny random files, widgets for
+    size/steps only): exit 0 and decoded frames of the requested size (the ComfyUI comparison is in
+    tests/test_comfyui_i2v_oracle.py)."""
+    pytest.importorskip("comfyui_workflow_templates", reason="pip install comfyui-workflow-templates==0.1.95")
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("av")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from twinflow.runner.api import Runner
+
+    spec = importlib.util.spec_from_file_location("core_files", Path(__file__).parent / "fixtures" / "core_files.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+    from twinflow.core import paths
+
+    overrides, decode = TEMPLATES[template]
+    wf = tmp_path / template
+    wf.write_text(json.dumps(cf.template(template)))
+    with paths.using(input_dir=i2v_files / "input"):
+        res = Runner().run(str(wf), overrides=overrides, output_dir=tmp_path / "out", models_dir=i2v_files / "models")
+    frames = res.results[decode][0][0]
+    size = 64 if "ti2v" in template else 32
+    assert frames.shape == (5, size, size, 3) and torch.isfinite(frames).all()
+    assert list((tmp_path / "out" / "video").glob("ComfyUI_*_.mp4"))
