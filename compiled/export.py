@@ -198,6 +198,11 @@ class WanDiTGraph(nn.Module):
         super().__init__()
         self.dit = dit
         cfg = dit.config
+        if getattr(cfg, "image_dim", 0):  # the graph has no clip_fea input: it would drop the image cross-attention
+            from ..core.errors import UnsupportedError
+
+            raise UnsupportedError("compiling a Wan I2V/FLF2V model with CLIP image features is not supported yet "
+                                   "(the exported graph takes no clip_fea); run this model uncompiled")
         pt, ph, pw = cfg.patch_size
         sizes = (max_grid[0] // pt, max_grid[1] // ph, max_grid[2] // pw)
         for axis, n, d in zip("fhw", sizes, cfg.rope_dims):

@@ -1,4 +1,5 @@
-"""Wan2.1 text-to-video diffusion transformer, with the official `WanModel` layout and state-dict keys.
+"""Wan diffusion transformers (Wan2.1 T2V/I2V/FLF2V, Wan2.2 A14B experts and TI2V-5B), with the official
+`WanModel` layout and state-dict keys.
 
 Read top to bottom: config and presets, helpers (time embedding, RoPE tables), blocks, the model,
 then checkpoint handling (family sniffing, config detection, loading, random weights).
@@ -12,6 +13,14 @@ Semantics follow the official `wan/modules/model.py` (T2V) as run by `text2video
      x += cross_attn(LN_affine(x), context)    (qk RMSNorm, no RoPE, no mask)
      x += ffn(LN(x)*(1+m4)+m3) * m5            (GELU-tanh)
   head: (shift, scale) = head.modulation + e (not e0); linear; unpatchify with channels fastest.
+The other kinds (see `WanDiTConfig`) change only this:
+  I2V (in 36): x = [noise, mask, image latent] on channels; with CLIP (Wan2.1 I2V/FLF2V) the CLIP vision
+     features go through img_emb (LN, Linear, GELU, Linear, LN) to image tokens, and each cross-attention adds
+     a second attention on them (k_img/v_img, norm_k_img) before `o` (the official `WanI2VCrossAttention`).
+     The Wan2.2 I2V experts have no CLIP: the T2V blocks with 36 input channels.
+  TI2V (in/out 48, Wan2.2 5B): a timestep per token (the conditioning first frame at t=0); e, e0, every
+     block's modulation and the head are then per token. We run them per group of tokens sharing a timestep
+     (a latent frame, as ComfyUI's WAN22 model builds it), with the stream viewed as (B, G, S, D).
 
 Numerics (fp32 islands): the official code runs under `autocast(bf16)` but forces the time embedding,
 the modulation sums, the gated residual adds and the head into fp32. Because `x + y * e[2]` is done
@@ -716,6 +725,14 @@ def checkpoint_family(keys) -> Optional[str]:
 # diffusers `WanTransformer3DModel` names -> official names (inverse of diffusers'
 # `convert_wan_transformer_to_diffusers`; note the norm2/norm3 swap of the cross-attention pre-norm).
 _FROM_DIFFUSERS = (
+    # I2V/FLF2V first (diffusers `image_dim` / `added_kv_proj_dim`): the generic `.attn2.norm_` and `.norm2.`
+    # rules below would otherwise rename parts of these names
+    (".attn2.add_k_proj.", ".cross_attn.k_img."), (".attn2.add_v_proj.", ".cross_attn.v_img."),
+    (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
     ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
     ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
     ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
@@ -728,13 +745,6 @@ _FROM_DIFFUSERS = (
     (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
     (".scale_shift_table", ".modulation"),
     ("proj_out.", "head.head."),
-    # I2V/FLF2V (diffusers `image_dim` / `added_kv_proj_dim` / `pos_embed_seq_len`)
-    (".attn2.add_k_proj.", ".cross_attn.k_img."), (".attn2.add_v_proj.", ".cross_attn.v_img."),
-    (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
-    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
-    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
-    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
-    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
 )
 
 
@@ -758,15 +768,15 @@ def _wrong_family_error(source: str, family: Optional[str], keys) -> CheckpointE
     if family in ("wan_vae", "wan_vae_diffusers"):
         return CheckpointError(f"{source}: this is a Wan VAE checkpoint (it has VAE keys such as "
                                f"'decoder.middle.0.residual.0.gamma'), not a diffusion model. Load it with "
-                               f"TwinFlow Load VAE, and pick a Wan2.1 T2V diffusion model file here.")
+                               f"TwinFlow Load VAE, and pick a Wan diffusion model file here.")
     if family == "dit":
         return CheckpointError(f"{source}: this is an adaLN-Zero DiT checkpoint (DiT-XL/2 / Open-Sora keys such as "
-                               f"'x_embedder.proj.weight'), not a Wan2.1 DiT; load it with the DiT loader "
+                               f"'x_embedder.proj.weight'), not a Wan DiT; load it with the DiT loader "
                                f"(models.dit), or through TwinFlow Load DiT which dispatches on the keys.")
     shown = ", ".join(sorted(keys)[:5])
-    return CheckpointError(f"{source}: not a Wan2.1 diffusion model: the key 'head.modulation' (official layout, "
+    return CheckpointError(f"{source}: not a Wan diffusion model: the key 'head.modulation' (official layout, "
                            f"with or without a 'model.diffusion_model.' prefix) is missing. First keys: {shown}. "
-                           f"Expected a Wan2.1 T2V checkpoint such as wan2.1_t2v_1.3B_fp16.safetensors.")
+                           f"Expected a Wan checkpoint such as wan2.1_t2v_1.3B_fp16.safetensors.")
 
 
 def normalize_state_dict(sd: dict, source: str) -> dict:
@@ -789,7 +799,7 @@ def normalize_state_dict(sd: dict, source: str) -> dict:
 def _shape(sd, key, source):
     if key not in sd:
         raise CheckpointError(f"{source}: cannot detect the Wan DiT config: key {key!r} is missing. The file is "
-                              f"incomplete or not a Wan2.1 T2V model.")
+                              f"incomplete or not a Wan diffusion model.")
     return tuple(sd[key].shape)
 
 
@@ -797,7 +807,8 @@ def _shape(sd, key, source):
 _OTHER_VARIANTS = (
     ("vace_patch_embedding.weight", "Wan VACE"), ("control_adapter.conv.weight", "Wan Fun camera control"),
     ("casual_audio_encoder.encoder.final_linear.weight", "Wan2.2 S2V"),
-    ("audio_proj.audio_proj_glob_1.layer.bias", "HuMo"), ("face_adapter.fuser_blocks.0.k_norm.weight", "Wan2.2 Animate"),
+    ("audio_proj.audio_proj_glob_1.layer.bias", "HuMo"),
+    ("face_adapter.fuser_blocks.0.k_norm.weight", "Wan2.2 Animate"),
     ("ref_conv.weight", "Wan Fun (reference image)"),
 )
 
@@ -830,8 +841,8 @@ def detect_config(sd: dict, source: str = "state dict") -> WanDiTConfig:
                                f"{what}; TwinFlow runs Wan T2V (16/16), I2V (36/16) and TI2V (48/48) models")
     has_image = "img_emb.proj.0.weight" in sd
     if has_image != any(".cross_attn.k_img." in k for k in sd):
-        raise CheckpointError(f"{source}: incomplete I2V model: it has {'img_emb' if has_image else 'cross_attn.k_img'} "
-                              f"keys but no {'cross_attn.k_img' if has_image else 'img_emb'} keys")
+        have, lack = ("img_emb", "cross_attn.k_img") if has_image else ("cross_attn.k_img", "img_emb")
+        raise CheckpointError(f"{source}: incomplete I2V model: it has {have} keys but no {lack} keys")
     cfg = WanDiTConfig(
         dim=dim, in_dim=in_dim, patch_size=patch,
         ffn_dim=_shape(sd, "blocks.0.ffn.0.weight", source)[0],
@@ -872,8 +883,7 @@ def wan_dit_from_state_dict(sd: dict, source: str = "state dict", dtype: Optiona
     dtype = dtype if dtype is not None else _file_dtype(sd, source)
     sd = _island_dtypes(sd, dtype)
     module = loading.build_and_load(lambda: WanDiT(detected), sd, source).requires_grad_(False)
-    logger.info("%s: Wan2.1 DiT %s (dim %d, %d layers, %d heads), %s", source, preset_name(detected),
-                detected.dim, detected.num_layers, detected.num_heads, dtype)
+    logger.info("%s: Wan DiT %s, %s", source, describe(detected), dtype)
     return module
 
 
@@ -921,7 +931,8 @@ def read_wan_dit_file(path_or_index) -> tuple[dict, dict]:
 
 
 def load_wan_dit(path_or_index, dtype: Optional[torch.dtype] = None, preset: Optional[str] = None) -> WanDiT:
-    """Load a Wan2.1 T2V DiT from a plain (unquantized) file; `quant.load.load_wan_dit` reads both kinds.
+    """Load a Wan DiT (T2V, I2V, FLF2V, TI2V) from a plain (unquantized) file; `quant.load.load_wan_dit`
+    reads both kinds.
 
     Args:
         path_or_index: `.safetensors`/`.sft`, a weights-only `.pth`/`.pt`/`.ckpt`/`.bin`, or a shard index
@@ -938,6 +949,29 @@ def load_wan_dit(path_or_index, dtype: Optional[torch.dtype] = None, preset: Opt
     sd, _ = read_wan_dit_file(path_or_index)
     config = get_config(preset) if preset else None
     return wan_dit_from_state_dict(sd, str(Path(path_or_index)), dtype=dtype, config=config)
+
+
+def load_wan_dit_pair(high_noise, low_noise, dtype: Optional[torch.dtype] = None, loader=None) -> tuple[WanDiT, WanDiT]:
+    """Load Wan2.2 A14B's two experts, `(high-noise, low-noise)`: two Wan 14B files (T2V or I2V) of one config.
+
+    Each expert is an ordinary Wan 14B file (config detected from its tensors like any other); the pair is
+    checked to match, so a T2V expert is never paired with an I2V one. `loader` reads one file
+    (default `load_wan_dit`; pass `quant.load.load_wan_dit` to accept quantized files)."""
+    loader = loader or load_wan_dit
+    high = loader(high_noise, dtype=dtype)
+    low = loader(low_noise, dtype=dtype)
+    if high.config != low.config:
+        raise CheckpointError(f"Wan2.2 experts do not match: {Path(high_noise).name} is {describe(high.config)}, "
+                              f"{Path(low_noise).name} is {describe(low.config)}; pick the high- and low-noise files "
+                              f"of one model (both T2V A14B or both I2V A14B)")
+    return high, low
+
+
+def describe(cfg: WanDiTConfig) -> str:
+    """'wan2.2-i2v-a14b (i2v, 36 -> 16 channels, dim 5120, 40 layers)' for messages and logs."""
+    clip = ", CLIP image features" if cfg.image_dim else ""
+    return (f"{preset_name(cfg)} ({cfg.kind}{clip}, {cfg.in_dim} -> {cfg.out_dim} channels, dim {cfg.dim}, "
+            f"{cfg.num_layers} layers)")
 
 
 def random_wan_dit(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -994,6 +1028,16 @@ def make_denoiser(module: WanDiT, name: str = "", source: str = ""):
     return Denoiser(module=module, family="wan_dit", in_channels=cfg.in_dim, text_dim=cfg.text_dim,
                     name=name or preset_name(cfg), config=cfg, timestep_scale=1000.0,
                     info={"source": source, "preset": preset_name(cfg), **model_info(cfg)})
+
+
+def frame_timesteps(timestep: torch.Tensor, denoise_mask: torch.Tensor) -> torch.Tensor:
+    """Per-latent-frame timesteps (B, F) for TI2V from a denoise mask, as ComfyUI's WAN22 `process_timestep`:
+    the mask's mean over channels, height and width per frame (1 = denoise, 0 = keep, e.g. the conditioning
+    first frame) times each sample's timestep. Pass the result to `WanDiT.forward` as `timestep`."""
+    if denoise_mask.ndim != 5:
+        raise ValueError(f"denoise_mask must be (B, C, F, H, W) like the latent, got {tuple(denoise_mask.shape)}")
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=denoise_mask.device).reshape(-1, 1)  # (B or 1, 1)
+    return denoise_mask.float().mean(dim=(1, 3, 4)) * t  # (B, F)
 
 
 def model_info(cfg: WanDiTConfig) -> dict:

@@ -68,16 +68,16 @@ class UNETLoader:
         device = compute_device()
         keys = wan_dit.checkpoint_keys(path)
         if keys is not None and wan_dit.checkpoint_family(keys) not in ("wan_dit", "wan_dit_diffusers"):
-            raise ValueError(f"UNETLoader: {unet_name} is not a Wan diffusion model; the headless runner loads Wan2.1 "
-                             f"T2V/I2V and Wan2.2 A14B/TI2V-5B files (use TwinFlow Load DiT for other TwinFlow models)")
+            raise ValueError(f"UNETLoader: {unet_name} is not a Wan diffusion model; the headless runner loads Wan "
+                             f"T2V, I2V, FLF2V and TI2V files (use TwinFlow Load DiT for other TwinFlow models)")
         # ComfyUI's 'default': float32 on the CPU, the file's 16-bit dtype on a GPU
         # quant.load: plain files and ComfyUI fp8_scaled ones (stored codes and scales)
         module = load_wan_dit(path, dtype=torch.float32 if device.type == "cpu" else None)
         module = _fp8_storage(module, weight_dtype, unet_name)
         denoiser = wan_dit.make_denoiser(module.to(device), unet_name, str(path))
-        # ComfyUI's model config: shift 8 for every Wan (WAN21_T2V/I2V, WAN22_T2V), Wan2.1 or Wan2.2 latent format
-        denoiser.info.update(sampling_shift=denoiser.info.get("sampling_shift_comfy", WAN21_SHIFT),
-                             latent_format=denoiser.info.get("latent_format_comfy", "wan21"), core=True)
+        # ComfyUI's supported_models entry for the detected kind: its sampling shift and latent format
+        denoiser.info.update(sampling_shift=denoiser.info["sampling_shift_comfy"],
+                             latent_format=denoiser.info["latent_format_comfy"], core=True)
         return (denoiser,)
 
 

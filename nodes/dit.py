@@ -1,8 +1,9 @@
 """TwinFlow nodes: dit — load a diffusion transformer as a `TWINFLOW_MODEL` (core.handles.Denoiser).
 
-Wan2.1 T2V checkpoints load through `quant.load` (plain or quantized files; `models.wan_dit` builds the
-model and its Denoiser); files with the adaLN-Zero DiT layout (DiT-XL/2,
-Open-Sora v1) are recognised by their keys and handed to `models.dit`.
+Wan checkpoints (Wan2.1 T2V/I2V/FLF2V, Wan2.2 A14B experts and TI2V-5B) load through
+`quant.load` (plain or quantized files; `models.wan_dit` builds the model and its Denoiser); files
+with the adaLN-Zero DiT layout (DiT-XL/2, Open-Sora v1) are recognised by their keys and handed to
+`models.dit`.
 """
 from __future__ import annotations
 
@@ -16,21 +17,24 @@ from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 logger = logging.getLogger(__name__)
 
-RANDOM_PRESETS = ("tiny", "wan2.1-1.3b")  # random 14B weights (56 GB in fp32) are not offered
-PRESET_CHOICES = ("auto", "tiny", "wan2.1-1.3b", "wan2.1-14b")
+# random 14B weights (56 GB in fp32) are not offered; the tiny image models are for demos and CI
+RANDOM_PRESETS = ("tiny", "wan2.1-1.3b", "i2v-tiny", "i2v-noclip-tiny", "ti2v-tiny")
+PRESET_CHOICES = ("auto", "tiny", "wan2.1-1.3b", "wan2.1-14b", "wan2.1-i2v-14b", "wan2.1-flf2v-14b",
+                  "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "i2v-tiny", "i2v-noclip-tiny", "ti2v-tiny")
 
 
 class TwinFlowLoadDiT:
-    """Load a Wan2.1 T2V diffusion model (or an adaLN-Zero DiT) from the diffusion_models folder."""
+    """Load a Wan diffusion model (or an adaLN-Zero DiT) from the diffusion_models folder."""
 
     @classmethod
     def INPUT_TYPES(cls):
         names = model_names("diffusion_models", RANDOM_PRESETS)
         return {
             "required": {
-                "ckpt_name": (names, {"tooltip": "A Wan2.1 T2V checkpoint from models/diffusion_models (official, "
-                                                 "ComfyUI-repackaged or diffusers layout; a shard index .json works "
-                                                 "too), or 'random:<preset>' for seeded random weights (demos, CI)."}),
+                "ckpt_name": (names, {"tooltip": "A Wan checkpoint (T2V, I2V, FLF2V, TI2V) from "
+                                                 "models/diffusion_models (official, ComfyUI-repackaged or diffusers "
+                                                 "layout; a shard index .json works too), or 'random:<preset>' for "
+                                                 "seeded random weights (demos, CI)."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "default",
                                                 "tooltip": "Compute dtype. 'default' keeps the file's dtype (fp32 for "
                                                            "random presets). Time embedding, modulation and head "
@@ -46,8 +50,10 @@ class TwinFlowLoadDiT:
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
     CATEGORY = "TwinFlow/dit"
-    DESCRIPTION = ("Loads a Wan2.1 text-to-video diffusion transformer (1.3B / 14B, detected from the file) as a "
-                   "velocity-predicting TWINFLOW_MODEL. adaLN-Zero DiT files (DiT-XL/2, Open-Sora v1) load too.")
+    DESCRIPTION = ("Loads a Wan diffusion transformer (Wan2.1 T2V 1.3B/14B, I2V/FLF2V 14B, Wan2.2 A14B experts, "
+                   "TI2V-5B; detected from the file) as a velocity-predicting TWINFLOW_MODEL; its info says the kind, "
+                   "latent channels and whether it needs CLIP vision features. adaLN-Zero DiT files (DiT-XL/2, "
+                   "Open-Sora v1) load too.")
 
     def load(self, ckpt_name, dtype="default", preset="auto", seed=0):
         from ..models import loading, wan_dit

@@ -80,3 +80,31 @@ def test_adaln_dit_file_is_dispatched(tf_dirs):
     assert model.family == "dit"
     with pytest.raises(ValueError, match="only applies to Wan"):
         TwinFlowLoadDiT().load("dit_tiny.safetensors", "default", "tiny", 0)
+
+
+def test_image_model_presets_and_info():
+    (i2v,) = TwinFlowLoadDiT().load("random:i2v-tiny", "default", "auto", 1)
+    assert i2v.in_channels == 36 and i2v.info["model_kind"] == "i2v" and i2v.info["clip_vision"]
+    assert i2v.info["latent_channels"] == 16 and i2v.info["latent_format_comfy"] == "wan21"
+    (ti2v,) = TwinFlowLoadDiT().load("random:ti2v-tiny", "default", "auto", 1)
+    assert ti2v.info["model_kind"] == "ti2v" and not ti2v.info["clip_vision"] and ti2v.info["latent_channels"] == 48
+    assert ti2v.info["latent_format_comfy"] == "wan22" and ti2v.info["sampling_shift_comfy"] == 8.0
+
+
+@pytest.mark.parametrize("preset,kind,fmt", [("i2v-tiny", "i2v", "wan21"), ("i2v-noclip-tiny", "i2v", "wan21"),
+                                              ("ti2v-tiny", "ti2v", "wan22"), ("tiny", "t2v", "wan21")])
+def test_unet_loader_loads_image_models(tf_dirs, preset, kind, fmt):
+    """Core UNETLoader (headless) loads ComfyUI-repackaged I2V/TI2V files with ComfyUI's shift and latent format
+    (supported_models: WAN21_I2V / WAN21_T2V shift 8, Wan21 latents; WAN22_T2V (TI2V-5B) shift 8, Wan22 latents)."""
+    from safetensors.torch import save_file
+
+    from twinflow.nodes.core_models import UNETLoader
+
+    folder = tf_dirs["models"] / "diffusion_models"
+    folder.mkdir()
+    model = W.random_wan_dit(preset, seed=2)
+    save_file({"model.diffusion_model." + k: v.half().contiguous() for k, v in model.state_dict().items()},
+              str(folder / f"{preset}.safetensors"))
+    (loaded,) = UNETLoader().load_unet(f"{preset}.safetensors", "default")
+    assert loaded.config == model.config and loaded.info["model_kind"] == kind
+    assert loaded.info["sampling_shift"] == 8.0 and loaded.info["latent_format"] == fmt
