@@ -44,6 +44,8 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 COMFYUI_HEADS = 16  # num_attention_heads of every ComfyUI CLIP vision config (L, H, G)
 ANCHOR = "vision_model.embeddings.patch_embedding.weight"
 OPEN_CLIP_ANCHOR = "visual.transformer.resblocks.0.attn.in_proj_weight"
+OPEN_CLIP_TEXT = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection",
+                  "logit_scale", "attn_mask")  # a full open_clip model's text tower: not used, as in ComfyUI
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,8 @@ def _layer(i: int, rest: str) -> str:
 
 def convert_open_clip(sd: dict, prefix: str = "visual.") -> dict:
     """open_clip's `visual.*` layout -> transformers' (ComfyUI's convert_to_transformers): split the fused
-    in_proj into q/k/v, rename the blocks and norms, transpose `proj` into visual_projection.weight."""
+    in_proj into q/k/v, rename the blocks and norms, transpose `proj` into visual_projection.weight. A full
+    model's text tower is dropped."""
     out = {}
     names = {"class_embedding": "vision_model.embeddings.class_embedding",
              "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -277,7 +280,8 @@ def convert_open_clip(sd: dict, prefix: str = "visual.") -> dict:
              "attn.out_proj": "self_attn.out_proj"}
     for k, v in sd.items():
         if not k.startswith(prefix):
-            out[k] = v  # other towers: left for the unexpected-key check (text keys are ignored there)
+            if not k.startswith(OPEN_CLIP_TEXT):
+                out[k] = v  # not open_clip's text tower: left for the unexpected-key check
             continue
         rest = k[len(prefix):]
         if rest in names:

@@ -118,8 +118,12 @@ def test_open_clip_layout_loads_to_the_same_model(tmp_path):
             for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
                          ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
                 oc[blk + f"{a}.{p}"] = sd[pre + f"{b}.{p}"]
-    oc["text.token_embedding.weight"] = torch.zeros(3)  # not visual: must be reported, not silently used
-    with pytest.raises(CheckpointError, match="unexpected.*text.token_embedding"):
+    text_tower = {"transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4), "token_embedding.weight":
+                  torch.zeros(5, 4), "positional_embedding": torch.zeros(3, 4), "ln_final.weight": torch.ones(4),
+                  "text_projection": torch.zeros(4, 4), "logit_scale": torch.ones(())}
+    oc.update(text_tower)  # a full open_clip model: its text tower is dropped, as ComfyUI ignores it
+    oc["text.token_embedding.weight"] = torch.zeros(3)  # not open_clip's: must be reported, not silently dropped
+    with pytest.raises(CheckpointError, match=r"unexpected \(1\): text.token_embedding"):
         C.load_clip_vision(_save(oc, tmp_path / "bad.safetensors", num_attention_heads=4))
     oc.pop("text.token_embedding.weight")
     model = C.load_clip_vision(_save(oc, tmp_path / "oc.safetensors", num_attention_heads=4))

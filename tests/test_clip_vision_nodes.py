@@ -172,6 +172,7 @@ save_file(result, out)
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow
 @pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout (see docs/comfyui.md)")
 def test_encode_matches_comfyuis_clip_vision(tmp_path):
     """ComfyUI's comfy.clip_vision.ClipVisionModel (its clip_preprocess, model and encode_image) built from its
