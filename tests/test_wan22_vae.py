@@ -313,3 +313,73 @@ def test_twinflow_vae_nodes(tf_dirs):
     assert img.shape == (5, 32, 48, 3)
     with pytest.raises(ValueError, match="row bands"):
         TwinFlowVAEDecode().decode(vae, lat, row_bands=2)
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI
+COMFYUI = __import__("os").environ.get("COMFYUI_PATH")
+
+
+def _det_fill(i, shape, kind):
+    """Deterministic weights both interpreters compute alike (no RNG stream to match across torch versions)."""
+    import math as _m
+
+    import torch as _t
+
+    v = _t.sin(_t.arange(_m.prod(shape), dtype=_t.float64) * 0.7310 + i * 1.37).view(shape)
+    if kind == "gamma":
+        v = 1.0 + 0.2 * v
+    elif kind == "bias":
+        v = 0.05 * v
+    elif kind == "weight":
+        v = v / _m.sqrt(_m.prod(shape[1:]))
+    return v.float()
+
+
+_COMFY_CODE = '''
+import sys, inspect, torch
+sys.argv = ["x", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.ldm.wan.vae2_2 as v
+{fill}
+m = v.WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+             temperal_downsample=[False, True, True], dropout=0.0).eval()
+kind = lambda k: "gamma" if k.endswith("gamma") else "bias" if k.endswith("bias") else "weight"
+m.load_state_dict({{k: _det_fill(i, tuple(t.shape), kind(k)) for i, (k, t) in enumerate(m.state_dict().items())}})
+x = _det_fill(-1, (1, 3, 1, 32, 32), "input").clamp(-1, 1)
+z = _det_fill(-2, (1, 48, 1, 2, 2), "input")
+with torch.no_grad():
+    torch.save({{"mu": m.encode(x), "video": m.decode(z).clamp(-1, 1)}}, {out!r})
+'''
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout (see docs/comfyui.md)")
+def test_real_config_matches_comfyui_vae2_2(tmp_path):
+    """ComfyUI's own comfy/ldm/wan/vae2_2.py (built at the real config only) as a second oracle: 1 frame,
+    32x32 px, deterministic weights, run in ComfyUI's interpreter."""
+    import inspect
+    import os
+    import subprocess
+
+    from test_comfyui_integration import _comfy_python
+
+    out = tmp_path / "comfy.pt"
+    code = _COMFY_CODE.format(fill=inspect.getsource(_det_fill), out=str(out))
+    res = subprocess.run([os.environ.get("COMFYUI_PYTHON") or _comfy_python(), "-c", code], cwd=COMFYUI,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    want = torch.load(out)
+    with torch.device("meta"):
+        model = Wan22VAE(PRESETS["wan2.2"])
+    kind = lambda k: "gamma" if k.endswith("gamma") else "bias" if k.endswith("bias") else "weight"  # noqa: E731
+    sd = {k: _det_fill(i, tuple(t.shape), kind(k)) for i, (k, t) in enumerate(model.state_dict().items())}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model = model.tap_major_().eval()
+    x = _det_fill(-1, (1, 3, 1, 32, 32), "input").clamp(-1, 1)
+    z = _det_fill(-2, (1, 48, 1, 2, 2), "input")
+    mu, video = model.encode(x), model.decode(z)
+    scale_mu, scale_v = want["mu"].abs().max().item(), want["video"].abs().max().item()
+    assert (mu - want["mu"]).abs().max().item() <= 1e-4 * max(1.0, scale_mu), scale_mu
+    assert (video - want["video"]).abs().max().item() <= 1e-4, scale_v
