@@ -71,7 +71,7 @@ class TwinFlowVAEEncode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1 VAE from core Load VAE."}),
+                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1/Wan2.2 VAE from core Load VAE."}),
                 "pixels": ("IMAGE", {"tooltip": "Video frames [N, H, W, 3] in 0..1. N should be 1+4k; extra frames "
                                                 "are dropped. H and W are cropped to multiples of 8."}),
             },
@@ -80,7 +80,8 @@ class TwinFlowVAEEncode:
                                       "tooltip": "Exact low-memory encode: the full-resolution layers run in "
                                                  "horizontal bands that pass their edge rows on to the next "
                                                  "band; the result equals the whole-frame encode. 0 = auto "
-                                                 "(bands of >= 128 px, e.g. 2 at 256 px), 1 = whole frames."}),
+                                                 "(bands of >= 128 px, e.g. 2 at 256 px), 1 = whole frames. The Wan2.2 "
+                                                 "VAE has no bands yet: auto = whole frames, > 1 is refused."}),
             },
         }
 
@@ -88,8 +89,8 @@ class TwinFlowVAEEncode:
     RETURN_NAMES = ("latent",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Encodes video frames with the Wan2.1 VAE; 1+4k frames give 1+k latent frames; exact low-memory "
-                   "row bands for tall frames")
+    DESCRIPTION = ("Encodes video frames with the Wan VAE; 1+4k frames give 1+k latent frames; exact low-memory "
+                   "row bands for tall frames (Wan2.1 VAE; the Wan2.2 VAE encodes whole frames)")
 
     def encode(self, vae, pixels, row_bands=0):
         vae = as_vae(vae)
@@ -106,7 +107,7 @@ class TwinFlowVAEDecode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1 VAE from core Load VAE."}),
+                "vae": ("TWINFLOW_VAE,VAE", {"tooltip": "The VAE from TwinFlow Load VAE, or a Wan2.1/Wan2.2 VAE from core Load VAE."}),
                 "samples": ("LATENT", {"tooltip": "Raw Wan latents [B, 16, T, H/8, W/8]; T latent frames give "
                                                   "1+4(T-1) frames."}),
                 "tiling": (list(TILING_CHOICES), {"default": "auto",
@@ -127,7 +128,8 @@ class TwinFlowVAEDecode:
                                                  "band, so only one band's caches are alive and no row is "
                                                  "computed twice; the result equals the whole-frame decode "
                                                  "(unlike tiles). 0 = auto (bands of >= 72 px, e.g. 3 at 256 px; "
-                                                 "more if memory needs it), 1 = whole frames (most memory)."}),
+                                                 "more if memory needs it), 1 = whole frames (most memory). The Wan2.2 "
+                                                 "VAE has no bands yet: auto = whole frames, > 1 is refused."}),
             },
         }
 
