@@ -83,8 +83,8 @@ def _empty_latent(nid, ins, g):
 
 
 def _wan_i2v(nid, ins, g):
-    """WanImageToVideo: (positive, negative, an empty Wan2.1 latent)."""
-    return [None, None] + _empty_latent(nid, ins, g)
+    """WanImageToVideo: (positive, negative passed on with the image added, an empty Wan2.1 latent)."""
+    return [ins.get("positive"), ins.get("negative")] + _empty_latent(nid, ins, g)
 
 
 def _wan22_i2v_latent(nid, ins, g):

@@ -421,3 +421,30 @@ def test_i2v_templates_run_headless_unchanged(i2v_files, template, tmp_path, cap
     size = 64 if "ti2v" in template else 32
     assert frames.shape == (5, size, size, 3) and torch.isfinite(frames).all()
     assert list((tmp_path / "out" / "video").glob("ComfyUI_*_.mp4"))
+
+
+def test_plan_follows_the_i2v_templates_shapes():
+    """`twinflow plan`: WanImageToVideo passes the conditioning on (cfg 6 -> the CFG batch of 2) with a 16-channel
+    latent at /8; Wan22ImageToVideoLatent gives 48 channels at /16, batch 1 without its (bypassed) start image."""
+    pytest.importorskip("comfyui_workflow_templates", reason="pip install comfyui-workflow-templates==0.1.95")
+    import importlib.util
+    from pathlib import Path
+
+    from twinflow.runner.api import Runner, apply_overrides
+    from twinflow.runner.plan import plan_workflow
+
+    spec = importlib.util.spec_from_file_location("core_files", Path(__file__).parent / "fixtures" / "core_files.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+    r = Runner()
+
+    def shapes(template, overrides):
+        prompt = apply_overrides(r.load(cf.template(template)).prompt, overrides, r.registry)
+        return {p["model_node"]: p["shapes"] for p in plan_workflow(prompt)}
+
+    assert shapes("image_to_video_wan.json", TEMPLATES["image_to_video_wan.json"][0])["37"] == \
+        [(1, 16, 2, 4, 4), (2, 16, 2, 4, 4)]
+    i2v = shapes("video_wan2_2_14B_i2v.json", TEMPLATES["video_wan2_2_14B_i2v.json"][0])
+    assert i2v["95"] == i2v["96"] == [(1, 16, 2, 4, 4)]  # cfg 1
+    ti2v = shapes("video_wan2_2_5B_ti2v.json", ["55.width=64", "55.height=64", "55.length=5", "55.batch_size=3"])
+    assert ti2v["37"] == [(1, 48, 2, 4, 4), (2, 48, 2, 4, 4)] and ti2v["39"] == [(1, 48, 2, 4, 4)]
