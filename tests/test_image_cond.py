@@ -448,3 +448,47 @@ def test_plan_follows_the_i2v_templates_shapes():
     assert i2v["95"] == i2v["96"] == [(1, 16, 2, 4, 4)]  # cfg 1
     ti2v = shapes("video_wan2_2_5B_ti2v.json", ["55.width=64", "55.height=64", "55.length=5", "55.batch_size=3"])
     assert ti2v["37"] == [(1, 48, 2, 4, 4), (2, 48, 2, 4, 4)] and ti2v["39"] == [(1, 48, 2, 4, 4)]
+
+
+def test_dual_branch_with_two_i2v_experts_equals_the_two_stage_split(monkeypatch):
+    """TwinFlow Dual-Branch Sampler with two I2V experts and a hard switch after step 2 (gate list 1,1,0,0) gives
+    the latent of the template's KSamplerAdvanced split (0-2 with leftover noise, then 2-4 without new noise):
+    each branch builds its own image inputs from the shared conditioning. Each expert runs only its steps."""
+    from twinflow.nodes import core_wan
+    from twinflow.nodes.sampling import TwinFlowDualBranchSampler
+    from twinflow.sampling.gates import GateSchedule
+
+    monkeypatch.setattr(core_wan, "vae_encoder", lambda vae, where: fake_encode(16, 8))
+    p, n, lat = _core("WanImageToVideo").execute(_cond(1), _cond(2), object(), 32, 32, 5, 1,
+                                                 start_image=torch.rand(1, 32, 32, 3))
+    high, low = i2v_model(clip=False), i2v_model(clip=False)
+    low.module.w.data.fill_(0.3)
+    ksa = _core("KSamplerAdvanced")
+    (mid,) = ksa.sample(high, "enable", 9, 4, 3.0, "euler", "simple", p, n, lat, 0, 2, "enable")
+    (ref,) = ksa.sample(low, "disable", 0, 4, 3.0, "euler", "simple", p, n, mid, 2, 4, "disable")
+    high.module.calls.clear()
+    low.module.calls.clear()
+    out, _ = TwinFlowDualBranchSampler().run(high, low, GateSchedule(kind="list", values=(1.0, 1.0, 0.0, 0.0)), lat,
+                                             9, 4, 3.0, 3.0, "euler", "simple", 0.0, 1.0, "HW", positive=p,
+                                             negative=n)
+    torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-5, atol=1e-5)
+    assert len(high.module.calls) == 2 and len(low.module.calls) == 2
+    assert all(c["x"].shape[1] == 36 for c in high.module.calls + low.module.calls)
+
+
+def test_twinflow_sampler_honours_the_ti2v_noise_mask_as_ksampler(monkeypatch):
+    """The TwinFlow samplers' loop (sampling/dual.py) keeps the start frame and gives the per-frame timestep exactly
+    as the core KSampler path, which the reference loop above checks against ComfyUI's formulas."""
+    from twinflow.nodes import core_wan
+    from twinflow.nodes.sampling import TwinFlowSampler
+
+    monkeypatch.setattr(core_wan, "vae_encoder", lambda vae, where: fake_encode(48, 16))
+    (lat,) = _core("Wan22ImageToVideoLatent").execute(object(), 64, 64, 9, 1, start_image=torch.rand(1, 64, 64, 3))
+    model = ti2v_model()
+    (ref,) = _core("KSampler").sample(model, 3, 3, 2.0, "uni_pc", "simple", _cond(1), _cond(2), lat, 1.0)
+    calls_ks = [c["t"] for c in model.module.calls]
+    model.module.calls.clear()
+    out, _ = TwinFlowSampler().run(model, lat, 3, 3, 2.0, "uni_pc", "simple", 0.0, 1.0, positive=_cond(1),
+                                   negative=_cond(2))
+    torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, c["t"]) for a, c in zip(calls_ks, model.module.calls))
