@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -60,6 +61,12 @@ class Denoiser:
         if concat is not None:
             x = torch.cat([x, concat.to(device=x.device, dtype=x.dtype)], dim=1)
         if clip_fea is not None:
+            if not _takes_keyword(self.module, "clip_fea"):
+                from .errors import UnsupportedError
+
+                raise UnsupportedError(f"model {self.name or self.family!r}: its {type(self.module).__name__} takes no "
+                                       f"CLIP vision features (clip_fea), which this image-to-video model needs; a "
+                                       f"compiled Wan I2V model with CLIP is not supported yet: run it uncompiled")
             kwargs["clip_fea"] = clip_fea.to(device=x.device, dtype=x.dtype)
         return self.module(x, t, context, **kwargs)
 
@@ -70,6 +77,15 @@ class Denoiser:
         for k, v in changes.items():
             setattr(new, k, v)
         return new
+
+
+def _takes_keyword(module: torch.nn.Module, name: str) -> bool:
+    """Whether `module.forward` accepts keyword `name` (or **kwargs)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True  # not introspectable: let the call decide
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def token_timesteps(t: torch.Tensor, frame_weights: torch.Tensor, shape, patch_size) -> torch.Tensor:

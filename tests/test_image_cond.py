@@ -492,3 +492,18 @@ def test_twinflow_sampler_honours_the_ti2v_noise_mask_as_ksampler(monkeypatch):
                                    negative=_cond(2))
     torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-6, atol=1e-6)
     assert all(torch.equal(a, c["t"]) for a, c in zip(calls_ks, model.module.calls))
+
+
+def test_a_module_without_clip_fea_is_refused_by_name(monkeypatch):
+    """A Wan2.1 I2V model whose module takes no clip_fea (a compiled graph) is refused, never run without it."""
+    from twinflow.core.errors import UnsupportedError
+
+    class NoClip(torch.nn.Module):
+        def forward(self, x, t, context):
+            return x[:, :16]
+
+    p, n, lat = _i2v_inputs(monkeypatch, clip=True)
+    model = i2v_model(clip=True)
+    model.module = NoClip()
+    with pytest.raises(UnsupportedError, match="NoClip takes no CLIP vision features"):
+        _core("KSampler").sample(model, 1, 1, 2.0, "euler", "simple", p, n, lat, 1.0)
