@@ -81,7 +81,7 @@ class TwinFlowVAEEncode:
                                                  "horizontal bands that pass their edge rows on to the next "
                                                  "band; the result equals the whole-frame encode. 0 = auto "
                                                  "(bands of >= 128 px, e.g. 2 at 256 px), 1 = whole frames. The Wan2.2 "
-                                                 "VAE has no bands yet: auto = whole frames, > 1 is refused."}),
+                                                 "VAE has no encode bands yet: auto = whole frames, > 1 is refused."}),
             },
         }
 
@@ -128,8 +128,8 @@ class TwinFlowVAEDecode:
                                                  "band, so only one band's caches are alive and no row is "
                                                  "computed twice; the result equals the whole-frame decode "
                                                  "(unlike tiles). 0 = auto (bands of >= 72 px, e.g. 3 at 256 px; "
-                                                 "more if memory needs it), 1 = whole frames (most memory). The Wan2.2 "
-                                                 "VAE has no bands yet: auto = whole frames, > 1 is refused."}),
+                                                 "more if memory needs it), 1 = whole frames (most memory). Wan2.2 VAE: "
+                                                 "auto = whole frames; n > 1 = n exact bands."}),
             },
         }
 
