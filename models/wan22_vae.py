@@ -14,10 +14,11 @@ blocks, the same per-frame chunk rules of the temporal resamplers: all reused fr
   * separate encoder (160) and decoder (256) base widths.
 `Wan22VAE` subclasses `WanVAE` and keeps its public streaming API (`init_state`, `encode_step`,
 `decode_step`, `iter_decode`, `encode`/`decode`, spatial tiles and the memory plan), so nodes and samplers
-use it as a `TWINFLOW_VAE` with 48-channel latents at 1/16 of the frame size. Exact row bands of the
-decode run on request (`decode(bands=n)`: `BandOps22` adds the shortcut to `wan_vae_bands`' engine);
-auto stays whole frames (the memory estimate has no banded form yet). Refused with a message, never
-done differently: row bands of the encode and compiled export of the steps.
+use it as a `TWINFLOW_VAE` with 48-channel latents at 1/16 of the frame size. Exact row bands run through
+`wan_vae_bands`' engine (`BandOps22` adds the stage shortcuts): the encode's first stage (auto, as
+Wan2.1's), and the decode's back half on request (`decode(bands=n)`; auto stays whole frames: the memory
+estimate has no banded form yet). Refused with a message, never done differently: compiled export of
+the steps.
 
 Per-frame forms of the official chunk rules (`wan/modules/vae2_2.py`, mirrored by diffusers):
   * `AvgDown` with a time factor pairs input frames (2k-1, 2k) like the stride-2 time conv next to it;
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
-from . import wan_vae, wan_vae_bands
+from . import wan_vae, wan_vae_bands, wan_vae_layout
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae import (WHOLE_FRAMES, AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample,
                       ResidualBlock, RMSNorm, WanVAE)
@@ -176,6 +177,12 @@ class DownBlock(nn.Module):
             layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
 
+    def rows_in(self, n: int) -> int:
+        """Rows of context its input needs for `n` at its output (row-band hook; the shortcut reads fewer)."""
+        for layer in reversed(self.downsamples):
+            n = layer.rows_in(n)
+        return n
+
 
 class UpBlock(nn.Module):
     """Decoder stage: residual blocks (+ an upsampling Resample of full width), plus the DupUp shortcut."""
@@ -201,7 +208,7 @@ def _head(dim: int, out: int) -> nn.ModuleList:
 
 
 # ----------------------------------------------------------------------------------------------------
-# How the decoder's walk runs a stage shortcut: whole frames, or one row band (`wan_vae_bands`)
+# How the walks run a stage shortcut: whole frames, or one row band (`wan_vae_bands`)
 # ----------------------------------------------------------------------------------------------------
 class Frames22(FrameOps):
     """`wan_vae.FrameOps` plus the DupUp shortcut of whole frames."""
@@ -213,39 +220,55 @@ class Frames22(FrameOps):
         y += dup.frame(x_in, t)  # y is the upsampling conv's fresh output
         return y
 
+    def down_shortcut(self, key, avg: AvgDown, prev, x_in, x_lo: int, y, st: CausalState):
+        # not in place: on the first frame a downsample3d hands back the frame it keeps
+        return to_layout(y + avg.frame(prev, x_in), st.channels_last)
+
 
 WHOLE22 = Frames22()
 
 
 class BandOps22(wan_vae_bands.BandOps):
-    """`wan_vae_bands.BandOps` plus the DupUp shortcut of one band: output rows [lo, hi) read the stage
-    input's rows [lo//2, ceil(hi/2)); those above the band's own stage input were computed by the band
-    before, which leaves them here (`carry[("dup", key)][frame]`)."""
+    """`wan_vae_bands.BandOps` plus the stage shortcuts of one band. DupUp output rows [lo, hi) read the
+    stage input's rows [lo//2, ceil(hi/2)), AvgDown output rows [lo, hi) read rows [2lo, 2hi); those above
+    the band's own stage input were computed by the band before, which leaves them here
+    (`carry[(key, "in")][frame]`)."""
 
     def row0(self) -> int:
         return self.lo
 
-    def shortcut(self, key, dup: DupUp, x_in, x_lo: int, t: int, y):
-        lo, hi = self.lo, self.lo + y.shape[2]
-        a, b = lo // 2, (hi + 1) // 2
-        pieces, ck = [(x_lo, x_in)], ("dup", key)
+    def _stage_rows(self, key, x_in, x_lo: int, a: int, b: int, nxt: int):
+        """Stage-input rows [a, b) (carried ones included), keeping rows [nxt, end) for the next band."""
+        pieces, ck = [(x_lo, x_in)], (key, "in")
         if a < x_lo:
             r0, prev = self.band.carry[ck][self.n]
             if r0 > a:
-                raise RuntimeError(f"banded decode: rows [{a}, {x_lo}) of the stage {key} input were not carried over")
+                raise RuntimeError(f"banded run: rows [{a}, {x_lo}) of the stage {key} input were not carried over")
             pieces.insert(0, (r0, prev[:, :, :x_lo - r0]))
         src = wan_vae_bands.row_slice(pieces, a, b)
         if sum(p.shape[2] for _, p in src) != b - a:
-            raise RuntimeError(f"banded decode: the stage {key} shortcut needs input rows [{a}, {b}), has "
+            raise RuntimeError(f"banded run: the stage {key} shortcut needs input rows [{a}, {b}), has "
                                f"{[(r, r + p.shape[2]) for r, p in src]}")
-        xs = src[0][1] if len(src) == 1 else torch.cat([p for _, p in src], 2)
-        y += dup.frame(xs, t)[:, :, lo - 2 * a:hi - 2 * a]
-        if self.band.stored is not None:  # the next band's upsampling starts at row hi (even: hi - 1)
-            keep = wan_vae_bands.row_slice(pieces, hi // 2, x_lo + x_in.shape[2])
+        if self.band.stored is not None:
+            keep = wan_vae_bands.row_slice(pieces, nxt, x_lo + x_in.shape[2])
             if keep:
                 kept = torch.cat([p for _, p in keep], 2).clone()  # a few rows, not the band's whole input
                 self.band.stored.setdefault(ck, {})[self.n] = (keep[0][0], kept)
+        return src[0][1] if len(src) == 1 else torch.cat([p for _, p in src], 2)
+
+    def shortcut(self, key, dup: DupUp, x_in, x_lo: int, t: int, y):
+        lo, hi = self.lo, self.lo + y.shape[2]
+        a = lo // 2  # the next band's upsampling starts at row hi (even: hi - 1), reading from hi // 2
+        xs = self._stage_rows(key, x_in, x_lo, a, (hi + 1) // 2, hi // 2)
+        y += dup.frame(xs, t)[:, :, lo - 2 * a:hi - 2 * a]
         return y
+
+    def down_shortcut(self, key, avg: AvgDown, prev, x_in, x_lo: int, y, st: CausalState):
+        if avg.factor_t != 1:
+            raise RuntimeError("banded encode: a stage before the split downsamples in time")
+        lo, hi = self.lo, self.lo + y.shape[2]  # the next band's downsampling starts at row hi
+        xs = self._stage_rows(key, x_in, x_lo, 2 * lo, 2 * hi, 2 * hi)
+        return y + avg.frame(None, xs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,12 +286,17 @@ class Encoder22(nn.Module):
         self.middle = _middle(dims[-1])
         self.head = _head(dims[-1], cfg.z_dim * 2)
 
-    def walk(self, x, st: CausalState, keep: bool, ops: FrameOps = WHOLE_FRAMES) -> Optional[torch.Tensor]:
+    def walk(self, x, st: CausalState, keep: bool, ops: Frames22 = WHOLE22, start: Optional[int] = None,
+             stop: Optional[int] = None) -> Optional[torch.Tensor]:
         """One patchified frame through the encoder: the head's output, or None while a temporal
-        downsampling waits for its second frame (the stage's input is then kept for its shortcut)."""
-        x = ops.conv("conv1", self.conv1, None, x, st, keep)
-        for i, stage in enumerate(self.downsamples):
-            x_in = x
+        downsampling waits for its second frame (the stage's input is then kept for its shortcut). A split
+        after stage i (banded encode): stop=i returns that stage's output, start=i+1 takes such a frame."""
+        if start is None:
+            x = ops.conv("conv1", self.conv1, None, x, st, keep)
+            start = 0
+        for i in range(start, len(self.downsamples)):
+            stage = self.downsamples[i]
+            x_in, x_lo = x, ops.row0()
             for j, layer in enumerate(stage.downsamples):
                 if isinstance(layer, Resample):
                     x = ops.spatial((i, j), layer, x, st)
@@ -281,8 +309,9 @@ class Encoder22(nn.Module):
                 pending[0] = x_in
                 return None
             prev, pending[0] = pending[0], None
-            # not in place: on the first frame a downsample3d hands back the frame it keeps
-            x = to_layout(x + stage.avg_shortcut.frame(prev, x_in), st.channels_last)
+            x = ops.down_shortcut((i, "avg"), stage.avg_shortcut, prev, x_in, x_lo, x, st)
+            if i == stop:
+                return x
         for k, layer in enumerate(self.middle):
             x = ops.block(("middle", k), layer, x, st, keep)
         return ops.conv("head", self.head[2], self.head[0], x, st, keep)
@@ -396,7 +425,63 @@ class Wan22VAE(WanVAE):
                                   "shortcuts keep frames the flat cache does not carry); run the VAE eager")
 
     def encode_split(self) -> int:
-        raise NotImplementedError("the Wan2.2 VAE has no banded encode; encode whole frames (bands=1)")
+        """The encoder stage that ends the banded part of an encode: the first one (full patch resolution,
+        where the encoder's memory is), if it downsamples in space only."""
+        st = self.encoder.downsamples[0]
+        if st.avg_shortcut.factor_s != 2 or st.avg_shortcut.factor_t != 1:
+            raise ValueError("this Wan2.2 VAE's first encoder stage is not a 2x spatial downsampling; encode "
+                             "with bands=1")
+        return 0
+
+    def encode_needs(self) -> dict:
+        """Rows of context left after each banded encoder layer ((stage, index), "conv1"), walked backwards
+        from the split (see `wan_vae_bands.encode_needs`)."""
+        s = self.encode_split()
+        needs, need = {}, 0
+        for i in range(s, -1, -1):
+            layers = self.encoder.downsamples[i].downsamples
+            for j in range(len(layers) - 1, -1, -1):
+                needs[(i, j)] = need
+                need = layers[j].rows_in(need)
+        needs["conv1"] = need
+        return needs
+
+    def encode_banded(self, x: torch.Tensor, frames: int, plan: list, out: torch.Tensor) -> torch.Tensor:
+        """Exact row-band encode (`wan_vae_bands.encode_banded`'s scheme): the first stage runs band by band
+        through all frames with `BandOps22`; its output frames are kept and the rest streams them whole."""
+        p, s = self.cfg.patch_size, self.encode_split()
+        full = x.shape[-2] // p
+        rows, needs = full // 2, self.encode_needs()
+        kept: list = []
+        carry, cl = None, self.init_state().channels_last
+        with Progress(total=len(plan) * frames, desc=f"Wan2.2 VAE encode ({len(plan)} bands)") as bar:
+            for k, (_c0, c1) in enumerate(plan):
+                st, j = self.init_state(cl), 0
+                band = wan_vae_bands.Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
+                ops = BandOps22(band, needs)
+                wan_vae_bands.release_free_heap(out.device)
+                for n in range(frames):
+                    ops.begin(n, full)
+                    y = self.encoder.walk(to_layout(patchify(x[:, :, n], p), cl), st, keep=n < frames - 1, ops=ops,
+                                          stop=s)
+                    if j == len(kept):
+                        kept.append(wan_vae_layout.empty_frame(y, cl, rows))
+                    kept[j][:, :, ops.lo:ops.lo + y.shape[2]] = y
+                    j += 1
+                    bar.update(1)
+                carry = band.stored
+                del st, band, ops
+        del carry
+        wan_vae_bands.release_free_heap(out.device)
+        st, j = self.init_state(cl), 0
+        for n in range(len(kept)):
+            y = self.encoder.walk(kept[n], st, keep=n < len(kept) - 1, start=s + 1)
+            kept[n] = None
+            if y is not None:
+                out[:, :, j] = self.encode_mean(y)
+                j += 1
+        assert j == out.shape[2], (j, out.shape)
+        return out
 
     def decode_split(self) -> None:
         # No automatic row bands (the memory estimate has no banded form yet): the memory plan
@@ -472,13 +557,11 @@ class Wan22VAE(WanVAE):
 
     @torch.inference_mode()
     def encode(self, video: torch.Tensor, *, bands: Optional[int] = None) -> torch.Tensor:
-        """Encode video [B, 3, T, H, W] in [-1, 1] to the raw latent mean [B, 48, 1+(T-1)//4, H/16, W/16]
-        (whole frames; `bands` may only be None or 1). Frames beyond the last 1+4k are dropped, with a log
-        line, as ComfyUI and the official code do."""
+        """Encode video [B, 3, T, H, W] in [-1, 1] to the raw latent mean [B, 48, 1+(T-1)//4, H/16, W/16].
+        Frames beyond the last 1+4k are dropped, with a log line, as ComfyUI and the official code do.
+        `bands`: exact row bands for the first (full patch resolution) stage: None = auto
+        (`wan_vae_bands.encode_auto_bands`), 1 = whole frames."""
         self._check_bands(bands)
-        if bands is not None and bands > 1:
-            raise ValueError(f"the Wan2.2 VAE has no exact row bands for encode yet (bands={bands}); use bands=1 "
-                             f"or auto (whole frames)")
         if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
             raise ValueError(f"encode expects video [B, {self.cfg.in_channels}, T, H, W], got {tuple(video.shape)}")
         b, _, t, h, w = video.shape
@@ -492,6 +575,11 @@ class Wan22VAE(WanVAE):
         x = video.to(device=self.device, dtype=self.dtype)
         out = torch.empty(b, self.cfg.z_dim, self.latent_frames(t), h // r, w // r, device=self.device,
                           dtype=self.dtype)
+        bands = wan_vae_bands.encode_auto_bands(video.shape) if bands is None else bands
+        if bands > 1:
+            plan = wan_vae_bands.encode_band_rows(self, h // self.cfg.patch_size // 2, bands)
+            if len(plan) > 1:
+                return self.encode_banded(x, keep, plan, out)
         st, n = self.init_state(), 0
         with Progress(total=keep, desc="Wan2.2 VAE encode") as bar:
             for i in range(keep):

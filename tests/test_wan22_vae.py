@@ -252,10 +252,50 @@ def test_banded_decode_matches_diffusers(pair):
     assert (ours.decode(z, bands=2) - want).abs().max().item() <= 1e-5
 
 
+def test_banded_encode_is_exact_and_computes_every_row_once(tiny64, monkeypatch):
+    """Row bands of the encoder's first stage (conv1, its residual blocks, the stride-2 downsampling and
+    the AvgDown shortcut, at full patch resolution) equal whole frames (float64), in both layouts, and no
+    banded conv computes a row twice; auto picks bands of >= 128 video rows."""
+    vae = tiny64
+    assert vae.encode_needs() == {(0, 2): 0, (0, 1): 1, (0, 0): 3, "conv1": 5}
+    g = torch.Generator().manual_seed(24)
+    x = torch.rand(1, 3, 5, 160, 32, generator=g, dtype=torch.float64) * 2 - 1
+    ref = vae.encode(x, bands=1)
+    assert wan_vae_bands.encode_band_rows(vae, 40, 3) == [(0, 10), (10, 24), (24, 40)]
+    vae.channels_last = False
+    try:
+        assert (vae.encode(x, bands=5) - ref).abs().max().item() < 1e-12
+    finally:
+        vae.channels_last = None
+    rows_done = {}
+    real = wan_vae_bands.conv_rows
+
+    def counting(conv, pieces, pad, st, keep, norm):
+        out = real(conv, pieces, pad, st, keep, norm)
+        rows_done[id(conv)] = rows_done.get(id(conv), 0) + out.shape[2]
+        return out
+
+    monkeypatch.setattr(wan_vae_bands, "conv_rows", counting)
+    assert (vae.encode(x, bands=3) - ref).abs().max().item() < 1e-12
+    first = [vae.encoder.conv1] + [m for b in vae.encoder.downsamples[0].downsamples
+                                   if isinstance(b, wan_vae.ResidualBlock) for m in (b.residual[2], b.residual[6])]
+    assert sorted(rows_done) == sorted(id(m) for m in first)
+    assert set(rows_done.values()) == {5 * 80}  # 5 frames of 80 patchified rows, each row once
+    rows_done.clear()
+    auto = vae.encode(torch.rand(1, 3, 1, 256, 16, generator=g, dtype=torch.float64) * 2 - 1)  # auto: 2 bands
+    assert rows_done and auto.shape == (1, 48, 1, 16, 1)
+
+
+def test_banded_encode_matches_diffusers(pair):
+    ref, ours = pair
+    x = torch.rand(1, 3, 5, 160, 32, generator=torch.Generator().manual_seed(25)) * 2 - 1
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mean
+    assert (ours.encode(x, bands=3) - want).abs().max().item() <= 1e-5
+
+
 def test_unsupported_modes_are_refused(tiny):
     z = torch.randn(1, 48, 1, 2, 2)
-    with pytest.raises(ValueError, match="row bands for encode"):
-        tiny.encode(torch.zeros(1, 3, 1, 32, 32), bands=2)
     with pytest.raises(ValueError, match="callback needs bands=1"):
         tiny.decode(z, bands=2, callback=lambda n, f: None)
     with pytest.raises(ValueError, match="row bands or tiles"):
@@ -375,8 +415,9 @@ def test_twinflow_vae_nodes(tf_dirs):
     assert img.shape == (5, 32, 48, 3)
     (banded,) = TwinFlowVAEDecode().decode(vae, lat, row_bands=2)  # exact bands: same frames
     torch.testing.assert_close(banded, img, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="row bands for encode"):
-        TwinFlowVAEEncode().encode(vae, px, row_bands=2)
+    (banded,) = TwinFlowVAEEncode().encode(vae, torch.cat([px, px], 1), row_bands=2)  # 64 px high: 2 bands
+    (whole,) = TwinFlowVAEEncode().encode(vae, torch.cat([px, px], 1), row_bands=1)
+    torch.testing.assert_close(banded["samples"], whole["samples"], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI
