@@ -7,7 +7,7 @@
 decoder 256, z 48, 2x2 patchify, 16x space; `random_wan22_vae("wan2.2")`); diffusers gets its Wan2.2
 configuration (`is_residual=True, patch_size=2, decoder_base_dim=256`) and the same weights mapped by
 `models.wan22_vae.from_diffusers` (read backwards; diffusers has no Wan2.2 converter). Ours decodes whole
-frames (the Wan2.2 VAE has no row bands yet).
+frames by default (the Wan2.2 VAE picks no bands by itself yet); the `*bands` cases ask for exact row bands.
 
 Every measurement runs in a fresh subprocess (one model, one op), so allocator state and caches of one
 run never leak into the next. Ours and diffusers' runs are interleaved (ours, diffusers, ours, ...)
@@ -68,6 +68,9 @@ CASES = {
 CASES22 = {
     "dec16": ("decode", (1, 48, 3, 16, 16), "float32", None),
     "dec16bf16": ("decode", (1, 48, 3, 16, 16), "bfloat16", None),
+    "dec16bands": ("decode", (1, 48, 3, 16, 16), "float32", 3),  # ours: 3 exact row bands
+    "dec32": ("decode", (1, 48, 2, 32, 32), "float32", None),  # 5 frames of 512x512
+    "dec32bands": ("decode", (1, 48, 2, 32, 32), "float32", 6),
     "enc256": ("encode", (1, 3, 9, 256, 256), "float32", None),
     "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", None),
     "dectiled32": ("decode", (1, 48, 2, 32, 32), "float32", "tiled"),  # 512 px: 256 px tiles, as diffusers'
@@ -75,7 +78,8 @@ CASES22 = {
     "dec480p5bf16": ("decode", (1, 48, 5, 30, 52), "bfloat16", None),  # GPU: 17 frames, 832x480
 }
 FAMILIES = {"wan21": CASES, "wan22": CASES22}
-DEFAULT_CASES = {"wan21": "dec32,dec32bf16,dec32whole,enc256,dectiled48", "wan22": "dec16,dec16bf16,enc256,dectiled32"}
+DEFAULT_CASES = {"wan21": "dec32,dec32bf16,dec32whole,enc256,dectiled48",
+                 "wan22": "dec16,dec16bf16,dec16bands,enc256,dectiled32"}
 
 
 def _rss_kib(field: str) -> int:

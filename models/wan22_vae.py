@@ -14,8 +14,11 @@ blocks, the same per-frame chunk rules of the temporal resamplers: all reused fr
   * separate encoder (160) and decoder (256) base widths.
 `Wan22VAE` subclasses `WanVAE` and keeps its public streaming API (`init_state`, `encode_step`,
 `decode_step`, `iter_decode`, `encode`/`decode`, spatial tiles and the memory plan), so nodes and samplers
-use it as a `TWINFLOW_VAE` with 48-channel latents at 1/16 of the frame size. Not supported (refused with
-a message, never done differently): exact row bands (`bands` > 1) and compiled export of the steps.
+use it as a `TWINFLOW_VAE` with 48-channel latents at 1/16 of the frame size. Exact row bands run through
+`wan_vae_bands`' engine (`BandOps22` adds the stage shortcuts): the encode's first stage (auto, as
+Wan2.1's), and the decode's back half on request (`decode(bands=n)`; auto stays whole frames: the memory
+estimate has no banded form yet). Refused with a message, never done differently: compiled export of
+the steps.
 
 Per-frame forms of the official chunk rules (`wan/modules/vae2_2.py`, mirrored by diffusers):
   * `AvgDown` with a time factor pairs input frames (2k-1, 2k) like the stride-2 time conv next to it;
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
-from . import wan_vae
+from . import wan_vae, wan_vae_bands, wan_vae_layout
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae import (WHOLE_FRAMES, AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample,
                       ResidualBlock, RMSNorm, WanVAE)
@@ -174,6 +177,12 @@ class DownBlock(nn.Module):
             layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
 
+    def rows_in(self, n: int) -> int:
+        """Rows of context its input needs for `n` at its output (row-band hook; the shortcut reads fewer)."""
+        for layer in reversed(self.downsamples):
+            n = layer.rows_in(n)
+        return n
+
 
 class UpBlock(nn.Module):
     """Decoder stage: residual blocks (+ an upsampling Resample of full width), plus the DupUp shortcut."""
@@ -199,6 +208,70 @@ def _head(dim: int, out: int) -> nn.ModuleList:
 
 
 # ----------------------------------------------------------------------------------------------------
+# How the walks run a stage shortcut: whole frames, or one row band (`wan_vae_bands`)
+# ----------------------------------------------------------------------------------------------------
+class Frames22(FrameOps):
+    """`wan_vae.FrameOps` plus the DupUp shortcut of whole frames."""
+
+    def row0(self) -> int:
+        return 0  # first row of the current frame
+
+    def shortcut(self, key, dup: DupUp, x_in, x_lo: int, t: int, y):
+        y += dup.frame(x_in, t)  # y is the upsampling conv's fresh output
+        return y
+
+    def down_shortcut(self, key, avg: AvgDown, prev, x_in, x_lo: int, y, st: CausalState):
+        # not in place: on the first frame a downsample3d hands back the frame it keeps
+        return to_layout(y + avg.frame(prev, x_in), st.channels_last)
+
+
+WHOLE22 = Frames22()
+
+
+class BandOps22(wan_vae_bands.BandOps):
+    """`wan_vae_bands.BandOps` plus the stage shortcuts of one band. DupUp output rows [lo, hi) read the
+    stage input's rows [lo//2, ceil(hi/2)), AvgDown output rows [lo, hi) read rows [2lo, 2hi); those above
+    the band's own stage input were computed by the band before, which leaves them here
+    (`carry[(key, "in")][frame]`)."""
+
+    def row0(self) -> int:
+        return self.lo
+
+    def _stage_rows(self, key, x_in, x_lo: int, a: int, b: int, nxt: int):
+        """Stage-input rows [a, b) (carried ones included), keeping rows [nxt, end) for the next band."""
+        pieces, ck = [(x_lo, x_in)], (key, "in")
+        if a < x_lo:
+            r0, prev = self.band.carry[ck][self.n]
+            if r0 > a:
+                raise RuntimeError(f"banded run: rows [{a}, {x_lo}) of the stage {key} input were not carried over")
+            pieces.insert(0, (r0, prev[:, :, :x_lo - r0]))
+        src = wan_vae_bands.row_slice(pieces, a, b)
+        if sum(p.shape[2] for _, p in src) != b - a:
+            raise RuntimeError(f"banded run: the stage {key} shortcut needs input rows [{a}, {b}), has "
+                               f"{[(r, r + p.shape[2]) for r, p in src]}")
+        if self.band.stored is not None:
+            keep = wan_vae_bands.row_slice(pieces, nxt, x_lo + x_in.shape[2])
+            if keep:
+                kept = torch.cat([p for _, p in keep], 2).clone()  # a few rows, not the band's whole input
+                self.band.stored.setdefault(ck, {})[self.n] = (keep[0][0], kept)
+        return src[0][1] if len(src) == 1 else torch.cat([p for _, p in src], 2)
+
+    def shortcut(self, key, dup: DupUp, x_in, x_lo: int, t: int, y):
+        lo, hi = self.lo, self.lo + y.shape[2]
+        a = lo // 2  # the next band's upsampling starts at row hi (even: hi - 1), reading from hi // 2
+        xs = self._stage_rows(key, x_in, x_lo, a, (hi + 1) // 2, hi // 2)
+        y += dup.frame(xs, t)[:, :, lo - 2 * a:hi - 2 * a]
+        return y
+
+    def down_shortcut(self, key, avg: AvgDown, prev, x_in, x_lo: int, y, st: CausalState):
+        if avg.factor_t != 1:
+            raise RuntimeError("banded encode: a stage before the split downsamples in time")
+        lo, hi = self.lo, self.lo + y.shape[2]  # the next band's downsampling starts at row hi
+        xs = self._stage_rows(key, x_in, x_lo, 2 * lo, 2 * hi, 2 * hi)
+        return y + avg.frame(None, xs)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Encoder and decoder: the per-frame walks
 # ----------------------------------------------------------------------------------------------------
 class Encoder22(nn.Module):
@@ -213,12 +286,17 @@ class Encoder22(nn.Module):
         self.middle = _middle(dims[-1])
         self.head = _head(dims[-1], cfg.z_dim * 2)
 
-    def walk(self, x, st: CausalState, keep: bool, ops: FrameOps = WHOLE_FRAMES) -> Optional[torch.Tensor]:
+    def walk(self, x, st: CausalState, keep: bool, ops: Frames22 = WHOLE22, start: Optional[int] = None,
+             stop: Optional[int] = None) -> Optional[torch.Tensor]:
         """One patchified frame through the encoder: the head's output, or None while a temporal
-        downsampling waits for its second frame (the stage's input is then kept for its shortcut)."""
-        x = ops.conv("conv1", self.conv1, None, x, st, keep)
-        for i, stage in enumerate(self.downsamples):
-            x_in = x
+        downsampling waits for its second frame (the stage's input is then kept for its shortcut). A split
+        after stage i (banded encode): stop=i returns that stage's output, start=i+1 takes such a frame."""
+        if start is None:
+            x = ops.conv("conv1", self.conv1, None, x, st, keep)
+            start = 0
+        for i in range(start, len(self.downsamples)):
+            stage = self.downsamples[i]
+            x_in, x_lo = x, ops.row0()
             for j, layer in enumerate(stage.downsamples):
                 if isinstance(layer, Resample):
                     x = ops.spatial((i, j), layer, x, st)
@@ -231,8 +309,9 @@ class Encoder22(nn.Module):
                 pending[0] = x_in
                 return None
             prev, pending[0] = pending[0], None
-            # not in place: on the first frame a downsample3d hands back the frame it keeps
-            x = to_layout(x + stage.avg_shortcut.frame(prev, x_in), st.channels_last)
+            x = ops.down_shortcut((i, "avg"), stage.avg_shortcut, prev, x_in, x_lo, x, st)
+            if i == stop:
+                return x
         for k, layer in enumerate(self.middle):
             x = ops.block(("middle", k), layer, x, st, keep)
         return ops.conv("head", self.head[2], self.head[0], x, st, keep)
@@ -251,28 +330,41 @@ class Decoder22(nn.Module):
             for i in range(n)])
         self.head = _head(dims[-1], cfg.in_channels * cfg.patch_size ** 2)
 
-    def walk(self, x, st: CausalState, first: bool, keep: bool,
-             ops: FrameOps = WHOLE_FRAMES) -> Iterator[torch.Tensor]:
+    def walk(self, x, st: CausalState, first: bool, keep: bool, ops: Frames22 = WHOLE22,
+             stop: Optional[int] = None) -> Iterator:
         """One post-quant latent frame through the decoder, depth first: yields its output frames (still
-        patchified, clamped to [-1, 1]) as soon as each is ready."""
+        patchified, clamped to [-1, 1]) as soon as each is ready. `stop`: a stage whose upsampling is
+        temporal; yields `(frame its time conv made, the stage input, DupUp frame index)` instead (the
+        front half of a banded decode; `walk_back` runs the rest)."""
         x = ops.conv("conv1", self.conv1, None, x, st, keep)
         for k, layer in enumerate(self.middle):
             x = ops.block(("middle", k), layer, x, st, keep)
-        yield from self._walk_stages(0, x, st, first, keep, ops)
+        yield from self._walk_stages(0, x, st, first, keep, ops, stop)
 
-    def _walk_stages(self, i: int, x, st: CausalState, first: bool, keep: bool, ops: FrameOps):
+    def walk_back(self, f, x_in, t: int, st: CausalState, keep: bool, ops: Frames22, start: int):
+        """The back half of a banded decode for one front frame of `walk(stop=start)`: the rest of stage
+        `start` (spatial upsampling + shortcut) and everything after it; returns the output (rows)."""
+        stage = self.upsamples[start]
+        up = stage.upsamples[-1]
+        y = ops.spatial((start, len(stage.upsamples) - 1), up, f, st)
+        y = ops.shortcut((start, "dup"), stage.avg_shortcut, x_in, 0, t, y)  # x_in: the whole front frame
+        (y,) = self._walk_stages(start + 1, y, st, False, keep, ops, None)
+        return y
+
+    def _walk_stages(self, i: int, x, st: CausalState, first: bool, keep: bool, ops: Frames22,
+                     stop: Optional[int]):
         if i == len(self.upsamples):
             x = ops.conv("head", self.head[2], self.head[0], x, st, keep)
             yield x.clamp_(-1.0, 1.0)
             return
         stage = self.upsamples[i]
         layers = stage.upsamples
-        x_in = x
+        x_in, x_lo = x, ops.row0()
         for j, layer in enumerate(layers):
             if not isinstance(layer, Resample):
                 x = ops.block((i, j), layer, x, st, keep)
         if stage.avg_shortcut is None:
-            yield from self._walk_stages(i + 1, x, st, first, keep, ops)
+            yield from self._walk_stages(i + 1, x, st, first, keep, ops, stop)
             return
         up = layers[-1]
         if up.mode == "upsample3d":
@@ -281,11 +373,14 @@ class Decoder22(nn.Module):
         else:
             frames, ts = [x], [0]
         del x
+        if i == stop:
+            yield from ((f, x_in, t) for f, t in zip(frames, ts))
+            return
         for k, (f, t) in enumerate(zip(frames, ts)):
             y = ops.spatial((i, len(layers) - 1), up, f, st)
-            y += stage.avg_shortcut.frame(x_in, t)  # y is the upsampling conv's fresh output
+            y = ops.shortcut((i, "dup"), stage.avg_shortcut, x_in, x_lo, t, y)
             # a layer's cache is released after its very last frame
-            yield from self._walk_stages(i + 1, y, st, first, keep or k < len(frames) - 1, ops)
+            yield from self._walk_stages(i + 1, y, st, first, keep or k < len(frames) - 1, ops, stop)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,10 +413,10 @@ class Wan22VAE(WanVAE):
                     stop: Optional[int] = None) -> Iterator[torch.Tensor]:
         """Push one raw latent frame [B, 48, h, w] through the decoder; yields its output frames
         [B, 3, 16h, 16w] in [-1, 1] (1 for the stream's first latent, then 4)."""
-        if stop is not None:
-            raise ValueError("the Wan2.2 VAE has no banded decode (stop=); decode whole frames")
         first, st.started = not st.started, True
         x = self.conv2.pointwise(to_layout(z, st.channels_last))
+        if stop is not None:  # the front half of a banded decode: (frame, stage input, DupUp index) tuples
+            return self.decoder.walk(x, st, first=first, keep=not last, stop=stop)
         p = self.cfg.patch_size
         return (unpatchify(f, p) for f in self.decoder.walk(x, st, first=first, keep=not last))
 
@@ -330,26 +425,143 @@ class Wan22VAE(WanVAE):
                                   "shortcuts keep frames the flat cache does not carry); run the VAE eager")
 
     def encode_split(self) -> int:
-        raise NotImplementedError("the Wan2.2 VAE has no banded encode; encode whole frames (bands=1)")
+        """The encoder stage that ends the banded part of an encode: the first one (full patch resolution,
+        where the encoder's memory is), if it downsamples in space only."""
+        st = self.encoder.downsamples[0]
+        if st.avg_shortcut.factor_s != 2 or st.avg_shortcut.factor_t != 1:
+            raise ValueError("this Wan2.2 VAE's first encoder stage is not a 2x spatial downsampling; encode "
+                             "with bands=1")
+        return 0
+
+    def encode_needs(self) -> dict:
+        """Rows of context left after each banded encoder layer ((stage, index), "conv1"), walked backwards
+        from the split (see `wan_vae_bands.encode_needs`)."""
+        s = self.encode_split()
+        needs, need = {}, 0
+        for i in range(s, -1, -1):
+            layers = self.encoder.downsamples[i].downsamples
+            for j in range(len(layers) - 1, -1, -1):
+                needs[(i, j)] = need
+                need = layers[j].rows_in(need)
+        needs["conv1"] = need
+        return needs
+
+    def encode_banded(self, x: torch.Tensor, frames: int, plan: list, out: torch.Tensor) -> torch.Tensor:
+        """Exact row-band encode (`wan_vae_bands.encode_banded`'s scheme): the first stage runs band by band
+        through all frames with `BandOps22`; its output frames are kept and the rest streams them whole."""
+        p, s = self.cfg.patch_size, self.encode_split()
+        full = x.shape[-2] // p
+        rows, needs = full // 2, self.encode_needs()
+        kept: list = []
+        carry, cl = None, self.init_state().channels_last
+        with Progress(total=len(plan) * frames, desc=f"Wan2.2 VAE encode ({len(plan)} bands)") as bar:
+            for k, (_c0, c1) in enumerate(plan):
+                st, j = self.init_state(cl), 0
+                band = wan_vae_bands.Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
+                ops = BandOps22(band, needs)
+                wan_vae_bands.release_free_heap(out.device)
+                for n in range(frames):
+                    ops.begin(n, full)
+                    y = self.encoder.walk(to_layout(patchify(x[:, :, n], p), cl), st, keep=n < frames - 1, ops=ops,
+                                          stop=s)
+                    if j == len(kept):
+                        kept.append(wan_vae_layout.empty_frame(y, cl, rows))
+                    kept[j][:, :, ops.lo:ops.lo + y.shape[2]] = y
+                    j += 1
+                    bar.update(1)
+                carry = band.stored
+                del st, band, ops
+        del carry
+        wan_vae_bands.release_free_heap(out.device)
+        st, j = self.init_state(cl), 0
+        for n in range(len(kept)):
+            y = self.encoder.walk(kept[n], st, keep=n < len(kept) - 1, start=s + 1)
+            kept[n] = None
+            if y is not None:
+                out[:, :, j] = self.encode_mean(y)
+                j += 1
+        assert j == out.shape[2], (j, out.shape)
+        return out
 
     def decode_split(self) -> None:
-        return None  # no row bands: the memory plan (wan_vae_plan) then plans whole frames or tiles
+        # No automatic row bands (the memory estimate has no banded form yet): the memory plan
+        # (wan_vae_plan) plans whole frames or tiles; `decode(bands=n)` bands on request.
+        return None
+
+    # ---- exact row bands of the decode (on request) --------------------------------------------------
+    def band_split(self) -> Optional[int]:
+        """The last decoder stage whose upsampling is temporal: its time conv ends the front half of a
+        banded decode; everything after it (its spatial upsampling and shortcut, the later stages, the
+        head) is local in space and runs band by band."""
+        idx = [i for i, s in enumerate(self.decoder.upsamples)
+               if s.avg_shortcut is not None and s.upsamples[-1].mode == "upsample3d"]
+        return idx[-1] if idx else None
+
+    def decode_needs(self) -> dict:
+        """Rows of context left after each banded decoder layer ((stage, index), "head"), walked from the
+        output backwards; "halo": what the split's time-conv frames need (see `wan_vae_bands.decode_needs`).
+        The shortcuts read fewer rows than the upsampling conv beside them, so they add none."""
+        dec, s = self.decoder, self.band_split()
+        needs = {"head": 0}
+        need = dec.head[2].rows_in(0)
+        for i in range(len(dec.upsamples) - 1, s - 1, -1):
+            layers = dec.upsamples[i].upsamples
+            for j in (range(len(layers) - 1, -1, -1) if i > s else [len(layers) - 1]):
+                needs[(i, j)] = need
+                need = layers[j].rows_in(need)
+        needs["halo"] = need
+        return needs
+
+    def decode_banded(self, z: torch.Tensor, bands: int, out: torch.Tensor) -> torch.Tensor:
+        """Exact row-band decode into `out` (`wan_vae_bands.decode_banded`'s scheme): the front half streams
+        and keeps, per output frame, its time-conv frame and the stage input its shortcut reads; the back
+        half runs band by band with `BandOps22`."""
+        s = self.band_split()
+        if s is None:
+            raise ValueError("this Wan2.2 VAE has no temporal upsampling to split at; decode with bands=1")
+        t, p = z.shape[2], self.cfg.patch_size
+        st, fronts = self.init_state(), []
+        with Progress(total=t, desc=f"Wan2.2 VAE decode (front, {bands} bands)") as bar:
+            for i in range(t):
+                fronts.extend(self.decode_step(z[:, :, i], st, last=i == t - 1, stop=s))
+                bar.update(1)
+        cl = st.channels_last
+        del st
+        wan_vae_bands.release_free_heap(out.device)
+        needs = self.decode_needs()
+        rows, frames = fronts[0][0].shape[-2], len(fronts)
+        plan = wan_vae_bands.decode_band_rows(rows, bands, needs["halo"])
+        carry = None
+        with Progress(total=len(plan) * frames, desc="Wan2.2 VAE decode (bands)") as bar:
+            for k, (_c0, c1) in enumerate(plan):
+                band = wan_vae_bands.Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
+                ops, st = BandOps22(band, needs), self.init_state(cl)
+                wan_vae_bands.release_free_heap(out.device)
+                for n in range(frames):
+                    ops.begin(n, rows)
+                    f, x_in, tt = fronts[n]
+                    y = self.decoder.walk_back(f, x_in, tt, st, keep=n < frames - 1, ops=ops, start=s)
+                    if band.last:
+                        fronts[n] = None  # the last band frees the front frames as it goes
+                    out[:, :, n, p * ops.lo:p * (ops.lo + y.shape[2])] = unpatchify(y, p)
+                    bar.update(1)
+                carry = band.stored
+                del st, band, ops
+        return out
 
     # ---- encode / decode -----------------------------------------------------------------------------
     @staticmethod
-    def _check_bands(bands, what: str) -> None:
+    def _check_bands(bands) -> None:
         if bands is not None and (not isinstance(bands, int) or bands < 1):
             raise ValueError(f"bands must be None (auto) or an integer >= 1, got {bands!r}")
-        if bands is not None and bands > 1:
-            raise ValueError(f"the Wan2.2 VAE does not support exact row bands yet ({what} with bands={bands}); "
-                             f"use bands=1 or auto (whole frames{', or spatial tiles' if what == 'decode' else ''})")
 
     @torch.inference_mode()
     def encode(self, video: torch.Tensor, *, bands: Optional[int] = None) -> torch.Tensor:
-        """Encode video [B, 3, T, H, W] in [-1, 1] to the raw latent mean [B, 48, 1+(T-1)//4, H/16, W/16]
-        (whole frames; `bands` may only be None or 1). Frames beyond the last 1+4k are dropped, with a log
-        line, as ComfyUI and the official code do."""
-        self._check_bands(bands, "encode")
+        """Encode video [B, 3, T, H, W] in [-1, 1] to the raw latent mean [B, 48, 1+(T-1)//4, H/16, W/16].
+        Frames beyond the last 1+4k are dropped, with a log line, as ComfyUI and the official code do.
+        `bands`: exact row bands for the first (full patch resolution) stage: None = auto
+        (`wan_vae_bands.encode_auto_bands`), 1 = whole frames."""
+        self._check_bands(bands)
         if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
             raise ValueError(f"encode expects video [B, {self.cfg.in_channels}, T, H, W], got {tuple(video.shape)}")
         b, _, t, h, w = video.shape
@@ -363,6 +575,11 @@ class Wan22VAE(WanVAE):
         x = video.to(device=self.device, dtype=self.dtype)
         out = torch.empty(b, self.cfg.z_dim, self.latent_frames(t), h // r, w // r, device=self.device,
                           dtype=self.dtype)
+        bands = wan_vae_bands.encode_auto_bands(video.shape) if bands is None else bands
+        if bands > 1:
+            plan = wan_vae_bands.encode_band_rows(self, h // self.cfg.patch_size // 2, bands)
+            if len(plan) > 1:
+                return self.encode_banded(x, keep, plan, out)
         st, n = self.init_state(), 0
         with Progress(total=keep, desc="Wan2.2 VAE encode") as bar:
             for i in range(keep):
@@ -378,10 +595,24 @@ class Wan22VAE(WanVAE):
     def decode(self, z: torch.Tensor, *, tile: Optional[tuple[int, int]] = None, tiling: str = "off",
                bands: Optional[int] = None, callback=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode raw latents [B, 48, T, h, w] to video [B, 3, 1+4(T-1), 16h, 16w] in [-1, 1]: `WanVAE.decode`
-        with whole frames (streaming `callback`, spatial tiles and the memory plan work; `bands` may only be
-        None or 1)."""
-        self._check_bands(bands, "decode")
-        return super().decode(z, tile=tile, tiling=tiling, bands=1, callback=callback, out=out)
+        (streaming `callback`, spatial tiles, the memory plan). `bands`: None (auto) and 1 decode whole frames;
+        n > 1 runs exact row bands (`decode_banded`; the memory plan is not consulted for them)."""
+        self._check_bands(bands)
+        if bands is None or bands == 1:
+            return super().decode(z, tile=tile, tiling=tiling, bands=1, callback=callback, out=out)
+        self._check_latent(z)
+        if callback is not None:
+            raise ValueError("a per-frame callback needs bands=1 (bands finish one at a time)")
+        if tiling == "on" or tile is not None:
+            raise ValueError("choose row bands or tiles, not both (bands > 1 with tiling='on' or a tile)")
+        b, _, t, h, w = z.shape
+        r = self.cfg.spatial_ratio
+        shape = (b, 3, self.video_frames(t), h * r, w * r)
+        if out is None:
+            out = torch.empty(shape, device=self.device, dtype=self.dtype)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, decode produces {shape}")
+        return self.decode_banded(z.to(device=self.device, dtype=self.dtype), bands, out)
 
     def estimate_decode_bytes(self, latent_shape, tile: Optional[int] = None, dtype=None, bands: int = 1) -> int:
         """Peak bytes of a whole-frame decode beyond the weights: every 3-tap causal conv keeps its last 2

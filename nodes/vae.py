@@ -80,8 +80,7 @@ class TwinFlowVAEEncode:
                                       "tooltip": "Exact low-memory encode: the full-resolution layers run in "
                                                  "horizontal bands that pass their edge rows on to the next "
                                                  "band; the result equals the whole-frame encode. 0 = auto "
-                                                 "(bands of >= 128 px, e.g. 2 at 256 px), 1 = whole frames. The Wan2.2 "
-                                                 "VAE has no bands yet: auto = whole frames, > 1 is refused."}),
+                                                 "(bands of >= 128 px, e.g. 2 at 256 px), 1 = whole frames."}),
             },
         }
 
@@ -90,7 +89,7 @@ class TwinFlowVAEEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes video frames with the Wan VAE; 1+4k frames give 1+k latent frames; exact low-memory "
-                   "row bands for tall frames (Wan2.1 VAE; the Wan2.2 VAE encodes whole frames)")
+                   "row bands for tall frames")
 
     def encode(self, vae, pixels, row_bands=0):
         vae = as_vae(vae)
@@ -128,8 +127,8 @@ class TwinFlowVAEDecode:
                                                  "band, so only one band's caches are alive and no row is "
                                                  "computed twice; the result equals the whole-frame decode "
                                                  "(unlike tiles). 0 = auto (bands of >= 72 px, e.g. 3 at 256 px; "
-                                                 "more if memory needs it), 1 = whole frames (most memory). The Wan2.2 "
-                                                 "VAE has no bands yet: auto = whole frames, > 1 is refused."}),
+                                                 "more if memory needs it), 1 = whole frames (most memory). Wan2.2 VAE: "
+                                                 "auto = whole frames; n > 1 = n exact bands."}),
             },
         }
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from twinflow.core.errors import CheckpointError
-from twinflow.models import wan22_vae, wan_vae
+from twinflow.models import wan22_vae, wan_vae, wan_vae_bands
 from twinflow.models.loading import build_and_load
 from twinflow.models.wan22_vae import (PRESETS, Wan22VAE, detect_config, from_diffusers, load_vae, load_wan22_vae,
                                        random_wan22_vae)
@@ -191,14 +191,115 @@ def test_memory_plan_refuses_or_tiles_up_front(tiny, monkeypatch):
     assert seen == [(12, 3)]
 
 
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    import copy
+
+    return copy.deepcopy(tiny).double()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,bands", [((1, 48, 3, 12, 3), 3), ((2, 48, 2, 9, 2), 4), ((1, 48, 1, 7, 2), 2),
+                                         ((1, 48, 2, 13, 1), 24)])  # the last: 1-row bands where possible
+def test_banded_decode_exact_sweep(tiny64, shape, bands):
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    ref = tiny64.decode(z, bands=1)
+    for cl in (None, False):
+        tiny64.channels_last = cl
+        try:
+            assert (tiny64.decode(z, bands=bands) - ref).abs().max().item() < 1e-12, (shape, bands, cl)
+        finally:
+            tiny64.channels_last = None
+
+
+def test_banded_decode_is_exact_and_computes_every_row_once(tiny64, monkeypatch):
+    """Row bands of the decoder's back half (after the last temporal upsampling: its spatial part and
+    DupUp shortcut, the later stages, the head) equal whole frames (float64: summation order only), in
+    both frame layouts, and no banded conv computes a row twice."""
+    vae = tiny64
+    assert vae.band_split() == 1 and vae.decode_needs()["halo"] == 6
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(1, 48, 2, 12, 1, generator=g, dtype=torch.float64)
+    vae.channels_last = False  # the NCHW layout here; the counted run below is channels-last
+    try:
+        torch.testing.assert_close(vae.decode(z, bands=2), vae.decode(z, bands=1), rtol=0, atol=1e-12)
+    finally:
+        vae.channels_last = None
+    rows_done = {}
+    real = wan_vae_bands.conv_rows
+
+    def counting(conv, pieces, pad, st, keep, norm):
+        out = real(conv, pieces, pad, st, keep, norm)
+        rows_done[id(conv)] = rows_done.get(id(conv), 0) + out.shape[2]
+        return out
+
+    monkeypatch.setattr(wan_vae_bands, "conv_rows", counting)
+    z = torch.randn(1, 48, 2, 12, 2, generator=g, dtype=torch.float64)
+    assert wan_vae_bands.decode_band_rows(24, 3, 6) == [(0, 8), (8, 16), (16, 24)]
+    torch.testing.assert_close(vae.decode(z, bands=3), vae.decode(z, bands=1), rtol=0, atol=1e-12)
+    assert rows_done.pop(id(vae.decoder.head[2])) == 5 * 96  # 5 frames of 96 rows (patchified: 192 px)
+    later = [m for st in vae.decoder.upsamples[2:] for b in st.upsamples if isinstance(b, wan_vae.ResidualBlock)
+             for m in (b.residual[2], b.residual[6])]
+    assert sorted(rows_done) == sorted(id(m) for m in later)
+    assert sorted(set(rows_done.values())) == [5 * 48, 5 * 96]  # stage 2 at 48 rows, stage 3 at 96
+
+
+def test_banded_decode_matches_diffusers(pair):
+    ref, ours = pair
+    z = torch.randn(1, 48, 2, 8, 2, generator=torch.Generator().manual_seed(23))
+    with torch.no_grad():
+        want = ref.decode(z).sample
+    assert (ours.decode(z, bands=2) - want).abs().max().item() <= 1e-5
+
+
+def test_banded_encode_is_exact_and_computes_every_row_once(tiny64, monkeypatch):
+    """Row bands of the encoder's first stage (conv1, its residual blocks, the stride-2 downsampling and
+    the AvgDown shortcut, at full patch resolution) equal whole frames (float64), in both layouts, and no
+    banded conv computes a row twice; auto picks bands of >= 128 video rows."""
+    vae = tiny64
+    assert vae.encode_needs() == {(0, 2): 0, (0, 1): 1, (0, 0): 3, "conv1": 5}
+    g = torch.Generator().manual_seed(24)
+    x = torch.rand(1, 3, 5, 160, 32, generator=g, dtype=torch.float64) * 2 - 1
+    ref = vae.encode(x, bands=1)
+    assert wan_vae_bands.encode_band_rows(vae, 40, 3) == [(0, 10), (10, 24), (24, 40)]
+    vae.channels_last = False
+    try:
+        assert (vae.encode(x, bands=5) - ref).abs().max().item() < 1e-12
+    finally:
+        vae.channels_last = None
+    rows_done = {}
+    real = wan_vae_bands.conv_rows
+
+    def counting(conv, pieces, pad, st, keep, norm):
+        out = real(conv, pieces, pad, st, keep, norm)
+        rows_done[id(conv)] = rows_done.get(id(conv), 0) + out.shape[2]
+        return out
+
+    monkeypatch.setattr(wan_vae_bands, "conv_rows", counting)
+    assert (vae.encode(x, bands=3) - ref).abs().max().item() < 1e-12
+    first = [vae.encoder.conv1] + [m for b in vae.encoder.downsamples[0].downsamples
+                                   if isinstance(b, wan_vae.ResidualBlock) for m in (b.residual[2], b.residual[6])]
+    assert sorted(rows_done) == sorted(id(m) for m in first)
+    assert set(rows_done.values()) == {5 * 80}  # 5 frames of 80 patchified rows, each row once
+    rows_done.clear()
+    auto = vae.encode(torch.rand(1, 3, 1, 256, 16, generator=g, dtype=torch.float64) * 2 - 1)  # auto: 2 bands
+    assert rows_done and auto.shape == (1, 48, 1, 16, 1)
+
+
+def test_banded_encode_matches_diffusers(pair):
+    ref, ours = pair
+    x = torch.rand(1, 3, 5, 160, 32, generator=torch.Generator().manual_seed(25)) * 2 - 1
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mean
+    assert (ours.encode(x, bands=3) - want).abs().max().item() <= 1e-5
+
+
 def test_unsupported_modes_are_refused(tiny):
     z = torch.randn(1, 48, 1, 2, 2)
-    with pytest.raises(ValueError, match="row bands"):
-        tiny.decode(z, bands=2)
-    with pytest.raises(ValueError, match="row bands"):
-        tiny.encode(torch.zeros(1, 3, 1, 32, 32), bands=2)
-    with pytest.raises(ValueError, match="banded decode"):
-        list(tiny.decode_step(z[:, :, 0], tiny.init_state(), stop=1))
+    with pytest.raises(ValueError, match="callback needs bands=1"):
+        tiny.decode(z, bands=2, callback=lambda n, f: None)
+    with pytest.raises(ValueError, match="row bands or tiles"):
+        tiny.decode(z, bands=2, tiling="on", tile=(2, 1))
     with pytest.raises(NotImplementedError, match="compiled export"):
         tiny.state_modules("decoder")
     with pytest.raises(ValueError, match="divisible by 16"):
@@ -312,8 +413,11 @@ def test_twinflow_vae_nodes(tf_dirs):
     assert lat["samples"].shape == (1, 48, 2, 2, 3)
     (img,) = TwinFlowVAEDecode().decode(vae, lat)
     assert img.shape == (5, 32, 48, 3)
-    with pytest.raises(ValueError, match="row bands"):
-        TwinFlowVAEDecode().decode(vae, lat, row_bands=2)
+    (banded,) = TwinFlowVAEDecode().decode(vae, lat, row_bands=2)  # exact bands: same frames
+    torch.testing.assert_close(banded, img, rtol=0, atol=1e-6)
+    (banded,) = TwinFlowVAEEncode().encode(vae, torch.cat([px, px], 1), row_bands=2)  # 64 px high: 2 bands
+    (whole,) = TwinFlowVAEEncode().encode(vae, torch.cat([px, px], 1), row_bands=1)
+    torch.testing.assert_close(banded["samples"], whole["samples"], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI
