@@ -166,11 +166,14 @@ class TwinFlowImageToVideo:
                                                         "and the Wan2.2 I2V experts, Wan2.2 (48) for Wan2.2 TI2V-5B."}),
                 "start_image": ("IMAGE", {"tooltip": "The first frame(s); resized (bilinear, centre crop) to "
                                                      "width x height."}),
-                "width": ("INT", {"default": 832, "min": 16, "max": MAX_RESOLUTION, "step": 16}),
-                "height": ("INT", {"default": 480, "min": 16, "max": MAX_RESOLUTION, "step": 16}),
+                "width": ("INT", {"default": 832, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                                  "tooltip": "video width in pixels (Wan2.2 VAE: a multiple of 32)"}),
+                "height": ("INT", {"default": 480, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                                   "tooltip": "video height in pixels (Wan2.2 VAE: a multiple of 32)"}),
                 "length": ("INT", {"default": 81, "min": 1, "max": MAX_RESOLUTION, "step": 4,
                                    "tooltip": "frames of the video (1+4k)"}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "step": 1,
+                                       "tooltip": "latents in the batch"}),
             },
             "optional": {
                 "positive": ("CONDITIONING", {"tooltip": "Wan2.1 VAE: gets the start image (needed)"}),
