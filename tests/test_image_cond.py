@@ -507,3 +507,20 @@ def test_a_module_without_clip_fea_is_refused_by_name(monkeypatch):
     model.module = NoClip()
     with pytest.raises(UnsupportedError, match="NoClip takes no CLIP vision features"):
         _core("KSampler").sample(model, 1, 1, 2.0, "euler", "simple", p, n, lat, 1.0)
+
+
+def test_sampler_custom_advanced_takes_the_image_conditioning_as_ksampler(monkeypatch):
+    """CFGGuider + SamplerCustomAdvanced on WanImageToVideo's outputs give KSampler's latent (same inputs built)."""
+    from twinflow.nodes import core_wan
+
+    monkeypatch.setattr(core_wan, "vae_encoder", lambda vae, where: fake_encode(16, 8))
+    cvo = ClipOut(penultimate_hidden_states=torch.randn(1, 5, 1280, generator=torch.Generator().manual_seed(7)))
+    p, n, lat = _core("WanImageToVideo").execute(_cond(1), _cond(2), object(), 32, 32, 5, 1,
+                                                 start_image=torch.rand(1, 32, 32, 3), clip_vision_output=cvo)
+    model = i2v_model()
+    (ref,) = _core("KSampler").sample(model, 4, 3, 2.5, "euler", "simple", p, n, lat, 1.0)
+    (guider,) = _core("CFGGuider").get_guider(model, p, n, 2.5)
+    (sigmas,) = _core("BasicScheduler").get_sigmas(model, "simple", 3, 1.0)
+    out, _ = _core("SamplerCustomAdvanced").sample(_core("RandomNoise").get_noise(4)[0], guider,
+                                                   _core("KSamplerSelect").get_sampler("euler")[0], sigmas, lat)
+    torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-6, atol=1e-6)
