@@ -69,4 +69,5 @@ class Wan22ImageToVideoLatent:
 
 
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (WanImageToVideo, Wan22ImageToVideoLatent)}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanImageToVideo": "WanImageToVideo", "Wan22ImageToVideoLatent": "Wan22ImageToVideoLatent"}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanImageToVideo": "WanImageToVideo",
+                              "Wan22ImageToVideoLatent": "Wan22ImageToVideoLatent"}
