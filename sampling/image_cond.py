@@ -29,8 +29,6 @@ import torch.nn.functional as F
 
 from .noise import LatentFormat, latent_format_for
 
-# The CONDITIONING keys of image conditioning (ComfyUI's names).
-COND_KEYS = ("concat_latent_image", "concat_mask", "clip_vision_output")
 MASK_CHANNELS = 4  # Wan I2V: the mask is repeated to 4 channels (one per frame of a latent frame's 4-frame group)
 
 
