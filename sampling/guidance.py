@@ -21,7 +21,7 @@ import torch
 
 from ..core.handles import Denoiser
 from ..core.log import log_once
-from .image_cond import ModelCond, frame_timesteps, frame_weights, model_cond
+from .image_cond import ModelCond, frame_timesteps, frame_weights, image_channels, model_cond, repeat_to_batch_size
 from .step_cache import BranchCache
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ def _contexts(cond, branch: str, which: str, text_dim: int, batch: int) -> list[
 
 
 def _to_batch(t: torch.Tensor, b: int) -> torch.Tensor:
-    from .image_cond import repeat_to_batch_size
-
     return repeat_to_batch_size(t, b)
 
 
@@ -151,8 +149,6 @@ class Branch:
 
     def _check_image_inputs(self, latent_shape) -> None:
         """A model that needs image inputs gets them through conditioning entries; without any, say so."""
-        from .image_cond import image_channels
-
         d = self.denoiser
         if image_channels(d) > 0:
             what = "has no conditioning" if d.text_dim is None else "was given no latent shape"
