@@ -1,8 +1,9 @@
 """Wan2.2 VAE (TI2V-5B): 48 latent channels, 4x16x16 compression; official layout, streaming, loading.
 
 Reads top to bottom: config + presets, the 2x2 patchify, the parameter-free shortcuts (`AvgDown`,
-`DupUp`), the residual down/up blocks, `Encoder22`/`Decoder22` (each owns its per-frame walk), `Wan22VAE`,
-latent normalisation, the diffusers key mapping, config detection, loading, random init.
+`DupUp`), the residual down/up blocks, how a walk runs a shortcut on whole frames or a row band
+(`Frames22`, `BandOps22`), `Encoder22`/`Decoder22` (each owns its per-frame walk), `Wan22VAE`, latent
+normalisation, the diffusers key mapping, config detection, loading, random init.
 
 The Wan2.2 VAE is the Wan2.1 VAE's causal network (same causal conv, RMS norm, residual and attention
 blocks, the same per-frame chunk rules of the temporal resamplers: all reused from `wan_vae`) with:
@@ -43,8 +44,8 @@ from ..core.errors import CheckpointError
 from ..core.progress import Progress
 from . import wan_vae, wan_vae_bands, wan_vae_layout
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
-from .wan_vae import (WHOLE_FRAMES, AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample,
-                      ResidualBlock, RMSNorm, WanVAE)
+from .wan_vae import (AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample, ResidualBlock, RMSNorm,
+                      WanVAE)
 from .wan_vae_layout import to_layout
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def _head(dim: int, out: int) -> nn.ModuleList:
 # How the walks run a stage shortcut: whole frames, or one row band (`wan_vae_bands`)
 # ----------------------------------------------------------------------------------------------------
 class Frames22(FrameOps):
-    """`wan_vae.FrameOps` plus the DupUp shortcut of whole frames."""
+    """`wan_vae.FrameOps` plus the stage shortcuts (DupUp, AvgDown) of whole frames."""
 
     def row0(self) -> int:
         return 0  # first row of the current frame
