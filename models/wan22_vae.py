@@ -18,7 +18,7 @@ blocks, the same per-frame chunk rules of the temporal resamplers: all reused fr
 use it as a `TWINFLOW_VAE` with 48-channel latents at 1/16 of the frame size. Exact row bands run through
 `wan_vae_bands`' engine (`BandOps22` adds the stage shortcuts): the encode's first stage and the
 decode's back half, picked automatically as for Wan2.1 (`auto_bands`, with this VAE's banded memory
-estimate). Refused with a message, never done differently: compiled export of the steps.
+estimate). `compiled/export.py` exports its decode and encode steps as it does Wan2.1's.
 
 Per-frame forms of the official chunk rules (`wan/modules/vae2_2.py`, mirrored by diffusers):
   * `AvgDown` with a time factor pairs input frames (2k-1, 2k) like the stride-2 time conv next to it;
@@ -420,9 +420,9 @@ class Wan22VAE(WanVAE):
         p = self.cfg.patch_size
         return (unpatchify(f, p) for f in self.decoder.walk(x, st, first=first, keep=not last))
 
-    def state_modules(self, part: str) -> list:
-        raise NotImplementedError("compiled export of the Wan2.2 VAE steps is not supported yet (its stage "
-                                  "shortcuts keep frames the flat cache does not carry); run the VAE eager")
+    # `state_modules` (the flat cache of compiled/export.py) is WanVAE's: the decoder's shortcuts keep
+    # nothing between latent frames, and the encoder's stage inputs waiting for their pair are, like the
+    # temporal downsamplers' pending frames, empty at every chunk boundary (1 frame, then 4).
 
     def encode_split(self) -> int:
         """The encoder stage that ends the banded part of an encode: the first one (full patch resolution,

@@ -372,12 +372,41 @@ def test_unsupported_modes_are_refused(tiny):
         tiny.decode(z, bands=2, callback=lambda n, f: None)
     with pytest.raises(ValueError, match="row bands or tiles"):
         tiny.decode(z, bands=2, tiling="on", tile=(2, 1))
-    with pytest.raises(NotImplementedError, match="compiled export"):
-        tiny.state_modules("decoder")
     with pytest.raises(ValueError, match="divisible by 16"):
         tiny.encode(torch.zeros(1, 3, 1, 24, 32))
     with pytest.raises(ValueError, match=r"latents \[B, 48"):
         tiny.decode(torch.zeros(1, 16, 1, 2, 2))
+
+
+def test_exported_steps_match_streaming(tiny):
+    """compiled/export.py's decode and encode steps (the causal cache as explicit tensors, official
+    chunking) on the Wan2.2 VAE equal its streaming decode and encode."""
+    from twinflow.compiled import export as ex
+
+    prof = ex.Profile.make(batch=(1, 1, 2), height=(2, 4, 8), width=(2, 6, 8))
+    z = torch.randn(1, 48, 3, 2, 3, generator=torch.Generator().manual_seed(0))
+    ref = tiny.decode(z, bands=1)
+    ep_first, _ = ex.export_vae_decode_step(tiny, prof, first=True)
+    rest = ex.WanVAEDecodeStep(tiny, False)
+    with torch.no_grad():
+        out = ep_first.module()(z[:, :, 0])
+        frames, cache = [out[0]], out[1:]
+        for i in (1, 2):
+            out = rest(z[:, :, i], *cache)
+            frames.append(out[0])
+            cache = out[1:]
+    torch.testing.assert_close(torch.cat(frames, dim=2), ref, rtol=1e-5, atol=1e-5)
+    video = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ref = tiny.encode(video)
+    ep_rest, _ = ex.export_vae_encode_step(tiny, prof, first=False)
+    with torch.no_grad():
+        out = ex.WanVAEEncodeStep(tiny, True)(video[:, :, :1])
+        mus, cache = [out[0]], out[1:]
+        for i in range(2):
+            out = ep_rest.module()(video[:, :, 1 + 4 * i:5 + 4 * i], *cache)
+            mus.append(out[0])
+            cache = out[1:]
+    torch.testing.assert_close(torch.stack(mus, dim=2), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_latent_normalisation_round_trip():
