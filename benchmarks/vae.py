@@ -7,7 +7,8 @@
 decoder 256, z 48, 2x2 patchify, 16x space; `random_wan22_vae("wan2.2")`); diffusers gets its Wan2.2
 configuration (`is_residual=True, patch_size=2, decoder_base_dim=256`) and the same weights mapped by
 `models.wan22_vae.from_diffusers` (read backwards; diffusers has no Wan2.2 converter). Ours decodes whole
-frames by default (the Wan2.2 VAE picks no bands by itself yet); the `*bands` cases ask for exact row bands.
+frames at the default sizes (auto picks no bands for 16 latent rows); the `*bands` cases ask for exact row
+bands (`dec32`: auto = 3 bands).
 
 Every measurement runs in a fresh subprocess (one model, one op), so allocator state and caches of one
 run never leak into the next. Ours and diffusers' runs are interleaved (ours, diffusers, ours, ...)

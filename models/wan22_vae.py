@@ -1,8 +1,9 @@
 """Wan2.2 VAE (TI2V-5B): 48 latent channels, 4x16x16 compression; official layout, streaming, loading.
 
 Reads top to bottom: config + presets, the 2x2 patchify, the parameter-free shortcuts (`AvgDown`,
-`DupUp`), the residual down/up blocks, `Encoder22`/`Decoder22` (each owns its per-frame walk), `Wan22VAE`,
-latent normalisation, the diffusers key mapping, config detection, loading, random init.
+`DupUp`), the residual down/up blocks, how a walk runs a shortcut on whole frames or a row band
+(`Frames22`, `BandOps22`), `Encoder22`/`Decoder22` (each owns its per-frame walk), `Wan22VAE`, latent
+normalisation, the diffusers key mapping, config detection, loading, random init.
 
 The Wan2.2 VAE is the Wan2.1 VAE's causal network (same causal conv, RMS norm, residual and attention
 blocks, the same per-frame chunk rules of the temporal resamplers: all reused from `wan_vae`) with:
@@ -15,10 +16,9 @@ blocks, the same per-frame chunk rules of the temporal resamplers: all reused fr
 `Wan22VAE` subclasses `WanVAE` and keeps its public streaming API (`init_state`, `encode_step`,
 `decode_step`, `iter_decode`, `encode`/`decode`, spatial tiles and the memory plan), so nodes and samplers
 use it as a `TWINFLOW_VAE` with 48-channel latents at 1/16 of the frame size. Exact row bands run through
-`wan_vae_bands`' engine (`BandOps22` adds the stage shortcuts): the encode's first stage (auto, as
-Wan2.1's), and the decode's back half on request (`decode(bands=n)`; auto stays whole frames: the memory
-estimate has no banded form yet). Refused with a message, never done differently: compiled export of
-the steps.
+`wan_vae_bands`' engine (`BandOps22` adds the stage shortcuts): the encode's first stage and the
+decode's back half, picked automatically as for Wan2.1 (`auto_bands`, with this VAE's banded memory
+estimate). `compiled/export.py` exports its decode and encode steps as it does Wan2.1's.
 
 Per-frame forms of the official chunk rules (`wan/modules/vae2_2.py`, mirrored by diffusers):
   * `AvgDown` with a time factor pairs input frames (2k-1, 2k) like the stride-2 time conv next to it;
@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
-from . import wan_vae, wan_vae_bands, wan_vae_layout
+from . import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
-from .wan_vae import (WHOLE_FRAMES, AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample,
-                      ResidualBlock, RMSNorm, WanVAE)
+from .wan_vae import (AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample, ResidualBlock, RMSNorm,
+                      WanVAE)
 from .wan_vae_layout import to_layout
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def _head(dim: int, out: int) -> nn.ModuleList:
 # How the walks run a stage shortcut: whole frames, or one row band (`wan_vae_bands`)
 # ----------------------------------------------------------------------------------------------------
 class Frames22(FrameOps):
-    """`wan_vae.FrameOps` plus the DupUp shortcut of whole frames."""
+    """`wan_vae.FrameOps` plus the stage shortcuts (DupUp, AvgDown) of whole frames."""
 
     def row0(self) -> int:
         return 0  # first row of the current frame
@@ -420,9 +420,9 @@ class Wan22VAE(WanVAE):
         p = self.cfg.patch_size
         return (unpatchify(f, p) for f in self.decoder.walk(x, st, first=first, keep=not last))
 
-    def state_modules(self, part: str) -> list:
-        raise NotImplementedError("compiled export of the Wan2.2 VAE steps is not supported yet (its stage "
-                                  "shortcuts keep frames the flat cache does not carry); run the VAE eager")
+    # `state_modules` (the flat cache of compiled/export.py) is WanVAE's: the decoder's shortcuts keep
+    # nothing between latent frames, and the encoder's stage inputs waiting for their pair are, like the
+    # temporal downsamplers' pending frames, empty at every chunk boundary (1 frame, then 4).
 
     def encode_split(self) -> int:
         """The encoder stage that ends the banded part of an encode: the first one (full patch resolution,
@@ -484,8 +484,8 @@ class Wan22VAE(WanVAE):
         return out
 
     def decode_split(self) -> None:
-        # No automatic row bands (the memory estimate has no banded form yet): the memory plan
-        # (wan_vae_plan) plans whole frames or tiles; `decode(bands=n)` bands on request.
+        # None for `wan_vae_plan`'s generic planner (its band rules walk the Wan2.1 layer list): `decode`
+        # picks row bands itself (`auto_bands`), then hands whole frames or tiles to that planner.
         return None
 
     # ---- exact row bands of the decode (on request) --------------------------------------------------
@@ -595,9 +595,11 @@ class Wan22VAE(WanVAE):
     def decode(self, z: torch.Tensor, *, tile: Optional[tuple[int, int]] = None, tiling: str = "off",
                bands: Optional[int] = None, callback=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode raw latents [B, 48, T, h, w] to video [B, 3, 1+4(T-1), 16h, 16w] in [-1, 1]: `WanVAE.decode`
-        (streaming `callback`, spatial tiles, the memory plan). `bands`: None (auto) and 1 decode whole frames;
-        n > 1 runs exact row bands (`decode_banded`; the memory plan is not consulted for them)."""
+        (streaming `callback`, spatial tiles, the memory plan). `bands`: None = auto (`auto_bands`; whole
+        frames with a callback or tiles), 1 = whole frames, n > 1 = n exact row bands (`decode_banded`)."""
         self._check_bands(bands)
+        if bands is None and callback is None and tiling != "on" and tile is None:
+            bands = self.auto_bands(z.shape)
         if bands is None or bands == 1:
             return super().decode(z, tile=tile, tiling=tiling, bands=1, callback=callback, out=out)
         self._check_latent(z)
@@ -615,31 +617,71 @@ class Wan22VAE(WanVAE):
         return self.decode_banded(z.to(device=self.device, dtype=self.dtype), bands, out)
 
     def estimate_decode_bytes(self, latent_shape, tile: Optional[int] = None, dtype=None, bands: int = 1) -> int:
-        """Peak bytes of a whole-frame decode beyond the weights: every 3-tap causal conv keeps its last 2
-        input frames, plus ~6 frame-sized activations at the biggest layer, plus the output (and an fp32
-        weight map when tiled)."""
+        """Peak bytes of a decode beyond the weights: every 3-tap causal conv keeps its last 2 input frames,
+        plus ~6 frame-sized activations at the biggest layer, plus the output (and an fp32 weight map when
+        tiled). With `bands` > 1 (untiled): the front half's caches and working set plus the kept front
+        frames (time-conv frames and stage inputs), or the kept front frames plus one band of the back
+        half's caches and working set and the rows carried between bands, whichever is larger (as
+        `wan_vae_plan.estimate_decode_bytes` counts the Wan2.1 VAE)."""
         cfg = self.cfg
         b, _, t, h, w = (int(s) for s in latent_shape)
         es = torch.empty((), dtype=dtype or self.dtype).element_size()
         th, tw = (min(tile, h), min(tile, w)) if tile else (h, w)
         dims = [cfg.dec_dim * u for u in (cfg.dim_mult[-1],) + tuple(cfg.dim_mult[::-1])]
         tup = tuple(cfg.temporal_downsample[::-1])
+        split = self.band_split() if bands > 1 and not tile else None
+        frames = self.video_frames(t)
         px = th * tw
-        cache = 2 * cfg.z_dim * px + 4 * 2 * dims[0] * px  # conv1, middle (2 blocks x 2 convs)
-        work = 6 * dims[0] * px
+        cache = [2 * cfg.z_dim * px + 4 * 2 * dims[0] * px, 0]  # [front, back]: conv1, middle (2 blocks x 2 convs)
+        work = [6 * dims[0] * px, 0]
+        fronts, rows, carry = 0, th, 0
         for i in range(len(dims) - 1):
+            side = 0 if split is None or i <= split else 1  # the split stage's blocks and time conv: front
             for k in range(cfg.num_res_blocks + 1):
-                cache += 2 * px * ((dims[i] if k == 0 else dims[i + 1]) + dims[i + 1])
-            work = max(work, 6 * max(dims[i], dims[i + 1]) * px)
+                cache[side] += 2 * px * ((dims[i] if k == 0 else dims[i + 1]) + dims[i + 1])
+            work[side] = max(work[side], 6 * max(dims[i], dims[i + 1]) * px)
+            if side:  # rows carried between bands: 2 input rows per conv (and upsampling), 1 per shortcut
+                carry += tw * 2 ** i * (2 * dims[i + 1] * (2 * (cfg.num_res_blocks + 1) + 1) + dims[i])
             if i < len(dims) - 2:
                 if tup[i]:
-                    cache += 2 * dims[i + 1] * px  # time_conv state
-                work = max(work, 8 * dims[i + 1] * px)  # up to 2 time-conv frames, upsampled output, shortcut
+                    cache[side] += 2 * dims[i + 1] * px  # time_conv state
+                up = 0 if split is None or i < split else 1  # the split stage's spatial part: back
+                work[up] = max(work[up], 8 * dims[i + 1] * px)  # time-conv frames, upsampled output, shortcut
+                if i == split:  # kept: the time-conv frame of every output frame, the stage input per latent
+                    rows = th * 2 ** i
+                    fronts = (frames * dims[i + 1] + t * dims[i]) * px
                 px *= 4
-        cache += 2 * cfg.in_channels * cfg.patch_size ** 2 * px  # head: partial output sums
+        cache[0 if split is None else 1] += 2 * cfg.in_channels * cfg.patch_size ** 2 * px  # head: partial sums
         r = cfg.spatial_ratio
-        out_bytes = b * 3 * self.video_frames(t) * h * r * w * r * (es + (4 if tile else 0))
-        return int(b * (cache + work) * es + out_bytes)
+        out_bytes = b * 3 * frames * h * r * w * r * (es + (4 if tile else 0))
+        if split is None:
+            return int(b * (sum(cache) + max(work)) * es + out_bytes)
+        frac = min(1.0, (math.ceil(rows / bands) + self.decode_needs()["halo"]) / rows)
+        carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
+        peak = max(cache[0] + work[0] + fronts, fronts + frac * (cache[1] + work[1]) + carried)
+        return int(b * peak * es + out_bytes)
+
+    def auto_bands(self, latent_shape) -> int:
+        """The decode's row bands when `bands` is None (`wan_vae_plan.auto_bands` / `plan_decode`'s rule):
+        bands of at least 3 x halo split rows if that needs less memory than whole frames; more if the
+        device's usable memory needs them (bands no thinner than their halo); 1 when even those do not
+        fit (the whole-frame plan then tiles or refuses)."""
+        s = self.band_split()
+        if s is None:
+            return 1
+        rows, halo = int(latent_shape[-2]) * 2 ** s, self.decode_needs()["halo"]
+        want = max(1, rows // (3 * halo))
+        if want > 1 and self.estimate_decode_bytes(latent_shape, bands=want) >= self.estimate_decode_bytes(latent_shape):
+            want = 1
+        avail = wan_vae_plan.usable_memory(self.device)
+        if avail is None or self.estimate_decode_bytes(latent_shape, bands=want) <= avail:
+            return want
+        for n in range(want + 1, max(1, rows // halo) + 1):
+            if self.estimate_decode_bytes(latent_shape, bands=n) <= avail:
+                logger.info("Wan2.2 VAE decode: %d exact row bands to fit %.2f GiB usable on %s", n,
+                            avail / 2 ** 30, self.device)
+                return n
+        return 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -127,8 +127,7 @@ class TwinFlowVAEDecode:
                                                  "band, so only one band's caches are alive and no row is "
                                                  "computed twice; the result equals the whole-frame decode "
                                                  "(unlike tiles). 0 = auto (bands of >= 72 px, e.g. 3 at 256 px; "
-                                                 "more if memory needs it), 1 = whole frames (most memory). Wan2.2 VAE: "
-                                                 "auto = whole frames; n > 1 = n exact bands."}),
+                                                 "more if memory needs it), 1 = whole frames (most memory)."}),
             },
         }
 

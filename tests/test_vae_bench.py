@@ -62,6 +62,6 @@ def test_vae_benchmark_wan22_smoke_case(tmp_path):
         (run,) = row["runs"][impl]
         assert run["rss_before_mib"] >= 704e6 * 4 / 2 ** 20, (impl, run)  # the real config's weights
         assert run["peak_above_model_mib"] >= video_mib, (impl, run)
-    bad = subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--family", "wan22", "--cases", "dec32"],
+    bad = subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--family", "wan22", "--cases", "dec32whole"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "for --family wan22" in bad.stderr, bad.stderr[-500:]
