@@ -1,6 +1,14 @@
-"""Wan2.1 VAE benchmark: TwinFlow vs diffusers `AutoencoderKLWan`, same random weights, real config (dim 96, z 16).
+"""Wan VAE benchmark: TwinFlow vs diffusers `AutoencoderKLWan`, same random weights, real configs.
 
     python -m twinflow.benchmarks.vae [--cases dec32,dec32bf16,enc256,dectiled48] [--repeats 2] [--json out.json]
+    python -m twinflow.benchmarks.vae --family wan22 [--cases dec16,enc256,dectiled32] ...
+
+`--family wan21` (default): the Wan2.1 VAE (dim 96, z 16). `--family wan22`: the Wan2.2 VAE (dim 160,
+decoder 256, z 48, 2x2 patchify, 16x space; `random_wan22_vae("wan2.2")`); diffusers gets its Wan2.2
+configuration (`is_residual=True, patch_size=2, decoder_base_dim=256`) and the same weights mapped by
+`models.wan22_vae.from_diffusers` (read backwards; diffusers has no Wan2.2 converter). Ours decodes whole
+frames at the default sizes (auto picks no bands for 16 latent rows); the `*bands` cases ask for exact row
+bands (`dec32`: auto = 3 bands).
 
 Every measurement runs in a fresh subprocess (one model, one op), so allocator state and caches of one
 run never leak into the next. Ours and diffusers' runs are interleaved (ours, diffusers, ours, ...)
@@ -56,6 +64,24 @@ CASES = {
     "dec480p5": ("decode", (1, 16, 5, 60, 104), "float32", None),
 }
 
+# The Wan2.2 VAE (--family wan22): latents are 1/16 of the frame, so dec16 decodes the same 9 frames of
+# 256x256 as the Wan2.1 dec32 case.
+CASES22 = {
+    "dec16": ("decode", (1, 48, 3, 16, 16), "float32", None),
+    "dec16bf16": ("decode", (1, 48, 3, 16, 16), "bfloat16", None),
+    "dec16bands": ("decode", (1, 48, 3, 16, 16), "float32", 3),  # ours: 3 exact row bands
+    "dec32": ("decode", (1, 48, 2, 32, 32), "float32", None),  # 5 frames of 512x512
+    "dec32bands": ("decode", (1, 48, 2, 32, 32), "float32", 6),
+    "enc256": ("encode", (1, 3, 9, 256, 256), "float32", None),
+    "enc256bf16": ("encode", (1, 3, 9, 256, 256), "bfloat16", None),
+    "dectiled32": ("decode", (1, 48, 2, 32, 32), "float32", "tiled"),  # 512 px: 256 px tiles, as diffusers'
+    "smoke": ("decode", (1, 48, 2, 2, 2), "float32", None),  # checks the harness (the real config still loads)
+    "dec480p5bf16": ("decode", (1, 48, 5, 30, 52), "bfloat16", None),  # GPU: 17 frames, 832x480
+}
+FAMILIES = {"wan21": CASES, "wan22": CASES22}
+DEFAULT_CASES = {"wan21": "dec32,dec32bf16,dec32whole,enc256,dectiled48",
+                 "wan22": "dec16,dec16bf16,dec16bands,enc256,dectiled32"}
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -65,36 +91,62 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
-def _child(impl: str, case: str, out_path: str, threads: int, device: str = "cpu") -> None:
+def _diffusers_wan22(sd: dict):
+    """diffusers' AutoencoderKLWan in the Wan2.2 configuration holding our official-layout weights `sd`."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from twinflow.models.wan22_vae import PRESETS, from_diffusers
+
+    c = PRESETS["wan2.2"]
+    model = AutoencoderKLWan(base_dim=c.dim, decoder_base_dim=c.dec_dim, z_dim=c.z_dim, dim_mult=list(c.dim_mult),
+                             num_res_blocks=c.num_res_blocks, temperal_downsample=list(c.temporal_downsample),
+                             is_residual=True, patch_size=c.patch_size, in_channels=12, out_channels=12,
+                             scale_factor_spatial=c.spatial_ratio).eval()
+    names = from_diffusers({k: k for k in model.state_dict()})  # official key -> diffusers key
+    model.load_state_dict({names[k]: v for k, v in sd.items()}, strict=True)
+    return model.to(torch.float32)
+
+
+def _child(impl: str, case: str, out_path: str, threads: int, device: str = "cpu", family: str = "wan21") -> None:
     import torch
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    op, shape, dtype_name, mode = CASES[case]
+    op, shape, dtype_name, mode = FAMILIES[family][case]
     dtype = getattr(torch, dtype_name)
-    from twinflow.models.wan_vae import random_wan_vae
+    if family == "wan22":
+        from twinflow.models.wan22_vae import random_wan22_vae
 
-    ours = random_wan_vae("wan2.1", seed=0, dtype=dtype)
+        ours, z_dim = random_wan22_vae("wan2.2", seed=0, dtype=dtype), 48
+    else:
+        from twinflow.models.wan_vae import random_wan_vae
+
+        ours, z_dim = random_wan_vae("wan2.1", seed=0, dtype=dtype), 16
     g = torch.Generator().manual_seed(123)
     x = torch.randn(shape, generator=g) if op == "decode" else torch.rand(shape, generator=g) * 2 - 1
     x = x.to(device=dev, dtype=dtype)
     if impl == "ours":
         model = ours.to(dev)
         if op == "decode":
-            tile = (dict(tiling="on", tile=(32, 8)) if mode == "tiled" else
+            tile = (dict(tiling="on", tile=(256 // model.cfg.spatial_ratio, 64 // model.cfg.spatial_ratio))
+                    if mode == "tiled" else
                     dict(bands=mode) if isinstance(mode, int) else {})
             run = lambda inp: model.decode(inp, **tile)  # noqa: E731
         else:
             run = model.encode
-        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
+        warm = lambda: model.decode(torch.zeros(1, z_dim, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
     else:
         from diffusers import AutoencoderKLWan
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
         sd = {k: v.contiguous() for k, v in ours.state_dict().items()}
         del ours
-        model = AutoencoderKLWan().eval()
-        model.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
+        if family == "wan22":
+            model = _diffusers_wan22(sd)
+        else:
+            model = AutoencoderKLWan().eval()
+            model.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
         model = model.to(device=dev, dtype=dtype)
         del sd
         if mode == "tiled":
@@ -103,7 +155,7 @@ def _child(impl: str, case: str, out_path: str, threads: int, device: str = "cpu
             run = lambda inp: model.decode(inp).sample  # noqa: E731
         else:
             run = lambda inp: model.encode(inp).latent_dist.mode()  # noqa: E731
-        warm = lambda: model.decode(torch.zeros(1, 16, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
+        warm = lambda: model.decode(torch.zeros(1, z_dim, 1, 4, 4, dtype=dtype, device=dev))  # noqa: E731
     if dev.type == "cuda":
         with torch.inference_mode():
             warm()
@@ -143,10 +195,10 @@ def _child(impl: str, case: str, out_path: str, threads: int, device: str = "cpu
                       "rss_before_mib": before / 1024}))
 
 
-def _run_child(impl, case, threads, tmp, mmap_threshold=0, device="cpu"):
+def _run_child(impl, case, threads, tmp, mmap_threshold=0, device="cpu", family="wan21"):
     out = os.path.join(tmp, f"{impl}_{case}.pt")
     cmd = [sys.executable, "-m", "twinflow.benchmarks.vae", "--child", impl, case, out, "--threads", str(threads),
-           "--device", device]
+           "--device", device, "--family", family]
     env = dict(os.environ)
     if mmap_threshold:
         # glibc: serve every allocation above this size with its own mmap, returned on free, so the peak
@@ -164,7 +216,9 @@ def _mode_label(mode) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="dec32,dec32bf16,dec32whole,enc256,dectiled48")
+    ap.add_argument("--family", default="wan21", choices=sorted(FAMILIES),
+                    help="wan21: the Wan2.1 VAE; wan22: the Wan2.2 VAE (z 48, 16x space)")
+    ap.add_argument("--cases", default=None, help="comma-separated cases (default: the family's main ones)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -176,8 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "CASE", "OUT"))
     args = ap.parse_args(argv)
     if args.child:
-        _child(*args.child, threads=args.threads, device=args.device)
+        _child(*args.child, threads=args.threads, device=args.device, family=args.family)
         return 0
+    cases = FAMILIES[args.family]
     import torch
 
     if args.device != "cpu":
@@ -191,22 +246,23 @@ def main(argv=None) -> int:
             ap.error(f"--device {args.device!r}: torch sees no CUDA device here")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases.split(","):
-            if case not in CASES:
-                ap.error(f"unknown case {case!r}; choose from {sorted(CASES)}")
+        for case in (args.cases or DEFAULT_CASES[args.family]).split(","):
+            if case not in cases:
+                ap.error(f"unknown case {case!r} for --family {args.family}; choose from {sorted(cases)}")
             res = {"ours": [], "diffusers": []}
             outs = {}
             for _ in range(args.repeats):
                 for impl in ("ours", "diffusers"):
-                    r, outs[impl] = _run_child(impl, case, args.threads, tmp, args.mmap_threshold, args.device)
+                    r, outs[impl] = _run_child(impl, case, args.threads, tmp, args.mmap_threshold, args.device,
+                                               args.family)
                     res[impl].append(r)
                     print(f"  {case} {impl}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
                           f"+{r['peak_above_model_mib']:.0f} MiB", flush=True)
             diff = (torch.load(outs["ours"]) - torch.load(outs["diffusers"])).abs().max().item()
             med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "cpu_seconds", "peak_above_model_mib")}
                    for k, v in res.items()}
-            op, shape, dtype, mode = CASES[case]
-            row = {"case": case, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "median": med,
+            op, shape, dtype, mode = cases[case]
+            row = {"family": args.family, "case": case, "op": op, "shape": shape, "dtype": dtype, "mode": mode, "median": med,
                    "runs": res, "speedup": med["diffusers"]["seconds"] / med["ours"]["seconds"],
                    "cpu_speedup": med["diffusers"]["cpu_seconds"] / med["ours"]["cpu_seconds"],
                    "memory_ratio": med["ours"]["peak_above_model_mib"] / max(1e-9, med["diffusers"]["peak_above_model_mib"]),

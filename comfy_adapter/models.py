@@ -285,8 +285,9 @@ def as_denoiser(obj, *, need_module: bool = False, name: str = "") -> Denoiser:
 
 
 def as_wan_vae(obj):
-    """TWINFLOW_VAE from a TWINFLOW_VAE (unchanged) or a core VAE holding a Wan2.1 VAE (weights shared)."""
-    from ..models import wan_vae
+    """TWINFLOW_VAE from a TWINFLOW_VAE (unchanged) or a core VAE holding a Wan2.1 or Wan2.2 VAE (weights
+    shared)."""
+    from ..models import wan22_vae, wan_vae
 
     if isinstance(obj, wan_vae.WanVAE):
         return obj
@@ -300,19 +301,20 @@ def as_wan_vae(obj):
     sd = fsm.state_dict()
     if wan_vae.ANCHOR not in sd:
         raise UnsupportedError(f"the VAE input is a {type(fsm).__name__} without {wan_vae.ANCHOR!r}: not a Wan2.1 "
-                               f"VAE. Load wan_2.1_vae.safetensors with Load VAE (Wan2.2's 48-channel VAE is not "
-                               f"supported)")
+                               f"or Wan2.2 VAE. Load wan_2.1_vae.safetensors or wan2.2_vae.safetensors with Load VAE")
     source = f"ComfyUI VAE ({type(fsm).__name__})"
-    cfg = wan_vae.detect_config(sd, source)
+    family = wan22_vae if wan22_vae.WAN22_KEY in sd else wan_vae
+    cls = wan22_vae.Wan22VAE if family is wan22_vae else wan_vae.WanVAE
+    cfg = family.detect_config(sd, source)
     dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
     if len(dtypes) > 1:
         dt = max(dtypes, key=lambda d: sum(v.numel() for v in sd.values() if v.dtype == d))
         sd = {k: v.to(dt) if v.is_floating_point() else v for k, v in sd.items()}
     from ..models.loading import build_and_load
 
-    vae = build_and_load(lambda: wan_vae.WanVAE(cfg), dict(sd), source).eval()
+    vae = build_and_load(lambda: cls(cfg), dict(sd), source).eval()
     vae.source = source
-    log_once(logger, ("comfy_adapter.vae", id(obj)), "TwinFlow: using core VAE %s as a TwinFlow WanVAE (same weights, "
-             "official key layout; streamed per-frame decode)", type(fsm).__name__)
+    log_once(logger, ("comfy_adapter.vae", id(obj)), "TwinFlow: using core VAE %s as a TwinFlow %s (same weights, "
+             "official key layout; streamed per-frame decode)", type(fsm).__name__, cls.__name__)
     _vae_cache[obj] = vae
     return vae

@@ -85,11 +85,11 @@ class TwinFlowFromCoreModel:
 
 
 class TwinFlowFromCoreVAE:
-    DESCRIPTION = "Use a core VAE (Load VAE with a Wan2.1 VAE) as a TWINFLOW_VAE; the weights are shared, not copied."
+    DESCRIPTION = "Use a core VAE (Load VAE with a Wan2.1 or Wan2.2 VAE) as a TWINFLOW_VAE; the weights are shared, not copied."
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("VAE", {"tooltip": "A Wan2.1 VAE from Load VAE (wan_2.1_vae.safetensors)."})}}
+        return {"required": {"vae": ("VAE", {"tooltip": "A Wan2.1 or Wan2.2 VAE from Load VAE (wan_2.1_vae.safetensors, wan2.2_vae.safetensors)."})}}
 
     RETURN_TYPES = ("TWINFLOW_VAE",)
     RETURN_NAMES = ("vae",)

@@ -271,12 +271,12 @@ class Resample(nn.Module):
         from every second input frame as time_conv(previous kept frame, a, b) with stride 2.
     """
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, up_dim: Optional[int] = None):
         super().__init__()
         self.mode = mode
         self.up = mode.startswith("upsample")
-        if self.up:
-            self.resample = nn.ModuleList([nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1)])
+        if self.up:  # `up_dim`: the upsampling conv's width (Wan2.1 halves it; Wan2.2 keeps `dim`)
+            self.resample = nn.ModuleList([nn.Identity(), nn.Conv2d(dim, up_dim or dim // 2, 3, padding=1)])
         else:
             self.resample = nn.ModuleList([nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2)])
         if mode == "upsample3d":
@@ -775,8 +775,12 @@ def load_wan_vae(path, dtype: Optional[torch.dtype] = None, device="cpu") -> Wan
 
     `dtype` None keeps the file's dtype (a file with mixed float dtypes is unified to its most common one)."""
     path = Path(path)
-    source = str(path)
     sd, _meta = load_file(path)
+    return wan_vae_from_state_dict(sd, str(path), dtype, device)
+
+
+def wan_vae_from_state_dict(sd: dict, source: str, dtype: Optional[torch.dtype] = None, device="cpu") -> WanVAE:
+    """`load_wan_vae` on a state dict already read from `source` (the family dispatcher reads files once)."""
     sd = _strip(sd, source)
     cfg = detect_config(sd, source)
     if dtype is None:

@@ -3,9 +3,9 @@
 Imported by the runner only (never by the package's ComfyUI entry), so inside ComfyUI the core nodes
 keep coming from ComfyUI itself and nothing is registered twice.
 """
-from . import core_media, core_models, core_sampling, core_vision
+from . import core_media, core_models, core_sampling, core_vision, core_wan
 
-_MODULES = (core_models, core_sampling, core_media, core_vision)
+_MODULES = (core_models, core_sampling, core_media, core_vision, core_wan)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

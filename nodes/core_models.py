@@ -167,13 +167,13 @@ class VAELoader:
     CATEGORY = "loaders"
 
     def load_vae(self, vae_name):
-        from ..models import wan_vae
+        from ..models import wan22_vae
 
         path = paths.find_model("vae", vae_name)
         device = compute_device()
         # ComfyUI decodes in float32 on the CPU; on a GPU the file's 16-bit dtype
         dtype = _model_dtype(device, f"VAELoader {vae_name}")
-        return (wan_vae.load_wan_vae(path, dtype=dtype, device=device),)
+        return (wan22_vae.load_vae(path, dtype=dtype, device=device),)  # Wan2.1 or Wan2.2, from the tensors
 
 
 class ModelSamplingSD3:

@@ -38,9 +38,6 @@ def _check_model(model, where: str):
 def _check_latent(latent, where: str) -> dict:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise TypeError(f"{where}: input 'latent_image' must be a LATENT dict with a 'samples' tensor")
-    if latent.get("noise_mask") is not None:
-        raise ValueError(f"{where}: the latent carries a noise_mask (inpainting); masked sampling needs the "
-                         f"ComfyUI host")
     return latent
 
 

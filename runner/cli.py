@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change an input, e.g. --set 3.seed=42 --set '6.text=a red fox' (VALUE is JSON or text)")
     r.add_argument("--output-dir", help="where output nodes write (default ./output or $TWINFLOW_OUTPUT_DIR)")
     r.add_argument("--models-dir", help="models folder in ComfyUI layout (default ./models or $TWINFLOW_MODELS_DIR)")
+    r.add_argument("--input-dir", help="where LoadImage & co. read (default ./input or $TWINFLOW_INPUT_DIR)")
     r.add_argument("--extra-model-paths", metavar="YAML",
                    help="also search the folders of a ComfyUI extra_model_paths.yaml (or $TWINFLOW_EXTRA_MODEL_PATHS)")
     r.add_argument("--json", action="store_true", help="print results / errors as JSON (ComfyUI error format)")
@@ -514,6 +515,8 @@ def _main(argv) -> int:
         paths.set_models_dir(args.models_dir)
     if getattr(args, "extra_model_paths", None):
         paths.set_extra_model_paths(args.extra_model_paths)
+    if getattr(args, "input_dir", None):
+        paths.set_input_dir(args.input_dir)
     func = getattr(args, "func", None) or COMMANDS.get(args.command)
     if func is None:
         parser.print_help(sys.stderr)

@@ -111,7 +111,7 @@ def unknown_class_hint(class_type, known) -> str:
             return (f"{class_type!r} is a ComfyUI core node that the headless runner does not execute; replace it "
                     f"with {twin}, which does the same job, or run this workflow inside ComfyUI.")
         return (f"{class_type!r} is a ComfyUI core node that the headless runner does not execute (it runs the core "
-                f"Wan text-to-video set: `twinflow nodes` lists it); it needs the ComfyUI host, so run this "
+                f"Wan text/image-to-video set: `twinflow nodes` lists it); it needs the ComfyUI host, so run this "
                 f"workflow inside ComfyUI.")
     close = difflib.get_close_matches(str(class_type), list(known), n=3, cutoff=0.6)
     if close:

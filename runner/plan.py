@@ -83,6 +83,18 @@ def _empty_latent(nid, ins, g):
     return [Latent((b, 16, t, int(ins.get("height", 480)) // 8, int(ins.get("width", 832)) // 8))]
 
 
+def _wan_i2v(nid, ins, g):
+    """WanImageToVideo: (positive, negative passed on with the image added, an empty Wan2.1 latent)."""
+    return [ins.get("positive"), ins.get("negative")] + _empty_latent(nid, ins, g)
+
+
+def _wan22_i2v_latent(nid, ins, g):
+    """Wan22ImageToVideoLatent: a 48-channel latent at /16 (batch_size applies only with a start image)."""
+    b = int(ins.get("batch_size", 1)) if ins.get("start_image") is not None else 1
+    t = (int(ins.get("length", 49)) - 1) // 4 + 1
+    return [Latent((b, 48, t, int(ins.get("height", 704)) // 16, int(ins.get("width", 1280)) // 16))]
+
+
 def _load_dit(nid, ins, g):
     return [ModelRef(nid, "dit", str(ins.get("ckpt_name", "")), str(ins.get("dtype", "default")))]
 
@@ -174,8 +186,9 @@ def _vae_decode(nid, ins, g):
         return [None]
     if isinstance(vae, ModelRef):
         g.use("vae_decode", vae, nid, lat.shape)
-    b, _, t, h, w = lat.shape  # Wan VAE: 4x time (first frame alone), 8x space
-    return [Frames((b, 1 + 4 * (t - 1), h * 8, w * 8))]
+    b, c, t, h, w = lat.shape  # Wan VAE: 4x time (first frame alone), 8x space (Wan2.2's 48-channel VAE: 16x)
+    r = 16 if c == 48 else 8
+    return [Frames((b, 1 + 4 * (t - 1), h * r, w * r))]
 
 
 def _vae_encode(nid, ins, g):
@@ -203,6 +216,8 @@ RULES: dict[str, Callable] = {
     "ModelSamplingSD3": _model_patch,
     "LoraLoaderModelOnly": _model_patch,
     "EmptyHunyuanLatentVideo": _empty_latent,
+    "WanImageToVideo": _wan_i2v,
+    "Wan22ImageToVideoLatent": _wan22_i2v_latent,
     "KSampler": _sampler,
     "KSamplerAdvanced": _sampler,
     "VAEDecode": _vae_decode,

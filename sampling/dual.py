@@ -15,6 +15,8 @@ keeps one solver across the switch and hands x over untouched (Wan2.2's own loop
 ComfyUI parity (`KSampler` on a flow model): noise from `prepare_noise(seed)`, sigmas from
 `schedules.sampler_sigmas`, a non-empty input latent is normalised (`process_in`) and noised as
 x = sigma_0*noise + (1-sigma_0)*latent, the solver runs, and the result is de-normalised (`process_out`).
+Image-to-video: each branch builds its model's image inputs from its conditioning (`Branch.prepare`); a LATENT
+noise mask keeps the known frames around every model call (`image_cond.KnownRegion`, as ComfyUI's KSampler).
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ from typing import Optional
 
 import torch
 
-from ..core.errors import UnsupportedError
 from ..core.handles import enter_text_caches
 from ..core.progress import Progress, check_interrupt
 from .fusion import DEFAULT_WIDTH, fuse
 from .experts import HANDOFFS
 from .gates import GateSchedule
 from .guidance import Branch
+from .image_cond import known_region
 from .noise import latent_format_for, prepare_noise
 from .schedules import sampler_sigmas
 from .solvers import get_solver
@@ -81,9 +83,6 @@ def _check_latent(latent) -> torch.Tensor:
     x = latent["samples"]
     if x.ndim != 5:
         raise ValueError(f"latent: expected samples [B, C, T, H, W] (a video latent), got shape {tuple(x.shape)}")
-    if "noise_mask" in latent:
-        raise UnsupportedError("latent has a noise_mask (inpainting); the TwinFlow samplers do not support masked "
-                               "denoising yet — remove the mask or use ComfyUI's KSampler")
     return x
 
 
@@ -171,9 +170,15 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
 
     device = semantic.denoiser.device
     batch = samples.shape[0]
+    x0 = samples.to(device=device, dtype=torch.float32)
+    if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
+        x0 = fmt.process_in(x0)
+    noise = noise.to(device=device, dtype=torch.float32)
+    # a noise mask (Wan22ImageToVideoLatent's start frames) keeps its region, as ComfyUI's KSamplerX0Inpaint
+    known, denoise_mask = known_region(latent, samples.shape, x0, noise, semantic.denoiser, device)
     for b in (semantic, detail):
         if b is not None:
-            b.prepare(batch)
+            b.prepare(batch, samples.shape, denoise_mask)
             # one cache per branch: a branch's skips never use another branch's history
             cfg = config_for(b.denoiser, b.name)
             b_shift = float(shift_detail) if (b is detail and shift_detail is not None) else float(shift)
@@ -182,11 +187,8 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
                 b_sigmas = sampler_sigmas(scheduler, steps, float(shift_detail), sampler, denoise)
             b.cache = BranchCache(cfg, b.name, b_sigmas, percent_to_sigma_flow(b_shift), b.denoiser) \
                 if cfg is not None else None
-    x0 = samples.to(device=device, dtype=torch.float32)
-    if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
-        x0 = fmt.process_in(x0)
     s0 = float(segments[0][1][0] if segments else sigmas[0])  # a detail-only split run starts on its own grid
-    x = s0 * noise.to(device=device, dtype=torch.float32) + (1.0 - s0) * x0
+    x = s0 * noise + (1.0 - s0) * x0
     n_steps = len(sigmas) - 1
     fuse_time = [0.0]
 
@@ -217,7 +219,11 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
     last_x0: list = [None]  # the latest denoised estimate: a host may show it as a preview
 
     def model_keep(x: torch.Tensor, i: int) -> torch.Tensor:
-        last_x0[0] = model(x, i)
+        if known is None:
+            last_x0[0] = model(x, i)
+        else:
+            x = known.model_input(x, float(sigmas[i]))
+            last_x0[0] = known.prediction(model(x, i))
         return last_x0[0]
 
     try:
@@ -240,9 +246,11 @@ def sample(semantic: Branch, latent: dict, *, seed: int, steps: int, sampler: st
                     def seg_model(x, j, start=start, seg_sigmas=seg_sigmas, branch=branch):
                         check_interrupt()
                         sigma = float(seg_sigmas[j])
+                        if known is not None:  # a noise mask keeps its region in both passes, as in ComfyUI's
+                            x = known.model_input(x, sigma)
                         v = branch.velocity(x, sigma, start + j)
                         report.alphas.append((1.0, 0.0, "S") if branch is semantic else (0.0, 0.0, "D"))
-                        last_x0[0] = x - sigma * v
+                        last_x0[0] = x - sigma * v if known is None else known.prediction(x - sigma * v)
                         return last_x0[0]
                     x = solver(seg_model, x, seg_sigmas, lambda j: bar.update(1, preview=last_x0[0]))
         out = fmt.process_out(x).to(device="cpu", dtype=torch.float32)

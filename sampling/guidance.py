@@ -5,6 +5,9 @@ CFG in velocity space, v = v_u + cfg * (v_c - v_u), is the same as ComfyUI's CFG
 negative contexts go through the model as one batch of 2B when their shapes match ("auto"); a CUDA
 out-of-memory error in that batch switches this branch to two separate forwards (logged once).
 Several CONDITIONING entries are averaged, as ComfyUI does for conditionings without areas.
+Image conditioning on an entry (`concat_latent_image`, `concat_mask`, `clip_vision_output`; from WanImageToVideo)
+becomes that entry's model inputs as ComfyUI builds them (`image_cond.model_cond`), once per run; a LATENT
+noise mask adds the per-frame timestep of Wan2.2 TI2V (`prepare(..., denoise_mask=)`).
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import torch
 
 from ..core.handles import Denoiser
 from ..core.log import log_once
+from .image_cond import ModelCond, frame_timesteps, frame_weights, image_channels, model_cond, repeat_to_batch_size
 from .step_cache import BranchCache
 
 logger = logging.getLogger(__name__)
 
 
-def _contexts(cond, branch: str, which: str, text_dim: int, batch: int) -> list[torch.Tensor]:
-    """Context tensors [B, L, D] from a CONDITIONING list, checked against the model's text width."""
+def _contexts(cond, branch: str, which: str, text_dim: int, batch: int) -> list[tuple]:
+    """(context [B, L, D], extras dict) per entry of a CONDITIONING list, checked against the model's text width."""
     if not isinstance(cond, (list, tuple)) or not cond:
         raise TypeError(f"{branch} branch {which}: expected a CONDITIONING (a list of [tensor, dict] pairs), "
                         f"got {type(cond).__name__}")
@@ -41,8 +45,29 @@ def _contexts(cond, branch: str, which: str, text_dim: int, batch: int) -> list[
         if t.shape[0] not in (1, batch):
             raise ValueError(f"{branch} branch {which}: conditioning batch {t.shape[0]} does not match the latent "
                              f"batch {batch}; use a batch-1 prompt or one per latent")
-        out.append(t)
+        extras = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        out.append((t, extras))
     return out
+
+
+def _to_batch(t: torch.Tensor, b: int) -> torch.Tensor:
+    return repeat_to_batch_size(t, b)
+
+
+def _cat_conds(pair, b: int) -> ModelCond:
+    """One ModelCond for the batch [cond rows; uncond rows] (each entry brought to batch b first)."""
+    def rows(t, expand_ctx=False):
+        if t is None:
+            return None
+        if expand_ctx:
+            return t.expand(b, -1, -1)
+        return _to_batch(t, b)
+
+    p, n = pair
+    ctx = torch.cat([rows(p.context, True), rows(n.context, True)]) if p.context is not None else None
+    concat = torch.cat([rows(p.concat), rows(n.concat)]) if p.concat is not None else None
+    clip = torch.cat([rows(p.clip_fea), rows(n.clip_fea)]) if p.clip_fea is not None else None
+    return ModelCond(ctx, concat, clip)
 
 
 @dataclass
@@ -78,52 +103,99 @@ class Branch:
     def latent_channels(self) -> int:
         return int(self.denoiser.info.get("latent_channels", self.denoiser.in_channels))
 
-    def prepare(self, batch: int) -> None:
-        """Resolve contexts once per run (checked against the model and the latent batch)."""
+    def prepare(self, batch: int, latent_shape=None, denoise_mask: Optional[torch.Tensor] = None) -> None:
+        """Resolve contexts once per run (checked against the model and the latent batch). With `latent_shape`
+        the image conditioning of each entry is built for that latent (ComfyUI's process_conds); `denoise_mask`
+        is the LATENT's noise mask prepared to the latent's shape (`image_cond.prepare_denoise_mask`)."""
         d = self.denoiser
         self.stats = BranchStats()
         self._guided = not math.isclose(self.cfg, 1.0)
+        self._frame_weights = None
+        if denoise_mask is not None and d.family == "comfy":
+            raise ValueError(f"{self.name} branch: the latent carries a noise_mask and the model is a core MODEL run "
+                             f"through ComfyUI's apply_model, which the TwinFlow samplers cannot hand the mask to "
+                             f"(Wan2.2 TI2V's per-frame timestep); sample it with core KSampler, or load the model "
+                             f"with TwinFlow Load DiT")
+        if denoise_mask is not None and frame_timesteps(d):
+            self._frame_weights = frame_weights(denoise_mask.to(d.device))  # (B, T)
         if d.text_dim is None:
-            self._pos, self._neg = [None], [None]
+            self._pos, self._neg = [ModelCond(None)], [ModelCond(None)]
             if self._guided:
                 log_once(logger, ("cfg_no_text", d.name, self.name), "%s branch (%s) ignores text: cfg %.3g has "
                          "no effect, running one forward per step", self.name, d.name or d.family, self.cfg)
             self._guided = False
+            self._check_image_inputs(latent_shape)
             return
         if self.positive is None:
             raise ValueError(f"{self.name} branch: the model {d.name or d.family!r} needs text; connect a positive "
                              f"conditioning")
-        self._pos = _contexts(self.positive, self.name, "positive", d.text_dim, batch)
+        self._pos = self._model_conds(self.positive, "positive", batch, latent_shape, denoise_mask)
         self._neg = None
         if self._guided:
             if self.negative is None:
                 raise ValueError(f"{self.name} branch: cfg {self.cfg:g} needs a negative conditioning; connect one "
                                  f"or set cfg to 1")
-            self._neg = _contexts(self.negative, self.name, "negative", d.text_dim, batch)
+            self._neg = self._model_conds(self.negative, "negative", batch, latent_shape, denoise_mask)
         self._batched = self.batch_cfg == "auto"
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, ctx: Optional[torch.Tensor]) -> torch.Tensor:
+    def _model_conds(self, cond, which: str, batch: int, latent_shape, denoise_mask) -> list[ModelCond]:
         d = self.denoiser
+        entries = _contexts(cond, self.name, which, d.text_dim, batch)
+        if latent_shape is None:  # a caller that only evaluates text-to-video models (gate fitting, reports)
+            self._check_image_inputs(None)
+            return [ModelCond(t) for t, _ in entries]
+        where = f"{self.name} branch {which}"
+        return [model_cond(d, t, extras, tuple(latent_shape), denoise_mask, d.device, where) for t, extras in entries]
+
+    def _check_image_inputs(self, latent_shape) -> None:
+        """A model that needs image inputs gets them through conditioning entries; without any, say so."""
+        d = self.denoiser
+        if image_channels(d) > 0:
+            what = "has no conditioning" if d.text_dim is None else "was given no latent shape"
+            raise ValueError(f"{self.name} branch: the model {d.name or d.family!r} is an image-to-video model "
+                             f"({d.in_channels} input channels) but {what}; connect WanImageToVideo's conditioning")
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: ModelCond) -> torch.Tensor:
+        d = self.denoiser
+        b = x.shape[0]
+        ctx = cond.context
         if ctx is not None:
             ctx = ctx.to(device=d.device, dtype=d.dtype)
-            if ctx.shape[0] != x.shape[0]:
-                ctx = ctx.expand(x.shape[0], -1, -1)
+            if ctx.shape[0] != b:
+                ctx = ctx.expand(b, -1, -1)
+        concat, clip_fea, fw = cond.concat, cond.clip_fea, self._frame_weights
+        if concat is not None and concat.shape[0] != b:
+            concat = concat.repeat(b // concat.shape[0], 1, 1, 1, 1)  # a CFG batch: the entry's rows, repeated
+        if clip_fea is not None and clip_fea.shape[0] != b:
+            clip_fea = _to_batch(clip_fea, b)
+        if fw is not None and fw.shape[0] != b:
+            fw = fw.repeat(b // fw.shape[0], 1)
         self.stats.forwards += 1
-        self.stats.items += x.shape[0]
-        v = d.velocity(x.to(device=d.device, dtype=d.dtype), sigma.to(d.device), ctx)
+        self.stats.items += b
+        v = d.velocity(x.to(device=d.device, dtype=d.dtype), sigma.to(d.device), ctx, concat=concat,
+                       clip_fea=clip_fea, frame_weights=fw)
         return v.to(device=x.device, dtype=torch.float32)
 
-    def _mean(self, x, sigma, ctxs) -> torch.Tensor:
-        out = self._forward(x, sigma, ctxs[0])
-        for c in ctxs[1:]:
+    def _mean(self, x, sigma, conds) -> torch.Tensor:
+        out = self._forward(x, sigma, conds[0])
+        for c in conds[1:]:
             out = out + self._forward(x, sigma, c)
-        return out / len(ctxs) if len(ctxs) > 1 else out
+        return out / len(conds) if len(conds) > 1 else out
 
     def _batch_pair(self):
-        """(pos, neg) contexts of one shape for a 2B batch, or None (then two forwards, logged once)."""
+        """(pos, neg) entries batchable as one 2B forward, or None (then two forwards, logged once)."""
         if len(self._pos) != 1 or len(self._neg) != 1:
             return None
-        p, n = self._pos[0], self._neg[0]
+        pc, nc = self._pos[0], self._neg[0]
+        if pc.batch_key() != nc.batch_key():
+            return None  # different image inputs: ComfyUI runs them apart as well
+        pair = self._context_pair(pc.context, nc.context)
+        if pair is None:
+            return None
+        return ModelCond(pair[0], pc.concat, pc.clip_fea), ModelCond(pair[1], nc.concat, nc.clip_fea)
+
+    def _context_pair(self, p, n):
+        """(pos, neg) contexts of one shape, or None."""
         if p.shape[0] != n.shape[0]:
             p, n = p.expand(max(p.shape[0], n.shape[0]), -1, -1), n.expand(max(p.shape[0], n.shape[0]), -1, -1)
         if p.shape == n.shape:
@@ -154,8 +226,7 @@ class Branch:
             if pair is not None:
                 b = x.shape[0]
                 try:
-                    pos, neg = (c.expand(b, -1, -1) for c in pair)
-                    both = self._forward(torch.cat([x, x]), torch.cat([s, s]), torch.cat([pos, neg]))
+                    both = self._forward(torch.cat([x, x]), torch.cat([s, s]), _cat_conds(pair, b))
                     return {"cond": both[:b], "uncond": both[b:]}
                 except torch.cuda.OutOfMemoryError:
                     self._batched = False

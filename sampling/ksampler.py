@@ -5,7 +5,8 @@
            last sigma set to 0 when `force_full_denoise`), then started at `start_step`
            (KSamplerAdvanced's split; None when nothing is left to run).
   in       x = sigma0 * noise + (1 - sigma0) * process_in(latent)   (an all-zero latent is not normalised)
-  model    x0 = x - sigma * v, CFG on x0 (the `Branch`)
+  model    x0 = x - sigma * v, CFG on x0 (the `Branch`, which also builds image-to-video inputs); a LATENT
+           noise_mask keeps its region at the known latent around each call (`image_cond.KnownRegion`)
   out      process_out(x / (1 - sigma_last))                       (`inverse_noise_scaling`)
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..core.handles import enter_text_caches
 from ..core.progress import Progress, check_interrupt
 from .guidance import Branch
+from .image_cond import known_region
 from .noise import latent_format_for
 from .schedules import sampler_sigmas
 from .solvers import get_solver
@@ -64,12 +66,14 @@ def sample(branch: Branch, latent: dict, noise: torch.Tensor, sigmas: torch.Tens
     solver = get_solver(sampler)
     fmt = latent_format_for(branch.denoiser)
     device = branch.denoiser.device
-    branch.prepare(samples.shape[0])
     x0 = samples.to(device=device, dtype=torch.float32)
     if torch.count_nonzero(x0) > 0:  # ComfyUI leaves an empty latent un-normalised
         x0 = fmt.process_in(x0)
+    noise = noise.to(device=device, dtype=torch.float32)
+    known, denoise_mask = known_region(latent, samples.shape, x0, noise, branch.denoiser, device)
+    branch.prepare(samples.shape[0], samples.shape, denoise_mask)
     s0 = float(sigmas[0])
-    x = s0 * noise.to(device=device, dtype=torch.float32) + (1.0 - s0) * x0
+    x = s0 * noise + (1.0 - s0) * x0
     last = {}
 
     # a step cache (TwinFlow Step Cache on the model, or `twinflow run --step-cache`) as in the TwinFlow samplers
@@ -84,7 +88,11 @@ def sample(branch: Branch, latent: dict, noise: torch.Tensor, sigmas: torch.Tens
     def model(x: torch.Tensor, i: int) -> torch.Tensor:
         check_interrupt()
         sigma = float(sigmas[i])
+        if known is not None:  # a noise mask (Wan22ImageToVideoLatent's start frames): KSamplerX0Inpaint
+            x = known.model_input(x, sigma)
         den = x - sigma * branch.velocity(x, sigma, i)
+        if known is not None:
+            den = known.prediction(den)
         last["x0"] = den
         return den
 

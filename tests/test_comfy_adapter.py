@@ -361,6 +361,18 @@ def test_core_vae_becomes_our_wan_vae_sharing_weights():
     torch.testing.assert_close(vae.decode(z, tiling="off"), ref.decode(z, tiling="off"))
 
 
+def test_core_wan22_vae_becomes_our_wan22_vae_sharing_weights():
+    from twinflow.models.wan22_vae import Wan22VAE, random_wan22_vae
+
+    ref = random_wan22_vae("tiny", seed=2)
+    core = FakeCoreVAE(ref.state_dict())
+    vae = M.as_wan_vae(core)
+    assert isinstance(vae, Wan22VAE) and vae.cfg == ref.cfg and M.as_wan_vae(core) is vae
+    assert vae.encoder.conv1.weight.data_ptr() == core.first_stage_model.encoder.conv1.weight.data_ptr()
+    z = torch.randn(1, 48, 1, 1, 1)
+    torch.testing.assert_close(vae.decode(z, tiling="off"), ref.decode(z, tiling="off"))
+
+
 def test_core_vae_refusals():
     with pytest.raises(UnsupportedError, match="not a Wan2.1"):
         M.as_wan_vae(FakeCoreVAE({"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}))

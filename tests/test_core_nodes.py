@@ -301,11 +301,22 @@ def test_ksampler_uni_pc_drops_penultimate_sigma(models, monkeypatch):
     torch.testing.assert_close(seen["sigmas"], torch.cat([full[:-2], full[-1:]]))
 
 
-def test_ksampler_refuses_noise_mask(models):
+def test_ksampler_noise_mask_keeps_the_known_region(models):
+    """A LATENT noise_mask (0 = keep) is honoured as ComfyUI's KSamplerX0Inpaint: with euler down to sigma 0 the
+    kept frame ends at the input latent, the rest is sampled; an all-ones mask changes nothing."""
     model, = _core("UNETLoader").load_unet(cf.T2V_FILES["unet"], "default")
-    lat = {"samples": torch.zeros(1, 16, 1, 4, 4), "noise_mask": torch.ones(1, 1, 4, 4)}
-    with pytest.raises(ValueError, match="noise_mask"):
-        _core("KSampler").sample(model, 1, 1, 1.0, "euler", "simple", [[torch.zeros(1, 4, 32), {}]], [], lat)
+    ctx = [[torch.randn(1, 8, model.config.text_dim, generator=torch.Generator().manual_seed(0)), {}]]
+    samples = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 1, 2, 4, 4)
+    mask[:, :, 0] = 0.0
+    ks = _core("KSampler")
+    out, = ks.sample(model, 1, 3, 1.0, "euler", "simple", ctx, ctx, {"samples": samples, "noise_mask": mask})
+    torch.testing.assert_close(out["samples"][:, :, 0], samples[:, :, 0], rtol=0, atol=1e-5)
+    assert (out["samples"][:, :, 1] - samples[:, :, 1]).abs().max() > 0.1
+    plain, = ks.sample(model, 1, 3, 1.0, "euler", "simple", ctx, ctx, {"samples": samples})
+    ones, = ks.sample(model, 1, 3, 1.0, "euler", "simple", ctx, ctx,
+                      {"samples": samples, "noise_mask": torch.ones(1, 1, 2, 4, 4)})
+    assert torch.equal(plain["samples"], ones["samples"])
 
 
 # ------------------------------------------------------------------------------------------ decode + save

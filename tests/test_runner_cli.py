@@ -193,3 +193,23 @@ def test_node_bug_shows_traceback_but_clear_errors_do_not(test_nodes, capsys, tm
     code = cli.main(["run", str(f), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "node #1 (Buggy) failed" in err and "Traceback" in err and "KeyError" in err
+
+
+def test_run_input_dir_is_where_load_image_reads(tf_dirs, capsys, tmp_path):
+    """`twinflow run --input-dir DIR`: core LoadImage finds the start image of an image-to-video template there."""
+    from PIL import Image
+
+    from twinflow.core import paths
+
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    Image.new("RGB", (8, 6), (200, 10, 30)).save(folder / "start.png")
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "start.png"}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "cli/in"}}}
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(prompt))
+    code, out, err = run(["run", wf, "--no-progress", "--input-dir", folder], capsys)
+    assert code == 0, err
+    assert paths.input_dir() == folder and (tf_dirs["output"] / "cli" / "in_00001_.png").is_file()
+    code, _, err = run(["run", wf, "--no-progress", "--input-dir", tmp_path / "empty"], capsys)
+    assert code == 1 and "start.png" in err

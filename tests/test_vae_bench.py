@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from twinflow.benchmarks.vae import CASES
+from twinflow.benchmarks.vae import CASES, CASES22
 from twinflow.models.wan_vae import PRESETS, WanVAE
 
 
@@ -43,3 +43,25 @@ def test_vae_benchmark_smoke_case_runs_and_compares(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--cases", "smoke", "--device", device],
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert bad.returncode == 2 and why in bad.stderr, bad.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_vae_benchmark_wan22_smoke_case(tmp_path):
+    """--family wan22: the real-config Wan2.2 VAE (704 M parameters) in both children, same weights."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--family", "wan22", "--cases", "smoke",
+                          "--repeats", "1", "--threads", "2", "--json", str(out)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["family"] == "wan22" and row["case"] == "smoke" and row["max_abs_diff"] < 1e-4
+    _, _, t, h, w = CASES22["smoke"][1]
+    video_mib = 3 * (1 + 4 * (t - 1)) * 16 * h * 16 * w * 4 / 2 ** 20
+    for impl in ("ours", "diffusers"):
+        (run,) = row["runs"][impl]
+        assert run["rss_before_mib"] >= 704e6 * 4 / 2 ** 20, (impl, run)  # the real config's weights
+        assert run["peak_above_model_mib"] >= video_mib, (impl, run)
+    bad = subprocess.run([sys.executable, "-m", "twinflow.benchmarks.vae", "--family", "wan22", "--cases", "dec32whole"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "for --family wan22" in bad.stderr, bad.stderr[-500:]

@@ -13,7 +13,7 @@ def vae():
 
 
 def test_registered_with_conventions():
-    for name in ("TwinFlowLoadVAE", "TwinFlowVAEEncode", "TwinFlowVAEDecode"):
+    for name in ("TwinFlowLoadVAE", "TwinFlowVAEEncode", "TwinFlowVAEDecode", "TwinFlowImageToVideo"):
         cls = NODE_CLASS_MAPPINGS[name]
         assert cls.CATEGORY == "TwinFlow/vae"
         req = cls.INPUT_TYPES()["required"]
