@@ -36,3 +36,19 @@ def tf_dirs(tmp_path):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """An in-process `cli.main` call sets the package logger's level (WARNING by default) and adds its stderr
+    handler, for the rest of the process: later tests that read INFO records with caplog then saw nothing.
+    Put both back after every test."""
+    import logging
+
+    log = logging.getLogger("twinflow")
+    level, handlers = log.level, list(log.handlers)
+    yield
+    log.setLevel(level)
+    for h in list(log.handlers):
+        if h not in handlers:
+            log.removeHandler(h)
