@@ -44,7 +44,7 @@ from ..core.progress import Progress
 from . import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae import (AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample, ResidualBlock, RMSNorm,
-                      WanVAE)
+                      WanVAE, latent_stats)
 from .wan_vae_layout import to_layout
 
 logger = logging.getLogger(__name__)
@@ -700,12 +700,7 @@ WAN22_LATENT_STD = (
 
 
 def _stats(z: torch.Tensor):
-    if z.ndim < 2 or z.shape[1] != 48:
-        raise ValueError(f"Wan2.2 latent normalisation needs 48 channels on dim 1, got shape {tuple(z.shape)}")
-    shape = (1, 48) + (1,) * (z.ndim - 2)
-    mean = torch.tensor(WAN22_LATENT_MEAN, dtype=torch.float32, device=z.device).view(shape)
-    std = torch.tensor(WAN22_LATENT_STD, dtype=torch.float32, device=z.device).view(shape)
-    return mean, std
+    return latent_stats(z, WAN22_LATENT_MEAN, WAN22_LATENT_STD, "Wan2.2")
 
 
 def normalize_latent(z: torch.Tensor) -> torch.Tensor:

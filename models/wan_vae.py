@@ -689,13 +689,19 @@ WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.07
                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 
+def latent_stats(z: torch.Tensor, mean: tuple, std: tuple, family: str):
+    """Per-channel latent mean/std as tensors broadcastable to `z` ([B, C, ...]); `family` names the VAE in the
+    error for a latent with the wrong channel count."""
+    c = len(mean)
+    if z.ndim < 2 or z.shape[1] != c:
+        raise ValueError(f"{family} latent normalisation needs {c} channels on dim 1, got shape {tuple(z.shape)}")
+    shape = (1, c) + (1,) * (z.ndim - 2)
+    return (torch.tensor(mean, dtype=torch.float32, device=z.device).view(shape),
+            torch.tensor(std, dtype=torch.float32, device=z.device).view(shape))
+
+
 def _stats(z: torch.Tensor):
-    if z.ndim < 2 or z.shape[1] != 16:
-        raise ValueError(f"Wan2.1 latent normalisation needs 16 channels on dim 1, got shape {tuple(z.shape)}")
-    shape = (1, 16) + (1,) * (z.ndim - 2)
-    mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=z.device).view(shape)
-    std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=z.device).view(shape)
-    return mean, std
+    return latent_stats(z, WAN21_LATENT_MEAN, WAN21_LATENT_STD, "Wan2.1")
 
 
 def normalize_latent(z: torch.Tensor) -> torch.Tensor:
