@@ -83,7 +83,10 @@ def meta_module(kind: str, preset: str):
         if kind == "dit":
             from ..models.wan_dit import WanDiT, get_config
             return WanDiT(get_config(preset))
+        from ..models import wan22_vae
         from ..models.wan_vae import PRESETS, WanVAE
+        if preset in wan22_vae.RANDOM_NAMES:
+            return wan22_vae.Wan22VAE(wan22_vae.PRESETS[wan22_vae.RANDOM_NAMES[preset]])
         return WanVAE(PRESETS[preset])
 
 

@@ -81,6 +81,9 @@ PRESETS: dict[str, Wan22VAEConfig] = {
     # different encoder/decoder widths so both are exercised.
     "tiny": Wan22VAEConfig(dim=8, dec_dim=12),
 }
+# The `random:<name>` VAE names of this family -> its preset (the Wan2.1 VAE's names are `wan_vae.PRESETS`' keys);
+# loaders, the compile plan and the memory preflight read this one table.
+RANDOM_NAMES = {"wan2.2-tiny": "tiny", "wan2.2": "wan2.2"}
 
 WAN22_KEY = wan_vae.WAN22_KEY  # "decoder.upsamples.0.upsamples.0.residual.2.weight": ComfyUI's detection key
 DIFFUSERS_ANCHOR = "decoder.mid_block.resnets.0.norm1.gamma"
@@ -812,8 +815,15 @@ def detect_config(sd: dict, source: str = "state dict") -> Wan22VAEConfig:
                           num_res_blocks=nres, temporal_downsample=tuple(tds), patch_size=patch)
 
 
+def file_config(sd: dict, source: str) -> Wan22VAEConfig:
+    """The config of a Wan2.2 VAE state dict in any layout the loader takes (prefixed, diffusers); meta tensors
+    made from a file's header will do (the memory preflight)."""
+    return detect_config(_official(sd, source), source)
+
+
 def is_wan22(sd: dict) -> bool:
-    """Whether a (possibly prefixed, official or diffusers layout) state dict is a Wan2.2 VAE."""
+    """Whether a (possibly prefixed, official or diffusers layout) state dict is a Wan2.2 VAE (reads key names
+    only, so a dict of the file's header keys will do)."""
     return any(k.endswith(WAN22_KEY) or k.endswith(DIFFUSERS_WAN22_KEY) for k in sd)
 
 

@@ -14,8 +14,7 @@ from ._inputs import as_vae
 from ._loaders import DTYPE_CHOICES, model_names, random_preset, weight_seed
 
 CATEGORY = "TwinFlow/vae"
-RANDOM_PRESETS = ("tiny", "wan2.1", "wan2.2-tiny", "wan2.2")
-WAN22_RANDOM = {"wan2.2-tiny": "tiny", "wan2.2": "wan2.2"}  # random:<name> -> models.wan22_vae preset
+RANDOM_PRESETS = ("tiny", "wan2.1", "wan2.2-tiny", "wan2.2")  # the Wan2.2 ones: models.wan22_vae.RANDOM_NAMES
 TILING_CHOICES = ("auto", "off", "custom")
 MAX_RESOLUTION = 16384
 
@@ -50,8 +49,8 @@ class TwinFlowLoadVAE:
 
         torch_dtype = loading.parse_dtype(dtype)
         preset = random_preset(vae_name, RANDOM_PRESETS, "VAE")
-        if preset in WAN22_RANDOM:
-            return (wan22_vae.random_wan22_vae(WAN22_RANDOM[preset], seed=int(seed),
+        if preset in wan22_vae.RANDOM_NAMES:
+            return (wan22_vae.random_wan22_vae(wan22_vae.RANDOM_NAMES[preset], seed=int(seed),
                                                dtype=torch_dtype or torch.float32),)
         if preset is not None:
             return (wan_vae.random_wan_vae(preset, seed=int(seed), dtype=torch_dtype or torch.float32),)

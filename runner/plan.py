@@ -262,9 +262,9 @@ def _order(prompt: dict) -> list[str]:
 
 def _meta_module(model: ModelRef):
     """The module on the meta device when its layout is known without files (random presets)."""
-    from ..models import wan_dit, wan_vae
+    from ..models import wan22_vae, wan_dit, wan_vae
 
-    presets = wan_dit.PRESETS if model.kind == "dit" else wan_vae.PRESETS
+    presets = wan_dit.PRESETS if model.kind == "dit" else [*wan_vae.PRESETS, *wan22_vae.RANDOM_NAMES]
     preset = random_preset(model.source, presets, "preset" if model.kind == "dit" else "VAE")
     return None if preset is None else profiles.meta_module(model.kind, preset)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core import paths
-from ..core.errors import WorkflowError
+from ..core.errors import CheckpointError, WorkflowError
 from ..core.outputs import check_output_dir, check_prefix
 from .spec import iter_inputs
 from .validate import ValidatedPrompt, is_link
@@ -234,14 +234,38 @@ def _dit_facts(source: str) -> tuple[int, int, int]:
     return size, (pe[0] if pe else 0), (ffn[0] if ffn else 0)
 
 
-def _vae_cfg(source: str):
-    from ..models.wan_vae import PRESETS
+def _vae_model(source: str):
+    """The VAE of `source` on the meta device (its structure, for the decode estimate): a random or trained
+    preset, or the family and config read from a safetensors file's header (Wan2.1 for anything else)."""
+    import torch
 
+    from ..models import wan22_vae, wan_vae
+
+    cfg = wan_vae.PRESETS["wan2.1"]  # every Wan2.1 VAE file has this structure
     if source.startswith("random:"):
-        return PRESETS.get(source.split(":", 1)[1], PRESETS["tiny"])
-    if source.startswith(paths.TRAINED_PREFIX):
-        return PRESETS["tiny"]  # the shipped trained VAE has the tiny structure (tools/train_fixtures.py)
-    return PRESETS["wan2.1"]  # every Wan2.1 VAE file has this structure
+        name = source.split(":", 1)[1]
+        if name in wan22_vae.RANDOM_NAMES:
+            cfg = wan22_vae.PRESETS[wan22_vae.RANDOM_NAMES[name]]
+        else:
+            cfg = wan_vae.PRESETS.get(name, wan_vae.PRESETS["tiny"])
+    elif source.startswith(paths.TRAINED_PREFIX):
+        cfg = wan_vae.PRESETS["tiny"]  # the shipped trained VAE has the tiny structure (tools/train_fixtures.py)
+    else:
+        try:
+            path = paths.find_model("vae", source)
+        except (FileNotFoundError, ValueError):
+            path = None
+        if path is not None and path.name.lower().endswith(_SAFETENSORS):
+            shapes = _header_shapes(path)
+            if wan22_vae.is_wan22(shapes):
+                with torch.device("meta"):
+                    sd = {k: torch.empty(v) for k, v in shapes.items()}
+                try:
+                    cfg = wan22_vae.file_config(sd, str(path))
+                except CheckpointError:  # the loader names what is wrong; estimate the real config meanwhile
+                    cfg = wan22_vae.PRESETS["wan2.2"]
+    with torch.device("meta"):
+        return wan22_vae.Wan22VAE(cfg) if isinstance(cfg, wan22_vae.Wan22VAEConfig) else wan_vae.WanVAE(cfg)
 
 
 def _subgraphs(prompt: dict):
@@ -301,10 +325,11 @@ def memory_plan(prompt: dict, device=None) -> MemoryPlan:
                 # the residual stream, its normed copy and q/k/v or the FFN's hidden layer live together
                 act = max(act, 4 * tokens * (3 * dim + max(3 * dim, ffn)))
         elif kind == "vae_decode":
-            cfg = _vae_cfg(sg.model.source)
+            vae = _vae_model(sg.model.source)
+            cfg = vae.cfg
             for shape in sg.shapes:
                 # the smallest tile the VAE could fall back to: what no setting of the node gets below
-                decode = max(decode, vae_engine.estimate_decode_bytes(cfg, shape, torch.float32, tile=8))
+                decode = max(decode, vae.estimate_decode_bytes(shape, tile=8, dtype=torch.float32))
                 frames = 1 + cfg.temporal_ratio * (shape[2] - 1)
                 r = cfg.spatial_ratio
                 decode += 4 * shape[0] * frames * shape[3] * r * shape[4] * r * 3  # the IMAGE handed on

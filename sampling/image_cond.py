@@ -20,6 +20,7 @@ This module holds those formulas (ComfyUI's `common_upscale`, `resize_to_batch_s
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -27,7 +28,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..core.log import log_once
 from .noise import LatentFormat, latent_format_for
+
+logger = logging.getLogger(__name__)
 
 MASK_CHANNELS = 4  # Wan I2V: the mask is repeated to 4 channels (one per frame of a latent frame's 4-frame group)
 
@@ -280,15 +284,19 @@ def model_cond(denoiser, context: Optional[torch.Tensor], extras: dict, noise_sh
     cvo = extras.get("clip_vision_output")
     clip_fea = None
     if cvo is not None:
-        if not takes_clip_vision(denoiser):
-            raise ValueError(f"{where}: the conditioning carries a CLIP vision output but the model {name!r} has no "
-                             f"image embedding (only Wan2.1 I2V/FLF2V 14B uses CLIP vision; Wan2.2 models do not): "
-                             f"disconnect clip_vision_output from WanImageToVideo")
         clip_fea = getattr(cvo, "penultimate_hidden_states", None)
         if not isinstance(clip_fea, torch.Tensor) or clip_fea.ndim != 3:
             raise TypeError(f"{where}: clip_vision_output has no penultimate_hidden_states tensor [B, N, D]; connect "
                             f"CLIPVisionEncode")
         clip_fea = clip_fea.to(device=device, dtype=torch.float32)
+        if not takes_clip_vision(denoiser):
+            # ComfyUI's Wan model drops clip_fea when it has no image embedding, so such workflows (a Wan2.2 I2V
+            # expert behind a WanImageToVideo with CLIP vision wired) run there; we run them too, and say so.
+            log_once(logger, ("image_cond.clip_unused", name), "%s: the conditioning carries a CLIP vision output but "
+                     "the model %r has no image embedding (only Wan2.1 I2V/FLF2V 14B uses CLIP vision; Wan2.2 models "
+                     "do not): it is ignored, as ComfyUI does; disconnect clip_vision_output to silence this",
+                     where, name, level=logging.WARNING)
+            clip_fea = None
     elif takes_clip_vision(denoiser) and extra > 0:
         raise ValueError(f"{where}: the model {name!r} (Wan2.1 I2V) needs a CLIP vision output; connect "
                          f"CLIPVisionEncode (clip_vision_h) to WanImageToVideo's clip_vision_output")

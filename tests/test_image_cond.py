@@ -6,6 +6,8 @@ a reference Euler loop that builds the inputs the way ComfyUI does.
 """
 from types import SimpleNamespace
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,10 +299,6 @@ def test_errors_name_the_missing_or_unusable_conditioning(monkeypatch):
                    info={"sampling_shift": 5.0, "latent_format": "wan21"})
     with pytest.raises(ValueError, match="carries a start image.*takes none"):
         ks.sample(t2v, 1, 1, 2.0, "euler", "simple", p, n, lat, 1.0)
-    # CLIP vision for a model without an image embedding (Wan2.2 I2V experts)
-    p, n, lat = _i2v_inputs(monkeypatch, clip=True)
-    with pytest.raises(ValueError, match="CLIP vision output.*no image embedding"):
-        ks.sample(i2v_model(clip=False), 1, 1, 2.0, "euler", "simple", p, n, lat, 1.0)
     # Wan2.1 I2V without its CLIP vision output
     p, n, lat = _i2v_inputs(monkeypatch, clip=False)
     with pytest.raises(ValueError, match="needs a CLIP vision output"):
@@ -524,3 +522,25 @@ def test_sampler_custom_advanced_takes_the_image_conditioning_as_ksampler(monkey
     out, _ = _core("SamplerCustomAdvanced").sample(_core("RandomNoise").get_noise(4)[0], guider,
                                                    _core("KSamplerSelect").get_sampler("euler")[0], sigmas, lat)
     torch.testing.assert_close(out["samples"], ref["samples"], rtol=1e-6, atol=1e-6)
+
+
+def test_clip_vision_on_a_model_without_image_embedding_is_ignored_and_said(monkeypatch, caplog):
+    """A Wan2.2 I2V expert behind WanImageToVideo with CLIP vision wired runs in ComfyUI (its Wan model drops
+    clip_fea without an image embedding): the same graph runs here, equal to the run without CLIP vision, and
+    a warning says the output was ignored (once)."""
+    from twinflow.core.log import forget_once
+
+    forget_once("image_cond.clip_unused")
+    ks = _core("KSampler")
+    outs = {}
+    p1, n1, lat = _i2v_inputs(monkeypatch, clip=True)
+    assert all("clip_vision_output" in c[1] for c in p1 + n1)
+    p0, n0 = ([[t, {k: v for k, v in d.items() if k != "clip_vision_output"}] for t, d in c] for c in (p1, n1))
+    for clip, p, n in ((False, p0, n0), (True, p1, n1)):
+        model = i2v_model(clip=False)
+        with caplog.at_level(logging.WARNING, logger="twinflow"):
+            (outs[clip],) = ks.sample(model, 3, 2, 2.0, "euler", "simple", p, n, lat, 1.0)
+        assert all(c["clip_fea"] is None for c in model.module.calls)
+    assert torch.equal(outs[True]["samples"], outs[False]["samples"])
+    said = [r for r in caplog.records if "has no image embedding" in r.getMessage()]
+    assert len(said) == 1 and "ignored, as ComfyUI does" in said[0].getMessage()

@@ -156,3 +156,38 @@ def test_memory_plan_ignores_links_on_undeclared_inputs_and_nodes_that_do_not_ru
     orphans["91"] = {"class_type": "TwinFlowVAEEncode", "inputs": {"pixels": ["90", 0], "vae": ["8", 0]}}
     v = api.Runner().validate(orphans, targets=["10"])
     assert v.memory is not None and "90" not in v.order
+
+
+def _decode_part(prompt: dict, vae) -> int:
+    """The memory plan's "VAE decode" figure computed by hand for a decode of the T2V workflow's latent."""
+    shape = (1, 16, 3, 8, 8)  # the empty latent of dual_branch_t2v.json, as the shape plan infers it
+    r, t = vae.cfg.spatial_ratio, vae.video_frames(shape[2])
+    return vae.estimate_decode_bytes(shape, tile=8, dtype=torch.float32) + 4 * t * 8 * r * 8 * r * 3
+
+
+def test_memory_plan_and_compile_plan_know_the_wan2_2_vae(tf_dirs):
+    """A Wan2.2 VAE (random preset or a file, told apart by the file's header) gets the Wan2.2 decode estimate
+    (16x space, its widths), not the Wan2.1 one; `twinflow plan` takes the random Wan2.2 presets."""
+    from safetensors.torch import save_file
+
+    from twinflow.models import wan22_vae, wan_vae
+    from twinflow.runner import plan as cplan
+
+    wf = api.Runner().load(str(T2V))
+    with torch.device("meta"):
+        v21 = wan_vae.WanVAE(wan_vae.PRESETS["tiny"])
+        v22 = wan22_vae.Wan22VAE(wan22_vae.PRESETS["tiny"])
+    base = preflight.memory_plan(wf.prompt, "cpu").parts["VAE decode"]
+    assert base == _decode_part(wf.prompt, v21)
+    vae_dir = tf_dirs["models"] / "vae"
+    vae_dir.mkdir(exist_ok=True)
+    sd = wan22_vae.random_wan22_vae("tiny").state_dict()
+    save_file({"first_stage_model." + k: t.contiguous() for k, t in sd.items()}, str(vae_dir / "w22.safetensors"))
+    for name in ("random:wan2.2-tiny", "w22.safetensors"):
+        prompt = json.loads(json.dumps(wf.prompt))
+        prompt["8"]["inputs"]["vae_name"] = name
+        got = preflight.memory_plan(prompt, "cpu").parts["VAE decode"]
+        assert got == _decode_part(prompt, v22) and got != base, name
+    prompt["8"]["inputs"]["vae_name"] = "random:wan2.2-tiny"
+    (vae_plan,) = [p for p in cplan.plan_workflow(prompt, backend="inductor") if p["kind"] != "denoiser"]
+    assert vae_plan["model"] == "random:wan2.2-tiny" and "memory_bytes" in vae_plan, vae_plan
