@@ -894,17 +894,4 @@ def random_wan22_vae(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = t
         raise ValueError(f"unknown Wan2.2 VAE preset {preset!r}; expected one of {sorted(PRESETS)}")
     with torch.device("meta"):
         model = Wan22VAE(PRESETS[preset])
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.endswith("gamma"):
-            t = 1.0 + 0.2 * torch.randn(v.shape, generator=g)
-        elif k.endswith("bias"):
-            t = 0.05 * torch.randn(v.shape, generator=g)
-        else:
-            t = torch.randn(v.shape, generator=g) / math.sqrt(math.prod(v.shape[1:]))
-        sd[k] = t.to(dtype)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.tap_major_()
-    model.source = f"random:{preset}"
-    return model.eval().to(device)
+    return wan_vae.seeded_weights(model, seed, dtype, f"random:{preset}").to(device)

@@ -811,6 +811,12 @@ def random_wan_vae(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = tor
         raise ValueError(f"unknown Wan VAE preset {preset!r}; expected one of {sorted(PRESETS)}")
     with torch.device("meta"):
         model = WanVAE(PRESETS[preset])
+    return seeded_weights(model, seed, dtype, f"random:{preset}").to(device)
+
+
+def seeded_weights(model: "WanVAE", seed: int, dtype: torch.dtype, source: str) -> "WanVAE":
+    """Fill a meta-device VAE of either family with seeded random weights (gammas near 1, small biases, the
+    rest scaled by fan-in), in state-dict order; eval mode, taps laid out for the CPU."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for k, v in model.state_dict().items():
@@ -824,5 +830,5 @@ def random_wan_vae(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = tor
         sd[k] = t.to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     model.tap_major_()
-    model.source = f"random:{preset}"
-    return model.eval().to(device)
+    model.source = source
+    return model.eval()

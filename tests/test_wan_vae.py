@@ -342,48 +342,15 @@ def test_banded_decode_fp32_matches_and_auto_policy(tiny, monkeypatch):
 
 # Run in a fresh process: peak resident memory above the baseline (the kernel's high-water mark, reset
 # through /proc/self/clear_refs after gc + malloc_trim) of a decode, next to the estimate.
-_PEAK_CHILD = """
-import ctypes, gc, json, sys
-import torch
-from twinflow.models.wan_vae import random_wan_vae
-
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-torch.set_num_threads(1)
-vae = random_wan_vae("tiny", seed=0)
-vae.decode(torch.zeros(1, 16, 2, 2, 2))  # oneDNN primitives and lazy inits are not the decode's
-z = torch.randn(1, 16, 2, 32, 32, generator=torch.Generator().manual_seed(0))
-rows = []
-for bands in (1, 3):
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    out = vae.decode(z, bands=bands)
-    rows.append([bands, status("VmHWM") - before, vae.estimate_decode_bytes(z.shape, bands=bands)])
-    del out
-print(json.dumps(rows))
-"""
-
-
 def test_memory_estimate_against_measured_peak(tmp_path):
     # The planner divides the free memory by ALLOC_MARGIN because the process peak exceeds the live tensor
     # bytes the estimate counts (allocator fragmentation, oneDNN scratch). Bound: the measured peak RSS
     # above the baseline lies in [0.5, ALLOC_MARGIN] x the estimate, for whole frames and for row bands
     # (measured 1.1-1.4x here: 256 px, 5 frames, tiny preset, one thread).
-    import json
-    import subprocess
-    import sys
+    from vae_peak import decode_peaks
 
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    res = subprocess.run([sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    for bands, peak, estimate in json.loads(res.stdout.splitlines()[-1]):
+    for (_tile, bands), peak, estimate in decode_peaks(tmp_path, "wan_vae", "random_wan_vae", (1, 16, 2, 32, 32),
+                                                       ((None, 1), (None, 3))):
         assert estimate > 16 * 2 ** 20, estimate  # large enough that tensors, not the interpreter, dominate
         assert 0.5 * estimate <= peak <= wan_vae_plan.ALLOC_MARGIN * estimate, (bands, peak, estimate)
 
