@@ -452,39 +452,9 @@ class Wan22VAE(WanVAE):
     def encode_banded(self, x: torch.Tensor, frames: int, plan: list, out: torch.Tensor) -> torch.Tensor:
         """Exact row-band encode (`wan_vae_bands.encode_banded`'s scheme): the first stage runs band by band
         through all frames with `BandOps22`; its output frames are kept and the rest streams them whole."""
-        p, s = self.cfg.patch_size, self.encode_split()
-        full = x.shape[-2] // p
-        rows, needs = full // 2, self.encode_needs()
-        kept: list = []
-        carry, cl = None, self.init_state().channels_last
-        with Progress(total=len(plan) * frames, desc=f"Wan2.2 VAE encode ({len(plan)} bands)") as bar:
-            for k, (_c0, c1) in enumerate(plan):
-                st, j = self.init_state(cl), 0
-                band = wan_vae_bands.Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
-                ops = BandOps22(band, needs)
-                wan_vae_bands.release_free_heap(out.device)
-                for n in range(frames):
-                    ops.begin(n, full)
-                    y = self.encoder.walk(to_layout(patchify(x[:, :, n], p), cl), st, keep=n < frames - 1, ops=ops,
-                                          stop=s)
-                    if j == len(kept):
-                        kept.append(wan_vae_layout.empty_frame(y, cl, rows))
-                    kept[j][:, :, ops.lo:ops.lo + y.shape[2]] = y
-                    j += 1
-                    bar.update(1)
-                carry = band.stored
-                del st, band, ops
-        del carry
-        wan_vae_bands.release_free_heap(out.device)
-        st, j = self.init_state(cl), 0
-        for n in range(len(kept)):
-            y = self.encoder.walk(kept[n], st, keep=n < len(kept) - 1, start=s + 1)
-            kept[n] = None
-            if y is not None:
-                out[:, :, j] = self.encode_mean(y)
-                j += 1
-        assert j == out.shape[2], (j, out.shape)
-        return out
+        p = self.cfg.patch_size
+        return wan_vae_bands.encode_banded(self, x, frames, plan, out, ops_class=BandOps22, needs=self.encode_needs(),
+                                           frame=lambda f: patchify(f, p), desc="Wan2.2 VAE encode")
 
     def decode_split(self) -> None:
         # None for `wan_vae_plan`'s generic planner (its band rules walk the Wan2.1 layer list): `decode`

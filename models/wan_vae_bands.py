@@ -153,25 +153,29 @@ def decode_banded(vae, z: torch.Tensor, bands: int, out: torch.Tensor) -> torch.
     return out
 
 
-def encode_banded(vae, x: torch.Tensor, frames: int, plan: list, out: torch.Tensor) -> torch.Tensor:
+def encode_banded(vae, x: torch.Tensor, frames: int, plan: list, out: torch.Tensor, *, ops_class=None,
+                  needs: Optional[dict] = None, frame=None, desc: str = "Wan VAE encode") -> torch.Tensor:
     """Exact low-memory encode of the first `frames` (1 + 4k) frames of video x into `out`. The encoder's
     first stage runs band by band through all frames (rows carried between bands as in the decoder);
     its output frames (1/2 resolution) are kept for every video frame; the rest of the encoder then
-    streams them whole."""
-    rows = x.shape[-2] // 2  # at the split, after the first x2 downsampling
-    needs, stop = encode_needs(vae), vae.encode_split()
+    streams them whole. A family with its own stage shortcuts passes its `ops_class` (a `BandOps`), its
+    `needs` and `frame` (what turns a video frame into the encoder's input, e.g. a patchify)."""
+    ops_class, needs = ops_class or BandOps, needs or encode_needs(vae)
+    frame = frame or (lambda f: f)
+    full = frame(x[:, :, 0]).shape[-2]  # rows of the encoder's input
+    rows, stop = full // 2, vae.encode_split()  # at the split, after the first x2 downsampling
     kept: list = []
     carry = None
-    with Progress(total=len(plan) * frames, desc=f"Wan VAE encode ({len(plan)} bands)") as bar:
+    with Progress(total=len(plan) * frames, desc=f"{desc} ({len(plan)} bands)") as bar:
         for k, (c0, c1) in enumerate(plan):
             st, j = vae.init_state(), 0
             cl = st.channels_last
             band = Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
-            ops = BandOps(band, needs)
+            ops = ops_class(band, needs)
             release_free_heap(out.device)
             for n in range(frames):
-                ops.begin(n, x.shape[-2])
-                y = vae.encoder.walk(to_layout(x[:, :, n], cl), st, keep=n < frames - 1, ops=ops, stop=stop)
+                ops.begin(n, full)
+                y = vae.encoder.walk(to_layout(frame(x[:, :, n]), cl), st, keep=n < frames - 1, ops=ops, stop=stop)
                 if y is not None:  # None: a temporal downsampling waits for the second frame of its pair
                     if j == len(kept):
                         kept.append(empty_frame(y, cl, rows))
@@ -189,6 +193,7 @@ def encode_banded(vae, x: torch.Tensor, frames: int, plan: list, out: torch.Tens
         if y is not None:
             out[:, :, j] = vae.encode_mean(y)
             j += 1
+    assert j == out.shape[2], (j, out.shape)
     return out
 
 
