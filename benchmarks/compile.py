@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from twinflow.benchmarks import cpu_name
 
 PROFILE_ARGS = dict(batch=(1, 2, 2), frames=(2, 3, 4), height=(4, 6, 8), width=(4, 8, 8), text=(1, 8, 16))
 
@@ -243,7 +243,7 @@ def main() -> None:
         child_main(args.child, args.jit, args.device, args.preset or "tiny",
                    json.loads(args.profile) if args.profile else None, args.steps)
         return
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"}
+    result = {"machine": f"{cpu_name()}, torch {torch.__version__}"}
     if args.device == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda: torch sees no CUDA device here")

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from twinflow.benchmarks import cpu_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PADDING_LABEL = {True: "folded", False: "literal", "cached": "folded, sampler step (text K/V cached)"}
@@ -289,7 +289,7 @@ def main(argv=None):
     mem = memory_rows(a.configs, a.dtypes, tuple(a.shape), a.ctx_tokens, folds)
     for r in rows:
         r.update({k: v for k, v in mem[(r["config"], r["dtype"], r["fold"])].items() if k != "key"})
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"# {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, input {tuple(a.shape)}, {a.ctx_tokens} prompt tokens -> 512, "
           f"ours' linears via {'aten' if a.no_onednn else 'oneDNN'}")
     print("| config | dtype | text padding | ours (s) | diffusers (s) | speedup | ours peak (MiB) | "

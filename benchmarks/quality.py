@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from twinflow.benchmarks import cpu_name
 
 FRAMES, SIZE = 9, 64
 CUTOFF = 0.5  # the fusion cutoff the refiner was trained for (tools/train_fixtures.py)
@@ -393,10 +393,12 @@ def main(argv=None) -> int:
     fam = load_family(Path(a.weights))
     real, captions = procedural.make_batch(procedural.split_seeds("heldout", a.n), FRAMES, SIZE)
     scorer = Scorer(real)
+    root = Path(__file__).resolve().parents[1]
+    shown = Path(a.weights).resolve()
+    shown = shown.relative_to(root) if shown.is_relative_to(root) else shown  # no machine path for the shipped ones
     lines = ["# TwinFlow quality on the trained:tiny family", "",
-             f"Weights: `{a.weights}` (training commit {fam['meta']['dit'].get('commit', '?')}, data seed "
-             f"{fam['meta']['dit'].get('data_seed', '?')}). Machine: {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} threads. "
+             f"Weights: `{shown}` (training commit {fam['meta']['dit'].get('commit', '?')}, data seed "
+             f"{fam['meta']['dit'].get('data_seed', '?')}). Machine: {cpu_name()}, torch {torch.__version__}, {a.threads} threads. "
              f"Command: `python benchmarks/quality.py {' '.join(argv if argv is not None else __import__('sys').argv[1:])}`.",
              "", "FD: Fréchet distance on a fixed random 3D conv net's features (lower is better); HF ratio: "
              "share of spectral energy above half Nyquist, generated / real.", ""]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 
 import torch
@@ -21,6 +20,7 @@ from twinflow.models.wan_dit import PRESETS, WanAttentionBlock, WanDiT, keep_fp3
 from twinflow.quant.formats import FORMATS, QuantOptions, get_format
 from twinflow.quant.linear import QuantLinear
 from twinflow.quant.swap import select_layers
+from twinflow.benchmarks import cpu_name
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,7 @@ def gpu_table(tokens: int = 32760, repeats: int = 20, shapes=GPU_SHAPES) -> list
 
 
 def machine() -> str:
-    s = f"{platform.machine()} {platform.processor() or ''}".strip()
-    s += f", {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    s = f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     if torch.cuda.is_available():
         s += f", {torch.cuda.get_device_name(0)}"
     return s

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from twinflow.benchmarks import cpu_name
 
 
 def _sync(device):
@@ -165,7 +165,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads or 1)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     lat = tuple(int(v) for v in a.latent.split(","))
-    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    res = {"machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads"
                       + (f", {torch.cuda.get_device_name()}" if dev.startswith("cuda") else ""),
            "device": dev, "dtype": str(dtype), "torch": torch.__version__}
 

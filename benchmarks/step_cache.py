@@ -27,11 +27,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+from twinflow.benchmarks import cpu_name
 
 DEFAULT_POLICIES = ("easycache:0.2", "easycache:0.6", "magcache:0.12,calibration=wan2.1-1.3b",
                     "teacache:0.2,calibration=wan2.1-1.3b")
@@ -39,22 +40,6 @@ SMOKE_POLICIES = ("easycache:0", "easycache:0.6,start=0", "magcache:0.12,calibra
                   "teacache:0.2,calibration=wan2.1-1.3b")
 TABLE_HEADER = ("| policy | forwards saved, latents saved (N/M) | speed-up (bound M/(M−N) in latents) | policy overhead "
                 "(% of a step) | latent rel. L2 | frame PSNR | machine |\n|---|---|---|---|---|---|---|")
-
-
-def cpu_name() -> str:
-    """The CPU as lscpu names it (model name, family/model numbers, core count), else platform's guess."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                info.setdefault(key.strip().lower(), val.strip())
-    except OSError:
-        pass
-    name = info.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in info and "model" in info:
-        name += f" (family {info['cpu family']} model {info['model']})"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

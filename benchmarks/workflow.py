@@ -54,7 +54,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -68,6 +67,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from twinflow.benchmarks import cpu_name
 
 TEMPLATE = "text_to_video_wan.json"
 FILES = {"unet": ("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors"),
@@ -165,19 +165,6 @@ def group_phases(timings: list) -> dict:
             if t["class_type"] in classes:
                 out[p] += t["seconds"]
     return out
-
-
-def machine_name() -> str:
-    """lscpu's model name + family + model, and the core count."""
-    info = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout.splitlines():
-            k, _, v = line.partition(":")
-            info[k.strip()] = v.strip()
-    except OSError:
-        pass
-    name = info.get("Model name") or platform.processor() or platform.machine()
-    return f"{name} (family {info.get('CPU family', '?')}, model {info.get('Model', '?')}), {os.cpu_count()} CPUs"
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -700,7 +687,7 @@ def main(argv=None) -> int:
         for dtype in dtypes:
             name = f"{kind} {dtype} {args.device} {width}x{height}x{frames} {steps} steps"
             cases.append(run_case(name.replace(" ", "_"), dtype, args, comfy_root, comfy_py, models, overrides, work))
-        header = {"machine": machine_name(),
+        header = {"machine": cpu_name(),
                   "torch": f"TwinFlow {torch.__version__}, ComfyUI {versions}",
                   "ComfyUI": f"{comfy_version(Path(args.comfyui))} "
                              f"({'a copy with the small umT5 config' if args.smoke else 'the checkout as is'})",

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
-from . import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan
+from . import wan_vae, wan_vae_bands, wan_vae_plan
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae import (AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample, ResidualBlock, RMSNorm,
                       WanVAE, latent_stats)
