@@ -4,7 +4,8 @@ Stages, in order (each writes one safetensors file with its training config, dat
 metrics in the metadata key `twinflow.training`):
   vae      a Wan2.1 VAE at base width 8 (the `tiny` structure, 0.9 M parameters), trained for reconstruction
            (L1 + L2 + an L1 on the spatial image gradients, so fine texture is not averaged away) on random
-           5-frame 32x32 crops; a light penalty keeps its normalised latents (Wan21 mean/std) near zero mean and
+           9-frame 32x32 crops (whole clips in time: a causal VAE trained on 5-frame windows never sees its
+           caches past the second latent frame and decodes frames 6-9 badly); a light penalty keeps its normalised latents (Wan21 mean/std) near zero mean and
            unit variance, so the samplers' latent normalisation fits it. Metric: PSNR on held-out clips through
            the inference path (`WanVAE.encode` / `decode`, whole 9-frame 64x64 clips).
   dit      the semantic Wan2.1 DiT (dim 256, 2 blocks, text width 64) and
@@ -78,15 +79,15 @@ def refiner_config():
 
 
 # Full run / smoke run settings. Steps are the reproducible knob; the budget only caps wall time.
-FULL = {"vae_steps": 1800, "vae_batch": 8, "vae_lr": 2e-3, "vae_pool": 512,
+FULL = {"vae_steps": 1800, "vae_batch": 5, "vae_frames": 9, "vae_crop": 32, "vae_lr": 2e-3, "vae_pool": 512,
         "pool": 1536, "dit_steps": 3000, "dit_batch": 16, "dit_lr": 5e-4,
         "small_steps": 3000, "small_batch": 16, "small_lr": 1e-3,
         "refiner_steps": 2500, "refiner_batch": 16, "refiner_lr": 1e-3,
         "gate_clips": 8, "gate_draws": 2, "gate_buckets": 10, "eval_clips": 32}
 # Single-thread CPU seconds per step measured with these batches (busy shared machine, process_time):
-# vae 0.47, dit 0.16, small 0.036, refiner 0.073 at batch 8 (~0.14 at 16); encoding the pool 0.03 s per clip
+# vae 0.47 (8 x 5 frames; now 5 x 9), dit 0.16, small 0.036, refiner 0.073 at batch 8 (~0.14 at 16); encoding the pool 0.03 s per clip
 # -> about 31 min of one core in all (a 300/400/400/200-step run took 10 min of wall time on the busy machine).
-SMOKE = {"vae_steps": 6, "vae_batch": 2, "vae_lr": 2e-3, "vae_pool": 4,
+SMOKE = {"vae_steps": 6, "vae_batch": 2, "vae_frames": 5, "vae_crop": 32, "vae_lr": 2e-3, "vae_pool": 4,
          "pool": 8, "dit_steps": 6, "dit_batch": 4, "dit_lr": 5e-4,
          "small_steps": 6, "small_batch": 4, "small_lr": 1e-3,
          "refiner_steps": 6, "refiner_batch": 2, "refiner_lr": 1e-3,
@@ -281,7 +282,7 @@ def train_vae(args, s: dict):
     loop = Loop("vae", s["vae_steps"], args.vae_budget_s)
     for i in loop:
         idx = torch.randint(video_pool.shape[0], (s["vae_batch"],), generator=gen)
-        loss = vae_loss(vae, random_crops(video_pool[idx], 5, 32, gen), gen)
+        loss = vae_loss(vae, random_crops(video_pool[idx], s["vae_frames"], s["vae_crop"], gen), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
