@@ -161,14 +161,18 @@ def context(caption: str, width: int):
     return conditioning(tiny_text_encode(caption, width=width))
 
 
-def generate(semantic, captions, steps: int, *, detail=None, gate=None, a=None) -> dict:
-    """Raw latents of one sample per caption (sample seed i), wall seconds and model forwards."""
+def generate(semantic, captions, steps: int, *, detail=None, gate=None, a=None, cfg: float = 1.0) -> dict:
+    """Raw latents of one sample per caption (sample seed i), wall seconds and model forwards. cfg > 1: the
+    semantic branch's negative is zero conditioning, the unconditional the DiTs were trained with (dropped
+    captions are all-zero rows; ConditioningZeroOut in a workflow)."""
+    from twinflow.models.text import conditioning
     from twinflow.sampling.dual import sample
     from twinflow.sampling.guidance import Branch
 
     lats, forwards, t0 = [], {}, time.perf_counter()
     for i, cap in enumerate(captions):
-        s = Branch(semantic, context(cap, semantic.text_dim), None, 1.0)
+        neg = conditioning(torch.zeros(1, 1, semantic.text_dim)) if cfg != 1.0 else None
+        s = Branch(semantic, context(cap, semantic.text_dim), neg, cfg)
         d = Branch(detail, None, None, 1.0, name="detail") if detail is not None else None
         out, rep = sample(s, {"samples": torch.zeros(1, 16, 3, SIZE // 8, SIZE // 8)}, seed=i, steps=steps,
                           sampler=a.sampler, scheduler=a.scheduler, shift=a.shift, detail=d, gate=gate)
@@ -260,13 +264,18 @@ def section_branches(fam, a, captions, scorer) -> list[str]:
     for name, gate in gates.items():
         runs.append((f"dual: semantic + refiner, {name}", k, generate(s, captions, k, detail=fam["refiner"],
                                                                         gate=gate, a=a)))
+    for cfg in a.cfg:  # classifier-free guidance against the zero conditioning (the quickstart's setting)
+        runs.append((f"semantic DiT only, CFG {cfg:g} (negative = zeros)", k, generate(s, captions, k, a=a, cfg=cfg)))
+        runs.append((f"dual: semantic + refiner, steps 3/6/9 (gate net alpha), CFG {cfg:g} (negative = zeros)", k,
+                     generate(s, captions, k, detail=fam["refiner"], gate=gates["steps 3/6/9 (gate net alpha)"],
+                              a=a, cfg=cfg)))
     extra = []  # single-branch runs with more steps: the equal-wall-time partners
     for mult in a.time_steps:
         steps = max(1, round(k * mult))
         extra.append(("semantic DiT only", steps, generate(s, captions, steps, a=a)))
     for mult in (2, 3):
         extra.append(("small DiT only", k * mult, generate(fam["small"], captions, k * mult, a=a)))
-    singles = [r for r in runs + extra if not r[0].startswith("dual")]
+    singles = [r for r in runs + extra if not r[0].startswith("dual") and "CFG" not in r[0]]
     out = [f"## Dual-branch vs single-branch ({a.sampler}/{a.scheduler}, shift {a.shift:g}, {a.n} captions)", "",
            "| run | steps | forwards (S / D) | wall s | FD ↓ | HF ratio | single-branch run of about equal wall time "
            "(FD) |", "|---|---|---|---|---|---|---|"]
@@ -277,17 +286,20 @@ def section_branches(fam, a, captions, scorer) -> list[str]:
         m = scores[id(g)]
         fw = g["forwards"]
         partner = ""
-        if name.startswith("dual"):
+        if name.startswith("dual") and "CFG" not in name:  # a CFG dual run's partner is the CFG row above it
             best = min(singles, key=lambda r: abs(r[2]["seconds"] - g["seconds"]))
             partner = f"{best[0]}, {best[1]} steps, {best[2]['seconds']:.1f} s (FD {scores[id(best[2])]['fd']:.3f})"
         out.append(f"| {name} | {steps} | {fw.get('semantic', 0)} / {fw.get('detail', 0)} | {g['seconds']:.1f} | "
                    f"{m['fd']:.3f} | {m['hf_ratio']:.3f} | {partner} |")
     base = scores[id(runs[0][2])]["fd"]
-    duals = [(n, scores[id(g)]["fd"]) for n, _, g in runs if n.startswith("dual")]
+    duals = [(n, scores[id(g)]["fd"]) for n, _, g in runs if n.startswith("dual") and "CFG" not in n]
     best = min(duals, key=lambda r: r[1])
     verdict = "better than" if best[1] < base else "not better than"
     out += ["", f"At {k} steps the best dual-branch run ({best[0]}, FD {best[1]:.3f}) is {verdict} the semantic DiT "
             f"alone (FD {base:.3f})."]
+    for cfg in a.cfg:
+        sem, dual = (scores[id(g)]["fd"] for n, _, g in runs if f"CFG {cfg:g} " in n)
+        out.append(f"With CFG {cfg:g}: semantic DiT alone FD {sem:.3f}, dual-branch (steps 3/6/9) FD {dual:.3f}.")
     return out + [""], runs[0][2]
 
 
@@ -367,6 +379,8 @@ def parse_args(argv=None):
     p.add_argument("--policies", nargs="*", default=list(POLICIES), help="step cache specs")
     p.add_argument("--time-steps", type=float, nargs="*", default=[1.25, 1.5, 2.0],
                    help="semantic-only runs at these multiples of --steps (equal-wall-time partners)")
+    p.add_argument("--cfg", type=float, nargs="*", default=[3.0, 6.0],
+                   help="extra rows with classifier-free guidance against zero conditioning (default 3 6)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")

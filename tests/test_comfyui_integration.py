@@ -318,8 +318,12 @@ def test_core_nodes_keep_coming_from_comfyui(object_info):
 def test_repo_workflow_runs_through_prompt(server, path):
     from twinflow.runner.formats import load_workflow
 
+    from twinflow.nodes import core_headless
+
     classes, _ = _pack_nodes()
-    wf = load_workflow(path, classes)
+    # core nodes in a shipped workflow (the quickstart's ConditioningZeroOut) convert with the headless twins'
+    # input lists, which are ComfyUI's; the server then runs ComfyUI's own
+    wf = load_workflow(path, {**core_headless.NODE_CLASS_MAPPINGS, **classes})
     assert wf.format == "ui", f"{path.name}: workflows/ holds UI-format files"
     virtual = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
     unknown = {n["type"] for n in wf.ui["nodes"]} - virtual - set(server.get("/object_info"))

@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _registry():
+    """TwinFlow's nodes plus the core nodes the runner knows headless (same inputs and outputs as ComfyUI's)."""
     import twinflow
+    from twinflow.nodes import core_headless
 
-    return twinflow.NODE_CLASS_MAPPINGS, twinflow.NODE_DISPLAY_NAME_MAPPINGS
+    return ({**core_headless.NODE_CLASS_MAPPINGS, **twinflow.NODE_CLASS_MAPPINGS},
+            {**core_headless.NODE_DISPLAY_NAME_MAPPINGS, **twinflow.NODE_DISPLAY_NAME_MAPPINGS})
 
 
 def build(spec: dict) -> dict:
@@ -70,7 +73,8 @@ def build(spec: dict) -> dict:
             "id": n["id"], "type": n["class"], "pos": [40 + 400 * col, 40 + 480 * row], "size": [360, 420],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
             "title": n.get("title", display.get(n["class"], n["class"])),
-            "properties": {"Node name for S&R": n["class"], "cnr_id": "comfyui-twinflow"},
+            "properties": {"Node name for S&R": n["class"],
+                           "cnr_id": "comfyui-twinflow" if n["class"].startswith("TwinFlow") else "comfy-core"},
             "widgets_values": values,
         })
     for l in links:  # UI links store the target *slot index*, not the input name
@@ -166,7 +170,7 @@ WORKFLOWS = {
 
 # The quickstart's models: "random" (seeded random weights) or "trained" (the shipped trained:tiny family,
 # tools/train_fixtures.py). Switch to "trained" only once weights/trained_tiny/ holds the files, then rerun this tool.
-QUICKSTART_MODELS = "random"
+QUICKSTART_MODELS = "trained"
 TRAINED_NOTE = ("TwinFlow quickstart on the 'trained:tiny' models: a Wan VAE, a Wan DiT and the detail refiner "
                 "trained on TwinFlow's procedural data set (textured shapes moving over textured backgrounds; "
                 "tools/train_fixtures.py). Prompts use the data set's words: shape, colour, texture, motion, spin, "
@@ -177,8 +181,13 @@ TRAINED_WIDGETS = {  # node id -> widget changes for QUICKSTART_MODELS = "traine
         "width": 64},
     4: {"text": "", "width": 64},
     5: {"cutoff": 0.5},  # the cutoff the refiner was trained for
-    7: {"cfg_semantic": 1.0, "shift": 3.0},  # trained without a negative prompt; shift of the training draws
+    7: {"cfg_semantic": 6.0, "shift": 3.0},  # CFG against the zero conditioning (node 12); shift of the training draws
 }
+# The DiTs were trained with dropped captions as all-zero conditioning, so that is their unconditional: the
+# negative goes through ConditioningZeroOut (a core node, in ComfyUI and headless).
+TRAINED_NODES = [{"id": 12, "class": "ConditioningZeroOut", "pos": (1, 2), "title": "Negative = zeros",
+                  "widgets": {}, "links": {"conditioning": (4, 0)}}]
+TRAINED_LINKS = {7: {"negative": (12, 0)}}
 
 
 def quickstart_spec(models: str = QUICKSTART_MODELS) -> dict:
@@ -191,10 +200,19 @@ def quickstart_spec(models: str = QUICKSTART_MODELS) -> dict:
     nodes = []
     for n in spec["nodes"]:
         n = {**n, "widgets": {**n["widgets"], **TRAINED_WIDGETS.get(n["id"], {})}}
+        if n["id"] in TRAINED_LINKS:
+            n["links"] = {**n["links"], **TRAINED_LINKS[n["id"]]}
         if "title" in n:
             n["title"] = n["title"].replace("random", "trained")
         nodes.append(n)
+        if n["id"] == 4:  # the zeroed negative right after the node it reads
+            nodes += TRAINED_NODES
     return {**spec, "note": TRAINED_NOTE, "nodes": nodes}
+
+
+def spec_for(name: str) -> dict:
+    """The spec a shipped workflow is built from (the quickstart's on QUICKSTART_MODELS)."""
+    return quickstart_spec() if name == "dual_branch_t2v.json" else WORKFLOWS[name]
 
 
 def main(argv=None) -> int:
@@ -208,7 +226,7 @@ def main(argv=None) -> int:
     out_dir = ROOT / "workflows"
     stale = []
     for name, spec in WORKFLOWS.items():
-        wf = build(quickstart_spec() if name == "dual_branch_t2v.json" else spec)
+        wf = build(spec_for(name))
         path = out_dir / name
         if args.check:
             if not path.is_file() or json.loads(path.read_text()) != wf:
