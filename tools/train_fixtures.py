@@ -102,7 +102,7 @@ SMOKE = {"vae_steps": 6, "vae_batch": 2, "vae_frames": 5, "vae_crop": 32, "vae_l
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """HEAD of the repository this file lives in, with '-dirty' when tracked files differ (or 'unknown'); read
-    once, at the start of the run (`main`), so every file names the code that trained it, not a later HEAD."""
+    once, at the start of the run (`settings_for`), so every file names the code that trained it, not a later HEAD."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
