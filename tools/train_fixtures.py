@@ -30,6 +30,7 @@ stops early, says so in its log and metadata, and is then no longer reproducible
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -98,8 +99,10 @@ SMOKE = {"vae_steps": 6, "vae_batch": 2, "vae_frames": 5, "vae_crop": 32, "vae_l
 # Bookkeeping
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD of the repository this file lives in, with '-dirty' when tracked files differ (or 'unknown')."""
+    """HEAD of the repository this file lives in, with '-dirty' when tracked files differ (or 'unknown'); read
+    once, at the start of the run (`settings_for`), so every file names the code that trained it, not a later HEAD."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -555,6 +558,7 @@ def parse_args(argv=None):
 
 def settings_for(args) -> dict:
     s = dict(SMOKE if args.smoke else FULL)
+    git_commit()  # the code this run starts from (cached: later files name it too)
     for st in ("vae", "dit", "small", "refiner"):
         if getattr(args, f"{st}_steps") is not None:
             s[f"{st}_steps"] = getattr(args, f"{st}_steps")
