@@ -33,7 +33,7 @@ WORKFLOW = ROOT / "workflows" / "dual_branch_t2v.json"
 
 
 def small_prompt(steps=2, seed=42) -> dict:
-    """The repository's dual-branch workflow (tiny random models), with few steps."""
+    """The repository's dual-branch workflow (the trained:tiny models), with few steps."""
     p = load_workflow(WORKFLOW, default_registry()).prompt
     p["7"]["inputs"].update(steps=steps, seed=seed)
     p["6"]["inputs"].update(width=32, height=32, length=5)
@@ -145,7 +145,7 @@ def multipart(fields: dict, filename: str, content: bytes):
 def test_websocket_example_client_gets_the_images(tmp_path):
     prompt = small_prompt()
     # also save the decoded frames as PNGs (lossless, so they can be compared byte for byte)
-    prompt["12"] = {"class_type": "TwinFlowSaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "frames"}}
+    prompt["13"] = {"class_type": "TwinFlowSaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "frames"}}
     with ServerThread(_cfg(tmp_path)) as st:
         client = ComfyClient(st.url.split("//", 1)[1])
         ws = client.connect()
@@ -161,22 +161,22 @@ def test_websocket_example_client_gets_the_images(tmp_path):
     assert order[0:2] == ["execution_start", "execution_cached"]
     assert order[-2:] == ["execution_success", "executing"]
     ran = [m["data"]["node"] for m in client.messages if m["type"] == "executing"][:-1]
-    assert sorted(ran, key=int) == [str(i) for i in range(1, 13)]
+    assert sorted(ran, key=int) == [str(i) for i in range(1, 14)]
     steps = [m["data"] for m in client.messages if m["type"] == "progress" and m["data"]["node"] == "7"]
     assert [(s["value"], s["max"]) for s in steps] == [(1, 2), (2, 2)]
     executed = {m["data"]["node"]: m["data"]["output"] for m in client.messages if m["type"] == "executed"}
-    assert set(executed) == {"10", "11", "12"} and executed == history["outputs"]
+    assert set(executed) == {"10", "11", "13"} and executed == history["outputs"]
     assert history["status"]["status_str"] == "success" and history["status"]["completed"] is True
     assert history["prompt"][1] == pid and history["prompt"][2] == prompt
-    assert sorted(history["prompt"][4], key=int) == ["10", "11", "12"]
+    assert sorted(history["prompt"][4], key=int) == ["10", "11", "13"]
     # the images the client downloaded are the files the runner writes for the same prompt
     # node 10 (Save Video) reports its MP4 as core SaveVideo does, under "images": the example client fetches it too
-    assert sorted(images, key=int) == ["10", "11", "12"] and len(images["10"]) == 1
-    assert len(images["11"]) == 1 and len(images["12"]) == 5
+    assert sorted(images, key=int) == ["10", "11", "13"] and len(images["10"]) == 1
+    assert len(images["11"]) == 1 and len(images["13"]) == 5
     ref = Runner().run(prompt, output_dir=tmp_path / "ref")
     ref_files = {p.name: p.read_bytes() for p in ref.files()}
-    got = [e["filename"] for e in history["outputs"]["11"]["images"] + history["outputs"]["12"]["images"]]
-    assert [ref_files[name] for name in got] == images["11"] + images["12"]
+    got = [e["filename"] for e in history["outputs"]["11"]["images"] + history["outputs"]["13"]["images"]]
+    assert [ref_files[name] for name in got] == images["11"] + images["13"]
     assert history["outputs"]["10"]["animated"] == [True]
     video = history["outputs"]["10"]["images"][0]
     assert (tmp_path / "output" / video["subfolder"] / video["filename"]).read_bytes() == images["10"][0]
@@ -228,11 +228,11 @@ def test_execution_cache_and_model_cache_across_prompts(tmp_path):
             stats = http(f"{st.url}/system_stats")[1]["twinflow"]["model_cache"]
             assert stats["entries"] == 3 and stats["hits"] == 0
             roundtrip = load_workflow(ROOT / "workflows" / "vae_roundtrip.json", default_registry()).prompt
-            run(roundtrip)  # the executor drops the dual-branch nodes here (it shares only the VAE loader) ...
+            run(roundtrip)  # the executor drops the dual-branch nodes here (it shares none of their loaders) ...
             _, ran5, _ = run(small_prompt(steps=1, seed=8))
-            assert {"1", "2"} <= set(ran5)  # ... so the DiT loaders run again, but answer from the LRU:
+            assert {"1", "2", "8"} <= set(ran5)  # ... so the loaders run again, but answer from the LRU:
             stats = http(f"{st.url}/system_stats")[1]["twinflow"]["model_cache"]
-            assert stats["hits"] == 2 and stats["entries"] == 3
+            assert stats["hits"] == 3 and stats["entries"] == 4, stats  # + the roundtrip's random:tiny VAE
             # /free unload_models empties it (handled by the worker between prompts)
             assert http(f"{st.url}/free", {"unload_models": True})[0] == 200
             wait_until(lambda: http(f"{st.url}/system_stats")[1]["twinflow"]["model_cache"]["entries"] == 0)
