@@ -3,7 +3,6 @@ memory-plan tests of both VAE families). Each decode's peak is the RSS high-wate
 it (Linux /proc/self/clear_refs resets the mark), after oneDNN primitives and lazy inits have been made by a
 small warm-up decode, one thread."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,19 +37,12 @@ print(json.dumps(rows))
 """
 
 
-# glibc serves every allocation above 64 KiB with its own mmap and unmaps it when freed: the RSS is then the live
-# tensor bytes (what the decode estimates count), without the heap's retention and fragmentation.
-LIVE_BYTES_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-
-
-def decode_peaks(cwd, module: str, factory: str, z_shape, modes, env: dict = None) -> list:
+def decode_peaks(cwd, module: str, factory: str, z_shape, modes) -> list:
     """[(tile, bands), peak bytes, estimate bytes] per mode, decoding `factory("tiny", seed=0)` of
-    `twinflow.models.<module>` on seeded latents of `z_shape`; modes: (tile or None, bands); `env`: extra
-    environment of the child (e.g. LIVE_BYTES_ENV)."""
+    `twinflow.models.<module>` on seeded latents of `z_shape`; modes: (tile or None, bands)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     arg = json.dumps([f"twinflow.models.{module}", factory, list(z_shape), [list(m) for m in modes]])
-    res = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, cwd=cwd, timeout=300,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return [(tuple(mode), peak, est) for mode, peak, est in json.loads(res.stdout.splitlines()[-1])]
