@@ -15,6 +15,7 @@ Errors are `WorkflowError`s with ComfyUI's `node_errors` JSON, like validation's
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -192,6 +193,17 @@ class MemoryPlan:
 
 
 def _header_shapes(path: Path) -> dict:
+    """{key: shape} from a safetensors header ({} when unreadable); read once per file version, since the memory
+    plan is recomputed for every candidate setting when it suggests ones that fit."""
+    try:
+        st = path.stat()
+    except OSError:
+        return {}
+    return _read_header_shapes(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_header_shapes(path: str, _mtime_ns: int, _size: int) -> dict:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))

@@ -512,21 +512,7 @@ def _cli_prompt(tmp_path):
     return f
 
 
-@pytest.fixture
-def cli_logging():
-    """Undo what `twinflow -v` does to the package logger (level, stderr handler) after the test."""
-    import logging
-
-    root = logging.getLogger("twinflow")
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-
-
-def test_cli_step_cache_applies_to_the_sampler(tf_dirs, tmp_path, caplog, capsys, cli_logging):
+def test_cli_step_cache_applies_to_the_sampler(tf_dirs, tmp_path, caplog, capsys):
     from twinflow.runner import cli
 
     f = _cli_prompt(tmp_path)
@@ -544,7 +530,7 @@ def test_cli_step_cache_applies_to_the_sampler(tf_dirs, tmp_path, caplog, capsys
     ("nonsense:x", "unknown policy 'nonsense'"), ("easycache:-0.5", "threshold must be a finite number >= 0"),
     ("easycache:0.2,max_skips=two", "max_skips='two' is not a valid int"),
 ])
-def test_cli_bad_step_cache_is_one_line_error(tf_dirs, tmp_path, capsys, cli_logging, spec, fragment):
+def test_cli_bad_step_cache_is_one_line_error(tf_dirs, tmp_path, capsys, spec, fragment):
     from twinflow.runner import cli
 
     code = cli.main(["run", str(_cli_prompt(tmp_path)), "--no-progress", "--step-cache", spec])
@@ -554,7 +540,7 @@ def test_cli_bad_step_cache_is_one_line_error(tf_dirs, tmp_path, capsys, cli_log
     assert line.startswith("error: --step-cache: ") and fragment in line, line
 
 
-def test_cli_step_cache_with_no_sampler_says_so(tf_dirs, tmp_path, caplog, cli_logging):
+def test_cli_step_cache_with_no_sampler_says_so(tf_dirs, tmp_path, caplog):
     import json
 
     from twinflow.runner import cli
