@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
-from . import wan_vae, wan_vae_bands, wan_vae_plan
+from . import wan_vae, wan_vae_bands, wan_vae_plan, wan_vae_winograd
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae import (AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample, ResidualBlock, RMSNorm,
-                      WanVAE, latent_stats)
+                      WanVAE, latent_stats, mark_pairs)
 from .wan_vae_layout import to_layout
 
 logger = logging.getLogger(__name__)
@@ -286,6 +286,12 @@ class Encoder22(nn.Module):
         self.downsamples = nn.Sequential(*[
             DownBlock(dims[i], dims[i + 1], cfg.num_res_blocks, temporal=i < n - 1 and cfg.temporal_downsample[i],
                       down=i < n - 1) for i in range(n)])
+        n = cfg.temporal_ratio  # frames per chunk at each stage: 4, then halved by each temporal stage
+        for stage in self.downsamples:
+            if n >= 2:
+                mark_pairs(stage.downsamples)
+            if stage.avg_shortcut.factor_t == 2:
+                n //= 2
         self.middle = _middle(dims[-1])
         self.head = _head(dims[-1], cfg.z_dim * 2)
 
@@ -331,6 +337,9 @@ class Decoder22(nn.Module):
         self.upsamples = nn.Sequential(*[
             UpBlock(dims[i], dims[i + 1], cfg.num_res_blocks, temporal=i < n - 1 and tup[i], up=i < n - 1)
             for i in range(n)])
+        temporal = [i for i, s in enumerate(self.upsamples) if s.avg_shortcut is not None and s.avg_shortcut.factor_t == 2]
+        for stage in self.upsamples[temporal[0] + 1:] if temporal else []:
+            mark_pairs(stage.upsamples)  # 2 or 4 frames per latent frame after the first temporal upsampling
         self.head = _head(dims[-1], cfg.in_channels * cfg.patch_size ** 2)
 
     def walk(self, x, st: CausalState, first: bool, keep: bool, ops: Frames22 = WHOLE22,
@@ -595,7 +604,7 @@ class Wan22VAE(WanVAE):
         tiled). With `bands` > 1 (untiled): the front half's caches and working set plus the kept front
         frames (time-conv frames and stage inputs), or the kept front frames plus one band of the back
         half's caches and working set and the rows carried between bands, whichever is larger (as
-        `wan_vae_plan.estimate_decode_bytes` counts the Wan2.1 VAE)."""
+        `wan_vae_plan.estimate_decode_bytes` counts the Wan2.1 VAE, with its time-pair and Winograd terms)."""
         cfg = self.cfg
         b, _, t, h, w = (int(s) for s in latent_shape)
         es = torch.empty((), dtype=dtype or self.dtype).element_size()
@@ -608,10 +617,17 @@ class Wan22VAE(WanVAE):
         cache = [2 * cfg.z_dim * px + 4 * 2 * dims[0] * px, 0]  # [front, back]: conv1, middle (2 blocks x 2 convs)
         work = [6 * dims[0] * px, 0]
         fronts, rows, carry = 0, th, 0
+        dtype = dtype or self.dtype
+        pairs = dtype in (torch.float32, torch.float64)  # time pairs: a pending output frame per conv
+        first_t = min((i for i in range(len(dims) - 2) if tup[i]), default=len(dims))
+        wide = [[(dims[0], dims[0], px)] * 4, []]  # [front, back] 3x3 convs (c_in, c_out, px): Winograd scratch
         for i in range(len(dims) - 1):
             side = 0 if split is None or i <= split else 1  # the split stage's blocks and time conv: front
             for k in range(cfg.num_res_blocks + 1):
                 cache[side] += 2 * px * ((dims[i] if k == 0 else dims[i + 1]) + dims[i + 1])
+                if pairs and i > first_t:
+                    cache[side] += 2 * px * dims[i + 1]
+                wide[side] += [(dims[i] if k == 0 else dims[i + 1], dims[i + 1], px), (dims[i + 1], dims[i + 1], px)]
             work[side] = max(work[side], 6 * max(dims[i], dims[i + 1]) * px)
             if side:  # rows carried between bands: 2 input rows per conv (and upsampling), 1 per shortcut
                 carry += tw * 2 ** i * (2 * dims[i + 1] * (2 * (cfg.num_res_blocks + 1) + 1) + dims[i])
@@ -625,14 +641,20 @@ class Wan22VAE(WanVAE):
                     fronts = (frames * dims[i + 1] + t * dims[i]) * px
                 px *= 4
         cache[0 if split is None else 1] += 2 * cfg.in_channels * cfg.patch_size ** 2 * px  # head: partial sums
+        wide[0 if split is None else 1].append((dims[-1], cfg.in_channels * cfg.patch_size ** 2, px))
         r = cfg.spatial_ratio
         out_bytes = b * 3 * frames * h * r * w * r * (es + (4 if tile else 0))
+        dev = self.device.type
         if split is None:
-            return int(b * (sum(cache) + max(work)) * es + out_bytes)
+            scratch = wan_vae_winograd.scratch_elements([(ci, co, b * p) for ci, co, p in wide[0] + wide[1]], dtype, dev)
+            return int((b * (sum(cache) + max(work)) + scratch) * es + out_bytes)
         frac = min(1.0, (math.ceil(rows / bands) + self.decode_needs()["halo"]) / rows)
         carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
-        peak = max(cache[0] + work[0] + fronts, fronts + frac * (cache[1] + work[1]) + carried)
-        return int(b * peak * es + out_bytes)
+        scratch = [wan_vae_winograd.scratch_elements([(ci, co, int(b * f * p)) for ci, co, p in wide[j]], dtype, dev)
+                   for j, f in ((0, 1.0), (1, frac))]
+        peak = max(b * (cache[0] + work[0] + fronts) + scratch[0],
+                   b * (fronts + frac * (cache[1] + work[1]) + carried) + scratch[1])
+        return int(peak * es + out_bytes)
 
     def auto_bands(self, latent_shape) -> int:
         """The decode's row bands when `bands` is None (`wan_vae_plan.auto_bands` / `plan_decode`'s rule):

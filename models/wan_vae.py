@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
 from ..fused.ops import rms_norm_cf
-from . import wan_vae_bands, wan_vae_plan, wan_vae_tiles
+from . import wan_vae_bands, wan_vae_plan, wan_vae_tiles, wan_vae_winograd
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae_layout import subpixel_kernels, to_layout, upsample2x_conv3x3
 
@@ -95,6 +95,7 @@ class CausalState:
         self.slots: dict[int, list] = {}
         self.channels_last = channels_last
         self.started = False
+        self.scratch: dict = {}  # reused scratch tensors of the stream's Winograd convs (wan_vae_winograd)
 
     def slot(self, module: nn.Module) -> list:
         return self.slots.setdefault(id(module), [None, None])
@@ -112,6 +113,9 @@ class CausalState:
         out = []
         for i, m in enumerate(modules):
             s = self.slot(m)
+            if len(s) > 2 and s[2] is not None:
+                raise RuntimeError(f"{type(m).__name__} holds a Winograd pair's pending sum at a chunk boundary: "
+                                   "only levels with whole pairs per chunk may set CausalConv3d.pairs")
             out += [s[j] if s[j] is not None else zeros(i, j) for j in (0, 1)]
         return tuple(out)
 
@@ -120,7 +124,14 @@ class CausalState:
 # The causal conv and the norm
 # ----------------------------------------------------------------------------------------------------
 class CausalConv3d(nn.Conv3d):
-    """Conv3d, causal in time (zeros in front), run one frame at a time with a 2-frame state."""
+    """Conv3d, causal in time (zeros in front), run one frame at a time with a 2-frame state.
+
+    `pairs` (set by the encoder/decoder on the residual convs of levels that get their frames in whole
+    pairs per chunk, see `mark_pairs`): in fp32/fp64 inference, consecutive frames (A, B) = (t, t+1), t
+    odd, share their time taps by Winograd F(2,3) over time (`pair_step`): 4 frame convs per pair
+    instead of 6, same accumulation precision, the state holding B's partial output sum in between."""
+
+    pairs = False
 
     def __init__(self, in_dim, out_dim, kernel_size, stride=1, padding=0):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=0)
@@ -150,9 +161,21 @@ class CausalConv3d(nn.Conv3d):
         """A kernel-1 conv on one frame x [B, C, H, W] (shortcuts, quant convs)."""
         return F.conv2d(x, self.weight[:, :, 0], self.bias)
 
-    def taps(self, frames: list, bias: bool = True, padding=None) -> torch.Tensor:
+    def conv2d(self, x: torch.Tensor, w: torch.Tensor, bias, padding, ws: Optional[dict]) -> torch.Tensor:
+        """One 2-D conv of a frame with a time tap (or a sum of taps) `w`: `F.conv2d`, or on the CPU in
+        fp32/fp64 inference, for a 3x3 kernel with >= 256 input channels and >= 32x32 output pixels, Winograd
+        F(2x2, 3x3) (`wan_vae_winograd`: 2.25x fewer multiplies; below those sizes its transforms cost
+        more than it saves). `ws`: the stream's scratch (`CausalState.scratch`)."""
+        if w.shape[2:] == (3, 3) and not torch.is_grad_enabled():
+            ph, pw = (padding, padding) if isinstance(padding, int) else padding
+            px = (x.shape[2] + 2 * ph - 2) * (x.shape[3] + 2 * pw - 2)
+            if wan_vae_winograd.applies(w.shape[1], px, x.dtype, x.device.type):
+                return wan_vae_winograd.conv3x3(x, w, bias, padding, ws)
+        return F.conv2d(x, w, bias, padding=padding)
+
+    def taps(self, frames: list, bias: bool = True, padding=None, ws: Optional[dict] = None) -> torch.Tensor:
         """sum_k W[:, :, k] * frames[k] (+ bias); None frames are zero and skipped. frames: 3 x [B,C,H,W].
-        `padding`: spatial zero padding (default: the layer's own on both axes)."""
+        `padding`: spatial zero padding (default: the layer's own on both axes); `ws`: scratch (`conv2d`)."""
         w, p = self.weight, (self.pad_s if padding is None else padding)
         cur = frames[-1]
         if cur.dtype != torch.float32 and sum(f is not None for f in frames) > 1:
@@ -160,11 +183,11 @@ class CausalConv3d(nn.Conv3d):
             # fp32 accumulator instead of rounding each partial sum to bf16/fp16.
             ks = [k for k, f in enumerate(frames) if f is not None]
             wk = torch.cat([w[:, :, k] for k in ks], dim=1)
-            return F.conv2d(torch.cat([frames[k] for k in ks], dim=1), wk, self.bias if bias else None, padding=p)
-        out = F.conv2d(cur, w[:, :, 2], self.bias if bias else None, padding=p)  # (B, O, H, W)
+            return self.conv2d(torch.cat([frames[k] for k in ks], dim=1), wk, self.bias if bias else None, p, ws)
+        out = self.conv2d(cur, w[:, :, 2], self.bias if bias else None, p, ws)  # (B, O, H, W)
         for k in (1, 0):
             if frames[k] is not None:
-                out += F.conv2d(frames[k], w[:, :, k], None, padding=p)
+                out += self.conv2d(frames[k], w[:, :, k], None, p, ws)
         return out
 
     def step(self, x: torch.Tensor, st: CausalState, keep: bool = True) -> torch.Tensor:
@@ -173,29 +196,101 @@ class CausalConv3d(nn.Conv3d):
         `keep=False` on a layer's final frame releases its cache at once."""
         s = st.slot(self)
         if self.out_channels < self.in_channels:
-            return self.partial_step(x, s, keep)
-        out = self.taps([s[0], s[1], x])
+            return self.partial_step(x, s, keep, ws=st.scratch)
+        ws = st.scratch
+        out = self.pair_step(x, s, keep, ws=ws) if self.pairs_apply(x, s) else self.taps([s[0], s[1], x], ws=ws)
         if keep:
             s[0], s[1] = s[1], x
         else:
             s[0] = s[1] = None
         return out
 
-    def partial_step(self, x: torch.Tensor, s: list, keep: bool, padding=None) -> torch.Tensor:
+    def pairs_apply(self, x: torch.Tensor, s: list) -> bool:
+        """Whether this frame runs as half of a Winograd pair: a pair conv, fp32/fp64 inference, and a
+        previous frame to pair with (the stream's first frame has one tap only)."""
+        return (self.pairs and s[1] is not None and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_grad_enabled())
+
+    def pair_step(self, x: torch.Tensor, s: list, keep: bool, padding=None, ws: Optional[dict] = None) -> torch.Tensor:
+        """Winograd F(2,3) over time for output frames A = t, B = t+1 (t odd) of inputs d0..d3 =
+        x[t-2..t+1] and taps g0..g2 (each a 2-D conv):
+            m1 = (d0 - d2) g0,  m2 = (d1 + d2) (g0 + g1 + g2)/2,  m3 = (d2 - d1) (g0 - g1 + g2)/2,
+            m4 = (d1 - d3) g2;  A = m1 + m2 + m3,  B = m2 - m3 - m4.
+        At A (state [d0, d1], x = d2) three convs give A, and m2 - m3 (+ bias) waits in s[2] for B; at B
+        (state [d1, d2], x = d3) one conv finishes it. The state's frames are never written to (a compiled
+        step gets them as graph inputs). s: the slot, extended to [d_old, d_prev, pending B sum]."""
+        w, p = self.weight, (self.pad_s if padding is None else padding)
+        if len(s) < 3:
+            s.append(None)
+        if s[2] is not None:  # B
+            pend, s[2] = s[2], None
+            return pend.sub_(self.conv2d(torch.sub(s[0], x), w[:, :, 2], None, p, ws))
+        g0, g1, g2 = w[:, :, 0], w[:, :, 1], w[:, :, 2]
+        c = torch.neg(x) if s[0] is None else torch.sub(s[0], x)  # d0 - d2 (d0 = 0 at the stream's second frame)
+        out = self.conv2d(c, g0, None, p, ws)
+        pend = self.conv2d(torch.add(s[1], x, out=c), torch.add(g0, g2).add_(g1).mul_(0.5), self.bias, p, ws)
+        out += pend
+        m3 = self.conv2d(torch.sub(x, s[1], out=c), torch.add(g0, g2).sub_(g1).mul_(0.5), None, p, ws)
+        del c
+        out += m3
+        if keep:
+            s[2] = pend.sub_(m3)
+        return out
+
+    def partial_step(self, x: torch.Tensor, s: list, keep: bool, padding=None,
+                     ws: Optional[dict] = None) -> torch.Tensor:
         """Narrowing convs (the decoder head, 96 -> 3) keep partial output sums instead of inputs:
         s = [W1 x[t-1] + W0 x[t-2], W0 x[t-1]] in fp32, i.e. 2 x 3 channels instead of 2 x 96 per pixel."""
         w, p = self.weight, (self.pad_s if padding is None else padding)
-        out = F.conv2d(x, w[:, :, 2], self.bias, padding=p)
+        if self.pairs and (s[0] is not None or len(s) > 2 and s[2] is not None) and \
+                x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled():
+            return self.partial_pair_step(x, s, keep, p, ws)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for bf16/fp16, fp64 for fp64
+        out = self.conv2d(x, w[:, :, 2], self.bias, p, ws)
         if s[0] is not None:
-            out = (out.float() + s[0]).to(x.dtype)
+            out = (out.to(acc) + s[0]).to(x.dtype)
         if keep:
-            nxt = F.conv2d(x, w[:, :, 1], None, padding=p).float()
+            nxt = self.conv2d(x, w[:, :, 1], None, p, ws).to(acc)
             if s[1] is not None:
                 nxt += s[1]
-            s[0], s[1] = nxt, F.conv2d(x, w[:, :, 0], None, padding=p).float()
+            s[0], s[1] = nxt, self.conv2d(x, w[:, :, 0], None, p, ws).to(acc)
         else:
             s[0] = s[1] = None
         return out
+
+    def partial_pair_step(self, x: torch.Tensor, s: list, keep: bool, p, ws: Optional[dict]) -> torch.Tensor:
+        """`partial_step` for a Winograd pair A = t, B = t+1 (t odd): the pair's contributions to the output
+        frames t..t+3 are the linear convolution (x_A, x_B) * (g2, g1, g0) = (c0, c1, c2, c3), and Toom-Cook
+        at 0, 1, -1, inf gives them from 4 frame convs instead of 6: c0 = g2 x_A, c3 = g0 x_B,
+        e1 = (x_A + x_B) (g0 + g1 + g2)/2, em = (x_A - x_B) (g0 - g1 + g2)/2, c1 = e1 - em - c3,
+        c2 = e1 + em - c0. A (s = [S_t, S_t+1]) costs one conv and holds x_A and c0 in s[2]; B three;
+        afterwards s = [S_t+2, S_t+3] = [c2, c3] as in `partial_step`."""
+        w = self.weight
+        if len(s) < 3:
+            s.append(None)
+        if s[2] is None:  # A
+            c0 = self.conv2d(x, w[:, :, 2], None, p, ws)
+            out = torch.add(s[0], c0)
+            if self.bias is not None:
+                out += self.bias.view(1, -1, 1, 1)
+            s[0], s[2] = None, ((x, c0) if keep else None)
+            if not keep:
+                s[1] = None
+            return out.to(x.dtype)
+        (xa, c0), s[2] = s[2], None
+        g0, g1, g2 = w[:, :, 0], w[:, :, 1], w[:, :, 2]
+        c3 = self.conv2d(x, g0, None, p, ws)
+        e1 = self.conv2d(torch.add(xa, x), torch.add(g0, g2).add_(g1).mul_(0.5), None, p, ws)
+        em = self.conv2d(xa.sub_(x), torch.add(g0, g2).sub_(g1).mul_(0.5), None, p, ws)
+        del xa
+        out = torch.add(s[1], e1).sub_(em).sub_(c3)  # S_t+1 + c1
+        if self.bias is not None:
+            out += self.bias.view(1, -1, 1, 1)
+        if keep:
+            s[0], s[1] = e1.add_(em).sub_(c0), c3
+        else:
+            s[0] = s[1] = None
+        return out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -237,6 +332,16 @@ class ResidualBlock(nn.Module):
         h = r[6].step(norm_silu(r[3], h), st, keep)
         h += self.skip(x)
         return h
+
+
+def mark_pairs(layers) -> None:
+    """Flag the convs of the residual blocks among `layers` as Winograd pair convs (`CausalConv3d.pairs`).
+    Only for levels whose frames come in whole pairs per chunk (encoder: 4 or 2 frames per chunk;
+    decoder: after a temporal upsampling): a pair then never spans two chunks, so the state holds no
+    pending sum at a chunk boundary (`CausalState.flat`, the compiled steps)."""
+    for layer in layers:
+        if isinstance(layer, ResidualBlock):
+            layer.residual[2].pairs = layer.residual[6].pairs = True
 
 
 class AttentionBlock(nn.Module):
@@ -366,6 +471,12 @@ class Encoder3d(nn.Module):
             if i != len(cfg.dim_mult) - 1:
                 layers.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
+        n = cfg.temporal_ratio  # frames per chunk at each level: 4, then halved by each downsample3d
+        for layer in layers:
+            if isinstance(layer, Resample) and layer.mode == "downsample3d":
+                n //= 2
+            elif n >= 2:
+                mark_pairs([layer])
         self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
                                     ResidualBlock(dims[-1], dims[-1]))
         self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], cfg.z_dim * 2, 3, padding=1)])
@@ -415,6 +526,9 @@ class Decoder3d(nn.Module):
             if i != len(cfg.dim_mult) - 1:
                 layers.append(Resample(out_dim, "upsample3d" if tup[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*layers)
+        ups = [k for k, layer in enumerate(layers) if isinstance(layer, Resample) and layer.mode == "upsample3d"]
+        if ups:  # 2 or 4 frames per latent frame after the first temporal upsampling
+            mark_pairs(layers[ups[0] + 1:])
         self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1)])
 
     def walk(self, x, st: CausalState, first: bool, keep: bool, ops: FrameOps = WHOLE_FRAMES,
@@ -677,7 +791,7 @@ class WanVAE(nn.Module):
     def estimate_decode_bytes(self, latent_shape, tile: Optional[int] = None, dtype=None, bands: int = 1) -> int:
         """Peak bytes a decode of `latent_shape` [B, z, T, h, w] needs beyond the weights (see docs/vae.md)."""
         return wan_vae_plan.estimate_decode_bytes(self.cfg, latent_shape, dtype or self.dtype, tile, bands=bands,
-                                                  halo=wan_vae_bands.decode_halo(self))
+                                                  halo=wan_vae_bands.decode_halo(self), device_type=self.device.type)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -355,15 +355,18 @@ def conv_rows(conv, pieces: list, pad: tuple[int, int], st, keep: bool, norm) ->
     s = st.slot(conv)
     padding, cl = (0, conv.pad_s), st.channels_last
     if conv.out_channels < conv.in_channels:  # the head: partial sums, no input frames kept
-        return conv.partial_step(norm_rows(norm, pieces, pad, cl), s, keep, padding)
+        return conv.partial_step(norm_rows(norm, pieces, pad, cl), s, keep, padding, st.scratch)
     w = conv.weight
-    if pieces[0].dtype == torch.float32:
-        out = F.conv2d(s[0], w[:, :, 0], None, padding=padding) if s[0] is not None else None
+    if conv.pairs_apply(pieces[0], s):  # half of a Winograd pair (see CausalConv3d.pair_step)
+        x = norm_rows(norm, pieces, pad, cl)
+        out = conv.pair_step(x, s, keep, padding, st.scratch)
+    elif pieces[0].dtype == torch.float32:
+        out = conv.conv2d(s[0], w[:, :, 0], None, padding, st.scratch) if s[0] is not None else None
         x = norm_rows(norm, pieces, pad, cl, out=s[0])
-        y = F.conv2d(x, w[:, :, 2], conv.bias, padding=padding)
+        y = conv.conv2d(x, w[:, :, 2], conv.bias, padding, st.scratch)
         out = y if out is None else out.add_(y)
         if s[1] is not None:
-            out += F.conv2d(s[1], w[:, :, 1], None, padding=padding)
+            out += conv.conv2d(s[1], w[:, :, 1], None, padding, st.scratch)
     else:  # low precision: the taps are stacked into one conv (see `taps`); the frame is then copied
         x = norm_rows(norm, pieces, pad, cl)  # into the oldest buffer, or a new one of the conv's own
         out = conv.taps([s[0], s[1], x], padding=padding)

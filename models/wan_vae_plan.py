@@ -17,7 +17,7 @@ import torch
 
 from ..core.memory import available_memory  # the plan reads it through this module (tests patch it here)
 
-from . import wan_vae_bands
+from . import wan_vae_bands, wan_vae_winograd
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ ALLOC_MARGIN = 1.75  # usable = available / margin when planning (fragmentation,
 
 
 def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[int] = None,
-                          bands: int = 1, halo: int = 6) -> int:
+                          bands: int = 1, halo: int = 6, device_type: str = "cpu") -> int:
     """Peak bytes for a decode beyond the weights (a `WanVAEConfig`): causal caches + per-frame working
     set + output.
 
@@ -36,7 +36,10 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
     upsampling run band by band, see `wan_vae_bands`): the front levels' caches and working set plus the
     kept front frames, or the kept front frames plus one band (its rows + the halo it computes for the
     next band, at most the whole frame) of the back levels' caches and working set and the rows carried
-    between bands (they grow with the frame count, like the kept front frames), whichever is larger."""
+    between bands (they grow with the frame count, like the kept front frames), whichever is larger.
+    In fp32/fp64 the convs after the first temporal upsampling hold one pending output frame each between
+    the two frames of a time pair (`CausalConv3d.pair_step`), and the wide 3x3 convs' Winograd scratch
+    (`wan_vae_winograd.scratch_elements`, per stream: whole frames, or one band) is added."""
     b, _, t, h, w = (int(s) for s in latent_shape)
     es = torch.empty((), dtype=dtype).element_size()
     r = cfg.spatial_ratio
@@ -48,6 +51,9 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
     cache = [2 * cfg.z_dim * px + 4 * 2 * dims[0] * px, 0]  # [front, back]: conv1, middle (2 blocks x 2 convs)
     work = [0, 0]
     fronts, rows, carry = 0, th, 0
+    pairs = dtype in (torch.float32, torch.float64)
+    first_t = min((i for i in range(len(dims) - 2) if tup[i]), default=len(dims))
+    wide = [[(dims[0], dims[0], px)] * 4, []]  # [front, back] 3x3 convs (c_in, c_out, px): Winograd scratch
     for i in range(len(dims) - 1):
         side = 0 if split is not None and i <= split else 1
         if side:  # rows carried between bands: 2 input rows per conv (and upsampling) and frame
@@ -55,6 +61,9 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
         in_dim = dims[i] if i == 0 else dims[i] // 2
         for k in range(cfg.num_res_blocks + 1):
             cache[side] += 2 * px * ((in_dim if k == 0 else dims[i + 1]) + dims[i + 1])
+            if pairs and i > first_t:
+                cache[side] += 2 * px * dims[i + 1]
+            wide[side] += [(in_dim if k == 0 else dims[i + 1], dims[i + 1], px), (dims[i + 1], dims[i + 1], px)]
         work[side] = max(work[side], 6 * max(in_dim, dims[i + 1]) * px)
         if i != len(dims) - 2:
             if tup[i]:
@@ -68,12 +77,17 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
     cache[1] += 2 * 3 * px  # head conv: partial output sums (3 channels), see CausalConv3d.partial_step
     out_bytes = b * 3 * (1 + cfg.temporal_ratio * (t - 1)) * h * r * w * r * (es + (4 if tile else 0))
     if bands <= 1 or split is None:
-        return int(b * (sum(cache) + max(work)) * es + out_bytes)
+        scratch = wan_vae_winograd.scratch_elements([(ci, co, b * p) for ci, co, p in wide[0] + wide[1]],
+                                                    dtype, device_type)
+        return int((b * (sum(cache) + max(work)) + scratch) * es + out_bytes)
     frac = min(1.0, (math.ceil(rows / bands) + halo) / rows)
     frames = 1 + cfg.temporal_ratio * (t - 1)
     carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
-    peak = max(cache[0] + work[0] + fronts, fronts + frac * (cache[1] + work[1]) + carried)
-    return int(b * peak * es + out_bytes)
+    scratch = [wan_vae_winograd.scratch_elements([(ci, co, int(b * f * p)) for ci, co, p in wide[j]], dtype, device_type)
+               for j, f in ((0, 1.0), (1, frac))]
+    peak = max(b * (cache[0] + work[0] + fronts) + scratch[0],
+               b * (fronts + frac * (cache[1] + work[1]) + carried) + scratch[1])
+    return int(peak * es + out_bytes)
 
 
 def usable_memory(device) -> Optional[int]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from twinflow.core.errors import CheckpointError
-from twinflow.models import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan, wan_vae_tiles
+from twinflow.models import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan, wan_vae_tiles, wan_vae_winograd
 from twinflow.models.wan_vae import PRESETS, WanVAE, detect_config, load_wan_vae, random_wan_vae
 
 REF = Path(__file__).resolve().parent / "fixtures" / "reference" / "wan21_vae_keys.tsv"  # vendored (README.md)
@@ -89,6 +89,24 @@ def test_decode_matches_diffusers(tiny, tiny_ref, latents):
     assert ours.shape == ref.shape == (1, 3, 1 + 4 * (latents - 1), 32, 40)
     assert ref.abs().mean() > 0.05  # the check is not vacuous
     assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_winograd_convs_match_diffusers(tiny, tiny_ref, monkeypatch):
+    # The decode and encode with every 3x3 conv by Winograd F(2x2, 3x3) (thresholds lowered so the tiny
+    # widths take it; the real config takes it at >= 256 channels and >= 32x32 px) and the time pairs.
+    monkeypatch.setattr(wan_vae_winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(wan_vae_winograd, "MIN_PIXELS", 1)
+    calls = []
+    real = wan_vae_winograd.conv3x3
+    monkeypatch.setattr(wan_vae_winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    z = torch.randn(1, 16, 3, 4, 5, generator=torch.Generator().manual_seed(7))
+    x = torch.rand(1, 3, 9, 32, 40, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    got_d, got_e = tiny.decode(z, bands=1), tiny.encode(x, bands=1)
+    assert calls
+    with torch.inference_mode():
+        want_d, want_e = tiny_ref.decode(z).sample, tiny_ref.encode(x).latent_dist.mode()
+    assert (got_d - want_d).abs().max().item() <= 1e-5
+    assert (got_e - want_e).abs().max().item() <= 1e-5
 
 
 def test_banded_decode_matches_diffusers(tiny, tiny_ref):

@@ -1,0 +1,128 @@
+"""Winograd F(2x2, 3x3) for the wide 3x3 convolutions of the Wan VAEs on the CPU.
+
+A 3x3 conv at stride 1 computes each 2x2 block of output pixels from a 4x4 block of input pixels. Winograd's
+minimal filtering does it with 16 multiplies per (input, output) channel pair instead of 36: the input
+block d becomes B^T d B, the kernel g becomes G g G^T (both 4x4), they are multiplied elementwise, and
+A^T (.) A gives the 2x2 outputs. Summed over input channels, the 16 elementwise products are 16 matrix
+products [blocks x C_in] @ [C_in x C_out] (one batched GEMM), so the multiply count drops 2.25x.
+
+Where it pays here (2 cores, measured against oneDNN's direct conv): wide convs (>= 512 input channels) at
+the Wan2.2 decoder's 16-64 px levels, 1.4-2x per conv; at 256 channels and 128 px the transforms and a
+slower GEMM eat the saving, so those stay direct. Rounding is smaller than the direct conv's (the
+transforms use only 1/2 and sums; measured 2.4e-6 vs 9e-6 max abs against float64 at 1024 channels).
+`CausalConv3d.conv2d` decides per conv (CPU, fp32/fp64, inference, >= `MIN_CHANNELS` input channels).
+
+    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+    G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+MIN_CHANNELS = 256  # narrower convs stay direct (see the module docstring)
+MIN_PIXELS = 32 * 32  # so do smaller frames: the kernel transform costs as much as the pixels save
+CHUNK_ELEMENTS = 1 << 22  # transformed input / products per run of block rows (16 MiB in fp32)
+
+
+def _buffer(ws: Optional[dict], name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor of `shape` from the workspace `ws` (grown as needed, reused across calls: large
+    fresh allocations are fresh pages, and faulting them in costs as much as the transforms), or new."""
+    n = math.prod(shape)
+    buf = None if ws is None else ws.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        if ws is not None:
+            ws[name] = buf
+    return buf[:n].view(shape)
+
+
+def kernel_transform(w: torch.Tensor, ws: Optional[dict] = None) -> torch.Tensor:
+    """G g G^T of a [C_out, C_in, 3, 3] kernel as [16, C_out, C_in] (the GEMM reads it transposed). With
+    the CPU's channels-last kernels every (kh, kw) slice is [C_out, C_in] with unit stride along C_in, so
+    each of the sums below streams rows of the kernel."""
+    t = w.permute(2, 3, 0, 1)  # (kh, kw, C_out, C_in): a view
+    rows = (t[0], (t[0] + t[1] + t[2]) * 0.5, (t[0] - t[1] + t[2]) * 0.5, t[2])  # G g: 4 x (kw, O, I)
+    out = _buffer(ws, "kernel", (4, 4) + t.shape[2:], w)
+    for i, r in enumerate(rows):  # (G g) G^T
+        out[i, 0] = r[0]
+        torch.add(r[0], r[2], out=out[i, 1]).add_(r[1]).mul_(0.5)
+        torch.add(r[0], r[2], out=out[i, 2]).sub_(r[1]).mul_(0.5)
+        out[i, 3] = r[2]
+    return out.view(16, t.shape[2], t.shape[3])
+
+
+def _input_transform(x: torch.Tensor, th: int, tw: int, ws: Optional[dict] = None) -> torch.Tensor:
+    """B^T d B of every 4x4 block (stride 2) of a padded NHWC frame x [N, 2th+2, 2tw+2, C] -> [16, N*th*tw, C]
+    (one row combination of the blocks alive at a time)."""
+    n, c = x.shape[0], x.shape[-1]
+    r = lambda k: x[:, k:k + 2 * th:2]  # row k of every block: [N, th, W, C]
+    out = _buffer(ws, "input", (4, 4, n, th, tw, c), x)
+    for i, (a, b, sign) in enumerate(((0, 2, -1), (1, 2, 1), (2, 1, -1), (1, 3, -1))):
+        v = torch.add(r(a), r(b), alpha=sign)
+        col = lambda k: v[:, :, k:k + 2 * tw:2]
+        torch.sub(col(0), col(2), out=out[i, 0])
+        torch.add(col(1), col(2), out=out[i, 1])
+        torch.sub(col(2), col(1), out=out[i, 2])
+        torch.sub(col(1), col(3), out=out[i, 3])
+    return out.view(16, n * th * tw, c)
+
+
+def _output_transform(m: torch.Tensor, y: torch.Tensor) -> None:
+    """A^T m A of every block into y: m [16, N*th*tw, C_out] -> y, a view [N, th, 2, tw, 2, C_out]."""
+    m = m.view((4, 4) + y.shape[:2] + y.shape[3:4] + y.shape[5:])
+    for a, r in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):
+        torch.add(r[0], r[1], out=y[:, :, a, :, 0]).add_(r[2])
+        torch.sub(r[1], r[2], out=y[:, :, a, :, 1]).sub_(r[3])
+
+
+def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], padding,
+            ws: Optional[dict] = None) -> torch.Tensor:
+    """`F.conv2d(x, w, bias, padding=padding)` for a 3x3 kernel at stride 1, by Winograd F(2x2, 3x3).
+
+    x [N, C, H, W] (any memory format; the result is channels-last, as the CPU frames); padding: an int or
+    (rows, cols) of zeros on both sides. Odd output sizes are computed on one extra zero row/column and
+    cropped. The blocks go through in runs of block rows whose transformed input and products stay within
+    `CHUNK_ELEMENTS` each. `ws`: a dict that keeps the scratch tensors between calls (one stream's
+    `CausalState.scratch`); the output never aliases it."""
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    n, c, h, wd = x.shape
+    ho, wo = h + 2 * ph - 2, wd + 2 * pw - 2
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw + (wo & 1), ph, ph + (ho & 1)))  # NHWC, padded
+    u = kernel_transform(w, ws).transpose(1, 2)  # [16, C_in, C_out]
+    co = u.shape[-1]
+    y = torch.empty((n, th, 2, tw, 2, co), dtype=x.dtype, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // (16 * n * tw * max(c, co)))  # block rows per run
+    for r0 in range(0, th, step):
+        r1 = min(th, r0 + step)
+        v = _input_transform(xp[:, 2 * r0:2 * r1 + 2], r1 - r0, tw, ws)
+        m = torch.bmm(v, u, out=_buffer(ws, "product", (16, v.shape[1], co), v))
+        _output_transform(m, y[:, r0:r1])
+    y = y.view(n, 2 * th, 2 * tw, co)
+    if bias is not None:
+        y += bias
+    y = y[:, :ho, :wo].permute(0, 3, 1, 2)
+    return y if (ho, wo) == (2 * th, 2 * tw) else y.contiguous(memory_format=torch.channels_last)
+
+
+def applies(c_in: int, out_pixels: int, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether `CausalConv3d.conv2d` takes Winograd for a 3x3 conv of this width and output size (memory
+    estimates ask this too; the conv also needs inference mode)."""
+    return (c_in >= MIN_CHANNELS and out_pixels >= MIN_PIXELS and device_type == "cpu"
+            and dtype in (torch.float32, torch.float64))
+
+
+def scratch_elements(convs, dtype: torch.dtype, device_type: str) -> int:
+    """Elements of the scratch one stream keeps (`conv3x3`'s `ws`) for convs [(c_in, c_out, output pixels)]:
+    each buffer grows to its largest use: the transformed kernel (16 c_in c_out), and the transformed
+    input and products of one run of block rows (at most `CHUNK_ELEMENTS` each, or 4 px c)."""
+    wide = [(ci, co, px) for ci, co, px in convs if applies(ci, px, dtype, device_type)]
+    if not wide:
+        return 0
+    return (max(16 * ci * co for ci, co, _ in wide) + min(CHUNK_ELEMENTS, max(4 * px * ci for ci, _, px in wide))
+            + min(CHUNK_ELEMENTS, max(4 * px * co for _, co, px in wide)))
