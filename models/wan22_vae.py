@@ -503,6 +503,7 @@ class Wan22VAE(WanVAE):
             raise ValueError("this Wan2.2 VAE has no temporal upsampling to split at; decode with bands=1")
         t, p = z.shape[2], self.cfg.patch_size
         st, fronts = self.init_state(), []
+        scratch = st.scratch  # one Winograd scratch for the whole decode (no fresh pages per band)
         with Progress(total=t, desc=f"Wan2.2 VAE decode (front, {bands} bands)") as bar:
             for i in range(t):
                 fronts.extend(self.decode_step(z[:, :, i], st, last=i == t - 1, stop=s))
@@ -518,6 +519,7 @@ class Wan22VAE(WanVAE):
             for k, (_c0, c1) in enumerate(plan):
                 band = wan_vae_bands.Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
                 ops, st = BandOps22(band, needs), self.init_state(cl)
+                st.scratch = scratch
                 wan_vae_bands.release_free_heap(out.device)
                 for n in range(frames):
                     ops.begin(n, rows)

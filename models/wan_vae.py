@@ -163,7 +163,7 @@ class CausalConv3d(nn.Conv3d):
 
     def conv2d(self, x: torch.Tensor, w: torch.Tensor, bias, padding, ws: Optional[dict]) -> torch.Tensor:
         """One 2-D conv of a frame with a time tap (or a sum of taps) `w`: `F.conv2d`, or on the CPU in
-        fp32/fp64 inference, for a 3x3 kernel with >= 256 input channels and >= 32x32 output pixels, Winograd
+        fp32/fp64 inference, for a 3x3 kernel with >= 160 input channels and >= 32x32 output pixels, Winograd
         F(2x2, 3x3) (`wan_vae_winograd`: 2.25x fewer multiplies; below those sizes its transforms cost
         more than it saves). `ws`: the stream's scratch (`CausalState.scratch`)."""
         if w.shape[2:] == (3, 3) and not torch.is_grad_enabled():

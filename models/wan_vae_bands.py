@@ -124,6 +124,7 @@ def decode_banded(vae, z: torch.Tensor, bands: int, out: torch.Tensor) -> torch.
     stop, _ = vae.decode_split()
     t = z.shape[2]
     st, fronts = vae.init_state(), []
+    scratch = st.scratch  # one Winograd scratch for the whole decode (no fresh pages per band)
     with Progress(total=t, desc=f"Wan VAE decode (front, {bands} bands)") as bar:
         for i in range(t):
             fronts.extend(vae.decode_step(z[:, :, i], st, last=i == t - 1, stop=stop))
@@ -139,6 +140,7 @@ def decode_banded(vae, z: torch.Tensor, bands: int, out: torch.Tensor) -> torch.
         for k, (c0, c1) in enumerate(plan):
             band = Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
             ops, st = BandOps(band, needs), vae.init_state(cl)
+            st.scratch = scratch
             release_free_heap(out.device)  # the previous band's caches go back to the OS
             for n in range(frames):
                 ops.begin(n, rows)
@@ -164,10 +166,11 @@ def encode_banded(vae, x: torch.Tensor, frames: int, plan: list, out: torch.Tens
     full = frame(x[:, :, 0]).shape[-2]  # rows of the encoder's input
     rows, stop = full // 2, vae.encode_split()  # at the split, after the first x2 downsampling
     kept: list = []
-    carry = None
+    carry, scratch = None, {}  # one Winograd scratch for the whole encode
     with Progress(total=len(plan) * frames, desc=f"{desc} ({len(plan)} bands)") as bar:
         for k, (c0, c1) in enumerate(plan):
             st, j = vae.init_state(), 0
+            st.scratch = scratch
             cl = st.channels_last
             band = Band(c1, rows, frames, last=k == len(plan) - 1, carry=carry, channels_last=cl)
             ops = ops_class(band, needs)
@@ -186,6 +189,7 @@ def encode_banded(vae, x: torch.Tensor, frames: int, plan: list, out: torch.Tens
     del carry
     release_free_heap(out.device)
     st, j = vae.init_state(cl), 0
+    st.scratch = scratch
     for n in range(len(kept)):
         y = vae.encoder.walk(kept[n], st, keep=n < len(kept) - 1, start=stop + 1)
         kept[n] = None

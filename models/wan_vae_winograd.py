@@ -6,10 +6,12 @@ block d becomes B^T d B, the kernel g becomes G g G^T (both 4x4), they are multi
 A^T (.) A gives the 2x2 outputs. Summed over input channels, the 16 elementwise products are 16 matrix
 products [blocks x C_in] @ [C_in x C_out] (one batched GEMM), so the multiply count drops 2.25x.
 
-Where it pays here (2 cores, measured against oneDNN's direct conv): wide convs (>= 512 input channels) at
-the Wan2.2 decoder's 16-64 px levels, 1.4-2x per conv; at 256 channels and 128 px the transforms and a
-slower GEMM eat the saving, so those stay direct. Rounding is smaller than the direct conv's (the
-transforms use only 1/2 and sums; measured 2.4e-6 vs 9e-6 max abs against float64 at 1024 channels).
+Where it pays here (2 cores, Zen 4, against oneDNN's direct conv, scratch reused): 3x3 convs with >= 160
+input channels and >= 32x32 output pixels, 1.15-1.7x per conv (1.17x at 160 channels / 128 px, 1.27x at
+256 / 128 px, 1.52x at 512 / 64 px and 1024 / 32 px, 1.69x 1024->512 / 64 px); narrower convs gain
+nothing (0.99x at 128 channels, 0.90x at 96) and at 16x16 px the per-call kernel transform costs more
+than it saves (0.80x at 1024 channels). Rounding is smaller than the direct conv's (the transforms use only
+1/2 and sums; measured 2.4e-6 vs 9e-6 max abs against float64 at 1024 channels).
 `CausalConv3d.conv2d` decides per conv (CPU, fp32/fp64, inference, >= `MIN_CHANNELS` input channels).
 
     B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
@@ -24,9 +26,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-MIN_CHANNELS = 256  # narrower convs stay direct (see the module docstring)
+MIN_CHANNELS = 160  # narrower convs stay direct (see the module docstring)
 MIN_PIXELS = 32 * 32  # so do smaller frames: the kernel transform costs as much as the pixels save
-CHUNK_ELEMENTS = 1 << 22  # transformed input / products per run of block rows (16 MiB in fp32)
+CHUNK_ELEMENTS = 1 << 22  # transformed kernel / input / products per run (16 MiB each in fp32)
 
 
 def _buffer(ws: Optional[dict], name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -86,23 +88,27 @@ def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], padd
 
     x [N, C, H, W] (any memory format; the result is channels-last, as the CPU frames); padding: an int or
     (rows, cols) of zeros on both sides. Odd output sizes are computed on one extra zero row/column and
-    cropped. The blocks go through in runs of block rows whose transformed input and products stay within
-    `CHUNK_ELEMENTS` each. `ws`: a dict that keeps the scratch tensors between calls (one stream's
+    cropped. The blocks go through in runs of block rows, and the output channels in groups, so that the
+    transformed kernel, input and products stay within `CHUNK_ELEMENTS` each (a wide kernel is transformed
+    in parts, the input once per part). `ws`: a dict that keeps the scratch tensors between calls (one stream's
     `CausalState.scratch`); the output never aliases it."""
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     n, c, h, wd = x.shape
     ho, wo = h + 2 * ph - 2, wd + 2 * pw - 2
     th, tw = (ho + 1) // 2, (wo + 1) // 2
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw + (wo & 1), ph, ph + (ho & 1)))  # NHWC, padded
-    u = kernel_transform(w, ws).transpose(1, 2)  # [16, C_in, C_out]
-    co = u.shape[-1]
+    co = w.shape[0]
     y = torch.empty((n, th, 2, tw, 2, co), dtype=x.dtype, device=x.device)
-    step = max(1, CHUNK_ELEMENTS // (16 * n * tw * max(c, co)))  # block rows per run
-    for r0 in range(0, th, step):
-        r1 = min(th, r0 + step)
-        v = _input_transform(xp[:, 2 * r0:2 * r1 + 2], r1 - r0, tw, ws)
-        m = torch.bmm(v, u, out=_buffer(ws, "product", (16, v.shape[1], co), v))
-        _output_transform(m, y[:, r0:r1])
+    cstep = max(1, CHUNK_ELEMENTS // (16 * c))  # output channels per kernel transform
+    step = max(1, CHUNK_ELEMENTS // (16 * n * tw * max(c, min(co, cstep))))  # block rows per run
+    for o0 in range(0, co, cstep):
+        o1 = min(co, o0 + cstep)
+        u = kernel_transform(w[o0:o1], ws).transpose(1, 2)  # [16, C_in, o1 - o0]
+        for r0 in range(0, th, step):
+            r1 = min(th, r0 + step)
+            v = _input_transform(xp[:, 2 * r0:2 * r1 + 2], r1 - r0, tw, ws)
+            m = torch.bmm(v, u, out=_buffer(ws, "product", (16, v.shape[1], o1 - o0), v))
+            _output_transform(m, y[:, r0:r1, :, :, :, o0:o1])
     y = y.view(n, 2 * th, 2 * tw, co)
     if bias is not None:
         y += bias
@@ -119,10 +125,10 @@ def applies(c_in: int, out_pixels: int, dtype: torch.dtype, device_type: str) ->
 
 def scratch_elements(convs, dtype: torch.dtype, device_type: str) -> int:
     """Elements of the scratch one stream keeps (`conv3x3`'s `ws`) for convs [(c_in, c_out, output pixels)]:
-    each buffer grows to its largest use: the transformed kernel (16 c_in c_out), and the transformed
-    input and products of one run of block rows (at most `CHUNK_ELEMENTS` each, or 4 px c)."""
+    each buffer grows to its largest use, at most `CHUNK_ELEMENTS`: the transformed kernel (16 c_in c_out),
+    input (4 px c_in) and products (4 px c_out)."""
     wide = [(ci, co, px) for ci, co, px in convs if applies(ci, px, dtype, device_type)]
     if not wide:
         return 0
-    return (max(16 * ci * co for ci, co, _ in wide) + min(CHUNK_ELEMENTS, max(4 * px * ci for ci, _, px in wide))
-            + min(CHUNK_ELEMENTS, max(4 * px * co for _, co, px in wide)))
+    return sum(min(CHUNK_ELEMENTS, max(f(ci, co, px) for ci, co, px in wide))
+               for f in (lambda ci, co, px: 16 * ci * co, lambda ci, co, px: 4 * px * ci, lambda ci, co, px: 4 * px * co))

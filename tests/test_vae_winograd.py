@@ -12,10 +12,13 @@ from twinflow.models.wan22_vae import random_wan22_vae
 from twinflow.models.wan_vae import CausalConv3d, CausalState, random_wan_vae
 
 
+@pytest.mark.parametrize("chunk", [None, 64])  # 64 elements: several kernel parts and runs of block rows
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("shape,padding", [((1, 8, 5, 7, 9), 1), ((2, 6, 4, 8, 8), (0, 1)), ((1, 3, 3, 5, 6), (0, 1)),
                                            ((1, 16, 16, 4, 4), 1), ((1, 4, 4, 3, 3), 0), ((1, 5, 7, 2, 2), 1)])
-def test_conv3x3_equals_conv2d(shape, padding, dtype, tol):
+def test_conv3x3_equals_conv2d(shape, padding, dtype, tol, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(wan_vae_winograd, "CHUNK_ELEMENTS", chunk)
     n, c, o, h, w = shape
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(n, c, h, w, dtype=dtype, generator=g).contiguous(memory_format=torch.channels_last)
@@ -165,12 +168,13 @@ def test_pending_pair_at_a_chunk_boundary_is_refused():
 def test_wide_convs_take_winograd_only_where_it_pays(monkeypatch):
     calls = []
     monkeypatch.setattr(wan_vae_winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or F.conv2d(*a[:3], padding=a[3]))
-    conv = CausalConv3d(256, 8, 3, padding=1)
+    c = wan_vae_winograd.MIN_CHANNELS
+    conv = CausalConv3d(c, 8, 3, padding=1)
     w = conv.weight[:, :, 0]
     with torch.inference_mode():
-        conv.conv2d(torch.randn(1, 256, 32, 32), w, None, 1, {})      # wide and big enough
-        conv.conv2d(torch.randn(1, 256, 16, 16), w, None, 1, {})      # too few pixels
-        conv.conv2d(torch.randn(1, 255, 32, 32), w[:, :255], None, 1, {})  # too narrow
-        conv.conv2d(torch.randn(1, 256, 32, 32).bfloat16(), w.bfloat16(), None, 1, {})  # low precision
-    conv.conv2d(torch.randn(1, 256, 32, 32), w, None, 1, {})  # autograd on: direct
-    assert calls == [torch.Size([1, 256, 32, 32])]
+        conv.conv2d(torch.randn(1, c, 32, 32), w, None, 1, {})      # wide and big enough
+        conv.conv2d(torch.randn(1, c, 16, 16), w, None, 1, {})      # too few pixels
+        conv.conv2d(torch.randn(1, c - 1, 32, 32), w[:, :c - 1], None, 1, {})  # too narrow
+        conv.conv2d(torch.randn(1, c, 32, 32).bfloat16(), w.bfloat16(), None, 1, {})  # low precision
+    conv.conv2d(torch.randn(1, c, 32, 32), w, None, 1, {})  # autograd on: direct
+    assert calls == [torch.Size([1, c, 32, 32])]
