@@ -27,7 +27,6 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..core.progress import Progress
 from ..fused.ops import rms_norm_cf

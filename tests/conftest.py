@@ -52,3 +52,17 @@ def _restore_package_logger():
     for h in list(log.handlers):
         if h not in handlers:
             log.removeHandler(h)
+
+
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Every 3x3 conv of a Wan VAE through Winograd F(2x2, 3x3) (its channel and pixel thresholds lowered so
+    the tiny widths take it); yields the list its calls are counted in."""
+    from twinflow.models import wan_vae_winograd
+
+    monkeypatch.setattr(wan_vae_winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(wan_vae_winograd, "MIN_PIXELS", 1)
+    calls = []
+    real = wan_vae_winograd.conv3x3
+    monkeypatch.setattr(wan_vae_winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    yield calls

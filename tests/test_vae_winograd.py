@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twinflow.models import wan_vae, wan_vae_winograd
+from twinflow.models import wan_vae_winograd
 from twinflow.models.wan22_vae import random_wan22_vae
 from twinflow.models.wan_vae import CausalConv3d, CausalState, random_wan_vae
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from twinflow.core.errors import CheckpointError
-from twinflow.models import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan, wan_vae_tiles, wan_vae_winograd
+from twinflow.models import wan_vae, wan_vae_bands, wan_vae_layout, wan_vae_plan, wan_vae_tiles
 from twinflow.models.wan_vae import PRESETS, WanVAE, detect_config, load_wan_vae, random_wan_vae
 
 REF = Path(__file__).resolve().parent / "fixtures" / "reference" / "wan21_vae_keys.tsv"  # vendored (README.md)
@@ -91,18 +91,13 @@ def test_decode_matches_diffusers(tiny, tiny_ref, latents):
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
-def test_winograd_convs_match_diffusers(tiny, tiny_ref, monkeypatch):
+def test_winograd_convs_match_diffusers(tiny, tiny_ref, winograd_everywhere):
     # The decode and encode with every 3x3 conv by Winograd F(2x2, 3x3) (thresholds lowered so the tiny
-    # widths take it; the real config takes it at >= 256 channels and >= 32x32 px) and the time pairs.
-    monkeypatch.setattr(wan_vae_winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(wan_vae_winograd, "MIN_PIXELS", 1)
-    calls = []
-    real = wan_vae_winograd.conv3x3
-    monkeypatch.setattr(wan_vae_winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    # widths take it; the real config takes it at >= 160 channels and >= 32x32 px) and the time pairs.
     z = torch.randn(1, 16, 3, 4, 5, generator=torch.Generator().manual_seed(7))
     x = torch.rand(1, 3, 9, 32, 40, generator=torch.Generator().manual_seed(8)) * 2 - 1
     got_d, got_e = tiny.decode(z, bands=1), tiny.encode(x, bands=1)
-    assert calls
+    assert winograd_everywhere  # the Winograd convs ran
     with torch.inference_mode():
         want_d, want_e = tiny_ref.decode(z).sample, tiny_ref.encode(x).latent_dist.mode()
     assert (got_d - want_d).abs().max().item() <= 1e-5
