@@ -159,6 +159,18 @@ def test_nchw_layout_matches_diffusers(pair):
 
 
 # ---------------------------------------------------------------------------------------------- streaming
+@pytest.mark.cuda
+def test_cuda_decode_and_encode_match_cpu(tiny):
+    # On CUDA the frames run NCHW and the frame pairs apply in fp32 (the Winograd 3x3 convs are CPU only).
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu = random_wan22_vae("tiny", seed=1, device="cuda")
+    z = torch.randn(1, 48, 3, 2, 3, generator=torch.Generator().manual_seed(12))
+    x = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    torch.testing.assert_close(gpu.decode(z.cuda()).cpu(), tiny.decode(z), rtol=0, atol=1e-4)
+    torch.testing.assert_close(gpu.encode(x.cuda()).cpu(), tiny.encode(x), rtol=0, atol=1e-4)
+
+
 def test_streaming_and_callback_equal_decode(tiny):
     z = torch.randn(1, 48, 3, 1, 1, generator=torch.Generator().manual_seed(5))
     full = tiny.decode(z)
