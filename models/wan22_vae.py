@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..core.errors import CheckpointError
 from ..core.progress import Progress
-from . import wan_vae, wan_vae_bands, wan_vae_plan, wan_vae_winograd
+from . import wan_vae, wan_vae_bands, wan_vae_plan
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae import (AttentionBlock, CausalConv3d, CausalState, FrameOps, Resample, ResidualBlock, RMSNorm,
                       WanVAE, latent_stats, mark_pairs)
@@ -648,14 +648,10 @@ class Wan22VAE(WanVAE):
         out_bytes = b * 3 * frames * h * r * w * r * (es + (4 if tile else 0))
         dev = self.device.type
         if split is None:
-            scratch = wan_vae_winograd.scratch_elements([(ci, co, b * p) for ci, co, p in wide[0] + wide[1]], dtype, dev)
-            return int((b * (sum(cache) + max(work)) + scratch) * es + out_bytes)
+            return int(wan_vae_plan.peak_elements(b, cache, work, wide, dtype, dev) * es + out_bytes)
         frac = min(1.0, (math.ceil(rows / bands) + self.decode_needs()["halo"]) / rows)
         carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
-        scratch = [wan_vae_winograd.scratch_elements([(ci, co, int(b * f * p)) for ci, co, p in wide[j]], dtype, dev)
-                   for j, f in ((0, 1.0), (1, frac))]
-        peak = max(b * (cache[0] + work[0] + fronts) + scratch[0],
-                   b * (fronts + frac * (cache[1] + work[1]) + carried) + scratch[1])
+        peak = wan_vae_plan.peak_elements(b, cache, work, wide, dtype, dev, (frac, fronts, carried))
         return int(peak * es + out_bytes)
 
     def auto_bands(self, latent_shape) -> int:

@@ -86,9 +86,10 @@ DIT_HINT_KEYS = ("head.modulation", "blocks.0.self_attn.q.weight", "patch_embedd
 class CausalState:
     """The causal caches of one streamed encode or decode (one per spatial tile or row band).
 
-    Each stateful module has a slot of two entries: a causal conv its last two input frames (or, for a
-    narrowing conv, partial output sums), a temporal downsampler its kept and its pending frame; None is
-    "no frame yet" (zeros). `channels_last`: the layout frames run in (see `wan_vae_layout`);
+    Each stateful module has a slot of three entries: a causal conv its last two input frames (or, for a
+    narrowing conv, partial output sums) and what a time pair's second frame still needs (see
+    `CausalConv3d.pair_step`), a temporal downsampler its kept and its pending frame; None is "no frame
+    yet" (zeros). `channels_last`: the layout frames run in (see `wan_vae_layout`);
     `started`: a latent frame has been decoded (the first one skips the temporal upsampling)."""
 
     def __init__(self, channels_last: bool = False):
@@ -98,14 +99,14 @@ class CausalState:
         self.scratch: dict = {}  # reused scratch tensors of the stream's Winograd convs (wan_vae_winograd)
 
     def slot(self, module: nn.Module) -> list:
-        return self.slots.setdefault(id(module), [None, None])
+        return self.slots.setdefault(id(module), [None, None, None])
 
     # The caches as explicit tensors, for graphs that carry them as inputs and outputs (compiled/export.py).
     def load_flat(self, modules: list, values: tuple) -> None:
         """Fill the slots of `modules` (`WanVAE.state_modules` order) from 2 tensors each, at a chunk
         boundary: a temporal downsampler then holds its kept frame and no pending one."""
         for i, m in enumerate(modules):
-            self.slots[id(m)] = [values[2 * i], None if isinstance(m, Resample) else values[2 * i + 1]]
+            self.slots[id(m)] = [values[2 * i], None if isinstance(m, Resample) else values[2 * i + 1], None]
 
     def flat(self, modules: list, zeros: Callable[[int, int], torch.Tensor]) -> tuple:
         """The slots of `modules` as 2 tensors each; `zeros(i, j)` stands for an empty entry j of module i
@@ -113,7 +114,7 @@ class CausalState:
         out = []
         for i, m in enumerate(modules):
             s = self.slot(m)
-            if len(s) > 2 and s[2] is not None:
+            if s[2] is not None:
                 raise RuntimeError(f"{type(m).__name__} holds a Winograd pair's pending sum at a chunk boundary: "
                                    "only levels with whole pairs per chunk may set CausalConv3d.pairs")
             out += [s[j] if s[j] is not None else zeros(i, j) for j in (0, 1)]
@@ -207,7 +208,8 @@ class CausalConv3d(nn.Conv3d):
 
     def pairs_apply(self, x: torch.Tensor, s: list) -> bool:
         """Whether this frame runs as half of a Winograd pair: a pair conv, fp32/fp64 inference, and a
-        previous frame to pair with (the stream's first frame has one tap only)."""
+        previous frame to pair with (the stream's first frame has one tap only; s[1] is that frame, or in
+        the partial-sum form of a narrowing conv the next frame's sum, set from the first frame on)."""
         return (self.pairs and s[1] is not None and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_grad_enabled())
 
@@ -218,10 +220,8 @@ class CausalConv3d(nn.Conv3d):
             m4 = (d1 - d3) g2;  A = m1 + m2 + m3,  B = m2 - m3 - m4.
         At A (state [d0, d1], x = d2) three convs give A, and m2 - m3 (+ bias) waits in s[2] for B; at B
         (state [d1, d2], x = d3) one conv finishes it. The state's frames are never written to (a compiled
-        step gets them as graph inputs). s: the slot, extended to [d_old, d_prev, pending B sum]."""
+        step gets them as graph inputs). s: the slot, [d_old, d_prev, pending B sum]."""
         w, p = self.weight, (self.pad_s if padding is None else padding)
-        if len(s) < 3:
-            s.append(None)
         if s[2] is not None:  # B
             pend, s[2] = s[2], None
             return pend.sub_(self.conv2d(torch.sub(s[0], x), w[:, :, 2], None, p, ws))
@@ -242,8 +242,7 @@ class CausalConv3d(nn.Conv3d):
         """Narrowing convs (the decoder head, 96 -> 3) keep partial output sums instead of inputs:
         s = [W1 x[t-1] + W0 x[t-2], W0 x[t-1]] in fp32, i.e. 2 x 3 channels instead of 2 x 96 per pixel."""
         w, p = self.weight, (self.pad_s if padding is None else padding)
-        if self.pairs and (s[0] is not None or len(s) > 2 and s[2] is not None) and \
-                x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled():
+        if self.pairs_apply(x, s):
             return self.partial_pair_step(x, s, keep, p, ws)
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for bf16/fp16, fp64 for fp64
         out = self.conv2d(x, w[:, :, 2], self.bias, p, ws)
@@ -266,8 +265,6 @@ class CausalConv3d(nn.Conv3d):
         c2 = e1 + em - c0. A (s = [S_t, S_t+1]) costs one conv and holds x_A and c0 in s[2]; B three;
         afterwards s = [S_t+2, S_t+3] = [c2, c3] as in `partial_step`."""
         w = self.weight
-        if len(s) < 3:
-            s.append(None)
         if s[2] is None:  # A
             c0 = self.conv2d(x, w[:, :, 2], None, p, ws)
             out = torch.add(s[0], c0)

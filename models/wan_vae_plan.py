@@ -76,17 +76,28 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
     cache[1] += 2 * 3 * px  # head conv: partial output sums (3 channels), see CausalConv3d.partial_step
     out_bytes = b * 3 * (1 + cfg.temporal_ratio * (t - 1)) * h * r * w * r * (es + (4 if tile else 0))
     if bands <= 1 or split is None:
-        scratch = wan_vae_winograd.scratch_elements([(ci, co, b * p) for ci, co, p in wide[0] + wide[1]],
-                                                    dtype, device_type)
-        return int((b * (sum(cache) + max(work)) + scratch) * es + out_bytes)
+        return int(peak_elements(b, cache, work, wide, dtype, device_type) * es + out_bytes)
     frac = min(1.0, (math.ceil(rows / bands) + halo) / rows)
     frames = 1 + cfg.temporal_ratio * (t - 1)
     carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
-    scratch = [wan_vae_winograd.scratch_elements([(ci, co, int(b * f * p)) for ci, co, p in wide[j]], dtype, device_type)
-               for j, f in ((0, 1.0), (1, frac))]
-    peak = max(b * (cache[0] + work[0] + fronts) + scratch[0],
-               b * (fronts + frac * (cache[1] + work[1]) + carried) + scratch[1])
-    return int(peak * es + out_bytes)
+    return int(peak_elements(b, cache, work, wide, dtype, device_type, (frac, fronts, carried)) * es + out_bytes)
+
+
+def peak_elements(b: int, cache: list, work: list, wide: list, dtype: torch.dtype, device_type: str,
+                  banded: Optional[tuple] = None) -> float:
+    """The peak of a decode's live elements from its per-sample [front, back] caches, working sets and 3x3
+    convs `wide` [(c_in, c_out, px)] (for the Winograd scratch), batch b: whole frames (banded None), or
+    with bands = (frac, fronts, carried): the front half (plus the kept front frames), or the kept front
+    frames plus a `frac` of the back half and the carried rows, whichever is larger. Both VAE families'
+    `estimate_decode_bytes` end here."""
+    def scratch(convs, f=1.0):
+        return wan_vae_winograd.scratch_elements([(ci, co, int(b * f * px)) for ci, co, px in convs], dtype, device_type)
+
+    if banded is None:
+        return b * (sum(cache) + max(work)) + scratch(wide[0] + wide[1])
+    frac, fronts, carried = banded
+    return max(b * (cache[0] + work[0] + fronts) + scratch(wide[0]),
+               b * (fronts + frac * (cache[1] + work[1]) + carried) + scratch(wide[1], frac))
 
 
 def usable_memory(device) -> Optional[int]:
