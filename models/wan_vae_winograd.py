@@ -6,7 +6,7 @@ block d becomes B^T d B, the kernel g becomes G g G^T (both 4x4), they are multi
 A^T (.) A gives the 2x2 outputs. Summed over input channels, the 16 elementwise products are 16 matrix
 products [blocks x C_in] @ [C_in x C_out] (one batched GEMM), so the multiply count drops 2.25x.
 
-Where it pays here (2 cores, Zen 4, against oneDNN's direct conv, scratch reused): 3x3 convs with >= 160
+Where it pays here (2 cores, AMD EPYC family 25 model 17 (Zen 4), against oneDNN's direct conv, scratch reused): 3x3 convs with >= 160
 input channels and >= 32x32 output pixels, 1.15-1.7x per conv (1.17x at 160 channels / 128 px, 1.27x at
 256 / 128 px, 1.52x at 512 / 64 px and 1024 / 32 px, 1.69x 1024->512 / 64 px); narrower convs gain
 nothing (0.99x at 128 channels, 0.90x at 96) and at 16x16 px the per-call kernel transform costs more
