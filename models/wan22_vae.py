@@ -650,7 +650,7 @@ class Wan22VAE(WanVAE):
         if split is None:
             return int(wan_vae_plan.peak_elements(b, cache, work, wide, dtype, dev) * es + out_bytes)
         frac = min(1.0, (math.ceil(rows / bands) + self.decode_needs()["halo"]) / rows)
-        carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
+        carried = (frames + 1) * carry  # one ring of carried rows per layer for all bands (wan_vae_bands.Band)
         peak = wan_vae_plan.peak_elements(b, cache, work, wide, dtype, dev, (frac, fronts, carried))
         return int(peak * es + out_bytes)
 

@@ -238,11 +238,18 @@ class Band:
 
     From the band before it (`carry`, None for the first band): where that band stopped at each layer
     (`carry["end"][key]`), and its last input rows of each layer and frame (`carry[key][n]` = (first
-    row, rows)). It records the same for the next band in `stored` (None for the last band)."""
+    row, rows)). It records the same for the next band in `stored` (None for the last band).
+
+    The carried rows of a layer live in one ring of frames + 1 slots that every band shares
+    (`stored["rings"]`): the band with shift s (0 for the first, one less for each band after it) writes
+    frame n's rows into slot (n + s) mod (frames + 1), the slot from which it read the previous band's rows
+    of frame n - 1 (the spare slot at n = 0). A band reads and writes carried rows with one buffer per layer
+    instead of two."""
 
     def __init__(self, c1: int, split_rows: int, frames: int, last: bool, carry: Optional[dict], channels_last: bool):
         self.c1, self.split_rows, self.frames, self.last, self.carry = c1, split_rows, frames, last, carry
-        self.stored = None if last else {"end": {}}
+        self.stored = None if last else {"end": {}, "rings": dict(carry["rings"]) if carry else {},
+                                         "shift": carry["shift"] - 1 if carry else 0}
         self.channels_last = channels_last
 
     def out_rows(self, key, rows: int, need: int, even: bool = False) -> tuple[int, int]:
@@ -275,15 +282,27 @@ class Band:
             raise RuntimeError(f"banded decode: layer {key} needs input rows [{lo}, {hi}), has {have}")
         if store and self.stored is not None and nxt < hi:
             r0 = max(nxt, lo)
-            if key not in self.stored:  # one buffer for all frames: a few long-lived allocations, not one per frame
-                ref = pieces[0][1]
-                buf = torch.empty((self.frames * ref.shape[0], ref.shape[1], hi - r0, ref.shape[3]),
-                                  dtype=ref.dtype, device=ref.device, memory_format=memory_format(self.channels_last))
-                self.stored[key] = [(r0, buf[k * ref.shape[0]:(k + 1) * ref.shape[0]]) for k in range(self.frames)]
+            if key not in self.stored:
+                self.stored[key] = self._slots(key, pieces[0][1], r0, hi - r0)
             dst = self.stored[key][n][1]
             for a, x in row_slice(pieces, r0, hi):
                 dst[:, :, a - r0:a - r0 + x.shape[2]] = x
         return pieces
+
+    def _slots(self, key, ref: torch.Tensor, r0: int, rows: int) -> list:
+        """Where frame n's carried rows [r0, r0 + rows) of layer `key` go: (r0, a view of its ring slot) per
+        frame. A ring is a few long-lived allocations, not one per frame; a new one is made if the layer
+        carries more rows than the ring holds (the bands carry the same few rows of a layer, so only
+        at the first band)."""
+        rings, k, b = self.stored["rings"], self.frames + 1, ref.shape[0]
+        buf = rings.get(key)
+        if (buf is None or buf.shape[2] < rows or buf.shape[1:4:2] != ref.shape[1:4:2] or buf.dtype != ref.dtype
+                or buf.device != ref.device):
+            buf = torch.empty((k * b, ref.shape[1], rows, ref.shape[3]), dtype=ref.dtype, device=ref.device,
+                              memory_format=memory_format(self.channels_last))
+            rings[key] = buf
+        shift = self.stored["shift"]
+        return [(r0, buf[j * b:(j + 1) * b, :, :rows]) for j in ((n + shift) % k for n in range(self.frames))]
 
 
 class BandOps:

@@ -79,7 +79,7 @@ def estimate_decode_bytes(cfg, latent_shape, dtype: torch.dtype, tile: Optional[
         return int(peak_elements(b, cache, work, wide, dtype, device_type) * es + out_bytes)
     frac = min(1.0, (math.ceil(rows / bands) + halo) / rows)
     frames = 1 + cfg.temporal_ratio * (t - 1)
-    carried = (2 if bands > 2 else 1) * frames * carry  # a band holds what it got and what it passes on
+    carried = (frames + 1) * carry  # one ring of carried rows per layer for all bands (wan_vae_bands.Band)
     return int(peak_elements(b, cache, work, wide, dtype, device_type, (frac, fronts, carried)) * es + out_bytes)
 
 

@@ -75,9 +75,12 @@ def _input_transform(x: torch.Tensor, th: int, tw: int, ws: Optional[dict] = Non
 
 
 def _output_transform(m: torch.Tensor, y: torch.Tensor) -> None:
-    """A^T m A of every block into y: m [16, N*th*tw, C_out] -> y, a view [N, th, 2, tw, 2, C_out]."""
+    """A^T m A of every block into y: m [16, N*th*tw, C_out] (scratch: overwritten) -> y, a view
+    [N, th, 2, tw, 2, C_out]. The row combinations are formed in m itself, so no temporaries."""
     m = m.view((4, 4) + y.shape[:2] + y.shape[3:4] + y.shape[5:])
-    for a, r in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):
+    m[0].add_(m[1]).add_(m[2])  # A^T's first row (reads m[1] before it changes)
+    m[1].sub_(m[2]).sub_(m[3])  # its second row
+    for a, r in enumerate((m[0], m[1])):
         torch.add(r[0], r[1], out=y[:, :, a, :, 0]).add_(r[2])
         torch.sub(r[1], r[2], out=y[:, :, a, :, 1]).sub_(r[3])
 

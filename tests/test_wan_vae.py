@@ -590,6 +590,27 @@ def _band_buffers(monkeypatch) -> list:
     return bands
 
 
+def test_bands_share_one_ring_of_carried_rows_per_layer(tiny, monkeypatch):
+    # A layer's carried rows live in one buffer of frames + 1 slots for all bands: band k writes frame n's
+    # rows into the slot it read the previous band's frame n - 1 from. Exact with 4 bands (two of them
+    # read and write the same ring) in float64.
+    vae = copy.deepcopy(tiny).double()
+    seen = _band_buffers(monkeypatch)
+    z = torch.randn(1, 16, 3, 13, 4, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
+    out = vae.decode(z, bands=5)
+    assert len(seen) == 4  # 26 split rows, halo 6: the last band (no taller than the halo) is merged
+    stored = [b.stored for b in seen[:-1]]
+    assert seen[-1].stored is None
+    frames, rings = 9, stored[0]["rings"]
+    assert rings and all(s["rings"] == rings and all(s["rings"][k] is buf for k, buf in rings.items()) for s in stored)
+    for k, s in enumerate(stored):
+        for key, buf in rings.items():
+            assert buf.shape[0] == frames + 1 and len(s[key]) == frames
+            for n, (_, v) in enumerate(s[key]):
+                assert v.data_ptr() == buf[(n - k) % (frames + 1)].data_ptr(), (k, key, n)
+    assert (out - vae.decode(z, bands=1)).abs().max().item() < 1e-12
+
+
 def test_banded_paths_in_the_nchw_layout(tiny, monkeypatch):
     # The CUDA engine keeps frames NCHW (row slices are then strided); run the same banded code in that
     # layout on the CPU (the model's `channels_last` setting): bands equal whole frames in float64.
@@ -600,10 +621,10 @@ def test_banded_paths_in_the_nchw_layout(tiny, monkeypatch):
     z = torch.randn(1, 16, 3, 12, 5, generator=g, dtype=torch.float64)
     seen = _band_buffers(monkeypatch)
     tiny.decode(z.float(), bands=3)
-    cl = [buf for b in seen if b.stored for key, v in b.stored.items() if key != "end" for _, buf in v]
+    cl = [buf for b in seen if b.stored for buf in b.stored["rings"].values()]
     seen.clear()
     assert (vae.decode(z, bands=3) - vae.decode(z, bands=1)).abs().max().item() < 1e-12
-    nchw = [buf for b in seen if b.stored for key, v in b.stored.items() if key != "end" for _, buf in v]
+    nchw = [buf for b in seen if b.stored for buf in b.stored["rings"].values()]
     # the setting reaches the engine: its carried rows are allocated NCHW, the default's channels-last
     assert nchw and cl and all(b.is_contiguous() for b in nchw)
     assert all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in cl)
