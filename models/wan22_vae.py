@@ -240,8 +240,9 @@ class BandOps22(wan_vae_bands.BandOps):
     def row0(self) -> int:
         return self.lo
 
-    def _stage_rows(self, key, x_in, x_lo: int, a: int, b: int, nxt: int):
-        """Stage-input rows [a, b) (carried ones included), keeping rows [nxt, end) for the next band."""
+    def _stage_rows(self, key, x_in, x_lo: int, a: int, b: int, nxt: int, carry: bool = True):
+        """Stage-input rows [a, b) (carried ones included), keeping rows [nxt, end) for the next band
+        (`carry`: unless every band gets the whole stage input)."""
         pieces, ck = [(x_lo, x_in)], (key, "in")
         if a < x_lo:
             r0, prev = self.band.carry[ck][self.n]
@@ -252,17 +253,18 @@ class BandOps22(wan_vae_bands.BandOps):
         if sum(p.shape[2] for _, p in src) != b - a:
             raise RuntimeError(f"banded run: the stage {key} shortcut needs input rows [{a}, {b}), has "
                                f"{[(r, r + p.shape[2]) for r, p in src]}")
-        if self.band.stored is not None:
+        if carry and self.band.stored is not None:
             keep = wan_vae_bands.row_slice(pieces, nxt, x_lo + x_in.shape[2])
             if keep:
                 kept = torch.cat([p for _, p in keep], 2).clone()  # a few rows, not the band's whole input
                 self.band.stored.setdefault(ck, {})[self.n] = (keep[0][0], kept)
         return src[0][1] if len(src) == 1 else torch.cat([p for _, p in src], 2)
 
-    def shortcut(self, key, dup: DupUp, x_in, x_lo: int, t: int, y):
+    def shortcut(self, key, dup: DupUp, x_in, x_lo: Optional[int], t: int, y):
+        """x_lo None: x_in is a whole kept front frame (the split stage's input), which every band gets."""
         lo, hi = self.lo, self.lo + y.shape[2]
         a = lo // 2  # the next band's upsampling starts at row hi (even: hi - 1), reading from hi // 2
-        xs = self._stage_rows(key, x_in, x_lo, a, (hi + 1) // 2, hi // 2)
+        xs = self._stage_rows(key, x_in, x_lo or 0, a, (hi + 1) // 2, hi // 2, carry=x_lo is not None)
         y += dup.frame(xs, t)[:, :, lo - 2 * a:hi - 2 * a]
         return y
 
@@ -359,7 +361,7 @@ class Decoder22(nn.Module):
         stage = self.upsamples[start]
         up = stage.upsamples[-1]
         y = ops.spatial((start, len(stage.upsamples) - 1), up, f, st)
-        y = ops.shortcut((start, "dup"), stage.avg_shortcut, x_in, 0, t, y)  # x_in: the whole front frame
+        y = ops.shortcut((start, "dup"), stage.avg_shortcut, x_in, None, t, y)  # x_in: the whole front frame
         (y,) = self._walk_stages(start + 1, y, st, False, keep, ops, None)
         return y
 
@@ -494,6 +496,19 @@ class Wan22VAE(WanVAE):
         needs["halo"] = need
         return needs
 
+    def banded_layers(self) -> list[tuple[int, int, int]]:
+        """The cached layers of the banded half for `wan_vae_bands.decode_lead`: (context after it, scale,
+        channels)."""
+        s, needs = self.band_split(), self.decode_needs()
+        layers, scale = [], 2  # after stage s's spatial upsampling
+        for i in range(s + 1, len(self.decoder.upsamples)):
+            for j, layer in enumerate(self.decoder.upsamples[i].upsamples):
+                if isinstance(layer, ResidualBlock):
+                    layers.append((needs[(i, j)], scale, layer.residual[2].in_channels + layer.residual[6].out_channels))
+                elif layer.up:
+                    scale *= 2
+        return layers
+
     def decode_banded(self, z: torch.Tensor, bands: int, out: torch.Tensor) -> torch.Tensor:
         """Exact row-band decode into `out` (`wan_vae_bands.decode_banded`'s scheme): the front half streams
         and keeps, per output frame, its time-conv frame and the stage input its shortcut reads; the back
@@ -513,7 +528,8 @@ class Wan22VAE(WanVAE):
         wan_vae_bands.release_free_heap(out.device)
         needs = self.decode_needs()
         rows, frames = fronts[0][0].shape[-2], len(fronts)
-        plan = wan_vae_bands.decode_band_rows(rows, bands, needs["halo"])
+        lead = wan_vae_bands.decode_lead(self.banded_layers())
+        plan = wan_vae_bands.decode_band_rows(rows, bands, needs["halo"], lead)
         carry = None
         with Progress(total=len(plan) * frames, desc="Wan2.2 VAE decode (bands)") as bar:
             for k, (_c0, c1) in enumerate(plan):

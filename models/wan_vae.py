@@ -40,6 +40,7 @@ from ..fused.ops import rms_norm_cf
 from . import wan_vae_bands, wan_vae_plan, wan_vae_tiles, wan_vae_winograd
 from .loading import build_and_load, convert_dtype, load_file, strip_prefix
 from .wan_vae_layout import subpixel_kernels, to_layout, upsample2x_conv3x3
+from .wan_vae_winograd import TapSum
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class CausalConv3d(nn.Conv3d):
             px = (x.shape[2] + 2 * ph - 2) * (x.shape[3] + 2 * pw - 2)
             if wan_vae_winograd.applies(w.shape[1], px, x.dtype, x.device.type):
                 return wan_vae_winograd.conv3x3(x, w, bias, padding, ws)
-        return F.conv2d(x, w, bias, padding=padding)
+        return F.conv2d(x, wan_vae_winograd.kernel(w), bias, padding=padding)
 
     def taps(self, frames: list, bias: bool = True, padding=None, ws: Optional[dict] = None) -> torch.Tensor:
         """sum_k W[:, :, k] * frames[k] (+ bias); None frames are zero and skipped. frames: 3 x [B,C,H,W].
@@ -213,24 +214,27 @@ class CausalConv3d(nn.Conv3d):
         return (self.pairs and s[1] is not None and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_grad_enabled())
 
-    def pair_step(self, x: torch.Tensor, s: list, keep: bool, padding=None, ws: Optional[dict] = None) -> torch.Tensor:
+    def pair_step(self, x: torch.Tensor, s: list, keep: bool, padding=None, ws: Optional[dict] = None,
+                  own: bool = False) -> torch.Tensor:
         """Winograd F(2,3) over time for output frames A = t, B = t+1 (t odd) of inputs d0..d3 =
         x[t-2..t+1] and taps g0..g2 (each a 2-D conv):
             m1 = (d0 - d2) g0,  m2 = (d1 + d2) (g0 + g1 + g2)/2,  m3 = (d2 - d1) (g0 - g1 + g2)/2,
             m4 = (d1 - d3) g2;  A = m1 + m2 + m3,  B = m2 - m3 - m4.
         At A (state [d0, d1], x = d2) three convs give A, and m2 - m3 (+ bias) waits in s[2] for B; at B
         (state [d1, d2], x = d3) one conv finishes it. The state's frames are never written to (a compiled
-        step gets them as graph inputs). s: the slot, [d_old, d_prev, pending B sum]."""
+        step gets them as graph inputs), unless `own`: the caller owns them (the band engine), and the frame
+        this step drops (d0 at A, d1 at B) then holds the input differences. s: the slot, [d_old, d_prev,
+        pending B sum]."""
         w, p = self.weight, (self.pad_s if padding is None else padding)
+        sub = (lambda a, b: a.sub_(b)) if own else torch.sub
         if s[2] is not None:  # B
             pend, s[2] = s[2], None
-            return pend.sub_(self.conv2d(torch.sub(s[0], x), w[:, :, 2], None, p, ws))
-        g0, g1, g2 = w[:, :, 0], w[:, :, 1], w[:, :, 2]
-        c = torch.neg(x) if s[0] is None else torch.sub(s[0], x)  # d0 - d2 (d0 = 0 at the stream's second frame)
-        out = self.conv2d(c, g0, None, p, ws)
-        pend = self.conv2d(torch.add(s[1], x, out=c), torch.add(g0, g2).add_(g1).mul_(0.5), self.bias, p, ws)
+            return pend.sub_(self.conv2d(sub(s[0], x), w[:, :, 2], None, p, ws))
+        c = torch.neg(x) if s[0] is None else sub(s[0], x)  # d0 - d2 (d0 = 0 at the stream's second frame)
+        out = self.conv2d(c, w[:, :, 0], None, p, ws)
+        pend = self.conv2d(torch.add(s[1], x, out=c), TapSum(w, 1.0), self.bias, p, ws)
         out += pend
-        m3 = self.conv2d(torch.sub(x, s[1], out=c), torch.add(g0, g2).sub_(g1).mul_(0.5), None, p, ws)
+        m3 = self.conv2d(torch.sub(x, s[1], out=c), TapSum(w, -1.0), None, p, ws)
         del c
         out += m3
         if keep:
@@ -275,10 +279,9 @@ class CausalConv3d(nn.Conv3d):
                 s[1] = None
             return out.to(x.dtype)
         (xa, c0), s[2] = s[2], None
-        g0, g1, g2 = w[:, :, 0], w[:, :, 1], w[:, :, 2]
-        c3 = self.conv2d(x, g0, None, p, ws)
-        e1 = self.conv2d(torch.add(xa, x), torch.add(g0, g2).add_(g1).mul_(0.5), None, p, ws)
-        em = self.conv2d(xa.sub_(x), torch.add(g0, g2).sub_(g1).mul_(0.5), None, p, ws)
+        c3 = self.conv2d(x, w[:, :, 0], None, p, ws)
+        e1 = self.conv2d(torch.add(xa, x), TapSum(w, 1.0), None, p, ws)
+        em = self.conv2d(xa.sub_(x), TapSum(w, -1.0), None, p, ws)
         del xa
         out = torch.add(s[1], e1).sub_(em).sub_(c3)  # S_t+1 + c1
         if self.bias is not None:

@@ -64,15 +64,47 @@ def split_rows(vae, latent_shape) -> int:
     return 0 if split is None else int(latent_shape[-2]) * split[1]
 
 
-def decode_band_rows(rows: int, bands: int, halo: int) -> list[tuple[int, int]]:
+def decode_band_rows(rows: int, bands: int, halo: int, lead: float = 0.0) -> list[tuple[int, int]]:
     """[(c0, c1)]: the split-resolution rows each band delivers. A band is exact once the band before
     it has run, except that the last band must be taller than the halo: the band before it computes
     `halo` rows past its own end, which would otherwise reach the frame's bottom edge. Such a last band
-    is merged into the one before."""
-    edges = [round(k * rows / bands) for k in range(bands + 1)]
+    is merged into the one before. `lead` (`decode_lead`): the edges move up by it, so that the first
+    band, which computes from row 0 to past its end, holds no more cache rows than the others."""
+    edges = [0]
+    for k in range(1, bands):
+        c = round(k * rows / bands - lead)
+        if edges[-1] < c < rows:
+            edges.append(c)
+    edges.append(rows)
     while len(edges) > 2 and rows - edges[-2] <= halo:
         del edges[-2]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def banded_layers(vae) -> list[tuple[int, int, int]]:
+    """The cached layers of the decoder's banded half for `decode_lead`: (context after it, scale, channels)."""
+    stop, _ = vae.decode_split()
+    needs, layers, scale = decode_needs(vae), [], 1
+    for i in range(stop, len(vae.decoder.upsamples)):
+        layer = vae.decoder.upsamples[i]
+        if getattr(layer, "up", False):
+            scale *= 2
+        elif hasattr(layer, "residual"):
+            layers.append((needs[i], scale, layer.residual[2].in_channels + layer.residual[6].out_channels))
+    return layers
+
+
+def decode_lead(layers: list[tuple[int, int, int]]) -> float:
+    """How far the band edges move up (split rows) for the cached layers of the banded half [(rows of
+    context left after the layer, its scale: its rows per split row, its input + output channels)].
+
+    At a layer of scale s and context n, a middle band computes s x its split rows; the first band n more
+    (from row 0 to past its end), the last n fewer. Moving the edges up by d changes them by -/+ s d; the
+    d that gives the first and the last band the same cache (rows x channels x width, width ~ s) summed
+    over the layers is sum(w n) / sum(w s) with w = channels x s."""
+    w = [c * s for _n, s, c in layers]
+    den = sum(wi * s for wi, (_n, s, _c) in zip(w, layers))
+    return sum(wi * n for wi, (n, _s, _c) in zip(w, layers)) / den if den else 0.0
 
 
 def encode_needs(vae) -> dict:
@@ -133,7 +165,7 @@ def decode_banded(vae, z: torch.Tensor, bands: int, out: torch.Tensor) -> torch.
     release_free_heap(out.device)  # the front half's caches go back to the OS before the bands
     needs = decode_needs(vae)
     rows, frames = fronts[0].shape[-2], len(fronts)
-    plan = decode_band_rows(rows, bands, needs["halo"])
+    plan = decode_band_rows(rows, bands, needs["halo"], decode_lead(banded_layers(vae)))
     carry = None
     with Progress(total=len(plan) * frames, desc="Wan VAE decode (bands)") as bar:
         for k, (c0, c1) in enumerate(plan):
@@ -381,7 +413,7 @@ def conv_rows(conv, pieces: list, pad: tuple[int, int], st, keep: bool, norm) ->
     w = conv.weight
     if conv.pairs_apply(pieces[0], s):  # half of a Winograd pair (see CausalConv3d.pair_step)
         x = norm_rows(norm, pieces, pad, cl)
-        out = conv.pair_step(x, s, keep, padding, st.scratch)
+        out = conv.pair_step(x, s, keep, padding, st.scratch, own=True)  # the frame it drops holds differences
     elif pieces[0].dtype == torch.float32:
         out = conv.conv2d(s[0], w[:, :, 0], None, padding, st.scratch) if s[0] is not None else None
         x = norm_rows(norm, pieces, pad, cl, out=s[0])

@@ -21,10 +21,9 @@ than it saves (0.80x at 1024 channels). Rounding is smaller than the direct conv
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 MIN_CHANNELS = 160  # narrower convs stay direct (see the module docstring)
 MIN_PIXELS = 32 * 32  # so do smaller frames: the kernel transform costs as much as the pixels save
@@ -43,19 +42,60 @@ def _buffer(ws: Optional[dict], name: str, shape: tuple, like: torch.Tensor) -> 
     return buf[:n].view(shape)
 
 
-def kernel_transform(w: torch.Tensor, ws: Optional[dict] = None) -> torch.Tensor:
-    """G g G^T of a [C_out, C_in, 3, 3] kernel as [16, C_out, C_in] (the GEMM reads it transposed). With
-    the CPU's channels-last kernels every (kh, kw) slice is [C_out, C_in] with unit stride along C_in, so
-    each of the sums below streams rows of the kernel."""
-    t = w.permute(2, 3, 0, 1)  # (kh, kw, C_out, C_in): a view
-    rows = (t[0], (t[0] + t[1] + t[2]) * 0.5, (t[0] - t[1] + t[2]) * 0.5, t[2])  # G g: 4 x (kw, O, I)
-    out = _buffer(ws, "kernel", (4, 4) + t.shape[2:], w)
-    for i, r in enumerate(rows):  # (G g) G^T
-        out[i, 0] = r[0]
-        torch.add(r[0], r[2], out=out[i, 1]).add_(r[1]).mul_(0.5)
-        torch.add(r[0], r[2], out=out[i, 2]).sub_(r[1]).mul_(0.5)
-        out[i, 3] = r[2]
-    return out.view(16, t.shape[2], t.shape[3])
+class TapSum(NamedTuple):
+    """The kernel (g0 + g2 + sign g1) / 2 of a causal conv's time taps g_k = w[:, :, k] (w [C_out, C_in, 3,
+    kh, kw]), formed where it is used: `kernel_transform` sums it one kernel row at a time into its output,
+    and only a direct conv asks for the whole kernel (`dense`), so a wide layer's time pair needs no
+    kernel-sized temporary."""
+    w: torch.Tensor
+    sign: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w[:, :, 0].shape
+
+    def part(self, o0: int, o1: int) -> "TapSum":
+        return TapSum(self.w[o0:o1], self.sign)
+
+    def dense(self) -> torch.Tensor:
+        w = self.w
+        return torch.add(w[:, :, 0], w[:, :, 2]).add_(w[:, :, 1], alpha=self.sign).mul_(0.5)
+
+    def kernel_row(self, k: int, out: torch.Tensor) -> None:
+        """Row kh = k of the kernel, as [kw, C_out, C_in], into `out` (the same sums as `dense`)."""
+        g = [self.w[:, :, t, k].permute(2, 0, 1) for t in range(3)]
+        torch.add(g[0], g[2], out=out).add_(g[1], alpha=self.sign).mul_(0.5)
+
+
+def kernel(w) -> torch.Tensor:
+    """A kernel tensor, or the whole kernel of a `TapSum`."""
+    return w.dense() if isinstance(w, TapSum) else w
+
+
+def kernel_transform(w, ws: Optional[dict] = None) -> torch.Tensor:
+    """G g G^T of a [C_out, C_in, 3, 3] kernel (a tensor or a `TapSum`) as [16, C_out, C_in] (the GEMM reads
+    it transposed), formed in the scratch: g's rows go to slots (0, 1, 3) of the first index, G g is
+    completed there, then G^T along the second index with one [C_out, C_in] temporary. With the CPU's
+    channels-last kernels every (kh, kw) slice is [C_out, C_in] with unit stride along C_in, so each sum
+    streams rows of the kernel."""
+    o, i = w.shape[:2]
+    ref = w.w if isinstance(w, TapSum) else w
+    out = _buffer(ws, "kernel", (4, 4, o, i), ref)
+    tmp = _buffer(ws, "kernel_row", (o, i), ref)
+    for k, slot in ((0, 0), (1, 1), (2, 3)):  # g's kernel rows (kw, O, I) into out[slot, :3]
+        if isinstance(w, TapSum):
+            w.kernel_row(k, out[slot, :3])
+        else:
+            out[slot, :3] = w[:, :, k].permute(2, 0, 1)
+    g0, g1, g2 = out[0, :3], out[1, :3], out[3, :3]
+    torch.sub(g0, g1, out=out[2, :3]).add_(g2).mul_(0.5)  # G g, row 2: (g0 - g1 + g2) / 2
+    g1.add_(g0).add_(g2).mul_(0.5)  # row 1: (g0 + g1 + g2) / 2
+    for r in out:  # (G g) G^T: r = (r0, r1, r2, -) -> (r0, (r0 + r1 + r2) / 2, (r0 - r1 + r2) / 2, r2)
+        torch.add(r[0], r[2], out=tmp)
+        r[3] = r[2]
+        torch.sub(tmp, r[1], out=r[2]).mul_(0.5)
+        r[1].add_(tmp).mul_(0.5)
+    return out.view(16, o, i)
 
 
 def _input_transform(x: torch.Tensor, th: int, tw: int, ws: Optional[dict] = None) -> torch.Tensor:
@@ -85,7 +125,17 @@ def _output_transform(m: torch.Tensor, y: torch.Tensor) -> None:
         torch.sub(r[1], r[2], out=y[:, :, a, :, 1]).sub_(r[3])
 
 
-def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], padding,
+def _padded(x: torch.Tensor, top: int, right: int, bottom: int, left: int, ws: Optional[dict]) -> torch.Tensor:
+    """x [N, C, H, W] as NHWC with zero borders, in the scratch (a conv-sized copy per call otherwise)."""
+    n, c, h, w = x.shape
+    xp = _buffer(ws, "padded", (n, top + h + bottom, left + w + right, c), x)
+    for edge in (xp[:, :top], xp[:, top + h:], xp[:, top:top + h, :left], xp[:, top:top + h, left + w:]):
+        edge.zero_()
+    xp[:, top:top + h, left:left + w] = x.permute(0, 2, 3, 1)
+    return xp
+
+
+def conv3x3(x: torch.Tensor, w, bias: Optional[torch.Tensor], padding,
             ws: Optional[dict] = None) -> torch.Tensor:
     """`F.conv2d(x, w, bias, padding=padding)` for a 3x3 kernel at stride 1, by Winograd F(2x2, 3x3).
 
@@ -99,14 +149,15 @@ def conv3x3(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], padd
     n, c, h, wd = x.shape
     ho, wo = h + 2 * ph - 2, wd + 2 * pw - 2
     th, tw = (ho + 1) // 2, (wo + 1) // 2
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw + (wo & 1), ph, ph + (ho & 1)))  # NHWC, padded
+    xp = _padded(x, ph, pw + (wo & 1), ph + (ho & 1), pw, ws)  # NHWC
     co = w.shape[0]
     y = torch.empty((n, th, 2, tw, 2, co), dtype=x.dtype, device=x.device)
     cstep = max(1, CHUNK_ELEMENTS // (16 * c))  # output channels per kernel transform
     step = max(1, CHUNK_ELEMENTS // (16 * n * tw * max(c, min(co, cstep))))  # block rows per run
     for o0 in range(0, co, cstep):
         o1 = min(co, o0 + cstep)
-        u = kernel_transform(w[o0:o1], ws).transpose(1, 2)  # [16, C_in, o1 - o0]
+        part = w.part(o0, o1) if isinstance(w, TapSum) else w[o0:o1]
+        u = kernel_transform(part, ws).transpose(1, 2)  # [16, C_in, o1 - o0]
         for r0 in range(0, th, step):
             r1 = min(th, r0 + step)
             v = _input_transform(xp[:, 2 * r0:2 * r1 + 2], r1 - r0, tw, ws)
@@ -129,9 +180,12 @@ def applies(c_in: int, out_pixels: int, dtype: torch.dtype, device_type: str) ->
 def scratch_elements(convs, dtype: torch.dtype, device_type: str) -> int:
     """Elements of the scratch one stream keeps (`conv3x3`'s `ws`) for convs [(c_in, c_out, output pixels)]:
     each buffer grows to its largest use, at most `CHUNK_ELEMENTS`: the transformed kernel (16 c_in c_out),
-    input (4 px c_in) and products (4 px c_out)."""
+    input (4 px c_in) and products (4 px c_out), a kernel row of it (1/16); and the zero-bordered input
+    (px c_in, + ~15% for the borders of a band or a small frame)."""
     wide = [(ci, co, px) for ci, co, px in convs if applies(ci, px, dtype, device_type)]
     if not wide:
         return 0
-    return sum(min(CHUNK_ELEMENTS, max(f(ci, co, px) for ci, co, px in wide))
-               for f in (lambda ci, co, px: 16 * ci * co, lambda ci, co, px: 4 * px * ci, lambda ci, co, px: 4 * px * co))
+    kern, inp, prod = (min(CHUNK_ELEMENTS, max(f(ci, co, px) for ci, co, px in wide))
+                       for f in (lambda ci, co, px: 16 * ci * co, lambda ci, co, px: 4 * px * ci,
+                                 lambda ci, co, px: 4 * px * co))
+    return kern + kern // 16 + inp + prod + int(1.15 * max(px * ci for ci, _, px in wide))

@@ -30,7 +30,17 @@ def test_conv3x3_equals_conv2d(shape, padding, dtype, tol, chunk, monkeypatch):
         got = wan_vae_winograd.conv3x3(x, k, bias, padding, ws)
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert (got - want).abs().max().item() <= tol * want.abs().max().item()
-    assert set(ws) == {"kernel", "input", "product"}  # the scratch is kept for the next call
+    assert set(ws) == {"kernel", "kernel_row", "padded", "input", "product"}  # kept for the next call
+    # a causal conv's time-pair kernel (g0 + g2 +- g1) / 2, formed row by row inside the kernel transform,
+    # gives exactly what its dense kernel gives (same sums), and a direct conv gets the dense kernel
+    taps = torch.randn(o, c, 3, 3, 3, dtype=dtype, generator=g)
+    for sign in (1.0, -1.0):
+        pair = wan_vae_winograd.TapSum(taps, sign)
+        dense = (taps[:, :, 0] + taps[:, :, 2] + sign * taps[:, :, 1]) / 2
+        assert torch.equal(wan_vae_winograd.kernel(pair), pair.dense()) and pair.shape == dense.shape
+        torch.testing.assert_close(pair.dense(), dense, rtol=0, atol=4 * torch.finfo(dtype).eps * dense.abs().max().item())
+        got = wan_vae_winograd.conv3x3(x, pair, b, padding, ws)
+        assert torch.equal(got, wan_vae_winograd.conv3x3(x, pair.dense(), b, padding, ws))
 
 
 def test_conv3x3_scratch_is_reused_and_never_aliases_the_output():

@@ -264,6 +264,30 @@ def test_banded_decode_exact_sweep(tiny64, shape, bands):
             tiny64.channels_last = None
 
 
+def test_bands_carry_only_rows_the_next_band_has_not_got(tiny64, monkeypatch):
+    # Carried to the next band: the input rows above its start of each banded conv and upsampling, and of the
+    # later stages' shortcut inputs; not the split stage's shortcut input, a kept front frame every band gets
+    # whole. The carried conv rows are 2 per frame.
+    bands = []
+
+    class Recording(wan_vae_bands.Band):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bands.append(self)
+
+    monkeypatch.setattr(wan_vae_bands, "Band", Recording)
+    z = torch.randn(1, 48, 2, 12, 2, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    out = tiny64.decode(z, bands=3)
+    s = tiny64.band_split()
+    stored = [b.stored for b in bands if b.stored is not None]
+    assert len(stored) == 2
+    for st in stored:
+        shortcuts = {k for k in st if isinstance(k, tuple) and k[-1] == "in"}
+        assert shortcuts and all(k[0][0] > s for k in shortcuts), shortcuts
+        assert all(v.shape[2] == 2 for key, rows in st.items() if key in st["rings"] for _, v in rows)
+    assert (out - tiny64.decode(z, bands=1)).abs().max().item() < 1e-12
+
+
 def test_banded_decode_is_exact_and_computes_every_row_once(tiny64, monkeypatch):
     """Row bands of the decoder's back half (after the last temporal upsampling: its spatial part and
     DupUp shortcut, the later stages, the head) equal whole frames (float64: summation order only), in
@@ -294,6 +318,30 @@ def test_banded_decode_is_exact_and_computes_every_row_once(tiny64, monkeypatch)
              for m in (b.residual[2], b.residual[6])]
     assert sorted(rows_done) == sorted(id(m) for m in later)
     assert sorted(set(rows_done.values())) == [5 * 48, 5 * 96]  # stage 2 at 48 rows, stage 3 at 96
+
+
+def test_band_edges_lead_so_the_first_band_holds_no_more_cache_than_the_others():
+    # At a cached layer of scale s and context n a middle band computes s x its split rows, the first one
+    # n more (from row 0), the last n fewer; the edges move up by the layers' weighted mean context
+    # (`decode_lead`: sum(w n) / sum(w s), w = channels x s), which evens the bands' caches out.
+    with torch.device("meta"):
+        v22, v21 = Wan22VAE(PRESETS["wan2.2"]), wan_vae.WanVAE(wan_vae.PRESETS["wan2.1"])
+    layers = v22.banded_layers()
+    assert layers == [(8, 2, 1536), (6, 2, 1024), (4, 2, 1024), (5, 4, 768), (3, 4, 512), (1, 4, 512)]
+    assert wan_vae_bands.decode_lead(layers) == pytest.approx(67 / 42)
+    assert wan_vae_bands.decode_lead(wan_vae_bands.banded_layers(v21)) == pytest.approx(1.5)
+    assert wan_vae_bands.decode_band_rows(32, 3, 6) == [(0, 11), (11, 21), (21, 32)]
+    assert wan_vae_bands.decode_band_rows(32, 3, 6, 67 / 42) == [(0, 9), (9, 20), (20, 32)]
+
+    def caches(plan):  # per band: rows x channels x width of the cached layers (Band.out_rows's rows)
+        last = len(plan) - 1
+        return [sum(((32 * s if k == last else c1 * s + n) - (0 if k == 0 else c0 * s + n)) * c * s
+                    for n, s, c in layers) for k, (c0, c1) in enumerate(plan)]
+
+    for bands in (3, 4, 5):
+        even, led = (caches(wan_vae_bands.decode_band_rows(32, bands, 6, lead)) for lead in (0, 67 / 42))
+        assert max(led) < max(even), (bands, even, led)
+        assert max(led) / min(led) < 1.25 < max(even) / min(even), (bands, even, led)
 
 
 def test_banded_decode_matches_diffusers(pair):
