@@ -66,3 +66,20 @@ def winograd_everywhere(monkeypatch):
     real = wan_vae_winograd.conv3x3
     monkeypatch.setattr(wan_vae_winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
     yield calls
+
+
+@pytest.fixture
+def recorded_bands(monkeypatch) -> list:
+    """Every `wan_vae_bands.Band` that the banded decodes and encodes after it make, in order (to inspect
+    what each band carries to the next)."""
+    from twinflow.models import wan_vae_bands
+
+    bands = []
+
+    class Recording(wan_vae_bands.Band):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bands.append(self)
+
+    monkeypatch.setattr(wan_vae_bands, "Band", Recording)
+    return bands

@@ -264,22 +264,14 @@ def test_banded_decode_exact_sweep(tiny64, shape, bands):
             tiny64.channels_last = None
 
 
-def test_bands_carry_only_rows_the_next_band_has_not_got(tiny64, monkeypatch):
+def test_bands_carry_only_rows_the_next_band_has_not_got(tiny64, recorded_bands):
     # Carried to the next band: the input rows above its start of each banded conv and upsampling, and of the
     # later stages' shortcut inputs; not the split stage's shortcut input, a kept front frame every band gets
     # whole. The carried conv rows are 2 per frame.
-    bands = []
-
-    class Recording(wan_vae_bands.Band):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            bands.append(self)
-
-    monkeypatch.setattr(wan_vae_bands, "Band", Recording)
     z = torch.randn(1, 48, 2, 12, 2, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
     out = tiny64.decode(z, bands=3)
     s = tiny64.band_split()
-    stored = [b.stored for b in bands if b.stored is not None]
+    stored = [b.stored for b in recorded_bands if b.stored is not None]
     assert len(stored) == 2
     for st in stored:
         shortcuts = {k for k in st if isinstance(k, tuple) and k[-1] == "in"}

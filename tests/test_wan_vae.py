@@ -577,25 +577,12 @@ def test_banded_encode_matches_diffusers(tiny, tiny_ref):
         tiny.encode(x, bands=0)
 
 
-def _band_buffers(monkeypatch) -> list:
-    """The row buffers the bands of the decodes/encodes that follow carry to the next band, as allocated."""
-    bands = []
-
-    class Recording(wan_vae_bands.Band):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            bands.append(self)
-
-    monkeypatch.setattr(wan_vae_bands, "Band", Recording)
-    return bands
-
-
-def test_bands_share_one_ring_of_carried_rows_per_layer(tiny, monkeypatch):
+def test_bands_share_one_ring_of_carried_rows_per_layer(tiny, recorded_bands):
     # A layer's carried rows live in one buffer of frames + 1 slots for all bands: band k writes frame n's
     # rows into the slot it read the previous band's frame n - 1 from. Exact with 5 bands (three of them
     # read and write the same ring) in float64.
     vae = copy.deepcopy(tiny).double()
-    seen = _band_buffers(monkeypatch)
+    seen = recorded_bands
     z = torch.randn(1, 16, 3, 13, 4, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
     out = vae.decode(z, bands=5)
     assert len(seen) == 5
@@ -611,7 +598,7 @@ def test_bands_share_one_ring_of_carried_rows_per_layer(tiny, monkeypatch):
     assert (out - vae.decode(z, bands=1)).abs().max().item() < 1e-12
 
 
-def test_banded_paths_in_the_nchw_layout(tiny, monkeypatch):
+def test_banded_paths_in_the_nchw_layout(tiny, recorded_bands):
     # The CUDA engine keeps frames NCHW (row slices are then strided); run the same banded code in that
     # layout on the CPU (the model's `channels_last` setting): bands equal whole frames in float64.
     vae = copy.deepcopy(tiny).double()
@@ -619,7 +606,7 @@ def test_banded_paths_in_the_nchw_layout(tiny, monkeypatch):
     assert vae.init_state().channels_last is False and tiny.init_state().channels_last is True  # CPU default
     g = torch.Generator().manual_seed(41)
     z = torch.randn(1, 16, 3, 12, 5, generator=g, dtype=torch.float64)
-    seen = _band_buffers(monkeypatch)
+    seen = recorded_bands
     tiny.decode(z.float(), bands=3)
     cl = [buf for b in seen if b.stored for buf in b.stored["rings"].values()]
     seen.clear()
