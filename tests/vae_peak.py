@@ -3,7 +3,6 @@ memory-plan tests of both VAE families). Each decode's peak is the RSS high-wate
 it (Linux /proc/self/clear_refs resets the mark), after oneDNN primitives and lazy inits have been made by a
 small warm-up decode, one thread."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,16 +37,12 @@ print(json.dumps(rows))
 """
 
 
-def decode_peaks(cwd, module: str, factory: str, z_shape, modes, live: bool = False) -> list:
+def decode_peaks(cwd, module: str, factory: str, z_shape, modes) -> list:
     """[(tile, bands), peak bytes, estimate bytes] per mode, decoding `factory("tiny", seed=0)` of
-    `twinflow.models.<module>` on seeded latents of `z_shape`; modes: (tile or None, bands). `live`: glibc
-    serves every allocation above 64 KiB with its own mmap, returned on free, so the peak is the peak of
-    the live bytes (what the estimate counts) without the heap's fragmentation."""
+    `twinflow.models.<module>` on seeded latents of `z_shape`; modes: (tile or None, bands)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     arg = json.dumps([f"twinflow.models.{module}", factory, list(z_shape), [list(m) for m in modes]])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if live else None
-    res = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, cwd=cwd, timeout=300,
-                         env=env)
+    res = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return [(tuple(mode), peak, est) for mode, peak, est in json.loads(res.stdout.splitlines()[-1])]
