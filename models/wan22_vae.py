@@ -240,9 +240,10 @@ class BandOps22(wan_vae_bands.BandOps):
     def row0(self) -> int:
         return self.lo
 
-    def _stage_rows(self, key, x_in, x_lo: int, a: int, b: int, nxt: int, carry: bool = True):
-        """Stage-input rows [a, b) (carried ones included), keeping rows [nxt, end) for the next band
-        (`carry`: unless every band gets the whole stage input)."""
+    def _stage_rows(self, key, x_in, x_lo: Optional[int], a: int, b: int, nxt: int):
+        """Stage-input rows [a, b) (carried ones included), keeping rows [nxt, end) for the next band;
+        x_lo None: x_in is a whole kept front frame, which every band gets, so nothing is kept."""
+        carry, x_lo = x_lo is not None, x_lo or 0
         pieces, ck = [(x_lo, x_in)], (key, "in")
         if a < x_lo:
             r0, prev = self.band.carry[ck][self.n]
@@ -264,7 +265,7 @@ class BandOps22(wan_vae_bands.BandOps):
         """x_lo None: x_in is a whole kept front frame (the split stage's input), which every band gets."""
         lo, hi = self.lo, self.lo + y.shape[2]
         a = lo // 2  # the next band's upsampling starts at row hi (even: hi - 1), reading from hi // 2
-        xs = self._stage_rows(key, x_in, x_lo or 0, a, (hi + 1) // 2, hi // 2, carry=x_lo is not None)
+        xs = self._stage_rows(key, x_in, x_lo, a, (hi + 1) // 2, hi // 2)
         y += dup.frame(xs, t)[:, :, lo - 2 * a:hi - 2 * a]
         return y
 

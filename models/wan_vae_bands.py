@@ -328,8 +328,8 @@ class Band:
         at the first band)."""
         rings, k, b = self.stored["rings"], self.frames + 1, ref.shape[0]
         buf = rings.get(key)
-        if (buf is None or buf.shape[2] < rows or buf.shape[1:4:2] != ref.shape[1:4:2] or buf.dtype != ref.dtype
-                or buf.device != ref.device):
+        if (buf is None or buf.shape[2] < rows or (buf.shape[1], buf.shape[3]) != (ref.shape[1], ref.shape[3])
+                or buf.dtype != ref.dtype or buf.device != ref.device):
             buf = torch.empty((k * b, ref.shape[1], rows, ref.shape[3]), dtype=ref.dtype, device=ref.device,
                               memory_format=memory_format(self.channels_last))
             rings[key] = buf
